@@ -1,0 +1,638 @@
+//! Layered configuration: built-in defaults < YAML file (`--config`) < environment < flags.
+//!
+//! Every layer is parsed into the same [`Layer`] shape (all fields optional) and the layers
+//! are applied in order onto the defaults, so precedence is one line in [`Config::load`].
+//! The YAML layer rejects unknown keys; every error names the file, variable, flag or key
+//! at fault and says what is allowed.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use serde::Deserialize;
+
+/// SSH edge port when nothing else is configured (P0rt's default).
+pub const DEFAULT_SSH_PORT: u16 = 2222;
+/// HTTP edge port when nothing else is configured.
+pub const DEFAULT_HTTP_PORT: u16 = 8080;
+/// Base domain; `localhost` makes `http://<name>.localhost:8080` work with curl out of the box.
+pub const DEFAULT_DOMAIN: &str = "localhost";
+/// Directory holding `domains.json`, the host key and the lock file.
+pub const DEFAULT_DATA_DIR: &str = "./data";
+/// File name of the generated ed25519 host key inside the data directory.
+pub const HOST_KEY_FILE_NAME: &str = "ssh_host_ed25519_key";
+/// Redis URL used when Redis is selected but no URL is given (the seed's default).
+pub const DEFAULT_REDIS_URL: &str = "redis://localhost:6379";
+
+/// A secret string (password, token): never printed by `Debug` or `Display`.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    /// The secret itself; call only where it is used, never where it is logged.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"********\"")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("********")
+    }
+}
+
+/// Which backend keeps the domain records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageKind {
+    Json,
+    Redis,
+}
+
+impl StorageKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StorageKind::Json => "json",
+            StorageKind::Redis => "redis",
+        }
+    }
+}
+
+/// Scheme printed in public URLs (`https` when a TLS terminator sits in front of the HTTP edge).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PublicScheme {
+    Http,
+    Https,
+}
+
+/// Where the SSH host key comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HostKeySource {
+    /// A file: loaded if present, generated once (ed25519) if not.
+    File(PathBuf),
+    /// The OpenSSH private key text itself (`SSH_HOST_KEY` may carry it, as with P0rt).
+    Inline(Secret),
+}
+
+/// The effective configuration after all layers are applied and validated.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub ssh_bind: IpAddr,
+    pub ssh_port: u16,
+    pub host_key: HostKeySource,
+    /// OpenSSH `authorized_keys` file; `None` means any public key may connect (P0rt's open access).
+    pub authorized_keys: Option<PathBuf>,
+    pub http_bind: IpAddr,
+    pub http_port: u16,
+    pub public_scheme: PublicScheme,
+    /// Port printed in public URLs; defaults to the HTTP port (omitted when it is the scheme's default).
+    pub public_port: Option<u16>,
+    pub domain: String,
+    pub storage: StorageKind,
+    pub data_dir: PathBuf,
+    pub redis_url: String,
+    pub redis_password: Option<Secret>,
+    pub redis_db: u32,
+    /// Token that grants non-loopback clients access to `/domain-stats` (`Authorization: Bearer …`).
+    pub admin_token: Option<Secret>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            ssh_bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            ssh_port: DEFAULT_SSH_PORT,
+            host_key: HostKeySource::File(Path::new(DEFAULT_DATA_DIR).join(HOST_KEY_FILE_NAME)),
+            authorized_keys: None,
+            http_bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            http_port: DEFAULT_HTTP_PORT,
+            public_scheme: PublicScheme::Http,
+            public_port: None,
+            domain: DEFAULT_DOMAIN.to_string(),
+            storage: StorageKind::Json,
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            redis_url: DEFAULT_REDIS_URL.to_string(),
+            redis_password: None,
+            redis_db: 0,
+            admin_token: None,
+        }
+    }
+}
+
+/// What went wrong while building the configuration. Each message names its source.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source} (check the path given to --config)")]
+    ReadFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    ParseFile { path: PathBuf, message: String },
+    #[error("environment variable {var}={value:?}: {problem}")]
+    Env {
+        var: &'static str,
+        value: String,
+        problem: String,
+    },
+    #[error("setting `{key}`: {problem}")]
+    Invalid { key: &'static str, problem: String },
+}
+
+/// One configuration layer, as read from YAML, the environment or the command line.
+/// Field names are the YAML keys; unknown keys are rejected.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Layer {
+    pub ssh: SshLayer,
+    pub http: HttpLayer,
+    pub domain: DomainLayer,
+    pub storage: StorageLayer,
+    pub admin: AdminLayer,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SshLayer {
+    pub bind: Option<IpAddr>,
+    pub port: Option<u16>,
+    /// Path of the host key, or the key text itself.
+    pub host_key: Option<String>,
+    pub authorized_keys: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpLayer {
+    pub bind: Option<IpAddr>,
+    pub port: Option<u16>,
+    pub public_scheme: Option<PublicScheme>,
+    pub public_port: Option<u16>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DomainLayer {
+    pub base: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageLayer {
+    #[serde(rename = "type")]
+    pub kind: Option<StorageKind>,
+    pub data_dir: Option<PathBuf>,
+    pub redis_url: Option<String>,
+    pub redis_password: Option<Secret>,
+    pub redis_db: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminLayer {
+    pub token: Option<Secret>,
+}
+
+/// Flags of `p0rt serve`. Each flag overrides its environment variable and YAML key.
+#[derive(Args, Debug, Default, Clone)]
+pub struct ServeArgs {
+    /// YAML config file (keys as in the README's configuration table; unknown keys are errors)
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address the SSH edge listens on [env: SSH_BIND] [default: 0.0.0.0]
+    #[arg(long, value_name = "ADDR")]
+    pub ssh_bind: Option<IpAddr>,
+    /// SSH edge port; 0 picks a free port [env: SSH_SERVER_PORT] [default: 2222]
+    #[arg(long, value_name = "PORT")]
+    pub ssh_port: Option<u16>,
+    /// Host key file (generated once if missing) [env: SSH_HOST_KEY] [default: <data-dir>/ssh_host_ed25519_key]
+    #[arg(long, value_name = "FILE")]
+    pub host_key: Option<PathBuf>,
+    /// Only keys in this OpenSSH authorized_keys file may connect [env: AUTHORIZED_KEYS] [default: any key]
+    #[arg(long, value_name = "FILE")]
+    pub authorized_keys: Option<PathBuf>,
+    /// Address the HTTP edge listens on [env: HTTP_BIND] [default: 0.0.0.0]
+    #[arg(long, value_name = "ADDR")]
+    pub http_bind: Option<IpAddr>,
+    /// HTTP edge port; 0 picks a free port [env: HTTP_PORT] [default: 8080]
+    #[arg(long, value_name = "PORT")]
+    pub http_port: Option<u16>,
+    /// Scheme shown in public URLs [env: PUBLIC_SCHEME] [default: http]
+    #[arg(long, value_name = "SCHEME")]
+    pub public_scheme: Option<PublicScheme>,
+    /// Port shown in public URLs [env: PUBLIC_PORT] [default: the HTTP port]
+    #[arg(long, value_name = "PORT")]
+    pub public_port: Option<u16>,
+    /// Base domain; tunnels are <name>.<domain> [env: DOMAIN_BASE] [default: localhost]
+    #[arg(long, value_name = "DOMAIN")]
+    pub domain: Option<String>,
+    /// Domain store backend [env: STORAGE_TYPE] [default: json]
+    #[arg(long, value_name = "TYPE")]
+    pub storage: Option<StorageKind>,
+    /// Data directory (domains.json, host key, lock) [env: DATA_DIR] [default: ./data]
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Redis URL [env: REDIS_URL] [default: redis://localhost:6379]
+    #[arg(long, value_name = "URL")]
+    pub redis_url: Option<String>,
+    /// Redis database number [env: REDIS_DB] [default: 0]
+    #[arg(long, value_name = "N")]
+    pub redis_db: Option<u32>,
+}
+
+impl ServeArgs {
+    fn to_layer(&self) -> Layer {
+        Layer {
+            ssh: SshLayer {
+                bind: self.ssh_bind,
+                port: self.ssh_port,
+                host_key: self.host_key.as_ref().map(|p| p.to_string_lossy().into_owned()),
+                authorized_keys: self.authorized_keys.clone(),
+            },
+            http: HttpLayer {
+                bind: self.http_bind,
+                port: self.http_port,
+                public_scheme: self.public_scheme,
+                public_port: self.public_port,
+            },
+            domain: DomainLayer {
+                base: self.domain.clone(),
+            },
+            storage: StorageLayer {
+                kind: self.storage,
+                data_dir: self.data_dir.clone(),
+                redis_url: self.redis_url.clone(),
+                redis_password: None,
+                redis_db: self.redis_db,
+            },
+            admin: AdminLayer::default(),
+        }
+    }
+}
+
+/// Environment variables read by p0rt; the first group are P0rt's own names.
+pub const ENV_VARS: &[&str] = &[
+    "SSH_SERVER_PORT",
+    "HTTP_PORT",
+    "DOMAIN_BASE",
+    "SSH_HOST_KEY",
+    "STORAGE_TYPE",
+    "REDIS_URL",
+    "REDIS_PASSWORD",
+    "REDIS_DB",
+    "DATA_DIR",
+    "SSH_BIND",
+    "HTTP_BIND",
+    "AUTHORIZED_KEYS",
+    "PUBLIC_SCHEME",
+    "PUBLIC_PORT",
+    "ADMIN_TOKEN",
+];
+
+fn parse_env<T: std::str::FromStr>(
+    var: &'static str,
+    value: &str,
+    expected: &str,
+) -> Result<T, ConfigError> {
+    value.trim().parse().map_err(|_| ConfigError::Env {
+        var,
+        value: value.to_string(),
+        problem: format!("expected {expected}"),
+    })
+}
+
+fn parse_choice<T: clap::ValueEnum>(var: &'static str, value: &str) -> Result<T, ConfigError> {
+    T::from_str(value.trim(), true).map_err(|_| {
+        let allowed: Vec<String> = T::value_variants()
+            .iter()
+            .filter_map(|v| v.to_possible_value().map(|p| p.get_name().to_string()))
+            .collect();
+        ConfigError::Env {
+            var,
+            value: value.to_string(),
+            problem: format!("expected one of: {}", allowed.join(", ")),
+        }
+    })
+}
+
+/// Builds the environment layer. `get` is the environment (injected so tests need not mutate it).
+/// Empty values count as unset, as in P0rt's `.env` files.
+pub fn env_layer(get: &dyn Fn(&str) -> Option<String>) -> Result<Layer, ConfigError> {
+    let get = |var: &str| get(var).filter(|v| !v.trim().is_empty());
+    let mut layer = Layer::default();
+    const PORT: &str = "a port number from 0 to 65535";
+    const ADDR: &str = "an IP address such as 0.0.0.0 or 127.0.0.1";
+    if let Some(v) = get("SSH_SERVER_PORT") {
+        layer.ssh.port = Some(parse_env("SSH_SERVER_PORT", &v, PORT)?);
+    }
+    if let Some(v) = get("SSH_BIND") {
+        layer.ssh.bind = Some(parse_env("SSH_BIND", &v, ADDR)?);
+    }
+    if let Some(v) = get("SSH_HOST_KEY") {
+        layer.ssh.host_key = Some(v);
+    }
+    if let Some(v) = get("AUTHORIZED_KEYS") {
+        layer.ssh.authorized_keys = Some(PathBuf::from(v));
+    }
+    if let Some(v) = get("HTTP_PORT") {
+        layer.http.port = Some(parse_env("HTTP_PORT", &v, PORT)?);
+    }
+    if let Some(v) = get("HTTP_BIND") {
+        layer.http.bind = Some(parse_env("HTTP_BIND", &v, ADDR)?);
+    }
+    if let Some(v) = get("PUBLIC_SCHEME") {
+        layer.http.public_scheme = Some(parse_choice("PUBLIC_SCHEME", &v)?);
+    }
+    if let Some(v) = get("PUBLIC_PORT") {
+        layer.http.public_port = Some(parse_env("PUBLIC_PORT", &v, PORT)?);
+    }
+    if let Some(v) = get("DOMAIN_BASE") {
+        layer.domain.base = Some(v);
+    }
+    if let Some(v) = get("STORAGE_TYPE") {
+        layer.storage.kind = Some(parse_choice("STORAGE_TYPE", &v)?);
+    }
+    if let Some(v) = get("DATA_DIR") {
+        layer.storage.data_dir = Some(PathBuf::from(v));
+    }
+    if let Some(v) = get("REDIS_URL") {
+        layer.storage.redis_url = Some(v);
+    }
+    if let Some(v) = get("REDIS_PASSWORD") {
+        layer.storage.redis_password = Some(Secret::new(v));
+    }
+    if let Some(v) = get("REDIS_DB") {
+        layer.storage.redis_db = Some(parse_env("REDIS_DB", &v, "a database number such as 0")?);
+    }
+    if let Some(v) = get("ADMIN_TOKEN") {
+        layer.admin.token = Some(Secret::new(v));
+    }
+    Ok(layer)
+}
+
+/// Reads and parses a YAML config file into a layer. An empty file is an empty layer.
+pub fn file_layer(path: &Path) -> Result<Layer, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if text.trim().is_empty() {
+        return Ok(Layer::default());
+    }
+    serde_norway::from_str(&text).map_err(|e| ConfigError::ParseFile {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// Where the host key setting came from, so a derived default can follow `data_dir`.
+fn host_key_source(value: &str) -> HostKeySource {
+    if value.trim_start().starts_with("-----BEGIN") {
+        HostKeySource::Inline(Secret::new(value))
+    } else {
+        HostKeySource::File(PathBuf::from(value))
+    }
+}
+
+impl Config {
+    /// Builds the configuration: defaults < `args.config` YAML < environment (`env`) < flags.
+    pub fn load(
+        args: &ServeArgs,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut layers = Vec::with_capacity(3);
+        if let Some(path) = &args.config {
+            layers.push(file_layer(path)?);
+        }
+        layers.push(env_layer(env)?);
+        layers.push(args.to_layer());
+        let mut config = Config::default();
+        let mut host_key: Option<String> = None;
+        for layer in layers {
+            config.apply(layer, &mut host_key);
+        }
+        config.host_key = match host_key {
+            Some(value) => host_key_source(&value),
+            None => HostKeySource::File(config.data_dir.join(HOST_KEY_FILE_NAME)),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn apply(&mut self, layer: Layer, host_key: &mut Option<String>) {
+        let Layer {
+            ssh,
+            http,
+            domain,
+            storage,
+            admin,
+        } = layer;
+        set(&mut self.ssh_bind, ssh.bind);
+        set(&mut self.ssh_port, ssh.port);
+        if ssh.host_key.is_some() {
+            *host_key = ssh.host_key;
+        }
+        if ssh.authorized_keys.is_some() {
+            self.authorized_keys = ssh.authorized_keys;
+        }
+        set(&mut self.http_bind, http.bind);
+        set(&mut self.http_port, http.port);
+        set(&mut self.public_scheme, http.public_scheme);
+        if http.public_port.is_some() {
+            self.public_port = http.public_port;
+        }
+        set(&mut self.domain, domain.base);
+        set(&mut self.storage, storage.kind);
+        set(&mut self.data_dir, storage.data_dir);
+        set(&mut self.redis_url, storage.redis_url);
+        if storage.redis_password.is_some() {
+            self.redis_password = storage.redis_password;
+        }
+        set(&mut self.redis_db, storage.redis_db);
+        if admin.token.is_some() {
+            self.admin_token = admin.token;
+        }
+    }
+
+    fn validate(&mut self) -> Result<(), ConfigError> {
+        let domain = self.domain.trim().trim_end_matches('.').to_ascii_lowercase();
+        if let Err(problem) = check_dns_name(&domain) {
+            return Err(ConfigError::Invalid {
+                key: "domain.base",
+                problem: format!("{:?} is not a valid domain name: {problem}", self.domain),
+            });
+        }
+        self.domain = domain;
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "storage.data_dir",
+                problem: "must not be empty".into(),
+            });
+        }
+        if let Some(token) = &self.admin_token
+            && token.expose().len() < MIN_ADMIN_TOKEN_LEN
+        {
+            return Err(ConfigError::Invalid {
+                key: "admin.token",
+                problem: format!("must be at least {MIN_ADMIN_TOKEN_LEN} characters long"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Public URL of a tunnel name, e.g. `http://whale-guitar-fox.localhost:8080`.
+    pub fn public_url(&self, name: &str, http_port: u16) -> String {
+        let (scheme, default_port) = match self.public_scheme {
+            PublicScheme::Http => ("http", 80),
+            PublicScheme::Https => ("https", 443),
+        };
+        let port = self.public_port.unwrap_or(http_port);
+        if port == default_port {
+            format!("{scheme}://{name}.{}", self.domain)
+        } else {
+            format!("{scheme}://{name}.{}:{port}", self.domain)
+        }
+    }
+}
+
+/// Shortest admin token accepted, so a guessable token cannot open `/domain-stats`.
+pub const MIN_ADMIN_TOKEN_LEN: usize = 16;
+
+fn set<T>(slot: &mut T, value: Option<T>) {
+    if let Some(v) = value {
+        *slot = v;
+    }
+}
+
+/// Checks a lowercase DNS name: dot-separated labels of `a-z`, `0-9` and inner `-`.
+pub fn check_dns_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("it is empty".into());
+    }
+    if name.len() > 253 {
+        return Err("it is longer than 253 characters".into());
+    }
+    for label in name.split('.') {
+        check_dns_label(label)?;
+    }
+    Ok(())
+}
+
+/// Checks one DNS label: 1–63 characters of `a-z`, `0-9`, `-`, not starting or ending with `-`.
+pub fn check_dns_label(label: &str) -> Result<(), String> {
+    if label.is_empty() || label.len() > 63 {
+        return Err(format!("label {label:?} must be 1 to 63 characters"));
+    }
+    if !label
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err(format!(
+            "label {label:?} may only contain a-z, 0-9 and '-'"
+        ));
+    }
+    if label.starts_with('-') || label.ends_with('-') {
+        return Err(format!("label {label:?} must not start or end with '-'"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn precedence_is_defaults_file_env_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p0rt.yaml");
+        std::fs::write(
+            &file,
+            "ssh:\n  port: 1000\nhttp:\n  port: 1001\ndomain:\n  base: file.example\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(file),
+            ssh_port: Some(3000),
+            ..Default::default()
+        };
+        let c = Config::load(
+            &args,
+            &env(&[("SSH_SERVER_PORT", "2000"), ("HTTP_PORT", "2001")]),
+        )
+        .unwrap();
+        assert_eq!(c.ssh_port, 3000, "flag beats env");
+        assert_eq!(c.http_port, 2001, "env beats file");
+        assert_eq!(c.domain, "file.example", "file beats default");
+        assert_eq!(c.storage, StorageKind::Json, "default");
+    }
+
+    #[test]
+    fn unknown_yaml_key_names_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p0rt.yaml");
+        std::fs::write(&file, "ssh:\n  prot: 22\n").unwrap();
+        let args = ServeArgs {
+            config: Some(file),
+            ..Default::default()
+        };
+        let err = Config::load(&args, &env(&[])).unwrap_err().to_string();
+        assert!(err.contains("prot") && err.contains("p0rt.yaml"), "{err}");
+    }
+
+    #[test]
+    fn bad_env_value_names_the_variable() {
+        let err = Config::load(&ServeArgs::default(), &env(&[("SSH_SERVER_PORT", "70000")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("SSH_SERVER_PORT") && err.contains("0 to 65535"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_masked_in_debug_output() {
+        let c = Config::load(
+            &ServeArgs::default(),
+            &env(&[("REDIS_PASSWORD", "hunter2-hunter2"), ("ADMIN_TOKEN", "0123456789abcdefXYZ")]),
+        )
+        .unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("hunter2") && !shown.contains("0123456789abcdef"), "{shown}");
+    }
+
+    #[test]
+    fn host_key_follows_data_dir_unless_set() {
+        let c = Config::load(&ServeArgs::default(), &env(&[("DATA_DIR", "/srv/p0rt")])).unwrap();
+        assert_eq!(
+            c.host_key,
+            HostKeySource::File(PathBuf::from("/srv/p0rt").join(HOST_KEY_FILE_NAME))
+        );
+    }
+
+    #[test]
+    fn public_url_omits_default_port() {
+        let mut c = Config::default();
+        assert_eq!(c.public_url("a-b-c", 8080), "http://a-b-c.localhost:8080");
+        c.public_port = Some(80);
+        assert_eq!(c.public_url("a-b-c", 8080), "http://a-b-c.localhost");
+    }
+}

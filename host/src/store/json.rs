@@ -1,0 +1,454 @@
+//! The embedded JSON domain store: one `domains.json` file in P0rt's shape
+//! (an object mapping key hash → record), held in memory with indexes both ways.
+//!
+//! Durability rules: a new name binding is written before [`claim`](DomainStore::claim)
+//! returns; `last_seen`/`use_count` updates are batched and written every
+//! [`TOUCH_FLUSH_INTERVAL`]. Every write is temp file + fsync + rename + fsync(dir), so a crash
+//! leaves either the old or the new file. A file that cannot be read is never replaced.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use super::{Claim, DAY_SECS, DomainRecord, DomainStats, DomainStore, StoreError};
+
+/// File name of the store inside the data directory (P0rt's name).
+pub const DOMAINS_FILE_NAME: &str = "domains.json";
+/// Lock file that keeps a second process off the same data directory.
+pub const LOCK_FILE_NAME: &str = "p0rt.lock";
+/// How often batched `last_seen`/`use_count` updates reach the disk.
+pub const TOUCH_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
+
+#[derive(Default)]
+struct Indexes {
+    by_key: HashMap<String, DomainRecord>,
+    /// domain → key hash
+    by_domain: HashMap<String, String>,
+}
+
+pub struct JsonStore {
+    path: PathBuf,
+    dir: PathBuf,
+    /// Held for the life of the store; the OS releases the lock if the process dies.
+    _lock: File,
+    indexes: Mutex<Indexes>,
+    /// Serializes file writes so a slow write never interleaves with the next.
+    writer: tokio::sync::Mutex<()>,
+    dirty: AtomicBool,
+}
+
+/// A timestamp as found on disk: P0rt writes RFC 3339 strings; unix seconds are accepted too.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawTime {
+    Unix(i64),
+    Text(String),
+}
+
+#[derive(Deserialize)]
+struct RawRecord {
+    domain: String,
+    #[serde(default)]
+    ssh_key_hash: Option<String>,
+    first_seen: RawTime,
+    last_seen: RawTime,
+    #[serde(default)]
+    use_count: u64,
+}
+
+#[derive(Serialize)]
+struct DiskRecord<'a> {
+    domain: &'a str,
+    ssh_key_hash: &'a str,
+    first_seen: String,
+    last_seen: String,
+    use_count: u64,
+}
+
+fn parse_time(raw: RawTime, what: &str, key: &str) -> Result<i64, String> {
+    match raw {
+        RawTime::Unix(secs) => Ok(secs),
+        RawTime::Text(text) => OffsetDateTime::parse(&text, &Rfc3339)
+            .map(|t| t.unix_timestamp())
+            .map_err(|e| format!("record {key}: {what} {text:?} is not an RFC 3339 time ({e})")),
+    }
+}
+
+fn format_time(secs: i64) -> String {
+    OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_else(|| "1970-01-01T00:00:00Z".to_string())
+}
+
+/// Parses `domains.json` text into indexes, rejecting anything that is not P0rt's shape
+/// or that binds one name to two keys.
+fn parse_domains(text: &str) -> Result<Indexes, String> {
+    if text.trim().is_empty() {
+        return Err("the file is empty (a truncated write?)".into());
+    }
+    let raw: BTreeMap<String, RawRecord> = serde_json::from_str(text).map_err(|e| {
+        format!("not a JSON object of key hash → domain record ({e})")
+    })?;
+    let mut indexes = Indexes::default();
+    for (key, record) in raw {
+        if let Some(inner) = &record.ssh_key_hash
+            && inner != &key
+        {
+            return Err(format!(
+                "record {key} carries a different ssh_key_hash {inner}"
+            ));
+        }
+        if record.domain.is_empty() {
+            return Err(format!("record {key} has an empty domain"));
+        }
+        if let Some(other) = indexes.by_domain.get(&record.domain) {
+            return Err(format!(
+                "domain {} is bound to two keys ({other} and {key})",
+                record.domain
+            ));
+        }
+        let first_seen = parse_time(record.first_seen, "first_seen", &key)?;
+        let last_seen = parse_time(record.last_seen, "last_seen", &key)?;
+        indexes.by_domain.insert(record.domain.clone(), key.clone());
+        indexes.by_key.insert(
+            key.clone(),
+            DomainRecord {
+                domain: record.domain,
+                ssh_key_hash: key,
+                first_seen,
+                last_seen,
+                use_count: record.use_count,
+            },
+        );
+    }
+    Ok(indexes)
+}
+
+fn serialize_domains(indexes: &Indexes) -> Vec<u8> {
+    let sorted: BTreeMap<&str, DiskRecord<'_>> = indexes
+        .by_key
+        .iter()
+        .map(|(key, r)| {
+            (
+                key.as_str(),
+                DiskRecord {
+                    domain: &r.domain,
+                    ssh_key_hash: &r.ssh_key_hash,
+                    first_seen: format_time(r.first_seen),
+                    last_seen: format_time(r.last_seen),
+                    use_count: r.use_count,
+                },
+            )
+        })
+        .collect();
+    let mut bytes = serde_json::to_vec_pretty(&sorted).unwrap_or_else(|_| b"{}".to_vec());
+    bytes.push(b'\n');
+    bytes
+}
+
+/// temp file + fsync + rename + fsync(dir): readers see the old file or the new one, never half.
+fn write_atomically(path: &Path, dir: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    File::open(dir)?.sync_all()
+}
+
+impl JsonStore {
+    /// Opens (or starts) the store in `dir`, taking the directory lock.
+    /// A missing file is an empty store; an unreadable one is an error and is left as it is.
+    pub fn open(dir: &Path) -> Result<Arc<JsonStore>, StoreError> {
+        let io = |source| StoreError::Io {
+            path: dir.to_path_buf(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let lock_path = dir.join(LOCK_FILE_NAME);
+        let lock = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(|source| StoreError::Io {
+                path: lock_path.clone(),
+                source,
+            })?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::Locked {
+                    dir: dir.to_path_buf(),
+                    lock: lock_path,
+                });
+            }
+            Err(std::fs::TryLockError::Error(source)) => {
+                return Err(StoreError::Io {
+                    path: lock_path,
+                    source,
+                });
+            }
+        }
+        let path = dir.join(DOMAINS_FILE_NAME);
+        let indexes = match std::fs::read(&path) {
+            Ok(bytes) => {
+                let text = String::from_utf8(bytes).map_err(|_| StoreError::Corrupt {
+                    path: path.clone(),
+                    detail: "the file is not UTF-8 text".into(),
+                })?;
+                parse_domains(&text).map_err(|detail| StoreError::Corrupt {
+                    path: path.clone(),
+                    detail,
+                })?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Indexes::default(),
+            Err(source) => {
+                return Err(StoreError::Io {
+                    path: path.clone(),
+                    source,
+                });
+            }
+        };
+        Ok(Arc::new(JsonStore {
+            path,
+            dir: dir.to_path_buf(),
+            _lock: lock,
+            indexes: Mutex::new(indexes),
+            writer: tokio::sync::Mutex::new(()),
+            dirty: AtomicBool::new(false),
+        }))
+    }
+
+    /// Number of records held.
+    pub fn len(&self) -> usize {
+        self.lock().by_key.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Starts the task that writes batched touches every [`TOUCH_FLUSH_INTERVAL`].
+    pub fn spawn_flusher(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let store = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(TOUCH_FLUSH_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(store) = store.upgrade() else { return };
+                if store.dirty.load(Ordering::Acquire)
+                    && let Err(e) = store.persist().await
+                {
+                    tracing::error!("writing {} failed, will retry: {e}", store.path.display());
+                }
+            }
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Indexes> {
+        // A panic while holding this lock cannot leave the maps half-updated (every update is
+        // a single insert), so a poisoned lock is still safe to use.
+        self.indexes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn persist(&self) -> Result<(), StoreError> {
+        let _writing = self.writer.lock().await;
+        self.dirty.store(false, Ordering::Release);
+        let bytes = serialize_domains(&self.lock());
+        let (path, dir) = (self.path.clone(), self.dir.clone());
+        let result = tokio::task::spawn_blocking(move || write_atomically(&path, &dir, &bytes))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        result.map_err(|source| {
+            self.dirty.store(true, Ordering::Release);
+            StoreError::Io {
+                path: self.path.clone(),
+                source,
+            }
+        })
+    }
+}
+
+#[async_trait]
+impl DomainStore for JsonStore {
+    async fn record_for_key(&self, ssh_key_hash: &str) -> Result<Option<DomainRecord>, StoreError> {
+        Ok(self.lock().by_key.get(ssh_key_hash).cloned())
+    }
+
+    async fn owner_of(&self, domain: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.lock().by_domain.get(domain).cloned())
+    }
+
+    async fn claim(&self, ssh_key_hash: &str, domain: &str, now: i64) -> Result<Claim, StoreError> {
+        let record = {
+            let mut idx = self.lock();
+            if let Some(existing) = idx.by_key.get(ssh_key_hash) {
+                return Ok(Claim::AlreadyOwned(existing.clone()));
+            }
+            if idx.by_domain.contains_key(domain) {
+                return Ok(Claim::Taken);
+            }
+            let record = DomainRecord {
+                domain: domain.to_string(),
+                ssh_key_hash: ssh_key_hash.to_string(),
+                first_seen: now,
+                last_seen: now,
+                use_count: 1,
+            };
+            idx.by_domain
+                .insert(domain.to_string(), ssh_key_hash.to_string());
+            idx.by_key.insert(ssh_key_hash.to_string(), record.clone());
+            record
+        };
+        if let Err(e) = self.persist().await {
+            // Not durable, so not granted: undo, so memory and disk agree.
+            let mut idx = self.lock();
+            idx.by_key.remove(ssh_key_hash);
+            idx.by_domain.remove(domain);
+            return Err(e);
+        }
+        Ok(Claim::Claimed(record))
+    }
+
+    async fn touch(&self, ssh_key_hash: &str, now: i64) -> Result<Option<DomainRecord>, StoreError> {
+        let mut idx = self.lock();
+        let Some(record) = idx.by_key.get_mut(ssh_key_hash) else {
+            return Ok(None);
+        };
+        record.last_seen = record.last_seen.max(now);
+        record.use_count = record.use_count.saturating_add(1);
+        self.dirty.store(true, Ordering::Release);
+        Ok(Some(record.clone()))
+    }
+
+    async fn stats(&self, now: i64) -> Result<DomainStats, StoreError> {
+        let idx = self.lock();
+        let since = |secs: i64| {
+            idx.by_key
+                .values()
+                .filter(|r| r.last_seen >= now - secs)
+                .count() as u64
+        };
+        Ok(DomainStats {
+            total_domains: idx.by_key.len() as u64,
+            active_last_24h: since(DAY_SECS),
+            active_last_7d: since(7 * DAY_SECS),
+            storage_type: "json",
+        })
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        if self.dirty.load(Ordering::Acquire) {
+            self.persist().await?;
+        }
+        Ok(())
+    }
+
+    fn kind(&self) -> &'static str {
+        "json"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P0RT_FILE: &str = r#"{
+  "abc123": {
+    "domain": "whale-guitar-fox",
+    "ssh_key_hash": "abc123",
+    "first_seen": "2022-01-01T00:00:00Z",
+    "last_seen": "2022-01-02T00:00:00Z",
+    "use_count": 42
+  }
+}"#;
+
+    #[tokio::test]
+    async fn reads_p0rt_file_and_writes_rfc3339_back() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(DOMAINS_FILE_NAME), P0RT_FILE).unwrap();
+        let store = JsonStore::open(dir.path()).unwrap();
+        let rec = store.record_for_key("abc123").await.unwrap().unwrap();
+        assert_eq!(rec.first_seen, 1_640_995_200);
+        assert_eq!(rec.use_count, 42);
+        assert_eq!(store.owner_of("whale-guitar-fox").await.unwrap().as_deref(), Some("abc123"));
+        store.claim("def456", "other-name-here", 1_700_000_000).await.unwrap();
+        let text = std::fs::read_to_string(dir.path().join(DOMAINS_FILE_NAME)).unwrap();
+        assert!(text.contains("\"2022-01-01T00:00:00Z\""), "{text}");
+        assert!(text.contains("\"2023-11-14T22:13:20Z\""), "{text}");
+    }
+
+    #[tokio::test]
+    async fn unix_second_timestamps_are_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(DOMAINS_FILE_NAME),
+            r#"{"k":{"domain":"a-b-c","ssh_key_hash":"k","first_seen":1640995200,"last_seen":1641081600,"use_count":1}}"#,
+        )
+        .unwrap();
+        let store = JsonStore::open(dir.path()).unwrap();
+        assert_eq!(store.record_for_key("k").await.unwrap().unwrap().last_seen, 1_641_081_600);
+    }
+
+    #[tokio::test]
+    async fn claim_is_exclusive_per_name_and_per_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = JsonStore::open(dir.path()).unwrap();
+        assert!(matches!(store.claim("k1", "n1", 1).await.unwrap(), Claim::Claimed(_)));
+        assert_eq!(store.claim("k2", "n1", 2).await.unwrap(), Claim::Taken);
+        assert!(matches!(store.claim("k1", "n2", 3).await.unwrap(), Claim::AlreadyOwned(r) if r.domain == "n1"));
+    }
+
+    #[tokio::test]
+    async fn corrupt_files_are_refused_and_untouched() {
+        for bad in ["", "{\"k\": {\"domain\": \"a\"", "[1,2,3]", "not json", "{\"k\":{\"domain\":\"a\",\"first_seen\":\"yesterday\",\"last_seen\":1}}",
+            r#"{"k1":{"domain":"same","first_seen":1,"last_seen":1},"k2":{"domain":"same","first_seen":1,"last_seen":1}}"#] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join(DOMAINS_FILE_NAME);
+            std::fs::write(&path, bad).unwrap();
+            let err = JsonStore::open(dir.path()).err().expect(bad);
+            assert!(matches!(err, StoreError::Corrupt { .. }), "{bad}: {err}");
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), bad);
+        }
+    }
+
+    #[tokio::test]
+    async fn second_open_of_same_dir_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = JsonStore::open(dir.path()).unwrap();
+        let err = JsonStore::open(dir.path()).err().unwrap();
+        assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn touches_are_flushed() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = JsonStore::open(dir.path()).unwrap();
+            store.claim("k", "n", 100).await.unwrap();
+            store.touch("k", 200).await.unwrap();
+            store.flush().await.unwrap();
+        }
+        let store = JsonStore::open(dir.path()).unwrap();
+        let rec = store.record_for_key("k").await.unwrap().unwrap();
+        assert_eq!((rec.last_seen, rec.use_count), (200, 2));
+    }
+}

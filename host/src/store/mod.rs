@@ -1,0 +1,87 @@
+//! The domain store: which SSH key owns which name.
+//!
+//! A record is P0rt's: `domain`, `ssh_key_hash`, `first_seen`, `last_seen` (unix seconds),
+//! `use_count`. [`DomainStore`] is the seam the Redis backend plugs into; [`json::JsonStore`]
+//! is the embedded default.
+
+pub mod json;
+
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+/// One key's name binding, with P0rt's field names.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DomainRecord {
+    pub domain: String,
+    pub ssh_key_hash: String,
+    pub first_seen: i64,
+    pub last_seen: i64,
+    pub use_count: u64,
+}
+
+/// Outcome of [`DomainStore::claim`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// The key had no record; the name is now bound to it.
+    Claimed(DomainRecord),
+    /// The key already owns a name (possibly another one); nothing was changed.
+    AlreadyOwned(DomainRecord),
+    /// The name belongs to another key; nothing was changed.
+    Taken,
+}
+
+/// Figures for `/domain-stats` (the seed's shape).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DomainStats {
+    pub total_domains: u64,
+    pub active_last_24h: u64,
+    pub active_last_7d: u64,
+    pub storage_type: &'static str,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "domain store {path} is unreadable: {detail}. The file was left untouched; \
+         repair it or restore a backup, then start again"
+    )]
+    Corrupt { path: PathBuf, detail: String },
+    #[error("domain store {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "data directory {dir} is in use by another p0rt process (lock {lock} is held); \
+         stop that process or choose another --data-dir"
+    )]
+    Locked { dir: PathBuf, lock: PathBuf },
+    #[error("domain store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// A backend for domain records. Implementations keep both lookups O(1) and make
+/// [`claim`](DomainStore::claim) atomic: one name is never bound to two keys.
+#[async_trait]
+pub trait DomainStore: Send + Sync {
+    /// The record of a key, if it has one.
+    async fn record_for_key(&self, ssh_key_hash: &str) -> Result<Option<DomainRecord>, StoreError>;
+    /// The key hash owning a name, if any.
+    async fn owner_of(&self, domain: &str) -> Result<Option<String>, StoreError>;
+    /// Binds `domain` to the key if the key has no record and the name is free.
+    /// A new binding is durable when this returns.
+    async fn claim(&self, ssh_key_hash: &str, domain: &str, now: i64) -> Result<Claim, StoreError>;
+    /// Notes a connection: bumps `last_seen` and `use_count`. May be persisted lazily.
+    async fn touch(&self, ssh_key_hash: &str, now: i64) -> Result<Option<DomainRecord>, StoreError>;
+    /// Counts for `/domain-stats`.
+    async fn stats(&self, now: i64) -> Result<DomainStats, StoreError>;
+    /// Writes anything still pending (called on shutdown).
+    async fn flush(&self) -> Result<(), StoreError>;
+    /// `"json"` or `"redis"`.
+    fn kind(&self) -> &'static str;
+}
+
+/// Seconds in a day, for the activity windows of `/domain-stats`.
+pub const DAY_SECS: i64 = 24 * 60 * 60;
