@@ -1,5 +1,6 @@
 //! `p0rt`: command-line entry point. All logic lives in the library.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -37,6 +38,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "info,russh=warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .init();
     let args = match cli.command {
         Some(Command::Serve(args)) => args,

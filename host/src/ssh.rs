@@ -209,6 +209,8 @@ struct Connection {
     output: SessionOutput,
     output_sink: Option<SessionOutputSink>,
     session_channel: Option<ChannelId>,
+    /// A terminal was requested, so output lines end in CRLF.
+    pty: bool,
 }
 
 impl Connection {
@@ -225,6 +227,7 @@ impl Connection {
             output,
             output_sink: Some(sink),
             session_channel: None,
+            pty: false,
         }
     }
 
@@ -482,6 +485,7 @@ impl russh::server::Handler for Connection {
         _modes: &[(russh::Pty, u32)],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        self.pty = true;
         session.channel_success(channel)
     }
 
@@ -540,11 +544,11 @@ impl russh::server::Handler for Connection {
                 "No tunnel requested. Start one with: ssh -p {} -R 80:localhost:3000 {}\n",
                 self.state.ssh_port, self.state.config.domain
             ));
-            return finish_command(session, channel, &text, 0);
+            return finish_command(session, channel, &text, 0, self.pty);
         }
         if let Some(sink) = self.output_sink.take() {
             self.output.line("Press Ctrl-C to close the tunnel.");
-            tokio::spawn(sink.run(session.handle(), channel));
+            tokio::spawn(sink.run(session.handle(), channel, self.pty));
         }
         Ok(())
     }
@@ -560,11 +564,11 @@ impl russh::server::Handler for Connection {
         match command.trim() {
             "info" => {
                 let text = self.info_text().await;
-                finish_command(session, channel, &text, 0)
+                finish_command(session, channel, &text, 0, self.pty)
             }
             other => {
                 let text = format!("p0rt: unknown command {other:?}; the only command is `info`\n");
-                finish_command(session, channel, &text, 1)
+                finish_command(session, channel, &text, 1, self.pty)
             }
         }
     }
@@ -577,7 +581,7 @@ impl russh::server::Handler for Connection {
     ) -> Result<(), Self::Error> {
         // Ctrl-C or Ctrl-D in the terminal closes the session (and so the tunnels).
         if Some(channel) == self.session_channel && data.iter().any(|b| *b == 3 || *b == 4) {
-            return finish_command(session, channel, "p0rt: closing tunnels, bye\n", 0);
+            return finish_command(session, channel, "p0rt: closing tunnels, bye\n", 0, self.pty);
         }
         Ok(())
     }
@@ -627,8 +631,10 @@ fn finish_command(
     channel: ChannelId,
     text: &str,
     status: u32,
+    pty: bool,
 ) -> Result<(), russh::Error> {
-    session.data(channel, text.replace('\n', "\r\n").into_bytes())?;
+    let text = if pty { text.replace('\n', "\r\n") } else { text.to_string() };
+    session.data(channel, text.into_bytes())?;
     session.exit_status_request(channel, status)?;
     session.eof(channel)?;
     session.close(channel)
