@@ -22,6 +22,8 @@ pub const DEFAULT_DOMAIN: &str = "localhost";
 pub const DEFAULT_DATA_DIR: &str = "./data";
 /// File name of the generated ed25519 host key inside the data directory.
 pub const HOST_KEY_FILE_NAME: &str = "ssh_host_ed25519_key";
+/// Directory scanned (and watched) for `*.wasm` plugins overriding the bundled ones.
+pub const DEFAULT_PLUGINS_DIR: &str = "./plugins";
 /// Redis URL used when Redis is selected but no URL is given (the seed's default).
 pub const DEFAULT_REDIS_URL: &str = "redis://localhost:6379";
 
@@ -107,6 +109,9 @@ pub struct Config {
     pub redis_db: u32,
     /// Token that grants non-loopback clients access to `/domain-stats` (`Authorization: Bearer …`).
     pub admin_token: Option<Secret>,
+    pub plugins_dir: PathBuf,
+    /// `false`: built-in namer, no rate limiting, scan jobs denied.
+    pub plugins_enabled: bool,
 }
 
 impl Default for Config {
@@ -127,6 +132,8 @@ impl Default for Config {
             redis_password: None,
             redis_db: 0,
             admin_token: None,
+            plugins_dir: PathBuf::from(DEFAULT_PLUGINS_DIR),
+            plugins_enabled: true,
         }
     }
 }
@@ -161,6 +168,14 @@ pub struct Layer {
     pub domain: DomainLayer,
     pub storage: StorageLayer,
     pub admin: AdminLayer,
+    pub plugins: PluginsLayer,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginsLayer {
+    pub dir: Option<PathBuf>,
+    pub enabled: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -250,6 +265,12 @@ pub struct ServeArgs {
     /// Redis database number [env: REDIS_DB] [default: 0]
     #[arg(long, value_name = "N")]
     pub redis_db: Option<u32>,
+    /// Directory of *.wasm policy plugins, watched for changes [env: PLUGINS_DIR] [default: ./plugins]
+    #[arg(long, value_name = "DIR")]
+    pub plugins_dir: Option<PathBuf>,
+    /// Run without plugins: built-in namer, no rate limiting, scans denied [env: PLUGINS_ENABLED=false]
+    #[arg(long)]
+    pub no_plugins: bool,
 }
 
 impl ServeArgs {
@@ -278,6 +299,10 @@ impl ServeArgs {
                 redis_db: self.redis_db,
             },
             admin: AdminLayer::default(),
+            plugins: PluginsLayer {
+                dir: self.plugins_dir.clone(),
+                enabled: self.no_plugins.then_some(false),
+            },
         }
     }
 }
@@ -299,6 +324,8 @@ pub const ENV_VARS: &[&str] = &[
     "PUBLIC_SCHEME",
     "PUBLIC_PORT",
     "ADMIN_TOKEN",
+    "PLUGINS_DIR",
+    "PLUGINS_ENABLED",
 ];
 
 fn parse_env<T: std::str::FromStr>(
@@ -379,6 +406,12 @@ pub fn env_layer(get: &dyn Fn(&str) -> Option<String>) -> Result<Layer, ConfigEr
     if let Some(v) = get("ADMIN_TOKEN") {
         layer.admin.token = Some(Secret::new(v));
     }
+    if let Some(v) = get("PLUGINS_DIR") {
+        layer.plugins.dir = Some(PathBuf::from(v));
+    }
+    if let Some(v) = get("PLUGINS_ENABLED") {
+        layer.plugins.enabled = Some(parse_env("PLUGINS_ENABLED", &v, "true or false")?);
+    }
     Ok(layer)
 }
 
@@ -438,6 +471,7 @@ impl Config {
             domain,
             storage,
             admin,
+            plugins,
         } = layer;
         set(&mut self.ssh_bind, ssh.bind);
         set(&mut self.ssh_port, ssh.port);
@@ -464,6 +498,8 @@ impl Config {
         if admin.token.is_some() {
             self.admin_token = admin.token;
         }
+        set(&mut self.plugins_dir, plugins.dir);
+        set(&mut self.plugins_enabled, plugins.enabled);
     }
 
     fn validate(&mut self) -> Result<(), ConfigError> {

@@ -26,6 +26,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
+use crate::plugins::{RateDecision, RequestFacts};
 use crate::server::AppState;
 use crate::tunnels::Tunnel;
 
@@ -164,13 +165,70 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, state: Arc<AppState>) 
         Target::Base => base_endpoint(&req, peer, &state).await,
         Target::Unknown => not_found(),
         Target::Tunnel(name) => match state.registry.get(&name) {
-            Some(tunnel) => proxy(req, peer, tunnel).await,
+            Some(tunnel) => match admit(&req, peer, &tunnel, &state).await {
+                Some(denied) => denied,
+                None => proxy(req, peer, tunnel).await,
+            },
             None if known_offline(&state, &name).await => error_page(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "503 Service Unavailable: tunnel offline. Its owner is not connected right now.\n",
             ),
             None => not_found(),
         },
+    }
+}
+
+/// Request headers shown to the rate-limit policy.
+const RATE_LIMIT_HEADERS: [HeaderName; 4] = [
+    header::USER_AGENT,
+    header::REFERER,
+    header::CONTENT_LENGTH,
+    header::UPGRADE,
+];
+
+/// Asks the rate-limit policy about a request; `Some(response)` if it is denied.
+async fn admit(
+    req: &Request<Incoming>,
+    peer: SocketAddr,
+    tunnel: &Tunnel,
+    state: &AppState,
+) -> Option<Response<Body>> {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(|h| h.rsplit_once(':').map_or(h, |(host, _)| host).to_string())
+        .unwrap_or_default();
+    let facts = RequestFacts {
+        client_ip: peer.ip().to_string(),
+        host,
+        name: tunnel.name.clone(),
+        owner_key_hash: tunnel.owner.clone(),
+        method: req.method().to_string(),
+        path: req.uri().path().to_string(),
+        headers: RATE_LIMIT_HEADERS
+            .iter()
+            .filter_map(|name| {
+                let value = req.headers().get(name)?.to_str().ok()?;
+                Some((name.as_str().to_string(), value.to_string()))
+            })
+            .collect(),
+    };
+    match state.plugins.check_request(&facts).await {
+        RateDecision::Allow => None,
+        RateDecision::Deny {
+            status,
+            retry_after_seconds,
+            message,
+        } => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::TOO_MANY_REQUESTS);
+            let mut response = full(status, "text/plain; charset=utf-8", format!("{} {message}\n", status.as_u16()));
+            if let Some(seconds) = retry_after_seconds {
+                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+            }
+            tunnel.output.line(format!("{} {} {} (rate limited)", req.method(), req.uri().path(), status.as_u16()));
+            Some(response)
+        }
     }
 }
 

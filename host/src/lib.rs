@@ -11,9 +11,11 @@
 //! - [`http`]: the HTTP edge (hyper): routes by `Host` into `forwarded-tcpip` channels.
 //! - [`server`]: wires the pieces together and runs them.
 
+pub mod cache;
 pub mod config;
 pub mod http;
 pub mod naming;
+pub mod plugins;
 pub mod server;
 pub mod ssh;
 pub mod store;

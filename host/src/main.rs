@@ -4,7 +4,10 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
 use p0rt::config::{Config, ServeArgs};
+use p0rt::plugins::{Role, tools};
 
 /// Self-hosted SSH reverse-tunnel host.
 ///
@@ -25,10 +28,84 @@ struct Cli {
 enum Command {
     /// Run the host (the default when no command is given)
     Serve(ServeArgs),
+    /// Tools for policy plugins (WebAssembly components)
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum PluginCommand {
+    /// Validate a plugin: prints its role, p0rt:policy version, sha256 and imports
+    Check {
+        file: PathBuf,
+        /// Role to check it for, when the component implements several
+        #[arg(long)]
+        role: Option<Role>,
+    },
+    /// Make one decision with a plugin and print it as JSON
+    Run {
+        file: PathBuf,
+        /// The request, as JSON (fields of the role's WIT record, in snake_case)
+        #[arg(long)]
+        input: String,
+        #[arg(long)]
+        role: Option<Role>,
+        /// Configuration handed to the plugin's init (JSON); default: its sidecar's
+        #[arg(long)]
+        config: Option<String>,
+    },
+    /// List the plugins a host would serve: bundled ones and overrides from a directory
+    List {
+        /// Plugins directory [default: ./plugins]
+        #[arg(long)]
+        plugins_dir: Option<PathBuf>,
+    },
+    /// Measure decision latency (p50/p99) with a warm and with a fresh instance
+    Bench {
+        file: PathBuf,
+        #[arg(long)]
+        input: String,
+        #[arg(long)]
+        role: Option<Role>,
+        #[arg(long, default_value_t = 10_000)]
+        iterations: usize,
+    },
 }
 
 /// Exit code for configuration errors (same as for bad command-line flags).
 const EXIT_CONFIG: u8 = 2;
+
+fn run_plugin_command(command: PluginCommand) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("p0rt: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match command {
+            PluginCommand::Check { file, role } => tools::check(&file, role).await,
+            PluginCommand::Run { file, input, role, config } => tools::run(&file, role, &input, config).await,
+            PluginCommand::List { plugins_dir } => {
+                tools::list(&plugins_dir.unwrap_or_else(tools::default_dir)).await
+            }
+            PluginCommand::Bench { file, input, role, iterations } => {
+                tools::bench(&file, role, &input, iterations).await
+            }
+        }
+    });
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("p0rt: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -42,6 +119,7 @@ fn main() -> ExitCode {
         .init();
     let args = match cli.command {
         Some(Command::Serve(args)) => args,
+        Some(Command::Plugin(command)) => return run_plugin_command(command),
         None => cli.serve,
     };
     let config = match Config::load(&args, &|var| std::env::var(var).ok()) {

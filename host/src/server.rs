@@ -5,16 +5,23 @@ use std::sync::Arc;
 use anyhow::Context;
 use tokio::net::TcpListener;
 
+use crate::cache::Cache;
 use crate::config::{Config, StorageKind};
+use crate::plugins::{PluginOptions, PolicyPlugins};
 use crate::store::DomainStore;
 use crate::store::json::JsonStore;
 use crate::tunnels::Registry;
+
+/// Subdirectory of the data directory holding compiled plugins.
+pub const PLUGIN_COMPILE_CACHE_DIR: &str = "plugin-cache";
 
 /// Everything the edges share.
 pub struct AppState {
     pub config: Config,
     pub store: Arc<dyn DomainStore>,
     pub registry: Registry,
+    pub plugins: Arc<PolicyPlugins>,
+    pub cache: Cache,
     /// Port the SSH edge actually listens on (differs from the config when it asked for 0).
     pub ssh_port: u16,
     /// Port the HTTP edge actually listens on.
@@ -39,6 +46,31 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ),
     };
     let host_key = crate::ssh::load_or_create_host_key(&config.host_key)?;
+    let cache = Cache::in_memory();
+    let plugins = PolicyPlugins::start(
+        PluginOptions {
+            dir: Some(config.plugins_dir.clone()),
+            compile_cache: Some(config.data_dir.join(PLUGIN_COMPILE_CACHE_DIR)),
+            enabled: config.plugins_enabled,
+        },
+        cache.clone(),
+        Some(store.clone()),
+    )
+    .await
+    .context("starting the bundled plugins")?;
+    for status in plugins.status() {
+        match (&status.role, &status.error) {
+            (Some(role), None) => tracing::info!(
+                "plugin {} ({}) serves {role} [{}]",
+                status.name,
+                status.sha256.as_deref().map(|s| &s[..12]).unwrap_or("?"),
+                status.origin
+            ),
+            (_, Some(error)) => tracing::warn!("plugin {} ({}) not active: {error}", status.name, status.origin),
+            _ => {}
+        }
+    }
+    plugins.spawn_watcher();
 
     let ssh_listener = TcpListener::bind((config.ssh_bind, config.ssh_port))
         .await
@@ -59,6 +91,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config,
         store: store.clone(),
         registry: Registry::default(),
+        plugins,
+        cache,
         ssh_port: ssh_addr.port(),
         http_port: http_addr.port(),
     });

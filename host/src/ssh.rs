@@ -258,7 +258,13 @@ impl Connection {
         let Some(key) = &self.key else {
             return Err("not authenticated".into());
         };
-        let name = naming::assign_name(self.state.store.as_ref(), &key.hash, crate::unix_now())
+        let name = naming::assign_name(
+            self.state.store.as_ref(),
+            Some(&self.state.plugins),
+            &key.hash,
+            &key.fingerprint,
+            crate::unix_now(),
+        )
             .await
             .map_err(|e| {
                 tracing::error!("naming key {} failed: {e}", key.fingerprint);
@@ -320,11 +326,18 @@ impl Connection {
                 return false;
             }
         };
+        let owner = self.key.as_ref().map(|k| k.hash.clone()).unwrap_or_default();
         let name = match label {
             None => base,
-            Some(label) => format!("{label}-{base}"),
+            Some(label) => {
+                let fingerprint = self.key.as_ref().map(|k| k.fingerprint.clone()).unwrap_or_default();
+                if let Err(problem) = naming::approve_label(&self.state.plugins, &owner, &fingerprint, &label).await {
+                    self.refuse(format!("refused -R {address}:{port}: {problem}"));
+                    return false;
+                }
+                format!("{label}-{base}")
+            }
         };
-        let owner = self.key.as_ref().map(|k| k.hash.clone()).unwrap_or_default();
         // A sub-name must never shadow another key's main name.
         match self.state.store.owner_of(&name).await {
             Ok(Some(other)) if other != owner => {

@@ -1,1 +1,13 @@
-fn main(){}
+//! End-to-end tests of the `p0rt` binary with the real OpenSSH client and real HTTP traffic.
+//!
+//! Every test starts its own p0rt (own temp dir, own ports) and its own backends, so tests are
+//! independent and run in parallel. Requires `ssh` and `ssh-keygen` (openssh-client).
+
+mod backend;
+mod support;
+
+mod edge_errors;
+mod names;
+mod refusals;
+mod startup;
+mod traffic;

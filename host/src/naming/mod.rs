@@ -9,6 +9,7 @@ use std::sync::LazyLock;
 use sha2::{Digest, Sha256};
 
 use crate::config::check_dns_label;
+use crate::plugins::{NameChoice, NamingInput, PolicyPlugins};
 use crate::store::{Claim, DomainStore, StoreError};
 
 /// How many salted attempts the namer makes before giving up on a key.
@@ -17,6 +18,19 @@ pub const MAX_NAME_ATTEMPTS: u32 = 16;
 pub const WORDS_PER_NAME: usize = 3;
 /// Longest sub-name label a client may request with `-R label:80:…`.
 pub const MAX_SUBNAME_LABEL_LEN: usize = 20;
+
+/// Names never handed out to a key: they belong to the host or invite confusion.
+pub const RESERVED_NAMES: &[&str] = &[
+    "www", "api", "admin", "administrator", "mail", "smtp", "imap", "pop", "ftp", "ssh", "root",
+    "host", "localhost", "ns", "ns1", "ns2", "mx", "dns", "health", "stats", "status", "static",
+    "assets", "cdn", "app", "dashboard", "login", "auth", "oauth", "account", "billing", "support",
+    "help", "docs", "blog", "p0rt", "tunnel", "tunnels", "proxy", "internal", "metrics",
+];
+
+/// True if `name` may never be a key's name.
+pub fn is_reserved(name: &str) -> bool {
+    RESERVED_NAMES.contains(&name)
+}
 
 /// The word list, shared with the `words` plugin so both derive the same names.
 pub static WORDS: LazyLock<Vec<&'static str>> = LazyLock::new(|| {
@@ -60,19 +74,43 @@ pub fn builtin_name(ssh_key_hash: &str, attempt: u32) -> String {
 pub enum NamingError {
     #[error("no free name found for this key after {MAX_NAME_ATTEMPTS} attempts; ask the operator")]
     Exhausted,
+    #[error("the naming policy refused this key: {0}")]
+    Refused(String),
     #[error("the domain store is unavailable, so no name can be given right now: {0}")]
     Store(#[from] StoreError),
 }
 
 /// The key's name: its stored record if it has one (noting the connection), otherwise the
-/// first built-in candidate that the store lets it claim.
+/// first candidate the store lets it claim. Candidates come from the naming plugin; if it
+/// fails, or all its candidates are taken, from the built-in namer.
 pub async fn assign_name(
     store: &dyn DomainStore,
+    plugins: Option<&PolicyPlugins>,
     ssh_key_hash: &str,
+    fingerprint: &str,
     now: i64,
 ) -> Result<String, NamingError> {
     if let Some(record) = store.touch(ssh_key_hash, now).await? {
         return Ok(record.domain);
+    }
+    if let Some(plugins) = plugins.filter(|p| p.enabled()) {
+        for attempt in 0..MAX_NAME_ATTEMPTS {
+            let input = NamingInput {
+                ssh_key_hash: ssh_key_hash.to_string(),
+                fingerprint: fingerprint.to_string(),
+                requested_label: None,
+                attempt,
+            };
+            let candidate = match plugins.choose_name(&input).await {
+                NameChoice::Name(name) => name,
+                NameChoice::Refused(reason) => return Err(NamingError::Refused(reason)),
+                NameChoice::Fallback(_) => break,
+            };
+            match store.claim(ssh_key_hash, &candidate, now).await? {
+                Claim::Claimed(record) | Claim::AlreadyOwned(record) => return Ok(record.domain),
+                Claim::Taken => continue,
+            }
+        }
     }
     for attempt in 0..MAX_NAME_ATTEMPTS {
         let candidate = builtin_name(ssh_key_hash, attempt);
@@ -82,6 +120,29 @@ pub async fn assign_name(
         }
     }
     Err(NamingError::Exhausted)
+}
+
+/// Asks the naming policy whether a key may use a sub-name label. A failed plugin allows it
+/// (the built-in rule: any valid label under the key's own name).
+pub async fn approve_label(
+    plugins: &PolicyPlugins,
+    ssh_key_hash: &str,
+    fingerprint: &str,
+    label: &str,
+) -> Result<(), String> {
+    if !plugins.enabled() {
+        return Ok(());
+    }
+    let input = NamingInput {
+        ssh_key_hash: ssh_key_hash.to_string(),
+        fingerprint: fingerprint.to_string(),
+        requested_label: Some(label.to_string()),
+        attempt: 0,
+    };
+    match plugins.choose_name(&input).await {
+        NameChoice::Refused(reason) => Err(format!("the naming policy refused it: {reason}")),
+        NameChoice::Name(_) | NameChoice::Fallback(_) => Ok(()),
+    }
 }
 
 /// Turns the bind address of `-R label:80:…` into a sub-name label, or `None` for the

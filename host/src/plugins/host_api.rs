@@ -1,0 +1,266 @@
+//! What a plugin can reach: its own cache namespace, read-only domain lookups, a log and a
+//! clock. WASI is linked with a context that grants nothing (no files, sockets, environment,
+//! arguments); stdout and stderr become host log lines tagged with the plugin's name.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::AsyncWrite;
+use wasmtime::component::ResourceTable;
+use wasmtime::{StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use super::bindings::host::p0rt::policy::{cache, clock, domains, log};
+use crate::cache::Cache;
+use crate::store::DomainStore;
+
+/// Longest cache key a plugin may use (before the host's namespace prefix).
+pub const MAX_CACHE_KEY_BYTES: usize = 512;
+/// Largest cache value a plugin may store.
+pub const MAX_CACHE_VALUE_BYTES: usize = 1024 * 1024;
+/// Longest log line kept from a plugin; the rest is cut.
+pub const MAX_LOG_LINE_BYTES: usize = 2048;
+/// Linear memory one plugin instance may grow to.
+pub const MAX_MEMORY_BYTES: usize = 64 * 1024 * 1024;
+/// Table elements one plugin instance may have.
+pub const MAX_TABLE_ELEMENTS: usize = 100_000;
+/// Core instances, memories and tables per plugin instance (a component holds several).
+pub const MAX_INSTANCES: usize = 32;
+pub const MAX_MEMORIES: usize = 8;
+pub const MAX_TABLES: usize = 16;
+
+/// Per-store state: everything a plugin's imports can touch.
+pub struct PluginState {
+    plugin: Arc<str>,
+    /// `plugin:<name>:`, prepended to every cache key.
+    namespace: String,
+    cache: Cache,
+    domains: Option<Arc<dyn DomainStore>>,
+    pub(super) limits: StoreLimits,
+    wasi: WasiCtx,
+    table: ResourceTable,
+}
+
+impl PluginState {
+    pub fn new(plugin: Arc<str>, cache: Cache, domains: Option<Arc<dyn DomainStore>>) -> Self {
+        let wasi = WasiCtxBuilder::new()
+            .stdout(PluginOutput { plugin: plugin.clone(), stream: "stdout" })
+            .stderr(PluginOutput { plugin: plugin.clone(), stream: "stderr" })
+            .build();
+        PluginState {
+            namespace: format!("plugin:{plugin}:"),
+            plugin,
+            cache,
+            domains,
+            limits: StoreLimitsBuilder::new()
+                .memory_size(MAX_MEMORY_BYTES)
+                .table_elements(MAX_TABLE_ELEMENTS)
+                .instances(MAX_INSTANCES)
+                .memories(MAX_MEMORIES)
+                .tables(MAX_TABLES)
+                .build(),
+            wasi,
+            table: ResourceTable::new(),
+        }
+    }
+
+    fn key(&self, key: &str) -> wasmtime::Result<String> {
+        if key.len() > MAX_CACHE_KEY_BYTES {
+            wasmtime::bail!("cache key of {} bytes is over the {MAX_CACHE_KEY_BYTES}-byte limit", key.len());
+        }
+        Ok(format!("{}{key}", self.namespace))
+    }
+}
+
+impl WasiView for PluginState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+fn ttl(seconds: Option<u32>) -> Option<Duration> {
+    seconds.map(|s| Duration::from_secs(u64::from(s)))
+}
+
+impl cache::Host for PluginState {
+    async fn get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {
+        let key = self.key(&key)?;
+        Ok(self.cache.get(&key).await.map(|b| b.to_vec()))
+    }
+
+    async fn get_string(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+        let key = self.key(&key)?;
+        Ok(self
+            .cache
+            .get(&key)
+            .await
+            .and_then(|b| String::from_utf8(b.to_vec()).ok()))
+    }
+
+    async fn set(&mut self, key: String, value: Vec<u8>, ttl_seconds: Option<u32>) -> wasmtime::Result<()> {
+        if value.len() > MAX_CACHE_VALUE_BYTES {
+            wasmtime::bail!("cache value of {} bytes is over the {MAX_CACHE_VALUE_BYTES}-byte limit", value.len());
+        }
+        let key = self.key(&key)?;
+        self.cache.set(&key, Bytes::from(value), ttl(ttl_seconds)).await;
+        Ok(())
+    }
+
+    async fn set_string(&mut self, key: String, value: String, ttl_seconds: Option<u32>) -> wasmtime::Result<()> {
+        self.set(key, value.into_bytes(), ttl_seconds).await
+    }
+
+    async fn delete(&mut self, key: String) -> wasmtime::Result<bool> {
+        let key = self.key(&key)?;
+        Ok(self.cache.delete(&key).await)
+    }
+
+    async fn exists(&mut self, key: String) -> wasmtime::Result<bool> {
+        let key = self.key(&key)?;
+        Ok(self.cache.exists(&key).await)
+    }
+
+    async fn increment(&mut self, key: String, amount: i64, ttl_seconds: Option<u32>) -> wasmtime::Result<i64> {
+        let key = self.key(&key)?;
+        Ok(self.cache.increment(&key, amount, ttl(ttl_seconds)).await?)
+    }
+
+    async fn expire(&mut self, key: String, ttl_seconds: u32) -> wasmtime::Result<bool> {
+        let key = self.key(&key)?;
+        Ok(self
+            .cache
+            .expire(&key, Duration::from_secs(u64::from(ttl_seconds)))
+            .await)
+    }
+}
+
+impl domains::Host for PluginState {
+    async fn owner_of(&mut self, name: String) -> wasmtime::Result<Option<String>> {
+        match &self.domains {
+            Some(store) => Ok(store.owner_of(&name).await?),
+            None => Ok(None),
+        }
+    }
+
+    async fn record_for_key(&mut self, ssh_key_hash: String) -> wasmtime::Result<Option<domains::DomainRecord>> {
+        let Some(store) = &self.domains else {
+            return Ok(None);
+        };
+        Ok(store.record_for_key(&ssh_key_hash).await?.map(|r| domains::DomainRecord {
+            domain: r.domain,
+            ssh_key_hash: r.ssh_key_hash,
+            first_seen: r.first_seen,
+            last_seen: r.last_seen,
+            use_count: r.use_count,
+        }))
+    }
+
+    async fn is_reserved(&mut self, name: String) -> wasmtime::Result<bool> {
+        Ok(crate::naming::is_reserved(&name))
+    }
+}
+
+fn clip(message: &str) -> &str {
+    if message.len() <= MAX_LOG_LINE_BYTES {
+        return message;
+    }
+    let mut end = MAX_LOG_LINE_BYTES;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    &message[..end]
+}
+
+impl log::Host for PluginState {
+    async fn log(&mut self, level: log::Level, message: String) -> wasmtime::Result<()> {
+        let plugin = &*self.plugin;
+        let message = clip(&message).escape_debug().to_string();
+        match level {
+            log::Level::Debug => tracing::debug!(plugin, "{message}"),
+            log::Level::Info => tracing::info!(plugin, "{message}"),
+            log::Level::Warn => tracing::warn!(plugin, "{message}"),
+            log::Level::Error => tracing::error!(plugin, "{message}"),
+        }
+        Ok(())
+    }
+}
+
+impl clock::Host for PluginState {
+    async fn now_unix_seconds(&mut self) -> wasmtime::Result<i64> {
+        Ok(crate::unix_now())
+    }
+
+    async fn now_unix_millis(&mut self) -> wasmtime::Result<u64> {
+        Ok(std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0))
+    }
+}
+
+/// A plugin's stdout or stderr: each complete line becomes a host log line.
+#[derive(Clone)]
+struct PluginOutput {
+    plugin: Arc<str>,
+    stream: &'static str,
+}
+
+impl wasmtime_wasi::cli::IsTerminal for PluginOutput {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl wasmtime_wasi::cli::StdoutStream for PluginOutput {
+    fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
+        Box::new(LineLogger {
+            plugin: self.plugin.clone(),
+            stream: self.stream,
+            pending: Vec::new(),
+        })
+    }
+}
+
+struct LineLogger {
+    plugin: Arc<str>,
+    stream: &'static str,
+    pending: Vec<u8>,
+}
+
+impl LineLogger {
+    fn emit(&self, line: &[u8]) {
+        let text = String::from_utf8_lossy(line);
+        tracing::info!(plugin = &*self.plugin, "{}: {}", self.stream, clip(text.trim_end()).escape_debug());
+    }
+}
+
+impl AsyncWrite for LineLogger {
+    fn poll_write(mut self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        this.pending.extend_from_slice(buf);
+        while let Some(end) = this.pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = this.pending.drain(..=end).collect();
+            this.emit(&line);
+        }
+        if this.pending.len() > MAX_LOG_LINE_BYTES {
+            let line = std::mem::take(&mut this.pending);
+            this.emit(&line);
+        }
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+

@@ -1,0 +1,518 @@
+//! The wasmtime side: one engine for all plugins, compiled components cached on disk by
+//! content hash and engine, per-call limits (fuel, epoch deadline, timeout, memory and table
+//! caps), a small pool of warm instances per plugin, and benching of plugins that keep failing.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, HasSelf, InstancePre, Linker};
+use wasmtime::{Engine, Store};
+
+use super::bindings::{host, init, naming, rate_limit, scan_admission};
+use super::host_api::{MAX_MEMORY_BYTES, MAX_TABLE_ELEMENTS, PluginState};
+use super::{PluginError, Role};
+use crate::cache::Cache;
+use crate::store::DomainStore;
+
+/// Largest plugin file accepted.
+pub const MAX_PLUGIN_BYTES: usize = 16 * 1024 * 1024;
+/// Fuel (roughly, wasm instructions) one call may burn before it is stopped.
+pub const FUEL_PER_CALL: u64 = 20_000_000;
+/// Period of the epoch clock behind the wall-clock deadline.
+pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+/// Epoch ticks a call may run: with [`EPOCH_TICK`], a 100 ms backstop for fuel.
+pub const DEADLINE_TICKS: u64 = 20;
+/// Whole-call timeout, including host calls the plugin makes (cache, domain lookups).
+pub const CALL_TIMEOUT: Duration = Duration::from_millis(250);
+/// Wasm stack a plugin may use; deeper recursion traps.
+pub const MAX_WASM_STACK: usize = 512 * 1024;
+/// Warm instances kept per plugin for reuse.
+pub const WARM_INSTANCES_PER_PLUGIN: usize = 8;
+/// Calls after which a warm instance is retired (bounds slow leaks inside a plugin).
+pub const CALLS_PER_WARM_INSTANCE: u32 = 10_000;
+/// Component instances the pooling allocator reserves room for.
+pub const POOLED_COMPONENT_INSTANCES: u32 = 256;
+/// Consecutive failures after which a plugin is benched.
+pub const BENCH_AFTER_FAILURES: u32 = 3;
+/// First bench period; doubles each time the plugin is benched again, up to [`BENCH_MAX`].
+pub const BENCH_BASE: Duration = Duration::from_secs(1);
+pub const BENCH_MAX: Duration = Duration::from_secs(300);
+
+fn engine_config(pooling: bool) -> wasmtime::Config {
+    let mut config = wasmtime::Config::new();
+    config.wasm_component_model(true);
+    config.consume_fuel(true);
+    config.epoch_interruption(true);
+    config.max_wasm_stack(MAX_WASM_STACK);
+    if pooling {
+        let mut pool = wasmtime::PoolingAllocationConfig::default();
+        pool.total_component_instances(POOLED_COMPONENT_INSTANCES)
+            .total_core_instances(POOLED_COMPONENT_INSTANCES * 4)
+            .total_memories(POOLED_COMPONENT_INSTANCES * 2)
+            .total_tables(POOLED_COMPONENT_INSTANCES * 4)
+            .total_stacks(POOLED_COMPONENT_INSTANCES)
+            .max_memory_size(MAX_MEMORY_BYTES)
+            .table_elements(MAX_TABLE_ELEMENTS);
+        config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
+    }
+    config
+}
+
+/// One engine and linker shared by every plugin.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<PluginState>,
+    cache_dir: Option<PathBuf>,
+    pooling: bool,
+}
+
+fn wasm_error(e: wasmtime::Error) -> String {
+    format!("{e:#}")
+}
+
+impl Runtime {
+    /// Builds the engine (pooling allocator, or on-demand allocation when the address space
+    /// cannot be reserved) and starts its epoch clock. Compiled plugins are cached in
+    /// `cache_dir` when given.
+    pub fn new(cache_dir: Option<PathBuf>) -> Result<Arc<Runtime>, PluginError> {
+        let (engine, pooling) = match Engine::new(&engine_config(true)) {
+            Ok(engine) => (engine, true),
+            Err(e) => {
+                tracing::warn!("pooling allocator unavailable ({e:#}); plugins use on-demand allocation");
+                let engine = Engine::new(&engine_config(false))
+                    .map_err(|e| PluginError::Engine(wasm_error(e)))?;
+                (engine, false)
+            }
+        };
+        let mut linker: Linker<PluginState> = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| PluginError::Engine(wasm_error(e)))?;
+        host::Host_::add_to_linker::<PluginState, HasSelf<PluginState>>(&mut linker, |s| s)
+            .map_err(|e| PluginError::Engine(wasm_error(e)))?;
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("p0rt-plugin-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = weak.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(EPOCH_TICK);
+                }
+            })
+            .map_err(|e| PluginError::Engine(e.to_string()))?;
+        if let Some(dir) = &cache_dir
+            && let Err(e) = std::fs::create_dir_all(dir)
+        {
+            tracing::warn!("plugin compile cache {} unusable: {e}", dir.display());
+        }
+        Ok(Arc::new(Runtime {
+            engine,
+            linker,
+            cache_dir,
+            pooling,
+        }))
+    }
+
+    pub fn uses_pooling(&self) -> bool {
+        self.pooling
+    }
+
+    fn engine_hash(&self) -> u64 {
+        let mut hasher = DefaultHasher::new();
+        self.engine.precompile_compatibility_hash().hash(&mut hasher);
+        hasher.finish()
+    }
+
+    /// Compiles a component, or loads it from the compile cache.
+    fn compile(&self, bytes: &[u8], sha256: &str) -> Result<Component, PluginError> {
+        let cached = self
+            .cache_dir
+            .as_ref()
+            .map(|dir| dir.join(format!("{sha256}-{:016x}.cwasm", self.engine_hash())));
+        if let Some(path) = &cached
+            && path.exists()
+        {
+            // SAFETY: the cache directory is written only by this host, from components it
+            // compiled itself with an engine of the same compatibility hash (in the name).
+            match unsafe { Component::deserialize_file(&self.engine, path) } {
+                Ok(component) => return Ok(component),
+                Err(e) => tracing::warn!("ignoring unusable compile cache entry {}: {e:#}", path.display()),
+            }
+        }
+        let component = Component::new(&self.engine, bytes).map_err(|e| PluginError::Compile(wasm_error(e)))?;
+        if let Some(path) = cached
+            && let Ok(serialized) = component.serialize()
+        {
+            let tmp = path.with_extension("tmp");
+            if std::fs::write(&tmp, serialized).and_then(|_| std::fs::rename(&tmp, &path)).is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+        }
+        Ok(component)
+    }
+
+    /// Validates and prepares a plugin: size cap, compile, link against what the host
+    /// provides, role from the world it implements (or `role`), then one test instantiation
+    /// (which runs `init`), so a plugin that cannot serve is refused at load.
+    pub async fn load(
+        self: &Arc<Self>,
+        spec: PluginSpec,
+        cache: Cache,
+        domains: Option<Arc<dyn DomainStore>>,
+    ) -> Result<Arc<Plugin>, PluginError> {
+        if spec.bytes.len() > MAX_PLUGIN_BYTES {
+            return Err(PluginError::TooLarge {
+                size: spec.bytes.len(),
+            });
+        }
+        let sha256 = hex::encode(Sha256::digest(spec.bytes.as_slice()));
+        let component = {
+            let runtime = self.clone();
+            let (bytes, sha) = (spec.bytes.clone(), sha256.clone());
+            tokio::task::spawn_blocking(move || runtime.compile(&bytes, &sha))
+                .await
+                .map_err(|e| PluginError::Compile(e.to_string()))??
+        };
+        let ty = component.component_type();
+        let exports: Vec<String> = ty.exports(&self.engine).map(|(name, _)| name.to_string()).collect();
+        let imports: Vec<String> = ty.imports(&self.engine).map(|(name, _)| name.to_string()).collect();
+        let instance_pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| PluginError::Link(wasm_error(e)))?;
+
+        let mut found = Vec::new();
+        if let Ok(i) = naming::NamingIndices::new(&instance_pre) {
+            found.push(RoleIndices::Naming(i));
+        }
+        if let Ok(i) = rate_limit::RateLimitIndices::new(&instance_pre) {
+            found.push(RoleIndices::RateLimit(i));
+        }
+        if let Ok(i) = scan_admission::ScanAdmissionIndices::new(&instance_pre) {
+            found.push(RoleIndices::ScanAdmission(i));
+        }
+        let indices = match spec.role {
+            Some(role) => found
+                .into_iter()
+                .find(|i| i.role() == role)
+                .ok_or_else(|| PluginError::WrongWorld {
+                    expected: Some(role),
+                    exports: exports.clone(),
+                })?,
+            None if found.len() == 1 => found.remove(0),
+            None if found.is_empty() => {
+                return Err(PluginError::WrongWorld {
+                    expected: None,
+                    exports,
+                });
+            }
+            None => {
+                return Err(PluginError::Ambiguous {
+                    roles: found.iter().map(|i| i.role()).collect(),
+                });
+            }
+        };
+        let role = indices.role();
+        let has_init_export = exports.iter().any(|e| e.starts_with("p0rt:policy/init@"));
+        let init = if has_init_export {
+            Some(init::InitIndices::new(&instance_pre).map_err(|e| PluginError::Link(wasm_error(e)))?)
+        } else {
+            None
+        };
+        let interface = format!("p0rt:policy/{}@", role.interface());
+        let wit_version = exports
+            .iter()
+            .find_map(|e| e.strip_prefix(&interface).map(str::to_string));
+
+        let plugin = Arc::new(Plugin {
+            name: spec.name.into(),
+            sha256,
+            role,
+            wit_version,
+            imports,
+            origin: spec.origin,
+            config: spec.config,
+            instance_pre,
+            indices,
+            init,
+            engine: self.engine.clone(),
+            cache,
+            domains,
+            warm: Mutex::new(Vec::new()),
+            health: Mutex::new(Health::default()),
+        });
+        let warm = plugin.instantiate().await?;
+        plugin.return_warm(warm);
+        Ok(plugin)
+    }
+}
+
+/// What to load: the bytes and where they came from.
+pub struct PluginSpec {
+    pub name: String,
+    pub bytes: Arc<Vec<u8>>,
+    pub origin: Origin,
+    /// Role asked for by the sidecar; `None`: from the world the plugin implements.
+    pub role: Option<Role>,
+    /// JSON handed to `init`.
+    pub config: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// Built into the binary.
+    Bundled,
+    /// A file in the plugins directory.
+    File(PathBuf),
+}
+
+impl Origin {
+    pub fn describe(&self) -> String {
+        match self {
+            Origin::Bundled => "bundled".into(),
+            Origin::File(path) => path.display().to_string(),
+        }
+    }
+
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            Origin::Bundled => None,
+            Origin::File(path) => Some(path),
+        }
+    }
+}
+
+enum RoleIndices {
+    Naming(naming::NamingIndices),
+    RateLimit(rate_limit::RateLimitIndices),
+    ScanAdmission(scan_admission::ScanAdmissionIndices),
+}
+
+impl RoleIndices {
+    fn role(&self) -> Role {
+        match self {
+            RoleIndices::Naming(_) => Role::Naming,
+            RoleIndices::RateLimit(_) => Role::RateLimit,
+            RoleIndices::ScanAdmission(_) => Role::ScanAdmission,
+        }
+    }
+}
+
+/// A live instance of a plugin, typed by role.
+pub enum RoleInstance {
+    Naming(naming::Naming),
+    RateLimit(rate_limit::RateLimit),
+    ScanAdmission(scan_admission::ScanAdmission),
+}
+
+struct Warm {
+    store: Store<PluginState>,
+    instance: RoleInstance,
+    calls: u32,
+}
+
+#[derive(Default)]
+struct Health {
+    consecutive_failures: u32,
+    times_benched: u32,
+    benched_until: Option<Instant>,
+    last_error: Option<String>,
+}
+
+/// A loaded plugin, ready to be called.
+pub struct Plugin {
+    pub name: Arc<str>,
+    pub sha256: String,
+    pub role: Role,
+    /// Version of `p0rt:policy` the plugin was built against, from its export name.
+    pub wit_version: Option<String>,
+    pub imports: Vec<String>,
+    pub origin: Origin,
+    config: String,
+    instance_pre: InstancePre<PluginState>,
+    indices: RoleIndices,
+    init: Option<init::InitIndices>,
+    engine: Engine,
+    cache: Cache,
+    domains: Option<Arc<dyn DomainStore>>,
+    warm: Mutex<Vec<Warm>>,
+    health: Mutex<Health>,
+}
+
+/// A boxed future borrowing the instance and store for one call.
+pub type CallFuture<'a, R> = Pin<Box<dyn Future<Output = wasmtime::Result<R>> + Send + 'a>>;
+
+fn describe_trap(e: &wasmtime::Error) -> String {
+    if let Some(trap) = e.downcast_ref::<wasmtime::Trap>() {
+        let what = match trap {
+            wasmtime::Trap::OutOfFuel => "ran out of fuel (too much work for one decision)",
+            wasmtime::Trap::Interrupt => "passed its wall-clock deadline",
+            wasmtime::Trap::StackOverflow => "overflowed its stack",
+            wasmtime::Trap::UnreachableCodeReached => "trapped (panic or abort)",
+            wasmtime::Trap::MemoryOutOfBounds => "accessed memory out of bounds",
+            _ => "trapped",
+        };
+        return format!("{what}: {trap}");
+    }
+    let text = format!("{e:#}");
+    text.lines().next().unwrap_or("").chars().take(500).collect()
+}
+
+impl Plugin {
+    /// Short id for logs: name and the first 12 hex digits of the sha256.
+    pub fn id(&self) -> String {
+        format!("{} ({})", self.name, &self.sha256[..12])
+    }
+
+    /// Why the plugin is benched, if it is.
+    pub fn benched(&self) -> Option<String> {
+        let health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        match health.benched_until {
+            Some(until) if until > Instant::now() => Some(format!(
+                "benched for {}s after repeated failures (last: {})",
+                until.saturating_duration_since(Instant::now()).as_secs() + 1,
+                health.last_error.as_deref().unwrap_or("unknown")
+            )),
+            _ => None,
+        }
+    }
+
+    fn record_success(&self) {
+        let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        health.consecutive_failures = 0;
+        health.times_benched = 0;
+    }
+
+    fn record_failure(&self, error: &PluginError) {
+        let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        health.consecutive_failures += 1;
+        health.last_error = Some(error.to_string());
+        if health.consecutive_failures >= BENCH_AFTER_FAILURES {
+            let factor = 1u32 << health.times_benched.min(16);
+            let period = (BENCH_BASE * factor).min(BENCH_MAX);
+            health.benched_until = Some(Instant::now() + period);
+            health.times_benched += 1;
+            health.consecutive_failures = 0;
+            tracing::error!(
+                "plugin {} benched for {}s after {BENCH_AFTER_FAILURES} failures in a row (last: {error})",
+                self.id(),
+                period.as_secs()
+            );
+        } else {
+            tracing::warn!("plugin {} failed: {error}", self.id());
+        }
+    }
+
+    async fn instantiate(&self) -> Result<Warm, PluginError> {
+        let state = PluginState::new(self.name.clone(), self.cache.clone(), self.domains.clone());
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limits);
+        store
+            .set_fuel(FUEL_PER_CALL)
+            .map_err(|e| PluginError::Instantiate(wasm_error(e)))?;
+        store.set_epoch_deadline(DEADLINE_TICKS);
+        let instance = tokio::time::timeout(CALL_TIMEOUT, self.instance_pre.instantiate_async(&mut store))
+            .await
+            .map_err(|_| PluginError::Timeout)?
+            .map_err(|e| PluginError::Instantiate(describe_trap(&e)))?;
+        let loaded = match &self.indices {
+            RoleIndices::Naming(i) => i.load(&mut store, &instance).map(RoleInstance::Naming),
+            RoleIndices::RateLimit(i) => i.load(&mut store, &instance).map(RoleInstance::RateLimit),
+            RoleIndices::ScanAdmission(i) => i.load(&mut store, &instance).map(RoleInstance::ScanAdmission),
+        }
+        .map_err(|e| PluginError::Instantiate(wasm_error(e)))?;
+        if let Some(init) = &self.init {
+            let init = init
+                .load(&mut store, &instance)
+                .map_err(|e| PluginError::Instantiate(wasm_error(e)))?;
+            store
+                .set_fuel(FUEL_PER_CALL)
+                .map_err(|e| PluginError::Instantiate(wasm_error(e)))?;
+            store.set_epoch_deadline(DEADLINE_TICKS);
+            let result = tokio::time::timeout(CALL_TIMEOUT, init.p0rt_policy_init().call_init(&mut store, &self.config))
+                .await
+                .map_err(|_| PluginError::Timeout)?
+                .map_err(|e| PluginError::Trap(describe_trap(&e)))?;
+            result.map_err(PluginError::InitRefused)?;
+        }
+        Ok(Warm {
+            store,
+            instance: loaded,
+            calls: 0,
+        })
+    }
+
+    fn take_warm(&self) -> Option<Warm> {
+        self.warm.lock().unwrap_or_else(|p| p.into_inner()).pop()
+    }
+
+    fn return_warm(&self, warm: Warm) {
+        if warm.calls >= CALLS_PER_WARM_INSTANCE {
+            return;
+        }
+        let mut pool = self.warm.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < WARM_INSTANCES_PER_PLUGIN {
+            pool.push(warm);
+        }
+    }
+
+    /// Runs one call under the per-call limits. `fresh` forces a new instance (and does
+    /// not keep it), which is what the benchmark compares against warm reuse.
+    pub async fn invoke<R: Send>(
+        &self,
+        fresh: bool,
+        call: impl for<'a> FnOnce(&'a RoleInstance, &'a mut Store<PluginState>) -> CallFuture<'a, R> + Send,
+    ) -> Result<R, PluginError> {
+        if let Some(reason) = self.benched() {
+            return Err(PluginError::Benched(reason));
+        }
+        let warm = if fresh { None } else { self.take_warm() };
+        let mut warm = match warm {
+            Some(warm) => warm,
+            None => match self.instantiate().await {
+                Ok(warm) => warm,
+                Err(e) => {
+                    self.record_failure(&e);
+                    return Err(e);
+                }
+            },
+        };
+        let reset = warm.store.set_fuel(FUEL_PER_CALL);
+        if let Err(e) = reset {
+            return Err(PluginError::Trap(wasm_error(e)));
+        }
+        warm.store.set_epoch_deadline(DEADLINE_TICKS);
+        let outcome = tokio::time::timeout(CALL_TIMEOUT, call(&warm.instance, &mut warm.store)).await;
+        match outcome {
+            Ok(Ok(result)) => {
+                warm.calls += 1;
+                if !fresh {
+                    self.return_warm(warm);
+                }
+                self.record_success();
+                Ok(result)
+            }
+            Ok(Err(e)) => {
+                // A trapped instance is never reused.
+                let error = PluginError::Trap(describe_trap(&e));
+                self.record_failure(&error);
+                Err(error)
+            }
+            Err(_) => {
+                self.record_failure(&PluginError::Timeout);
+                Err(PluginError::Timeout)
+            }
+        }
+    }
+
+    /// Reports a decision the host rejected as invalid, so bad outputs count toward benching.
+    pub fn report_bad_output(&self, problem: String) -> PluginError {
+        let error = PluginError::BadOutput(problem);
+        self.record_failure(&error);
+        error
+    }
+}
