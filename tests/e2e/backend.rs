@@ -237,10 +237,8 @@ fn websocket(mut req: Request<Incoming>) -> Response<Body> {
         let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
         while let Some(msg) = ws.next().await {
             let Ok(msg) = msg else { break };
-            if msg.is_text() || msg.is_binary() {
-                if ws.send(msg).await.is_err() {
-                    break;
-                }
+            if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                break;
             }
             // Ping/pong/close replies are queued by tungstenite and flushed on the next poll.
         }

@@ -236,26 +236,51 @@ async fn shell_session_prints_url_and_request_log() {
     assert!(shell.try_exit().is_none(), "shell session ended early");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn subname_forward_serves_label_name() {
+async fn assert_subname_served(label: &str) {
     let sb = Sandbox::new();
     let key = sb.key("erin");
-    let api = Backend::start("api-backend").await;
+    let sub_backend = Backend::start("sub-backend").await;
     let host = Host::start(&sb).await;
     let name = host.info(&sb, &key).await.name;
 
-    let _client = host
+    let client = host
         .ssh(&sb, &key)
-        .args(["-N", "-R", &format!("api:80:127.0.0.1:{}", api.port)])
+        .args(["-N", "-R", &format!("{label}:80:127.0.0.1:{}", sub_backend.port)])
         .spawn();
-    let sub = format!("api-{name}");
-    host.wait_served(&sub, &api).await;
+    let sub = format!("{label}-{name}");
+    let (mut status, mut body) = (0, String::new());
+    let deadline = std::time::Instant::now() + WAIT;
+    while std::time::Instant::now() < deadline {
+        (status, body) = host.whoami(&sub).await;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "sub-backend"),
+        "-R {label}:80 not served as {sub}; ssh stderr {:?}; p0rt stderr:\n{}",
+        client.stderr(),
+        host.log()
+    );
     // Only the sub-name is forwarded; the main name is known but offline.
     let (status, body) = host.whoami(&name).await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("tunnel offline"), "{body}");
     // A sub-name of a known key that is not forwarded is offline too, not unknown.
-    assert_eq!(host.whoami(&format!("web-{name}")).await.0, 503);
+    assert_eq!(host.whoami(&format!("other-{name}")).await.0, 503);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn subname_forward_serves_label_name() {
+    assert_subname_served("web").await;
+}
+
+/// The README's own example: `-R api:80:…` serves `api-<name>`.
+#[tokio::test(flavor = "multi_thread")]
+async fn api_subname_from_readme_is_served() {
+    assert_subname_served("api").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -263,18 +288,13 @@ async fn domain_and_ports_from_environment() {
     let sb = Sandbox::new();
     let key = sb.key("frank");
     let backend = Backend::start("frank-backend").await;
-    let config = HostConfig {
-        args: vec![],
-        env: vec![],
-        data_dir: sb.join("env-data"),
-    }
-    .env("DATA_DIR", sb.join("env-data").to_string_lossy())
-    .env("SSH_SERVER_PORT", "0")
-    .env("HTTP_PORT", "0")
-    .env("SSH_BIND", "127.0.0.1")
-    .env("HTTP_BIND", "127.0.0.1")
-    .env("DOMAIN_BASE", "Tunnels.Example.")
-    .env("STORAGE_TYPE", "json");
+    let config = HostConfig::env_only(&sb.join("env-data"))
+        .env("SSH_SERVER_PORT", "0")
+        .env("HTTP_PORT", "0")
+        .env("SSH_BIND", "127.0.0.1")
+        .env("HTTP_BIND", "127.0.0.1")
+        .env("DOMAIN_BASE", "Tunnels.Example.")
+        .env("STORAGE_TYPE", "json");
     let host = Host::start_with(&sb, config).await;
     assert!(sb.join("env-data").join("ssh_host_ed25519_key").exists());
 

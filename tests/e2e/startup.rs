@@ -85,12 +85,7 @@ async fn unknown_yaml_key_exits_2_naming_the_key() {
 async fn bad_port_environment_value_exits_2_naming_the_variable() {
     let sb = Sandbox::new();
     // Only the environment sets the ports here (flags would win over it).
-    let base = || HostConfig {
-        args: vec!["serve".into()],
-        env: vec![],
-        data_dir: sb.data_dir(),
-    }
-    .env("DATA_DIR", sb.data_dir().to_string_lossy());
+    let base = || HostConfig::env_only(&sb.data_dir());
     assert_config_error(&sb, base().env("SSH_SERVER_PORT", "70000").env("HTTP_PORT", "0"), &["SSH_SERVER_PORT", "70000"]).await;
     assert_config_error(&sb, base().env("SSH_SERVER_PORT", "0").env("HTTP_PORT", "eighty"), &["HTTP_PORT", "eighty"]).await;
     assert_config_error(&sb, base().env("SSH_SERVER_PORT", "0").env("HTTP_PORT", "0").env("STORAGE_TYPE", "mongo"), &["STORAGE_TYPE", "json"])
@@ -161,7 +156,8 @@ async fn host_key_is_generated_once_and_reused() {
     let sb = Sandbox::new();
     let key = sb.key("hk");
     let known_hosts = sb.join("pinned_known_hosts");
-    let mut host = Host::start(&sb).await;
+    // Cold: a data dir with nothing in it, as on a fresh machine.
+    let mut host = Host::start_with(&sb, HostConfig::flags(&sb.data_dir()).cold()).await;
     let key_file = sb.data_dir().join("ssh_host_ed25519_key");
     let original = std::fs::read(&key_file).expect("host key written on first start");
     let generated = logged_fingerprint(&host.log(), "generated SSH host key");

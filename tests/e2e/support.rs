@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Mutex, Once, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -18,10 +18,11 @@ pub use crate::backend::{Backend, pattern, pattern_sha256};
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_p0rt");
-/// How long p0rt may take to print both listening lines.
-pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long p0rt may take to print both listening lines (a cold start compiles the bundled
+/// WebAssembly plugins, which takes seconds in a debug build on a busy machine).
+pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default bound for "this should happen soon" waits.
-pub const WAIT: Duration = Duration::from_secs(10);
+pub const WAIT: Duration = Duration::from_secs(15);
 
 // ---------------------------------------------------------------------------------------------
 // Tools and sandboxes
@@ -183,6 +184,9 @@ pub struct HostConfig {
     pub env: Vec<(String, String)>,
     /// Data directory (for tests that inspect it; the args must point p0rt at it).
     pub data_dir: PathBuf,
+    /// Pre-fill `<data_dir>/plugin-cache` with the plugins compiled once per test run, so
+    /// each start does not recompile them (see [`warm_plugin_cache`]).
+    pub seed_plugin_cache: bool,
 }
 
 impl HostConfig {
@@ -199,7 +203,24 @@ impl HostConfig {
             args,
             env: Vec::new(),
             data_dir: data_dir.to_path_buf(),
+            seed_plugin_cache: true,
         }
+    }
+
+    /// `p0rt serve` configured by the environment only (no flags), data in `data_dir`.
+    pub fn env_only(data_dir: &Path) -> HostConfig {
+        HostConfig {
+            args: vec!["serve".into()],
+            env: vec![("DATA_DIR".into(), data_dir.to_string_lossy().into_owned())],
+            data_dir: data_dir.to_path_buf(),
+            seed_plugin_cache: true,
+        }
+    }
+
+    /// Start without a pre-filled plugin compile cache (a truly fresh data directory).
+    pub fn cold(mut self) -> Self {
+        self.seed_plugin_cache = false;
+        self
     }
 
     pub fn arg(mut self, arg: impl Into<String>) -> Self {
@@ -260,6 +281,9 @@ impl Host {
     }
 
     async fn spawn(&mut self) {
+        if self.config.seed_plugin_cache && self.runs == 0 {
+            seed_plugin_cache(&self.config.data_dir).await;
+        }
         self.runs += 1;
         self.log_path = self.workdir.join(format!("p0rt-{}-run{}.log", std::process::id(), self.runs));
         let log = std::fs::File::create(&self.log_path).expect("create host log");
@@ -451,6 +475,84 @@ impl Drop for Host {
             while !matches!(child.try_wait(), Ok(Some(_)) | Err(_)) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));
             }
+        }
+    }
+}
+
+/// Directory name of the plugin compile cache inside a data directory.
+const PLUGIN_CACHE_DIR: &str = "plugin-cache";
+
+/// Compiles the bundled plugins once per test process: starts p0rt on a template data dir
+/// (a real cold start), stops it, and returns its compile cache, or `None` if that failed
+/// (tests then start cold, just slower). Cache entries are named by plugin hash and engine,
+/// and written atomically by p0rt, so copying them into another data dir is safe.
+fn warm_plugin_cache() -> Option<PathBuf> {
+    static CACHE: OnceLock<Option<PathBuf>> = OnceLock::new();
+    CACHE
+        .get_or_init(|| {
+            let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
+            let prefix = "p0rt-e2e-template-";
+            // Remove templates of earlier runs whose process is gone.
+            if let Ok(entries) = std::fs::read_dir(root) {
+                for entry in entries.flatten() {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    if let Some(pid) = name.strip_prefix(prefix)
+                        && !Path::new("/proc").join(pid).exists()
+                    {
+                        let _ = std::fs::remove_dir_all(entry.path());
+                    }
+                }
+            }
+            let template = root.join(format!("{prefix}{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&template);
+            std::fs::create_dir_all(&template).ok()?;
+            let data = template.join("data");
+            let log_path = template.join("p0rt.log");
+            let log = std::fs::File::create(&log_path).ok()?;
+            let config = HostConfig::flags(&data);
+            let mut cmd = std::process::Command::new(BIN);
+            cmd.args(&config.args).current_dir(&template);
+            for var in p0rt::config::ENV_VARS {
+                cmd.env_remove(var);
+            }
+            cmd.env("RUST_LOG", "info").env("NO_COLOR", "1");
+            cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::from(log));
+            let mut child = cmd.spawn().ok()?;
+            let deadline = Instant::now() + STARTUP_TIMEOUT;
+            let started = loop {
+                let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+                if text.contains("http edge listening on ") {
+                    break true;
+                }
+                if Instant::now() >= deadline || matches!(child.try_wait(), Ok(Some(_))) {
+                    break false;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            let _ = child.kill();
+            let _ = child.wait();
+            let cache = data.join(PLUGIN_CACHE_DIR);
+            let has_entries = std::fs::read_dir(&cache)
+                .map(|mut d| d.any(|e| e.is_ok_and(|e| e.path().extension().is_some_and(|x| x == "cwasm"))))
+                .unwrap_or(false);
+            (started && has_entries).then_some(cache)
+        })
+        .clone()
+}
+
+/// Copies the warm compile cache (only finished `*.cwasm` entries) into `data_dir`.
+async fn seed_plugin_cache(data_dir: &Path) {
+    let Ok(Some(source)) = tokio::task::spawn_blocking(warm_plugin_cache).await else {
+        return;
+    };
+    let target = data_dir.join(PLUGIN_CACHE_DIR);
+    if target.exists() || std::fs::create_dir_all(&target).is_err() {
+        return;
+    }
+    for entry in std::fs::read_dir(&source).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|x| x == "cwasm") {
+            let _ = std::fs::copy(&path, target.join(entry.file_name()));
         }
     }
 }

@@ -166,6 +166,11 @@ impl domains::Host for PluginState {
     }
 }
 
+/// Control characters from a plugin never reach the log verbatim.
+fn printable(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { '\u{fffd}' } else { c }).collect()
+}
+
 fn clip(message: &str) -> &str {
     if message.len() <= MAX_LOG_LINE_BYTES {
         return message;
@@ -180,7 +185,7 @@ fn clip(message: &str) -> &str {
 impl log::Host for PluginState {
     async fn log(&mut self, level: log::Level, message: String) -> wasmtime::Result<()> {
         let plugin = &*self.plugin;
-        let message = clip(&message).escape_debug().to_string();
+        let message = printable(clip(&message));
         match level {
             log::Level::Debug => tracing::debug!(plugin, "{message}"),
             log::Level::Info => tracing::info!(plugin, "{message}"),
@@ -236,7 +241,7 @@ struct LineLogger {
 impl LineLogger {
     fn emit(&self, line: &[u8]) {
         let text = String::from_utf8_lossy(line);
-        tracing::info!(plugin = &*self.plugin, "{}: {}", self.stream, clip(text.trim_end()).escape_debug());
+        tracing::info!(plugin = &*self.plugin, "{}: {}", self.stream, printable(clip(text.trim_end())));
     }
 }
 

@@ -17,8 +17,10 @@ const WORDS_PER_NAME: usize = 3;
 
 struct Words;
 
-fn words() -> Vec<&'static str> {
-    WORD_LIST.lines().map(str::trim).filter(|w| !w.is_empty()).collect()
+/// Parsed once per instance; warm instances reuse it across calls.
+fn words() -> &'static [&'static str] {
+    static WORDS: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+    WORDS.get_or_init(|| WORD_LIST.lines().map(str::trim).filter(|w| !w.is_empty()).collect())
 }
 
 /// Same derivation as the host's built-in namer: 32-bit big-endian chunks of
