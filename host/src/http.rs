@@ -62,6 +62,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>) {
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_buf_size(MAX_HEADER_BYTES)
+        .max_header_size(MAX_HEADER_BYTES)
         .max_headers(MAX_HEADERS)
         .keep_alive(true);
     let builder = Arc::new(builder);
@@ -134,7 +135,7 @@ fn route(headers: &HeaderMap, uri: &Uri, domain: &str) -> Result<Target, &'stati
         .to_str()
         .ok()
         .and_then(|h| h.parse::<http::uri::Authority>().ok())
-        .filter(|a| !a.as_str().contains('@'))
+        .filter(|a| !a.as_str().contains('@') && has_valid_port(a))
         .ok_or("400 Bad Request: the Host header is malformed\n")?;
     if let Some(target) = uri.authority()
         && !target.host().eq_ignore_ascii_case(host.host())
@@ -154,6 +155,20 @@ fn route(headers: &HeaderMap, uri: &Uri, domain: &str) -> Result<Target, &'stati
         }
         _ => Ok(Target::Unknown),
     }
+}
+
+/// `http::uri::Authority` accepts any text after the last `:`; a Host port must be digits.
+fn has_valid_port(authority: &http::uri::Authority) -> bool {
+    let text = authority.as_str();
+    let after_host = match text.strip_prefix('[') {
+        Some(rest) => rest.split_once(']').map_or("", |(_, tail)| tail),
+        None => text.split_once(':').map_or("", |(_, port)| port),
+    };
+    let port = after_host.strip_prefix(':').unwrap_or(after_host);
+    if text.starts_with('[') && !after_host.is_empty() && !after_host.starts_with(':') {
+        return false;
+    }
+    port.is_empty() || (port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok())
 }
 
 async fn handle(req: Request<Incoming>, peer: SocketAddr, state: Arc<AppState>) -> Response<Body> {
@@ -491,6 +506,10 @@ mod tests {
         assert!(route(&headers(&["a.localhost", "b.localhost"]), &uri, "localhost").is_err());
         assert!(route(&headers(&["a b"]), &uri, "localhost").is_err());
         assert!(route(&headers(&["user@a.localhost"]), &uri, "localhost").is_err());
+        assert!(route(&headers(&["a.localhost:http"]), &uri, "localhost").is_err());
+        assert!(route(&headers(&["a.localhost:-1"]), &uri, "localhost").is_err());
+        assert!(route(&headers(&["a.localhost:99999"]), &uri, "localhost").is_err());
+        assert!(route(&headers(&["a.localhost:"]), &uri, "localhost").is_ok());
         let absolute = Uri::from_static("http://other.localhost/x");
         assert!(route(&headers(&["a.localhost"]), &absolute, "localhost").is_err());
     }

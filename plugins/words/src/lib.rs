@@ -8,7 +8,6 @@ use sha2::{Digest, Sha256};
 wit_bindgen::generate!({ path: "../../wit", world: "naming-plugin" });
 
 use exports::p0rt::policy::naming::{Guest as Naming, NamingDecision, NamingRequest};
-use p0rt::policy::domains;
 
 /// The host's word list, shared through the repository.
 const WORD_LIST: &str = include_str!("../../../host/src/naming/words.txt");
@@ -43,10 +42,8 @@ fn derive(ssh_key_hash: &str, attempt: u32) -> String {
 impl Naming for Words {
     fn choose_name(request: NamingRequest) -> NamingDecision {
         if let Some(label) = request.requested_label {
-            // Sub-names: approve any label that is not reserved on its own.
-            if domains::is_reserved(&label) {
-                return NamingDecision::Refuse(format!("the label {label:?} is reserved"));
-            }
+            // Sub-names are always `label-<own name>`, so they cannot collide with another
+            // key's three-word name: approve any label the host accepted.
             return NamingDecision::Name(label);
         }
         NamingDecision::Name(derive(&request.ssh_key_hash, request.attempt))
