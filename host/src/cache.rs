@@ -1,15 +1,20 @@
 //! The cache behind the plugins' `cache` interface, with the seed's verbs: get, set with TTL
 //! (default 3600 s), delete, exists, increment, expire.
 //!
-//! [`Cache`] is what callers use; today it is backed by [`MemoryCache`] (moka, per-entry TTL,
-//! bounded size). Its methods are async so a Redis backend can slot in behind the same calls.
+//! [`Cache`] is what callers use: Redis while Redis is healthy, falling back automatically to
+//! [`MemoryCache`] (moka, per-entry TTL, bounded size) when it is not, or when Redis is
+//! disabled (`ENABLE_REDIS=false`). A health checker pings Redis and switches back only after
+//! several good pings in a row, so a flapping Redis does not flip the cache on every request.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use moka::Expiry;
 use moka::ops::compute::Op;
+
+use crate::redis_link::{RedisLink, RedisOpError};
 
 /// TTL applied by `set` when the caller gives none (the seed's default).
 pub const DEFAULT_TTL: Duration = Duration::from_secs(3600);
@@ -139,10 +144,81 @@ impl MemoryCache {
     }
 }
 
-/// The cache as callers see it. Cloning shares the same data.
+/// Time allowed for one cache operation on Redis before falling back to memory.
+pub const REDIS_CACHE_OP_TIMEOUT: Duration = Duration::from_millis(150);
+/// How often the health checker pings Redis.
+pub const HEALTH_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+/// Time allowed for a health ping.
+pub const HEALTH_PING_TIMEOUT: Duration = Duration::from_millis(400);
+/// Successful pings in a row before the cache goes back to Redis (hysteresis: no flapping).
+pub const HEALTHY_AFTER_PINGS: u32 = 3;
+
+/// Adds `amount` and, if the counter has no TTL yet, sets one (one key: Cluster-safe).
+const INCREMENT_WITH_TTL: &str = r"
+local value = redis.call('INCRBY', KEYS[1], ARGV[1])
+if tonumber(ARGV[2]) > 0 and redis.call('TTL', KEYS[1]) == -1 then
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+end
+return value
+";
+
+/// What `/health/redis` reports (the seed's three shapes).
+#[derive(Clone, Debug, PartialEq)]
+pub enum RedisHealth {
+    Healthy { latency_ms: f64 },
+    Unhealthy { error: String },
+    Disabled,
+}
+
+struct RedisCache {
+    link: Arc<RedisLink>,
+    prefix: String,
+    /// Operations go to Redis only while this is set.
+    healthy: AtomicBool,
+    report: std::sync::Mutex<(RedisHealth, u32)>,
+}
+
+impl RedisCache {
+    fn key(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+
+    fn mark_unhealthy(&self, error: &RedisOpError) {
+        if self.healthy.swap(false, Ordering::AcqRel) {
+            tracing::warn!("redis cache unavailable ({error}); using the in-memory cache until it recovers");
+        }
+        let mut report = self.report.lock().unwrap_or_else(|p| p.into_inner());
+        *report = (RedisHealth::Unhealthy { error: error.to_string() }, 0);
+    }
+
+    fn note_ping(&self, result: Result<Duration, RedisOpError>) {
+        match result {
+            Ok(latency) => {
+                let mut report = self.report.lock().unwrap_or_else(|p| p.into_inner());
+                let streak = report.1.saturating_add(1);
+                let latency_ms = (latency.as_secs_f64() * 1000.0 * 100.0).round() / 100.0;
+                let was_healthy = self.healthy.load(Ordering::Acquire);
+                if was_healthy || streak >= HEALTHY_AFTER_PINGS {
+                    *report = (RedisHealth::Healthy { latency_ms }, streak);
+                    if !was_healthy {
+                        self.healthy.store(true, Ordering::Release);
+                        tracing::info!("redis cache is back ({latency_ms} ms); using it again");
+                    }
+                } else {
+                    report.1 = streak;
+                }
+            }
+            Err(e) => self.mark_unhealthy(&e),
+        }
+    }
+}
+
+/// The cache as callers see it: Redis while it is healthy, memory otherwise. Cloning shares
+/// the same data. Values written to memory during an outage stay there (they are caches).
 #[derive(Clone, Default)]
 pub struct Cache {
     memory: Arc<MemoryCache>,
+    redis: Option<Arc<RedisCache>>,
 }
 
 impl Cache {
@@ -150,28 +226,134 @@ impl Cache {
         Cache::default()
     }
 
+    /// A Redis-backed cache with in-memory fallback; keys are stored under `prefix`.
+    /// Starts the health checker, which also decides when to go back to Redis.
+    pub fn with_redis(link: Arc<RedisLink>, prefix: &str) -> Cache {
+        let redis = Arc::new(RedisCache {
+            link,
+            prefix: prefix.to_string(),
+            healthy: AtomicBool::new(false),
+            report: std::sync::Mutex::new((
+                RedisHealth::Unhealthy {
+                    error: "not checked yet".into(),
+                },
+                HEALTHY_AFTER_PINGS - 1,
+            )),
+        });
+        let weak = Arc::downgrade(&redis);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(HEALTH_CHECK_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(redis) = weak.upgrade() else { return };
+                let result = redis.link.ping(HEALTH_PING_TIMEOUT).await;
+                redis.note_ping(result);
+            }
+        });
+        Cache {
+            memory: Arc::new(MemoryCache::default()),
+            redis: Some(redis),
+        }
+    }
+
+    pub fn health(&self) -> RedisHealth {
+        match &self.redis {
+            None => RedisHealth::Disabled,
+            Some(redis) => redis.report.lock().unwrap_or_else(|p| p.into_inner()).0.clone(),
+        }
+    }
+
+    /// Redis, if it is configured and currently healthy.
+    fn live_redis(&self) -> Option<&RedisCache> {
+        self.redis
+            .as_deref()
+            .filter(|r| r.healthy.load(Ordering::Acquire))
+    }
+
+    async fn on_redis<T: redis::FromRedisValue>(&self, redis: &RedisCache, cmd: &redis::Cmd) -> Option<T> {
+        match redis.link.query(cmd, REDIS_CACHE_OP_TIMEOUT).await {
+            Ok(value) => Some(value),
+            Err(e) => {
+                redis.mark_unhealthy(&e);
+                None
+            }
+        }
+    }
+
     pub async fn get(&self, key: &str) -> Option<Bytes> {
+        if let Some(redis) = self.live_redis()
+            && let Some(value) = self
+                .on_redis::<Option<Vec<u8>>>(redis, redis::cmd("GET").arg(redis.key(key)))
+                .await
+        {
+            return value.map(Bytes::from);
+        }
         self.memory.get(key)
     }
 
     /// `ttl` `None` applies [`DEFAULT_TTL`].
     pub async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) {
-        self.memory.set(key, value, Some(ttl.unwrap_or(DEFAULT_TTL)));
+        let ttl = ttl.unwrap_or(DEFAULT_TTL);
+        if let Some(redis) = self.live_redis() {
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(redis.key(key)).arg(value.as_ref()).arg("PX").arg(ttl.as_millis().max(1) as u64);
+            if self.on_redis::<()>(redis, &cmd).await.is_some() {
+                return;
+            }
+        }
+        self.memory.set(key, value, Some(ttl));
     }
 
     pub async fn delete(&self, key: &str) -> bool {
+        if let Some(redis) = self.live_redis()
+            && let Some(n) = self.on_redis::<i64>(redis, redis::cmd("DEL").arg(redis.key(key))).await
+        {
+            return n > 0;
+        }
         self.memory.delete(key)
     }
 
     pub async fn exists(&self, key: &str) -> bool {
+        if let Some(redis) = self.live_redis()
+            && let Some(n) = self.on_redis::<i64>(redis, redis::cmd("EXISTS").arg(redis.key(key))).await
+        {
+            return n > 0;
+        }
         self.memory.exists(key)
     }
 
     pub async fn increment(&self, key: &str, amount: i64, ttl: Option<Duration>) -> Result<i64, CacheError> {
+        if let Some(redis) = self.live_redis() {
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(INCREMENT_WITH_TTL)
+                .arg(1)
+                .arg(redis.key(key))
+                .arg(amount)
+                .arg(ttl.map_or(0, |t| t.as_secs().max(1)));
+            match redis.link.query::<i64>(&cmd, REDIS_CACHE_OP_TIMEOUT).await {
+                Ok(value) => return Ok(value),
+                Err(RedisOpError::Other(text)) if text.contains("not an integer") || text.contains("overflow") => {
+                    return Err(if text.contains("overflow") {
+                        CacheError::Overflow { key: key.to_string() }
+                    } else {
+                        CacheError::NotAnInteger { key: key.to_string() }
+                    });
+                }
+                Err(e) => redis.mark_unhealthy(&e),
+            }
+        }
         self.memory.increment(key, amount, ttl)
     }
 
     pub async fn expire(&self, key: &str, ttl: Duration) -> bool {
+        if let Some(redis) = self.live_redis()
+            && let Some(n) = self
+                .on_redis::<i64>(redis, redis::cmd("PEXPIRE").arg(redis.key(key)).arg(ttl.as_millis().max(1) as u64))
+                .await
+        {
+            return n > 0;
+        }
         self.memory.expire(key, ttl)
     }
 }

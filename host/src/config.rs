@@ -22,6 +22,10 @@ pub const DEFAULT_DOMAIN: &str = "localhost";
 pub const DEFAULT_DATA_DIR: &str = "./data";
 /// File name of the generated ed25519 host key inside the data directory.
 pub const HOST_KEY_FILE_NAME: &str = "ssh_host_ed25519_key";
+/// Prefix of p0rt's Redis keys (the seed's layout: `p0rt:domain:{hash}`).
+pub const DEFAULT_REDIS_PREFIX: &str = "p0rt:";
+/// Domain records expire from Redis after this many days without a connection (P0rt: 365).
+pub const DEFAULT_REDIS_TTL_DAYS: u64 = 365;
 /// Directory scanned (and watched) for `*.wasm` plugins overriding the bundled ones.
 pub const DEFAULT_PLUGINS_DIR: &str = "./plugins";
 /// Redis URL used when Redis is selected but no URL is given (the seed's default).
@@ -104,9 +108,18 @@ pub struct Config {
     pub domain: String,
     pub storage: StorageKind,
     pub data_dir: PathBuf,
-    pub redis_url: String,
+    /// Redis URL; `None` means not configured (the cache then stays in memory unless the
+    /// store is Redis, which uses [`DEFAULT_REDIS_URL`]).
+    pub redis_url: Option<String>,
     pub redis_password: Option<Secret>,
-    pub redis_db: u32,
+    /// `None`: the URL's database (or 0).
+    pub redis_db: Option<u32>,
+    /// Prefix of every key p0rt writes to Redis (the seed's `p0rt:`).
+    pub redis_prefix: String,
+    /// TTL of domain records in Redis, refreshed on each connection.
+    pub redis_ttl_days: u64,
+    /// `false`: never use Redis for the cache (the seed's `ENABLE_REDIS`).
+    pub enable_redis: bool,
     /// Token that grants non-loopback clients access to `/domain-stats` (`Authorization: Bearer …`).
     pub admin_token: Option<Secret>,
     pub plugins_dir: PathBuf,
@@ -128,9 +141,12 @@ impl Default for Config {
             domain: DEFAULT_DOMAIN.to_string(),
             storage: StorageKind::Json,
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
-            redis_url: DEFAULT_REDIS_URL.to_string(),
+            redis_url: None,
             redis_password: None,
-            redis_db: 0,
+            redis_db: None,
+            redis_prefix: DEFAULT_REDIS_PREFIX.to_string(),
+            redis_ttl_days: DEFAULT_REDIS_TTL_DAYS,
+            enable_redis: true,
             admin_token: None,
             plugins_dir: PathBuf::from(DEFAULT_PLUGINS_DIR),
             plugins_enabled: true,
@@ -212,6 +228,9 @@ pub struct StorageLayer {
     pub redis_url: Option<String>,
     pub redis_password: Option<Secret>,
     pub redis_db: Option<u32>,
+    pub redis_prefix: Option<String>,
+    pub redis_ttl_days: Option<u64>,
+    pub enable_redis: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -265,6 +284,12 @@ pub struct ServeArgs {
     /// Redis database number [env: REDIS_DB] [default: 0]
     #[arg(long, value_name = "N")]
     pub redis_db: Option<u32>,
+    /// Prefix of p0rt's Redis keys [env: REDIS_PREFIX] [default: p0rt:]
+    #[arg(long, value_name = "PREFIX")]
+    pub redis_prefix: Option<String>,
+    /// Keep the cache in memory even if Redis is configured [env: ENABLE_REDIS=false]
+    #[arg(long)]
+    pub no_redis: bool,
     /// Directory of *.wasm policy plugins, watched for changes [env: PLUGINS_DIR] [default: ./plugins]
     #[arg(long, value_name = "DIR")]
     pub plugins_dir: Option<PathBuf>,
@@ -297,6 +322,9 @@ impl ServeArgs {
                 redis_url: self.redis_url.clone(),
                 redis_password: None,
                 redis_db: self.redis_db,
+                redis_prefix: self.redis_prefix.clone(),
+                redis_ttl_days: None,
+                enable_redis: self.no_redis.then_some(false),
             },
             admin: AdminLayer::default(),
             plugins: PluginsLayer {
@@ -326,6 +354,9 @@ pub const ENV_VARS: &[&str] = &[
     "ADMIN_TOKEN",
     "PLUGINS_DIR",
     "PLUGINS_ENABLED",
+    "ENABLE_REDIS",
+    "REDIS_PREFIX",
+    "REDIS_TTL_DAYS",
 ];
 
 fn parse_env<T: std::str::FromStr>(
@@ -405,6 +436,15 @@ pub fn env_layer(get: &dyn Fn(&str) -> Option<String>) -> Result<Layer, ConfigEr
     }
     if let Some(v) = get("ADMIN_TOKEN") {
         layer.admin.token = Some(Secret::new(v));
+    }
+    if let Some(v) = get("ENABLE_REDIS") {
+        layer.storage.enable_redis = Some(parse_env("ENABLE_REDIS", &v, "true or false")?);
+    }
+    if let Some(v) = get("REDIS_PREFIX") {
+        layer.storage.redis_prefix = Some(v);
+    }
+    if let Some(v) = get("REDIS_TTL_DAYS") {
+        layer.storage.redis_ttl_days = Some(parse_env("REDIS_TTL_DAYS", &v, "a number of days such as 365")?);
     }
     if let Some(v) = get("PLUGINS_DIR") {
         layer.plugins.dir = Some(PathBuf::from(v));
@@ -490,11 +530,18 @@ impl Config {
         set(&mut self.domain, domain.base);
         set(&mut self.storage, storage.kind);
         set(&mut self.data_dir, storage.data_dir);
-        set(&mut self.redis_url, storage.redis_url);
+        if storage.redis_url.is_some() {
+            self.redis_url = storage.redis_url;
+        }
         if storage.redis_password.is_some() {
             self.redis_password = storage.redis_password;
         }
-        set(&mut self.redis_db, storage.redis_db);
+        if storage.redis_db.is_some() {
+            self.redis_db = storage.redis_db;
+        }
+        set(&mut self.redis_prefix, storage.redis_prefix);
+        set(&mut self.redis_ttl_days, storage.redis_ttl_days);
+        set(&mut self.enable_redis, storage.enable_redis);
         if admin.token.is_some() {
             self.admin_token = admin.token;
         }
@@ -517,6 +564,19 @@ impl Config {
                 problem: "must not be empty".into(),
             });
         }
+        if self.redis_ttl_days == 0 {
+            return Err(ConfigError::Invalid {
+                key: "storage.redis_ttl_days",
+                problem: "must be at least 1 day".into(),
+            });
+        }
+        if let Some(url) = self.redis_url.clone().or_else(|| (self.storage == StorageKind::Redis).then(|| DEFAULT_REDIS_URL.to_string())) {
+            crate::redis_link::parse_target(&url, self.redis_password.as_ref().map(Secret::expose), self.redis_db)
+                .map_err(|e| ConfigError::Invalid {
+                    key: "storage.redis_url",
+                    problem: e.to_string(),
+                })?;
+        }
         if let Some(token) = &self.admin_token
             && token.expose().len() < MIN_ADMIN_TOKEN_LEN
         {
@@ -526,6 +586,15 @@ impl Config {
             });
         }
         Ok(())
+    }
+
+    /// The Redis URL to use, if Redis is used at all (store, or cache when enabled).
+    pub fn redis_url_in_use(&self) -> Option<String> {
+        match (&self.redis_url, self.storage) {
+            (Some(url), _) => Some(url.clone()),
+            (None, StorageKind::Redis) => Some(DEFAULT_REDIS_URL.to_string()),
+            (None, StorageKind::Json) => None,
+        }
     }
 
     /// Public URL of a tunnel name, e.g. `http://whale-guitar-fox.localhost:8080`.

@@ -26,6 +26,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
+use crate::cache::RedisHealth;
 use crate::plugins::{RateDecision, RequestFacts};
 use crate::server::AppState;
 use crate::tunnels::Tunnel;
@@ -276,6 +277,7 @@ async fn known_offline(state: &AppState, name: &str) -> bool {
 async fn base_endpoint(req: &Request<Incoming>, peer: SocketAddr, state: &AppState) -> Response<Body> {
     match req.uri().path() {
         "/health" => full(StatusCode::OK, "text/plain; charset=utf-8", "ok\n"),
+        "/health/redis" => redis_health(state, admin_allowed(req.headers(), peer, state)),
         "/domain-stats" => {
             if !admin_allowed(req.headers(), peer, state) {
                 return error_page(
@@ -305,6 +307,41 @@ async fn base_endpoint(req: &Request<Incoming>, peer: SocketAddr, state: &AppSta
         ),
         _ => not_found(),
     }
+}
+
+/// The seed's `/health/redis` shapes. Error details (which may name hosts) only go to
+/// loopback or admin clients.
+fn redis_health(state: &AppState, detailed: bool) -> Response<Body> {
+    // Field order as in the seed's examples.
+    #[derive(serde::Serialize)]
+    struct Shape<'a> {
+        status: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        latency_ms: Option<f64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+        message: &'a str,
+    }
+    let (status, shape) = match state.cache.health() {
+        RedisHealth::Healthy { latency_ms } => (
+            StatusCode::OK,
+            Shape { status: "healthy", latency_ms: Some(latency_ms), error: None, message: "Redis connection is healthy" },
+        ),
+        RedisHealth::Unhealthy { error } => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Shape {
+                status: "unhealthy",
+                latency_ms: None,
+                error: Some(if detailed { error } else { "connection failed".to_string() }),
+                message: "Redis connection failed",
+            },
+        ),
+        RedisHealth::Disabled => (
+            StatusCode::OK,
+            Shape { status: "disabled", latency_ms: None, error: None, message: "Redis is not available or not configured" },
+        ),
+    };
+    full(status, "application/json", serde_json::to_vec(&shape).unwrap_or_default())
 }
 
 fn admin_allowed(headers: &HeaderMap, peer: SocketAddr, state: &AppState) -> bool {

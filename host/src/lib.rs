@@ -16,6 +16,7 @@ pub mod config;
 pub mod http;
 pub mod naming;
 pub mod plugins;
+pub mod redis_link;
 pub mod server;
 pub mod ssh;
 pub mod store;

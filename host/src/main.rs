@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
-use p0rt::config::{Config, ServeArgs};
+use p0rt::config::{Config, ServeArgs, StorageKind};
 use p0rt::plugins::{Role, tools};
 
 /// Self-hosted SSH reverse-tunnel host.
@@ -28,6 +28,14 @@ struct Cli {
 enum Command {
     /// Run the host (the default when no command is given)
     Serve(ServeArgs),
+    /// Copy domain records between domains.json and Redis (idempotent; prints counts)
+    Migrate {
+        /// Where the records go: `redis` (from <data-dir>/domains.json) or `json` (from Redis)
+        #[arg(long, value_name = "STORE")]
+        to: StorageKind,
+        #[command(flatten)]
+        settings: ServeArgs,
+    },
     /// Tools for policy plugins (WebAssembly components)
     #[command(subcommand)]
     Plugin(PluginCommand),
@@ -75,6 +83,40 @@ enum PluginCommand {
 /// Exit code for configuration errors (same as for bad command-line flags).
 const EXIT_CONFIG: u8 = 2;
 
+fn run_migrate(to: StorageKind, settings: ServeArgs) -> ExitCode {
+    let config = match Config::load(&settings, &|var| std::env::var(var).ok()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("p0rt: configuration error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("p0rt: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(p0rt::store::migrate::run(&config, to)) {
+        Ok(report) => {
+            println!("{report}");
+            if report.conflicts.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        }
+        Err(e) => exit_for(&e),
+    }
+}
+
+/// Exit code for a failed run: 2 when the operator's settings are at fault, 1 otherwise.
+fn exit_for(e: &anyhow::Error) -> ExitCode {
+    eprintln!("p0rt: {e:#}");
+    if e.downcast_ref::<p0rt::server::SettingsError>().is_some() {
+        ExitCode::from(EXIT_CONFIG)
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
 fn run_plugin_command(command: PluginCommand) -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -120,6 +162,7 @@ fn main() -> ExitCode {
     let args = match cli.command {
         Some(Command::Serve(args)) => args,
         Some(Command::Plugin(command)) => return run_plugin_command(command),
+        Some(Command::Migrate { to, settings }) => return run_migrate(to, settings),
         None => cli.serve,
     };
     let config = match Config::load(&args, &|var| std::env::var(var).ok()) {
@@ -138,9 +181,6 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(p0rt::server::run(config)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("p0rt: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => exit_for(&e),
     }
 }

@@ -8,8 +8,10 @@ use tokio::net::TcpListener;
 use crate::cache::Cache;
 use crate::config::{Config, StorageKind};
 use crate::plugins::{PluginOptions, PolicyPlugins};
-use crate::store::DomainStore;
-use crate::store::json::JsonStore;
+use crate::redis_link::{RedisLink, RedisOpError, parse_target};
+use crate::store::json::{DOMAINS_FILE_NAME, JsonStore, lock_data_dir};
+use crate::store::redis::RedisStore;
+use crate::store::{DomainStore, migrate};
 use crate::tunnels::Registry;
 
 /// Subdirectory of the data directory holding compiled plugins.
@@ -28,25 +30,85 @@ pub struct AppState {
     pub http_port: u16,
 }
 
-/// Runs the host until SIGINT/SIGTERM or a fatal error.
-pub async fn run(config: Config) -> anyhow::Result<()> {
-    let store: Arc<dyn DomainStore> = match config.storage {
-        StorageKind::Json => {
+/// A startup failure caused by the operator's settings (exit code 2, like a config error).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SettingsError(pub String);
+
+/// Connects to the configured Redis and checks it answers. A refused password or an unknown
+/// master is a settings error; an unreachable server is only a warning (it may come back).
+pub async fn connect_redis(config: &Config, url: &str) -> anyhow::Result<Arc<RedisLink>> {
+    let target = parse_target(url, config.redis_password.as_ref().map(|s| s.expose()), config.redis_db)
+        .map_err(|e| SettingsError(e.to_string()))?;
+    let link = RedisLink::new(target, url);
+    match link.check().await {
+        Ok(latency) => tracing::info!("redis at {} answers ({} µs)", link.display, latency.as_micros()),
+        Err(e @ RedisOpError::Auth(_)) => {
+            return Err(SettingsError(format!("redis at {}: {e}", link.display)).into());
+        }
+        Err(e) => tracing::warn!(
+            "redis at {} is unreachable ({e}); starting anyway: live tunnels keep routing, keys seen \
+             before keep their names, new keys are refused until it returns",
+            link.display
+        ),
+    }
+    Ok(link)
+}
+
+/// The data-directory lock held while the store is open (JSON keeps its own).
+pub enum DirLock {
+    InStore,
+    Held(std::fs::File),
+}
+
+/// Opens the configured domain store.
+pub async fn open_store(config: &Config, link: Option<&Arc<RedisLink>>) -> anyhow::Result<(Arc<dyn DomainStore>, DirLock)> {
+    match (config.storage, link) {
+        (StorageKind::Json, _) => {
             let store = JsonStore::open(&config.data_dir)?;
             tracing::info!(
                 "domain store: {} ({} records)",
-                config.data_dir.join(crate::store::json::DOMAINS_FILE_NAME).display(),
+                config.data_dir.join(DOMAINS_FILE_NAME).display(),
                 store.len()
             );
             store.spawn_flusher();
-            store
+            Ok((store, DirLock::InStore))
         }
-        StorageKind::Redis => anyhow::bail!(
-            "STORAGE_TYPE=redis is not available in this build yet; use STORAGE_TYPE=json"
-        ),
+        (StorageKind::Redis, Some(link)) => {
+            let lock = lock_data_dir(&config.data_dir)?;
+            let store = RedisStore::new(link.clone(), &config.redis_prefix, config.redis_ttl_days);
+            tracing::info!("domain store: redis at {} (keys {}domain:*)", link.display, config.redis_prefix);
+            // The seed promises domain data is preserved when switching from JSON to Redis.
+            let file = config.data_dir.join(DOMAINS_FILE_NAME);
+            if file.exists() && matches!(store.is_empty().await, Ok(true)) {
+                match migrate::json_file_into(&config.data_dir, store.as_ref()).await {
+                    Ok(report) => tracing::info!("redis had no domains; imported {}: {report}", file.display()),
+                    Err(e) => tracing::error!("could not import {} into redis: {e}", file.display()),
+                }
+            }
+            Ok((store, DirLock::Held(lock)))
+        }
+        (StorageKind::Redis, None) => Err(SettingsError("STORAGE_TYPE=redis needs a Redis URL".into()).into()),
+    }
+}
+
+/// Runs the host until SIGINT/SIGTERM or a fatal error.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    // rustls (Redis over TLS) needs a process-wide crypto provider; a second install is harmless.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let link = match config.redis_url_in_use() {
+        Some(url) if config.storage == StorageKind::Redis || config.enable_redis => Some(connect_redis(&config, &url).await?),
+        _ => None,
+    };
+    let (store, _lock) = open_store(&config, link.as_ref()).await?;
+    let cache = match (&link, config.enable_redis) {
+        (Some(link), true) => {
+            tracing::info!("cache: redis at {} with in-memory fallback", link.display);
+            Cache::with_redis(link.clone(), &config.redis_prefix)
+        }
+        _ => Cache::in_memory(),
     };
     let host_key = crate::ssh::load_or_create_host_key(&config.host_key)?;
-    let cache = Cache::in_memory();
     let plugins = PolicyPlugins::start(
         PluginOptions {
             dir: Some(config.plugins_dir.clone()),

@@ -278,18 +278,19 @@ impl Connection {
         self.state.config.public_url(name, self.state.http_port)
     }
 
-    async fn info_text(&mut self) -> String {
+    /// The `info` answer, and whether the key has a name.
+    async fn info_text(&mut self) -> (String, bool) {
         let fingerprint = self
             .key
             .as_ref()
             .map(|k| k.fingerprint.clone())
             .unwrap_or_default();
         match self.main_name().await {
-            Ok(name) => format!(
-                "name: {name}\nurl:  {}\nkey:  {fingerprint}\n",
-                self.url(&name)
+            Ok(name) => (
+                format!("name: {name}\nurl:  {}\nkey:  {fingerprint}\n", self.url(&name)),
+                true,
             ),
-            Err(e) => format!("p0rt: no name available for key {fingerprint}: {e}\n"),
+            Err(e) => (format!("p0rt: no name available for key {fingerprint}: {e}\n"), false),
         }
     }
 
@@ -552,7 +553,10 @@ impl russh::server::Handler for Connection {
         session.channel_success(channel)?;
         if self.forwards.is_empty() {
             // Nothing to keep open for: show who the key is and how to start a tunnel.
-            let mut text = self.info_text().await;
+            let (mut text, named) = self.info_text().await;
+            if !named {
+                return finish_command(session, channel, &text, 1, self.pty);
+            }
             text.push_str(&format!(
                 "No tunnel requested. Start one with: ssh -p {} -R 80:localhost:3000 {}\n",
                 self.state.ssh_port, self.state.config.domain
@@ -576,8 +580,8 @@ impl russh::server::Handler for Connection {
         let command = String::from_utf8_lossy(data);
         match command.trim() {
             "info" => {
-                let text = self.info_text().await;
-                finish_command(session, channel, &text, 0, self.pty)
+                let (text, named) = self.info_text().await;
+                finish_command(session, channel, &text, if named { 0 } else { 1 }, self.pty)
             }
             other => {
                 let text = format!("p0rt: unknown command {other:?}; the only command is `info`\n");

@@ -76,7 +76,7 @@ pub enum NamingError {
     Exhausted,
     #[error("the naming policy refused this key: {0}")]
     Refused(String),
-    #[error("the domain store is unavailable, so no name can be given right now: {0}")]
+    #[error("no name can be given right now ({0}); try again shortly")]
     Store(#[from] StoreError),
 }
 

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use super::{Claim, DAY_SECS, DomainRecord, DomainStats, DomainStore, StoreError};
+use super::{Claim, DAY_SECS, DomainRecord, DomainStats, DomainStore, Import, StoreError};
 
 /// File name of the store inside the data directory (P0rt's name).
 pub const DOMAINS_FILE_NAME: &str = "domains.json";
@@ -88,6 +88,45 @@ fn format_time(secs: i64) -> String {
         .ok()
         .and_then(|t| t.format(&Rfc3339).ok())
         .unwrap_or_else(|| "1970-01-01T00:00:00Z".to_string())
+}
+
+/// Reads the records of a `domains.json` without opening it as a store (no lock, no writes).
+pub fn read_records(path: &Path) -> Result<Vec<DomainRecord>, StoreError> {
+    let text = std::fs::read_to_string(path).map_err(|source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let indexes = parse_domains(&text).map_err(|detail| StoreError::Corrupt {
+        path: path.to_path_buf(),
+        detail,
+    })?;
+    Ok(indexes.by_key.into_values().collect())
+}
+
+/// Takes the data directory lock, held as long as the returned file lives.
+pub fn lock_data_dir(dir: &Path) -> Result<File, StoreError> {
+    std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let lock_path = dir.join(LOCK_FILE_NAME);
+    let lock = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .map_err(|source| StoreError::Io {
+            path: lock_path.clone(),
+            source,
+        })?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Locked {
+            dir: dir.to_path_buf(),
+            lock: lock_path,
+        }),
+        Err(std::fs::TryLockError::Error(source)) => Err(StoreError::Io { path: lock_path, source }),
+    }
 }
 
 /// Parses `domains.json` text into indexes, rejecting anything that is not P0rt's shape
@@ -176,36 +215,7 @@ impl JsonStore {
     /// Opens (or starts) the store in `dir`, taking the directory lock.
     /// A missing file is an empty store; an unreadable one is an error and is left as it is.
     pub fn open(dir: &Path) -> Result<Arc<JsonStore>, StoreError> {
-        let io = |source| StoreError::Io {
-            path: dir.to_path_buf(),
-            source,
-        };
-        std::fs::create_dir_all(dir).map_err(io)?;
-        let lock_path = dir.join(LOCK_FILE_NAME);
-        let lock = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .map_err(|source| StoreError::Io {
-                path: lock_path.clone(),
-                source,
-            })?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(StoreError::Locked {
-                    dir: dir.to_path_buf(),
-                    lock: lock_path,
-                });
-            }
-            Err(std::fs::TryLockError::Error(source)) => {
-                return Err(StoreError::Io {
-                    path: lock_path,
-                    source,
-                });
-            }
-        }
+        let lock = lock_data_dir(dir)?;
         let path = dir.join(DOMAINS_FILE_NAME);
         let indexes = match std::fs::read(&path) {
             Ok(bytes) => {
@@ -353,6 +363,35 @@ impl DomainStore for JsonStore {
             active_last_7d: since(7 * DAY_SECS),
             storage_type: "json",
         })
+    }
+
+    async fn all_records(&self) -> Result<Vec<DomainRecord>, StoreError> {
+        let mut records: Vec<DomainRecord> = self.lock().by_key.values().cloned().collect();
+        records.sort_by(|a, b| a.ssh_key_hash.cmp(&b.ssh_key_hash));
+        Ok(records)
+    }
+
+    async fn import(&self, record: &DomainRecord) -> Result<Import, StoreError> {
+        {
+            let mut idx = self.lock();
+            if let Some(existing) = idx.by_key.get(&record.ssh_key_hash) {
+                return Ok(if existing.domain == record.domain {
+                    Import::AlreadyPresent
+                } else {
+                    Import::Conflict(format!(
+                        "key {} is {} here but {} in the source",
+                        record.ssh_key_hash, existing.domain, record.domain
+                    ))
+                });
+            }
+            if let Some(owner) = idx.by_domain.get(&record.domain) {
+                return Ok(Import::Conflict(format!("{} belongs to key {owner} here", record.domain)));
+            }
+            idx.by_domain.insert(record.domain.clone(), record.ssh_key_hash.clone());
+            idx.by_key.insert(record.ssh_key_hash.clone(), record.clone());
+        }
+        self.dirty.store(true, Ordering::Release);
+        Ok(Import::Imported)
     }
 
     async fn flush(&self) -> Result<(), StoreError> {

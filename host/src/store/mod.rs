@@ -5,6 +5,8 @@
 //! is the embedded default.
 
 pub mod json;
+pub mod migrate;
+pub mod redis;
 
 use std::path::PathBuf;
 
@@ -30,6 +32,17 @@ pub enum Claim {
     AlreadyOwned(DomainRecord),
     /// The name belongs to another key; nothing was changed.
     Taken,
+}
+
+/// Outcome of [`DomainStore::import`] (migration).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Import {
+    /// Written as it was in the source.
+    Imported,
+    /// The same binding was already there.
+    AlreadyPresent,
+    /// The key or the name is bound differently here; nothing was changed.
+    Conflict(String),
 }
 
 /// Figures for `/domain-stats` (the seed's shape).
@@ -77,6 +90,10 @@ pub trait DomainStore: Send + Sync {
     async fn touch(&self, ssh_key_hash: &str, now: i64) -> Result<Option<DomainRecord>, StoreError>;
     /// Counts for `/domain-stats`.
     async fn stats(&self, now: i64) -> Result<DomainStats, StoreError>;
+    /// Every record (migration, export).
+    async fn all_records(&self) -> Result<Vec<DomainRecord>, StoreError>;
+    /// Adds a record as it is (timestamps and counts kept), unless it conflicts.
+    async fn import(&self, record: &DomainRecord) -> Result<Import, StoreError>;
     /// Writes anything still pending (called on shutdown).
     async fn flush(&self) -> Result<(), StoreError>;
     /// `"json"` or `"redis"`.

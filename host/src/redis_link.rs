@@ -1,0 +1,509 @@
+//! Connections to Redis for the domain store and the cache.
+//!
+//! Accepts every URL form of the seed: `redis://host:port`, `redis://:password@host:port`,
+//! `redis://host:port/1`, `rediss://…` (TLS), `redis-sentinel://s1:26379,s2:26379/mymaster`
+//! and a comma-separated node list for Redis Cluster (`redis://n1:6379,n2:6379,n3:6379`).
+//! `REDIS_PASSWORD` and `REDIS_DB` apply on top of the URL.
+//!
+//! Every operation has a timeout, so a slow or hung Redis never stalls a caller for long.
+//! A broken connection is dropped and re-made on the next use, at most once per
+//! [`RECONNECT_BACKOFF`]; under Sentinel, re-making it asks the sentinels for the current
+//! master, which is how a failover is followed.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, FromRedisValue, IntoConnectionInfo, Pipeline, RedisFuture, Value};
+
+/// Time allowed to open a connection (and, under Sentinel, to find the master).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
+/// Pause between reconnection attempts while Redis is unreachable; callers fail fast meanwhile.
+pub const RECONNECT_BACKOFF: Duration = Duration::from_millis(250);
+/// Keys fetched per `SCAN` step.
+pub const SCAN_BATCH: usize = 1000;
+
+/// Where Redis is, parsed from the URL plus `REDIS_PASSWORD` / `REDIS_DB`.
+#[derive(Clone)]
+pub enum RedisTarget {
+    Standalone(redis::ConnectionInfo),
+    Sentinel {
+        sentinels: Vec<String>,
+        master: String,
+        password: Option<String>,
+        db: i64,
+        tls: bool,
+    },
+    Cluster {
+        nodes: Vec<String>,
+        password: Option<String>,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedisSetupError {
+    #[error("REDIS_URL {url}: {problem}")]
+    BadUrl { url: String, problem: String },
+}
+
+/// Why a Redis operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RedisOpError {
+    #[error("redis did not answer within {} ms", .0.as_millis())]
+    Timeout(Duration),
+    #[error("redis is unreachable: {0}")]
+    Unreachable(String),
+    #[error("redis refused the credentials: {0} (check REDIS_PASSWORD or the URL's password)")]
+    Auth(String),
+    #[error("unexpected data at {key}: {detail}")]
+    WrongType { key: String, detail: String },
+    #[error("redis error: {0}")]
+    Other(String),
+}
+
+/// `redis://user:secret@host` → `redis://user:****@host`, for logs and messages.
+pub fn mask_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or("", |(user, _)| user);
+            format!("{scheme}://{user}:****@{host}")
+        }
+        None => url.to_string(),
+    }
+}
+
+fn bad_url(url: &str, problem: impl Into<String>) -> RedisSetupError {
+    RedisSetupError::BadUrl {
+        url: mask_url(url),
+        problem: problem.into(),
+    }
+}
+
+/// Splits `user:pass@h1:p1,h2:p2/path` into (password, hosts, path).
+fn split_authority(rest: &str) -> (Option<String>, &str, &str) {
+    let (userinfo, tail) = match rest.rsplit_once('@') {
+        Some((userinfo, tail)) => (Some(userinfo), tail),
+        None => (None, rest),
+    };
+    let password = userinfo
+        .and_then(|u| u.split_once(':').map(|(_, p)| p.to_string()))
+        .filter(|p| !p.is_empty());
+    let (hosts, path) = tail.split_once('/').unwrap_or((tail, ""));
+    (password, hosts, path)
+}
+
+fn check_hosts(url: &str, hosts: &str) -> Result<Vec<String>, RedisSetupError> {
+    let list: Vec<String> = hosts.split(',').map(|h| h.trim().to_string()).collect();
+    for host in &list {
+        let (name, port) = host
+            .rsplit_once(':')
+            .ok_or_else(|| bad_url(url, format!("node {host:?} needs a port, as host:port")))?;
+        if name.is_empty() || port.parse::<u16>().is_err() {
+            return Err(bad_url(url, format!("node {host:?} is not host:port")));
+        }
+    }
+    Ok(list)
+}
+
+/// Parses a Redis URL. `password` and `db` (from `REDIS_PASSWORD` / `REDIS_DB`) override the URL's.
+pub fn parse_target(url: &str, password: Option<&str>, db: Option<u32>) -> Result<RedisTarget, RedisSetupError> {
+    let url = url.trim();
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| bad_url(url, "expected redis://, rediss:// or redis-sentinel://"))?;
+    match scheme {
+        "redis-sentinel" | "rediss-sentinel" => {
+            let (url_password, hosts, path) = split_authority(rest);
+            let sentinels = check_hosts(url, hosts)?;
+            let mut parts = path.split('/').filter(|p| !p.is_empty());
+            let master = parts
+                .next()
+                .ok_or_else(|| bad_url(url, "name the master after the sentinels: redis-sentinel://s1:26379,s2:26379/mymaster"))?
+                .to_string();
+            let url_db = match parts.next() {
+                Some(n) => n.parse::<i64>().map_err(|_| bad_url(url, format!("database {n:?} is not a number")))?,
+                None => 0,
+            };
+            Ok(RedisTarget::Sentinel {
+                sentinels,
+                master,
+                password: password.map(str::to_string).or(url_password),
+                db: db.map(i64::from).unwrap_or(url_db),
+                tls: scheme == "rediss-sentinel",
+            })
+        }
+        "redis" | "rediss" => {
+            let (url_password, hosts, path) = split_authority(rest);
+            if hosts.contains(',') {
+                let nodes = check_hosts(url, hosts)?;
+                if !path.is_empty() && path != "0" || db.is_some_and(|d| d != 0) {
+                    return Err(bad_url(url, "Redis Cluster has only database 0; drop the /db part and REDIS_DB"));
+                }
+                return Ok(RedisTarget::Cluster {
+                    nodes: nodes.into_iter().map(|n| format!("{scheme}://{n}")).collect(),
+                    password: password.map(str::to_string).or(url_password),
+                });
+            }
+            let mut info = url
+                .into_connection_info()
+                .map_err(|e| bad_url(url, e.to_string()))?;
+            let mut settings = info.redis_settings().clone();
+            if let Some(password) = password {
+                settings = settings.set_password(password);
+            }
+            if let Some(db) = db {
+                settings = settings.set_db(i64::from(db));
+            }
+            info = info.set_redis_settings(settings);
+            Ok(RedisTarget::Standalone(info))
+        }
+        other => Err(bad_url(url, format!("unknown scheme {other:?}; expected redis://, rediss:// or redis-sentinel://"))),
+    }
+}
+
+/// One live connection, to a single server or to a cluster.
+#[derive(Clone)]
+enum Conn {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(&'a mut self, cmd: &'a Pipeline, offset: usize, count: usize) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct LinkState {
+    conn: Option<Conn>,
+    retry_at: Option<Instant>,
+    last_error: Option<RedisOpError>,
+}
+
+/// A self-healing connection to Redis, shared by everything that talks to it.
+pub struct RedisLink {
+    target: RedisTarget,
+    /// The URL with its password masked, for messages.
+    pub display: String,
+    state: tokio::sync::Mutex<LinkState>,
+}
+
+fn classify(e: &redis::RedisError) -> RedisOpError {
+    let text = e.to_string();
+    match e.code() {
+        Some("WRONGPASS") | Some("NOAUTH") => return RedisOpError::Auth(text),
+        Some("WRONGTYPE") => {
+            return RedisOpError::WrongType {
+                key: String::new(),
+                detail: text,
+            };
+        }
+        _ => {}
+    }
+    if e.kind() == redis::ErrorKind::AuthenticationFailed {
+        return RedisOpError::Auth(text);
+    }
+    if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_unrecoverable_error() {
+        return RedisOpError::Unreachable(text);
+    }
+    RedisOpError::Other(text)
+}
+
+/// True if the connection should be dropped and made again (includes a demoted master,
+/// which answers READONLY after a Sentinel failover).
+fn needs_reconnect(e: &redis::RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_unrecoverable_error()
+        || e.is_timeout()
+        || e.code() == Some("READONLY")
+        || e.code() == Some("MASTERDOWN")
+}
+
+impl RedisLink {
+    pub fn new(target: RedisTarget, display_url: &str) -> Arc<RedisLink> {
+        Arc::new(RedisLink {
+            target,
+            display: mask_url(display_url),
+            state: tokio::sync::Mutex::new(LinkState::default()),
+        })
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.target, RedisTarget::Cluster { .. })
+    }
+
+    async fn connect(&self) -> Result<Conn, RedisOpError> {
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(CONNECT_TIMEOUT));
+        let err = |e: redis::RedisError| classify(&e);
+        match &self.target {
+            RedisTarget::Standalone(info) => {
+                let client = redis::Client::open(info.clone()).map_err(err)?;
+                Ok(Conn::Single(client.get_multiplexed_async_connection_with_config(&config).await.map_err(err)?))
+            }
+            RedisTarget::Sentinel {
+                sentinels,
+                master,
+                password,
+                db,
+                tls,
+            } => {
+                let addrs: Vec<redis::ConnectionAddr> = sentinels
+                    .iter()
+                    .filter_map(|s| {
+                        let (host, port) = s.rsplit_once(':')?;
+                        Some(redis::ConnectionAddr::Tcp(host.to_string(), port.parse().ok()?))
+                    })
+                    .collect();
+                let mut builder = redis::sentinel::SentinelClientBuilder::new(
+                    addrs,
+                    master.clone(),
+                    redis::sentinel::SentinelServerType::Master,
+                )
+                .map_err(err)?
+                .set_client_to_redis_db(*db);
+                if let Some(password) = password {
+                    builder = builder.set_client_to_redis_password(password);
+                }
+                if *tls {
+                    builder = builder.set_client_to_redis_tls_mode(redis::TlsMode::Secure);
+                }
+                let mut sentinel = builder.build().map_err(err)?;
+                let client = sentinel.async_get_client().await.map_err(err)?;
+                Ok(Conn::Single(client.get_multiplexed_async_connection_with_config(&config).await.map_err(err)?))
+            }
+            RedisTarget::Cluster { nodes, password } => {
+                let mut builder = redis::cluster::ClusterClient::builder(nodes.clone())
+                    .connection_timeout(CONNECT_TIMEOUT)
+                    .response_timeout(CONNECT_TIMEOUT)
+                    .retries(1);
+                if let Some(password) = password {
+                    builder = builder.password(password.clone());
+                }
+                let client = builder.build().map_err(err)?;
+                Ok(Conn::Cluster(client.get_async_connection().await.map_err(err)?))
+            }
+        }
+    }
+
+    /// The current connection, making one if needed (at most once per backoff period).
+    async fn connection(&self) -> Result<Conn, RedisOpError> {
+        let mut state = self.state.lock().await;
+        if let Some(conn) = &state.conn {
+            return Ok(conn.clone());
+        }
+        if let Some(retry_at) = state.retry_at
+            && Instant::now() < retry_at
+        {
+            return Err(state
+                .last_error
+                .clone()
+                .unwrap_or_else(|| RedisOpError::Unreachable("reconnecting".into())));
+        }
+        let result = match tokio::time::timeout(CONNECT_TIMEOUT * 2, self.connect()).await {
+            Ok(result) => result,
+            Err(_) => Err(RedisOpError::Timeout(CONNECT_TIMEOUT * 2)),
+        };
+        match result {
+            Ok(conn) => {
+                state.conn = Some(conn.clone());
+                state.retry_at = None;
+                state.last_error = None;
+                Ok(conn)
+            }
+            Err(e) => {
+                state.retry_at = Some(Instant::now() + RECONNECT_BACKOFF);
+                state.last_error = Some(e.clone());
+                Err(e)
+            }
+        }
+    }
+
+    async fn drop_connection(&self) {
+        let mut state = self.state.lock().await;
+        state.conn = None;
+    }
+
+    /// Runs one command with a timeout.
+    pub async fn query<T: FromRedisValue>(&self, cmd: &Cmd, timeout: Duration) -> Result<T, RedisOpError> {
+        let mut conn = self.connection().await?;
+        match tokio::time::timeout(timeout, cmd.query_async::<T>(&mut conn)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => {
+                if needs_reconnect(&e) {
+                    self.drop_connection().await;
+                }
+                Err(classify(&e))
+            }
+            Err(_) => {
+                self.drop_connection().await;
+                Err(RedisOpError::Timeout(timeout))
+            }
+        }
+    }
+
+    /// Runs a pipeline with a timeout. In a cluster its keys may live on different nodes.
+    pub async fn query_pipeline<T: FromRedisValue>(&self, pipe: &Pipeline, timeout: Duration) -> Result<T, RedisOpError> {
+        let mut conn = self.connection().await?;
+        match tokio::time::timeout(timeout, pipe.query_async::<T>(&mut conn)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => {
+                if needs_reconnect(&e) {
+                    self.drop_connection().await;
+                }
+                Err(classify(&e))
+            }
+            Err(_) => {
+                self.drop_connection().await;
+                Err(RedisOpError::Timeout(timeout))
+            }
+        }
+    }
+
+    /// `PING`, returning the round-trip time.
+    pub async fn ping(&self, timeout: Duration) -> Result<Duration, RedisOpError> {
+        let started = Instant::now();
+        let _: String = self.query(&redis::cmd("PING"), timeout).await?;
+        Ok(started.elapsed())
+    }
+
+    /// Every key matching `pattern` (all masters of a cluster), via `SCAN`.
+    pub async fn scan(&self, pattern: &str, timeout: Duration) -> Result<Vec<String>, RedisOpError> {
+        match &self.target {
+            RedisTarget::Cluster { password, .. } => {
+                let nodes: String = self.query(&redis::cmd("CLUSTER").arg("NODES"), timeout).await?;
+                let mut keys = Vec::new();
+                for line in nodes.lines() {
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    if fields.len() < 3 || !fields[2].split(',').any(|f| f == "master") || fields[2].contains("fail") {
+                        continue;
+                    }
+                    let addr = fields[1].split('@').next().unwrap_or("");
+                    let mut info = format!("redis://{addr}")
+                        .into_connection_info()
+                        .map_err(|e| RedisOpError::Other(e.to_string()))?;
+                    if let Some(password) = password {
+                        let settings = info.redis_settings().clone().set_password(password);
+                        info = info.set_redis_settings(settings);
+                    }
+                    let client = redis::Client::open(info).map_err(|e| classify(&e))?;
+                    let config = redis::AsyncConnectionConfig::new()
+                        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                        .set_response_timeout(Some(timeout));
+                    let mut conn = Conn::Single(
+                        client
+                            .get_multiplexed_async_connection_with_config(&config)
+                            .await
+                            .map_err(|e| classify(&e))?,
+                    );
+                    keys.extend(scan_one(&mut conn, pattern, timeout).await?);
+                }
+                Ok(keys)
+            }
+            _ => {
+                let mut conn = self.connection().await?;
+                scan_one(&mut conn, pattern, timeout).await
+            }
+        }
+    }
+
+    /// Opens a connection now, to report a bad URL or password at startup.
+    pub async fn check(&self) -> Result<Duration, RedisOpError> {
+        self.ping(CONNECT_TIMEOUT * 2).await
+    }
+}
+
+async fn scan_one(conn: &mut Conn, pattern: &str, timeout: Duration) -> Result<Vec<String>, RedisOpError> {
+    let mut keys = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let mut cmd = redis::cmd("SCAN");
+        cmd.arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(SCAN_BATCH);
+        let (next, batch): (u64, Vec<String>) = match tokio::time::timeout(timeout, cmd.query_async(conn)).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => return Err(classify(&e)),
+            Err(_) => return Err(RedisOpError::Timeout(timeout)),
+        };
+        keys.extend(batch);
+        if next == 0 {
+            return Ok(keys);
+        }
+        cursor = next;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_passwords() {
+        assert_eq!(mask_url("redis://:hunter2@h:6379/1"), "redis://:****@h:6379/1");
+        assert_eq!(mask_url("redis://u:p@h:1"), "redis://u:****@h:1");
+        assert_eq!(mask_url("redis://h:1"), "redis://h:1");
+    }
+
+    #[test]
+    fn parses_every_seed_form() {
+        assert!(matches!(parse_target("redis://localhost:6379", None, None), Ok(RedisTarget::Standalone(_))));
+        let Ok(RedisTarget::Standalone(info)) = parse_target("redis://:pw@localhost:6379/1", None, None) else {
+            panic!()
+        };
+        assert_eq!(info.redis_settings().password(), Some("pw"));
+        assert_eq!(info.redis_settings().db(), 1);
+        let Ok(RedisTarget::Standalone(info)) = parse_target("redis://:pw@localhost:6379/1", Some("env"), Some(3)) else {
+            panic!()
+        };
+        assert_eq!(info.redis_settings().password(), Some("env"));
+        assert_eq!(info.redis_settings().db(), 3);
+        let Ok(RedisTarget::Sentinel { sentinels, master, .. }) =
+            parse_target("redis-sentinel://s1:26379,s2:26379/mymaster", None, None)
+        else {
+            panic!()
+        };
+        assert_eq!((sentinels.len(), master.as_str()), (2, "mymaster"));
+        let Ok(RedisTarget::Cluster { nodes, .. }) = parse_target("redis://n1:6379,n2:6379,n3:6379", None, None) else {
+            panic!()
+        };
+        assert_eq!(nodes, vec!["redis://n1:6379", "redis://n2:6379", "redis://n3:6379"]);
+    }
+
+    #[test]
+    fn bad_urls_name_the_problem_without_the_password() {
+        for (url, needle) in [
+            ("http://:secret@h:1", "unknown scheme"),
+            ("redis-sentinel://:secret@s1:26379", "name the master"),
+            ("redis://:secret@n1:6379,n2", "host:port"),
+            ("redis://:secret@n1:1,n2:2/3", "only database 0"),
+            ("localhost:6379", "expected redis://"),
+        ] {
+            let e = parse_target(url, None, None).err().unwrap().to_string();
+            assert!(e.contains(needle), "{url}: {e}");
+            assert!(!e.contains("secret"), "{url}: {e}");
+        }
+    }
+}
