@@ -147,12 +147,16 @@ impl RedisStore {
             .cmd("EXPIRE")
             .arg(&key)
             .arg(self.ttl_secs)
-            .ignore()
-            .cmd("EXPIRE")
-            .arg(self.reverse_key(&record.domain))
-            .arg(self.ttl_secs)
             .ignore();
-        self.link.query_pipeline::<()>(&pipe, STORE_OP_TIMEOUT).await
+        // One key per pipeline: on Cluster the record and its reverse key live in different slots.
+        self.link.query_pipeline::<()>(&pipe, STORE_OP_TIMEOUT).await?;
+        self.refresh_reverse_ttl(&record.domain).await
+    }
+
+    async fn refresh_reverse_ttl(&self, domain: &str) -> Result<(), RedisOpError> {
+        let mut cmd = redis::cmd("EXPIRE");
+        cmd.arg(self.reverse_key(domain)).arg(self.ttl_secs);
+        self.link.query::<i64>(&cmd, STORE_OP_TIMEOUT).await.map(|_| ())
     }
 
     async fn release_reverse(&self, domain: &str, ssh_key_hash: &str) {
@@ -245,10 +249,20 @@ impl DomainStore for RedisStore {
             }
         }
         let record_key = self.record_key(ssh_key_hash);
-        let first: Result<i64, RedisOpError> = self
+        let mut first: Result<i64, RedisOpError> = self
             .link
             .query(redis::cmd("HSETNX").arg(&record_key).arg("domain").arg(domain), STORE_OP_TIMEOUT)
             .await;
+        if let Err(RedisOpError::WrongType { detail, .. }) = &first {
+            // The record key is p0rt's by layout and unreadable as a record: treat it as
+            // missing. Replace it (logged), since this key's name must live exactly there.
+            tracing::warn!("redis key {record_key} has the wrong type ({detail}); replacing it with this key's record");
+            let _: Result<i64, _> = self.link.query(redis::cmd("DEL").arg(&record_key), STORE_OP_TIMEOUT).await;
+            first = self
+                .link
+                .query(redis::cmd("HSETNX").arg(&record_key).arg("domain").arg(domain), STORE_OP_TIMEOUT)
+                .await;
+        }
         match first {
             Ok(1) => {}
             Ok(_) => {
@@ -311,12 +325,14 @@ impl DomainStore for RedisStore {
             .cmd("EXPIRE")
             .arg(&key)
             .arg(self.ttl_secs)
-            .ignore()
-            .cmd("EXPIRE")
-            .arg(self.reverse_key(&record.domain))
-            .arg(self.ttl_secs)
             .ignore();
-        let updated = match self.link.query_pipeline::<(u64,)>(&pipe, STORE_OP_TIMEOUT).await {
+        let counted = self.link.query_pipeline::<(u64,)>(&pipe, STORE_OP_TIMEOUT).await;
+        if counted.is_ok()
+            && let Err(e) = self.refresh_reverse_ttl(&record.domain).await
+        {
+            tracing::warn!("could not refresh the TTL of {}: {e}", self.reverse_key(&record.domain));
+        }
+        let updated = match counted {
             Ok((use_count,)) => DomainRecord {
                 last_seen: now.max(record.last_seen),
                 use_count,
