@@ -395,7 +395,7 @@ impl RedisLink {
     pub async fn scan(&self, pattern: &str, timeout: Duration) -> Result<Vec<String>, RedisOpError> {
         match &self.target {
             RedisTarget::Cluster { password, .. } => {
-                let nodes: String = self.query(&redis::cmd("CLUSTER").arg("NODES"), timeout).await?;
+                let nodes: String = self.query(redis::cmd("CLUSTER").arg("NODES"), timeout).await?;
                 let mut keys = Vec::new();
                 for line in nodes.lines() {
                     let fields: Vec<&str> = line.split_whitespace().collect();

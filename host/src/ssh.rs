@@ -360,12 +360,18 @@ impl Connection {
             port,
             self.output.clone(),
         ));
-        if let Some(old) = self.state.registry.register(tunnel)
-            && old.session_id != self.id
-        {
-            tracing::info!("{name}: taken over by a new connection from {}", self.peer);
-            old.output
-                .line(format!("p0rt: {name} is now served by a newer connection of this key"));
+        match self.state.registry.register(tunnel) {
+            Ok(Some(old)) if old.session_id != self.id => {
+                tracing::info!("{name}: taken over by a new connection from {}", self.peer);
+                old.output
+                    .line(format!("p0rt: {name} is now served by a newer connection of this key"));
+            }
+            Ok(_) => {}
+            Err(_) => {
+                tracing::warn!("{name}: refused for {}, another key serves it", self.peer);
+                self.refuse(format!("refused -R {address}:{port}: {name} is served by another key"));
+                return false;
+            }
         }
         if !self.forwards.contains(&name) {
             self.forwards.push(name.clone());

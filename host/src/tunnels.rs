@@ -148,9 +148,17 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Serves `tunnel.name` with `tunnel` from now on; returns the tunnel it displaced.
-    pub fn register(&self, tunnel: Arc<Tunnel>) -> Option<Arc<Tunnel>> {
-        self.write().insert(tunnel.name.clone(), tunnel)
+    /// Serves `tunnel.name` with `tunnel` from now on and returns the tunnel it displaced
+    /// (a reconnect of the same key). A live tunnel of another key is never displaced:
+    /// `Err` returns it and nothing changes.
+    pub fn register(&self, tunnel: Arc<Tunnel>) -> Result<Option<Arc<Tunnel>>, Arc<Tunnel>> {
+        let mut map = self.write();
+        if let Some(current) = map.get(&tunnel.name)
+            && current.owner != tunnel.owner
+        {
+            return Err(current.clone());
+        }
+        Ok(map.insert(tunnel.name.clone(), tunnel))
     }
 
     /// Removes `name` only if `session_id` still serves it.

@@ -8,6 +8,13 @@ mod support;
 
 mod edge_errors;
 mod names;
+mod plugins;
 mod refusals;
 mod startup;
 mod traffic;
+
+// Real redis-server processes (standalone, sentinel, cluster); requires redis-server.
+mod redis_support;
+mod redis_harness;
+mod redis;
+mod robustness;

@@ -80,6 +80,41 @@ pub enum NamingError {
     Store(#[from] StoreError),
 }
 
+/// True if `candidate` lies in another key's sub-name space: `label-<their name>` for some
+/// stored name of a different key. Such a name would shadow that key's sub-names.
+async fn in_foreign_subname_space(
+    store: &dyn DomainStore,
+    candidate: &str,
+    ssh_key_hash: &str,
+) -> Result<bool, StoreError> {
+    let mut rest = candidate;
+    while let Some((_, suffix)) = rest.split_once('-') {
+        if let Some(owner) = store.owner_of(suffix).await?
+            && owner != ssh_key_hash
+        {
+            return Ok(true);
+        }
+        rest = suffix;
+    }
+    Ok(false)
+}
+
+/// Claims `candidate` for the key unless it is taken or in another key's sub-name space.
+async fn try_claim(
+    store: &dyn DomainStore,
+    ssh_key_hash: &str,
+    candidate: &str,
+    now: i64,
+) -> Result<Option<String>, NamingError> {
+    if is_reserved(candidate) || in_foreign_subname_space(store, candidate, ssh_key_hash).await? {
+        return Ok(None);
+    }
+    match store.claim(ssh_key_hash, candidate, now).await? {
+        Claim::Claimed(record) | Claim::AlreadyOwned(record) => Ok(Some(record.domain)),
+        Claim::Taken => Ok(None),
+    }
+}
+
 /// The key's name: its stored record if it has one (noting the connection), otherwise the
 /// first candidate the store lets it claim. Candidates come from the naming plugin; if it
 /// fails, or all its candidates are taken, from the built-in namer.
@@ -106,17 +141,15 @@ pub async fn assign_name(
                 NameChoice::Refused(reason) => return Err(NamingError::Refused(reason)),
                 NameChoice::Fallback(_) => break,
             };
-            match store.claim(ssh_key_hash, &candidate, now).await? {
-                Claim::Claimed(record) | Claim::AlreadyOwned(record) => return Ok(record.domain),
-                Claim::Taken => continue,
+            if let Some(name) = try_claim(store, ssh_key_hash, &candidate, now).await? {
+                return Ok(name);
             }
         }
     }
     for attempt in 0..MAX_NAME_ATTEMPTS {
         let candidate = builtin_name(ssh_key_hash, attempt);
-        match store.claim(ssh_key_hash, &candidate, now).await? {
-            Claim::Claimed(record) | Claim::AlreadyOwned(record) => return Ok(record.domain),
-            Claim::Taken => continue,
+        if let Some(name) = try_claim(store, ssh_key_hash, &candidate, now).await? {
+            return Ok(name);
         }
     }
     Err(NamingError::Exhausted)

@@ -73,7 +73,7 @@ pub enum PluginError {
     Engine(String),
     #[error("file is {size} bytes, over the {} byte limit for plugins", runtime::MAX_PLUGIN_BYTES)]
     TooLarge { size: usize },
-    #[error("not a valid WebAssembly component: {0}")]
+    #[error("cannot be compiled (not a valid component, or over the host's limits): {0}")]
     Compile(String),
     #[error("needs imports the host does not provide (plugins get only p0rt:policy and an empty WASI): {0}")]
     Link(String),
@@ -504,6 +504,10 @@ impl PolicyPlugins {
         let mut files = self.files.lock().await;
         let paths = self.dir.as_deref().map(plugin_files).unwrap_or_default();
         files.retain(|path, _| paths.contains(path));
+        self.last_errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|path, _| paths.contains(path));
         for path in &paths {
             let spec = match read_plugin_file(path) {
                 Ok(spec) => spec,
@@ -656,7 +660,12 @@ impl PolicyPlugins {
             Some(plugin) => {
                 let choice = decide_name(&plugin, input, false).await;
                 if let NameChoice::Fallback(reason) = &choice {
-                    tracing::warn!("naming falls back to the built-in namer: {reason}");
+                    // A benched plugin was reported when it was benched; don't repeat it per call.
+                    if plugin.benched().is_some() {
+                        tracing::debug!("naming falls back to the built-in namer: {reason}");
+                    } else {
+                        tracing::warn!("naming falls back to the built-in namer: {reason}");
+                    }
                 }
                 choice
             }
@@ -672,6 +681,9 @@ impl PolicyPlugins {
         if let Some(plugin) = self.active(Role::RateLimit) {
             match decide_rate(&plugin, facts, false).await {
                 Ok(decision) => return decision,
+                Err(e @ PluginError::Benched(_)) => {
+                    tracing::debug!("rate limiting falls back to the built-in limiter: plugin {}: {e}", plugin.id())
+                }
                 Err(e) => tracing::warn!("rate limiting falls back to the built-in limiter: plugin {}: {e}", plugin.id()),
             }
         }
