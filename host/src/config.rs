@@ -120,6 +120,8 @@ pub struct Config {
     pub redis_ttl_days: u64,
     /// `false`: never use Redis for the cache (the seed's `ENABLE_REDIS`).
     pub enable_redis: bool,
+    /// PEM CA certificate trusted for `rediss://` (instead of the system roots).
+    pub redis_ca_cert: Option<PathBuf>,
     /// Token that grants non-loopback clients access to `/domain-stats` (`Authorization: Bearer …`).
     pub admin_token: Option<Secret>,
     pub plugins_dir: PathBuf,
@@ -147,6 +149,7 @@ impl Default for Config {
             redis_prefix: DEFAULT_REDIS_PREFIX.to_string(),
             redis_ttl_days: DEFAULT_REDIS_TTL_DAYS,
             enable_redis: true,
+            redis_ca_cert: None,
             admin_token: None,
             plugins_dir: PathBuf::from(DEFAULT_PLUGINS_DIR),
             plugins_enabled: true,
@@ -231,6 +234,7 @@ pub struct StorageLayer {
     pub redis_prefix: Option<String>,
     pub redis_ttl_days: Option<u64>,
     pub enable_redis: Option<bool>,
+    pub redis_ca_cert: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -287,6 +291,9 @@ pub struct ServeArgs {
     /// Prefix of p0rt's Redis keys [env: REDIS_PREFIX] [default: p0rt:]
     #[arg(long, value_name = "PREFIX")]
     pub redis_prefix: Option<String>,
+    /// PEM CA certificate to trust for rediss:// [env: REDIS_CA_CERT] [default: system roots]
+    #[arg(long, value_name = "FILE")]
+    pub redis_ca_cert: Option<PathBuf>,
     /// Keep the cache in memory even if Redis is configured [env: ENABLE_REDIS=false]
     #[arg(long)]
     pub no_redis: bool,
@@ -325,6 +332,7 @@ impl ServeArgs {
                 redis_prefix: self.redis_prefix.clone(),
                 redis_ttl_days: None,
                 enable_redis: self.no_redis.then_some(false),
+                redis_ca_cert: self.redis_ca_cert.clone(),
             },
             admin: AdminLayer::default(),
             plugins: PluginsLayer {
@@ -357,6 +365,7 @@ pub const ENV_VARS: &[&str] = &[
     "ENABLE_REDIS",
     "REDIS_PREFIX",
     "REDIS_TTL_DAYS",
+    "REDIS_CA_CERT",
 ];
 
 fn parse_env<T: std::str::FromStr>(
@@ -445,6 +454,9 @@ pub fn env_layer(get: &dyn Fn(&str) -> Option<String>) -> Result<Layer, ConfigEr
     }
     if let Some(v) = get("REDIS_TTL_DAYS") {
         layer.storage.redis_ttl_days = Some(parse_env("REDIS_TTL_DAYS", &v, "a number of days such as 365")?);
+    }
+    if let Some(v) = get("REDIS_CA_CERT") {
+        layer.storage.redis_ca_cert = Some(PathBuf::from(v));
     }
     if let Some(v) = get("PLUGINS_DIR") {
         layer.plugins.dir = Some(PathBuf::from(v));
@@ -542,6 +554,9 @@ impl Config {
         set(&mut self.redis_prefix, storage.redis_prefix);
         set(&mut self.redis_ttl_days, storage.redis_ttl_days);
         set(&mut self.enable_redis, storage.enable_redis);
+        if storage.redis_ca_cert.is_some() {
+            self.redis_ca_cert = storage.redis_ca_cert;
+        }
         if admin.token.is_some() {
             self.admin_token = admin.token;
         }

@@ -56,6 +56,8 @@ pub enum RedisOpError {
     Unreachable(String),
     #[error("redis refused the credentials: {0} (check REDIS_PASSWORD or the URL's password)")]
     Auth(String),
+    #[error("cannot set up the connection: {0} (check the URL and, for rediss://, REDIS_CA_CERT)")]
+    Config(String),
     #[error("unexpected data at {key}: {detail}")]
     WrongType { key: String, detail: String },
     #[error("redis error: {0}")]
@@ -205,6 +207,8 @@ struct LinkState {
 /// A self-healing connection to Redis, shared by everything that talks to it.
 pub struct RedisLink {
     target: RedisTarget,
+    /// PEM root certificate(s) trusted for `rediss://`, instead of the system's.
+    ca_cert: Option<Vec<u8>>,
     /// The URL with its password masked, for messages.
     pub display: String,
     state: tokio::sync::Mutex<LinkState>,
@@ -225,6 +229,9 @@ fn classify(e: &redis::RedisError) -> RedisOpError {
     if e.kind() == redis::ErrorKind::AuthenticationFailed {
         return RedisOpError::Auth(text);
     }
+    if e.kind() == redis::ErrorKind::InvalidClientConfig || text.contains("certificate") {
+        return RedisOpError::Config(text);
+    }
     if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_unrecoverable_error() {
         return RedisOpError::Unreachable(text);
     }
@@ -243,11 +250,19 @@ fn needs_reconnect(e: &redis::RedisError) -> bool {
 }
 
 impl RedisLink {
-    pub fn new(target: RedisTarget, display_url: &str) -> Arc<RedisLink> {
+    pub fn new(target: RedisTarget, display_url: &str, ca_cert: Option<Vec<u8>>) -> Arc<RedisLink> {
         Arc::new(RedisLink {
             target,
+            ca_cert,
             display: mask_url(display_url),
             state: tokio::sync::Mutex::new(LinkState::default()),
+        })
+    }
+
+    fn certificates(&self) -> Option<redis::TlsCertificates> {
+        self.ca_cert.as_ref().map(|pem| redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem.clone()),
         })
     }
 
@@ -262,7 +277,10 @@ impl RedisLink {
         let err = |e: redis::RedisError| classify(&e);
         match &self.target {
             RedisTarget::Standalone(info) => {
-                let client = redis::Client::open(info.clone()).map_err(err)?;
+                let client = match self.certificates() {
+                    Some(certs) => redis::Client::build_with_tls(info.clone(), certs).map_err(err)?,
+                    None => redis::Client::open(info.clone()).map_err(err)?,
+                };
                 Ok(Conn::Single(client.get_multiplexed_async_connection_with_config(&config).await.map_err(err)?))
             }
             RedisTarget::Sentinel {
@@ -291,6 +309,9 @@ impl RedisLink {
                 }
                 if *tls {
                     builder = builder.set_client_to_redis_tls_mode(redis::TlsMode::Secure);
+                    if let Some(certs) = self.certificates() {
+                        builder = builder.set_client_to_redis_certificates(certs);
+                    }
                 }
                 let mut sentinel = builder.build().map_err(err)?;
                 let client = sentinel.async_get_client().await.map_err(err)?;
@@ -303,6 +324,12 @@ impl RedisLink {
                     .retries(1);
                 if let Some(password) = password {
                     builder = builder.password(password.clone());
+                }
+                if nodes.iter().any(|n| n.starts_with("rediss://")) {
+                    builder = builder.tls(redis::TlsMode::Secure);
+                    if let Some(certs) = self.certificates() {
+                        builder = builder.certs(certs);
+                    }
                 }
                 let client = builder.build().map_err(err)?;
                 Ok(Conn::Cluster(client.get_async_connection().await.map_err(err)?))

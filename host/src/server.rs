@@ -40,10 +40,16 @@ pub struct SettingsError(pub String);
 pub async fn connect_redis(config: &Config, url: &str) -> anyhow::Result<Arc<RedisLink>> {
     let target = parse_target(url, config.redis_password.as_ref().map(|s| s.expose()), config.redis_db)
         .map_err(|e| SettingsError(e.to_string()))?;
-    let link = RedisLink::new(target, url);
+    let ca_cert = match &config.redis_ca_cert {
+        Some(path) => Some(std::fs::read(path).map_err(|e| {
+            SettingsError(format!("cannot read REDIS_CA_CERT {}: {e}", path.display()))
+        })?),
+        None => None,
+    };
+    let link = RedisLink::new(target, url, ca_cert);
     match link.check().await {
         Ok(latency) => tracing::info!("redis at {} answers ({} µs)", link.display, latency.as_micros()),
-        Err(e @ RedisOpError::Auth(_)) => {
+        Err(e @ (RedisOpError::Auth(_) | RedisOpError::Config(_))) => {
             return Err(SettingsError(format!("redis at {}: {e}", link.display)).into());
         }
         Err(e) => tracing::warn!(

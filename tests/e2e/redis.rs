@@ -481,3 +481,60 @@ async fn enable_redis_false_keeps_the_cache_in_memory() {
     let (_, body) = health(&host).await;
     assert_eq!(body["status"], "disabled", "{body}");
 }
+
+/// A CA and a server certificate for 127.0.0.1, as PEM (ca, server cert, server key).
+fn private_ca() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let server_key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params.subject_alt_names.push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    let server = params.signed_by(&server_key, &ca, &ca_key).unwrap();
+    (ca.pem(), server.pem(), server_key.serialize_pem())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rediss_with_a_private_ca() {
+    require_tools();
+    require_redis();
+    let sandbox = Sandbox::new();
+    let (ca, cert, key) = private_ca();
+    let dir = sandbox.join("tls-certs");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, pem) in [("ca.pem", &ca), ("cert.pem", &cert), ("key.pem", &key)] {
+        std::fs::write(dir.join(name), pem).unwrap();
+    }
+    let port = crate::support::free_port();
+    let mut server = tokio::process::Command::new("redis-server")
+        .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args(["--tls-cert-file", "cert.pem", "--tls-key-file", "key.pem", "--tls-ca-cert-file", "ca.pem", "--tls-auth-clients", "no"])
+        .current_dir(&dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("redis-server");
+    let started = Instant::now();
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        assert!(started.elapsed() < Duration::from_secs(10), "TLS redis-server did not listen");
+        assert!(server.try_wait().unwrap().is_none(), "redis-server exited: is it built with TLS?");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let url = format!("rediss://127.0.0.1:{port}");
+
+    // Without the CA, the server's certificate is not trusted: a settings error, exit 2.
+    let (code, stderr) = run_host_to_exit(&sandbox, &redis_host(&sandbox, &url), Duration::from_secs(20)).await;
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("certificate") && stderr.contains("REDIS_CA_CERT"), "{stderr}");
+
+    // With it, names work over TLS.
+    let config = redis_host(&sandbox, &url).env("REDIS_CA_CERT", dir.join("ca.pem").to_string_lossy());
+    let host = Host::start_with(&sandbox, config).await;
+    let key = sandbox.key("tls");
+    let name = host.info(&sandbox, &key).await.name;
+    assert_eq!(host.info(&sandbox, &key).await.name, name);
+    wait_health(&host, "healthy", Duration::from_secs(5)).await;
+}
