@@ -255,10 +255,14 @@ fn not_found() -> Response<Body> {
     )
 }
 
+/// Store lookups spent deciding between 404 and 503 for one request: a crafted name with
+/// many hyphens must not turn one request into dozens of Redis round trips.
+const MAX_OFFLINE_LOOKUPS: usize = 4;
+
 /// Is `name` a stored main name, or a sub-name (`label-<main name>`) of one?
 async fn known_offline(state: &AppState, name: &str) -> bool {
     let mut candidate = name;
-    loop {
+    for _ in 0..MAX_OFFLINE_LOOKUPS {
         match state.store.owner_of(candidate).await {
             Ok(Some(_)) => return true,
             Ok(None) => {}
@@ -272,6 +276,7 @@ async fn known_offline(state: &AppState, name: &str) -> bool {
             None => return false,
         }
     }
+    false
 }
 
 async fn base_endpoint(req: &Request<Incoming>, peer: SocketAddr, state: &AppState) -> Response<Body> {
