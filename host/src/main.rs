@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use p0rt::config::{Config, ServeArgs, StorageKind};
 use p0rt::plugins::{Role, tools};
 
-/// Self-hosted SSH reverse-tunnel host.
+/// Self-hosted SSH reverse-tunnel host whose policies are WebAssembly plugins.
 ///
 /// Users run stock OpenSSH, `ssh -p 2222 -R 80:localhost:3000 <host>`, and get a stable
 /// public name such as http://whale-guitar-fox.<domain> bound to their SSH key.
