@@ -84,19 +84,9 @@ enum PluginCommand {
 const EXIT_CONFIG: u8 = 2;
 
 fn run_migrate(to: StorageKind, settings: ServeArgs) -> ExitCode {
-    let config = match Config::load(&settings, &|var| std::env::var(var).ok()) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("p0rt: configuration error: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("p0rt: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let (config, runtime) = match prepare(&settings) {
+        Ok(ready) => ready,
+        Err(code) => return code,
     };
     match runtime.block_on(p0rt::store::migrate::run(&config, to)) {
         Ok(report) => {
@@ -105,6 +95,23 @@ fn run_migrate(to: StorageKind, settings: ServeArgs) -> ExitCode {
         }
         Err(e) => exit_for(&e),
     }
+}
+
+/// The configuration (from flags and the environment) and a runtime to run with it.
+fn prepare(args: &ServeArgs) -> Result<(Config, tokio::runtime::Runtime), ExitCode> {
+    let config = Config::load(args, &|var| std::env::var(var).ok()).map_err(|e| {
+        eprintln!("p0rt: configuration error: {e}");
+        ExitCode::from(EXIT_CONFIG)
+    })?;
+    let runtime = async_runtime().ok_or(ExitCode::FAILURE)?;
+    Ok((config, runtime))
+}
+
+/// The tokio runtime, or `None` after saying why it could not start.
+fn async_runtime() -> Option<tokio::runtime::Runtime> {
+    tokio::runtime::Runtime::new()
+        .map_err(|e| eprintln!("p0rt: cannot start the async runtime: {e}"))
+        .ok()
 }
 
 /// Exit code for a failed run: 2 when the operator's settings are at fault, 1 otherwise.
@@ -118,12 +125,8 @@ fn exit_for(e: &anyhow::Error) -> ExitCode {
 }
 
 fn run_plugin_command(command: PluginCommand) -> ExitCode {
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("p0rt: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = async_runtime() else {
+        return ExitCode::FAILURE;
     };
     let result = runtime.block_on(async {
         match command {
@@ -165,19 +168,9 @@ fn main() -> ExitCode {
         Some(Command::Migrate { to, settings }) => return run_migrate(to, settings),
         None => cli.serve,
     };
-    let config = match Config::load(&args, &|var| std::env::var(var).ok()) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("p0rt: configuration error: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("p0rt: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let (config, runtime) = match prepare(&args) {
+        Ok(ready) => ready,
+        Err(code) => return code,
     };
     match runtime.block_on(p0rt::server::run(config)) {
         Ok(()) => ExitCode::SUCCESS,

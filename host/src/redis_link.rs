@@ -378,25 +378,24 @@ impl RedisLink {
     /// Runs one command with a timeout.
     pub async fn query<T: FromRedisValue>(&self, cmd: &Cmd, timeout: Duration) -> Result<T, RedisOpError> {
         let mut conn = self.connection().await?;
-        match tokio::time::timeout(timeout, cmd.query_async::<T>(&mut conn)).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => {
-                if needs_reconnect(&e) {
-                    self.drop_connection().await;
-                }
-                Err(classify(&e))
-            }
-            Err(_) => {
-                self.drop_connection().await;
-                Err(RedisOpError::Timeout(timeout))
-            }
-        }
+        let outcome = tokio::time::timeout(timeout, cmd.query_async::<T>(&mut conn)).await;
+        self.settle(outcome, timeout).await
     }
 
-    /// Runs a pipeline with a timeout. In a cluster its keys may live on different nodes.
+    /// Runs a pipeline with a timeout. On Cluster all its keys must share a slot.
     pub async fn query_pipeline<T: FromRedisValue>(&self, pipe: &Pipeline, timeout: Duration) -> Result<T, RedisOpError> {
         let mut conn = self.connection().await?;
-        match tokio::time::timeout(timeout, pipe.query_async::<T>(&mut conn)).await {
+        let outcome = tokio::time::timeout(timeout, pipe.query_async::<T>(&mut conn)).await;
+        self.settle(outcome, timeout).await
+    }
+
+    /// Maps a command's outcome, dropping the connection when it is no longer usable.
+    async fn settle<T>(
+        &self,
+        outcome: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
+        timeout: Duration,
+    ) -> Result<T, RedisOpError> {
+        match outcome {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => {
                 if needs_reconnect(&e) {

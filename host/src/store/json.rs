@@ -375,14 +375,7 @@ impl DomainStore for JsonStore {
         {
             let mut idx = self.lock();
             if let Some(existing) = idx.by_key.get(&record.ssh_key_hash) {
-                return Ok(if existing.domain == record.domain {
-                    Import::AlreadyPresent
-                } else {
-                    Import::Conflict(format!(
-                        "key {} is {} here but {} in the source",
-                        record.ssh_key_hash, existing.domain, record.domain
-                    ))
-                });
+                return Ok(Import::against_existing(existing, record));
             }
             if let Some(owner) = idx.by_domain.get(&record.domain) {
                 return Ok(Import::Conflict(format!("{} belongs to key {owner} here", record.domain)));

@@ -45,6 +45,20 @@ pub enum Import {
     Conflict(String),
 }
 
+impl Import {
+    /// What importing `record` means when the destination already has `existing` for its key.
+    pub fn against_existing(existing: &DomainRecord, record: &DomainRecord) -> Import {
+        if existing.domain == record.domain {
+            Import::AlreadyPresent
+        } else {
+            Import::Conflict(format!(
+                "key {} is {} here but {} in the source",
+                record.ssh_key_hash, existing.domain, record.domain
+            ))
+        }
+    }
+}
+
 /// Figures for `/domain-stats` (the seed's shape).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct DomainStats {

@@ -371,14 +371,7 @@ impl DomainStore for RedisStore {
 
     async fn import(&self, record: &DomainRecord) -> Result<Import, StoreError> {
         if let Some(existing) = self.fetch(&record.ssh_key_hash).await.map_err(unavailable)? {
-            return Ok(if existing.domain == record.domain {
-                Import::AlreadyPresent
-            } else {
-                Import::Conflict(format!(
-                    "key {} is {} here but {} in the source",
-                    record.ssh_key_hash, existing.domain, record.domain
-                ))
-            });
+            return Ok(Import::against_existing(&existing, record));
         }
         let reverse = self.reverse_key(&record.domain);
         let won: Option<String> = self
