@@ -621,18 +621,16 @@ impl russh::server::Handler for Connection {
     async fn cancel_tcpip_forward(
         &mut self,
         address: &str,
-        port: u32,
+        _port: u32,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        let Ok(Some(label)) = naming::subname_label(address).map(|l| l.or(Some(String::new())))
-        else {
+        let (Ok(label), Some(base)) = (naming::subname_label(address), self.name.clone()) else {
             return Ok(false);
         };
-        let Some(base) = self.name.clone() else {
-            return Ok(false);
+        let name = match label {
+            Some(label) => format!("{label}-{base}"),
+            None => base,
         };
-        let name = if label.is_empty() { base } else { format!("{label}-{base}") };
-        let _ = port;
         let removed = self.state.registry.unregister(&name, self.id);
         self.forwards.retain(|n| n != &name);
         Ok(removed)
