@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -44,6 +44,10 @@ pub struct JsonStore {
     /// Serializes file writes so a slow write never interleaves with the next.
     writer: tokio::sync::Mutex<()>,
     dirty: AtomicBool,
+    /// Counts changes to the indexes; a claim waits until a write covers its change.
+    changes: AtomicU64,
+    /// The change count included in the last successful write.
+    written: AtomicU64,
 }
 
 /// A timestamp as found on disk: P0rt writes RFC 3339 strings; unix seconds are accepted too.
@@ -243,6 +247,8 @@ impl JsonStore {
             indexes: Mutex::new(indexes),
             writer: tokio::sync::Mutex::new(()),
             dirty: AtomicBool::new(false),
+            changes: AtomicU64::new(0),
+            written: AtomicU64::new(0),
         }))
     }
 
@@ -280,20 +286,38 @@ impl JsonStore {
     }
 
     async fn persist(&self) -> Result<(), StoreError> {
+        self.persist_through(u64::MAX).await
+    }
+
+    /// Makes sure change number `change` is on disk. Group commit: whoever holds the writer
+    /// writes everything changed so far, so claims queued behind it return without a write.
+    async fn persist_through(&self, change: u64) -> Result<(), StoreError> {
         let _writing = self.writer.lock().await;
+        if change != u64::MAX && self.written.load(Ordering::Acquire) >= change {
+            return Ok(());
+        }
         self.dirty.store(false, Ordering::Release);
-        let bytes = serialize_domains(&self.lock());
+        let (bytes, included) = {
+            let idx = self.lock();
+            (serialize_domains(&idx), self.changes.load(Ordering::Acquire))
+        };
         let (path, dir) = (self.path.clone(), self.dir.clone());
         let result = tokio::task::spawn_blocking(move || write_atomically(&path, &dir, &bytes))
             .await
             .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-        result.map_err(|source| {
-            self.dirty.store(true, Ordering::Release);
-            StoreError::Io {
-                path: self.path.clone(),
-                source,
+        match result {
+            Ok(()) => {
+                self.written.fetch_max(included, Ordering::AcqRel);
+                Ok(())
             }
-        })
+            Err(source) => {
+                self.dirty.store(true, Ordering::Release);
+                Err(StoreError::Io {
+                    path: self.path.clone(),
+                    source,
+                })
+            }
+        }
     }
 }
 
@@ -326,9 +350,12 @@ impl DomainStore for JsonStore {
             idx.by_domain
                 .insert(domain.to_string(), ssh_key_hash.to_string());
             idx.by_key.insert(ssh_key_hash.to_string(), record.clone());
-            record
+            // Numbered under the index lock, so a write that saw this number saw this record.
+            let change = self.changes.fetch_add(1, Ordering::AcqRel) + 1;
+            (record, change)
         };
-        if let Err(e) = self.persist().await {
+        let (record, change) = record;
+        if let Err(e) = self.persist_through(change).await {
             // Not durable, so not granted: undo, so memory and disk agree.
             let mut idx = self.lock();
             idx.by_key.remove(ssh_key_hash);
@@ -468,6 +495,28 @@ mod tests {
         let _first = JsonStore::open(dir.path()).unwrap();
         let err = JsonStore::open(dir.path()).err().unwrap();
         assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_claims_are_all_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = JsonStore::open(dir.path()).unwrap();
+            let claims: Vec<_> = (0..200)
+                .map(|i| {
+                    let store = store.clone();
+                    tokio::spawn(async move { store.claim(&format!("k{i}"), &format!("n{i}"), i).await })
+                })
+                .collect();
+            for claim in claims {
+                assert!(matches!(claim.await.unwrap().unwrap(), Claim::Claimed(_)));
+            }
+            // No flush: every claim must already be on disk when it returns.
+            std::mem::forget(store);
+        }
+        let text = std::fs::read_to_string(dir.path().join(DOMAINS_FILE_NAME)).unwrap();
+        let on_disk = parse_domains(&text).unwrap();
+        assert_eq!(on_disk.by_key.len(), 200);
     }
 
     #[tokio::test]
