@@ -32,7 +32,13 @@ fn main() {
     let mut command = Command::new(cargo);
     command
         .current_dir(&plugins)
-        .args(["build", "--release", "--locked", "--target", "wasm32-wasip2"])
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--target",
+            "wasm32-wasip2",
+        ])
         .arg("--target-dir")
         .arg(&target_dir);
     // The outer build's settings are for the host, not for wasm.
@@ -46,7 +52,9 @@ fn main() {
     ] {
         command.env_remove(var);
     }
-    let output = command.output().unwrap_or_else(|e| panic!("cannot run cargo to build plugins: {e}"));
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run cargo to build plugins: {e}"));
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         let hint = if stderr.contains("wasm32-wasip2") && stderr.contains("target") {
@@ -54,7 +62,10 @@ fn main() {
         } else {
             ""
         };
-        panic!("building the bundled plugins in {} failed:{hint}\n{stderr}", plugins.display());
+        panic!(
+            "building the bundled plugins in {} failed:{hint}\n{stderr}",
+            plugins.display()
+        );
     }
     let built = target_dir.join("wasm32-wasip2").join("release");
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
@@ -63,7 +74,10 @@ fn main() {
     copy_all(&built, &bundled, &BUNDLED);
     copy_all(&built, &fixtures, &FIXTURES);
     println!("cargo:rustc-env=P0RT_BUNDLED_PLUGINS={}", bundled.display());
-    println!("cargo:rustc-env=P0RT_FIXTURE_PLUGINS={}", fixtures.display());
+    println!(
+        "cargo:rustc-env=P0RT_FIXTURE_PLUGINS={}",
+        fixtures.display()
+    );
 }
 
 fn copy_all(from: &Path, to: &Path, names: &[&str]) {

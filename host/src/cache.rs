@@ -38,8 +38,15 @@ struct Entry {
 struct EntryExpiry;
 
 impl Expiry<String, Entry> for EntryExpiry {
-    fn expire_after_create(&self, _key: &String, value: &Entry, created_at: Instant) -> Option<Duration> {
-        value.expires_at.map(|t| t.saturating_duration_since(created_at))
+    fn expire_after_create(
+        &self,
+        _key: &String,
+        value: &Entry,
+        created_at: Instant,
+    ) -> Option<Duration> {
+        value
+            .expires_at
+            .map(|t| t.saturating_duration_since(created_at))
     }
 
     fn expire_after_update(
@@ -49,7 +56,9 @@ impl Expiry<String, Entry> for EntryExpiry {
         updated_at: Instant,
         _duration_until_expiry: Option<Duration>,
     ) -> Option<Duration> {
-        value.expires_at.map(|t| t.saturating_duration_since(updated_at))
+        value
+            .expires_at
+            .map(|t| t.saturating_duration_since(updated_at))
     }
 }
 
@@ -81,7 +90,8 @@ impl MemoryCache {
     /// Stores `value` for `ttl` (`None`: no expiry).
     pub fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) {
         let expires_at = ttl.map(|ttl| Instant::now() + ttl);
-        self.entries.insert(key.to_string(), Entry { value, expires_at });
+        self.entries
+            .insert(key.to_string(), Entry { value, expires_at });
     }
 
     pub fn delete(&self, key: &str) -> bool {
@@ -93,7 +103,12 @@ impl MemoryCache {
     }
 
     /// Adds `amount` atomically; `ttl` applies only when this call creates the counter.
-    pub fn increment(&self, key: &str, amount: i64, ttl: Option<Duration>) -> Result<i64, CacheError> {
+    pub fn increment(
+        &self,
+        key: &str,
+        amount: i64,
+        ttl: Option<Duration>,
+    ) -> Result<i64, CacheError> {
         let mut outcome = Ok(0);
         self.entries
             .entry(key.to_string())
@@ -107,7 +122,9 @@ impl MemoryCache {
                         match parsed {
                             Some(n) => (n, entry.expires_at),
                             None => {
-                                outcome = Err(CacheError::NotAnInteger { key: key.to_string() });
+                                outcome = Err(CacheError::NotAnInteger {
+                                    key: key.to_string(),
+                                });
                                 return Op::Nop;
                             }
                         }
@@ -115,7 +132,9 @@ impl MemoryCache {
                     None => (0, ttl.map(|ttl| Instant::now() + ttl)),
                 };
                 let Some(next) = base.checked_add(amount) else {
-                    outcome = Err(CacheError::Overflow { key: key.to_string() });
+                    outcome = Err(CacheError::Overflow {
+                        key: key.to_string(),
+                    });
                     return Op::Nop;
                 };
                 outcome = Ok(next);
@@ -132,14 +151,16 @@ impl MemoryCache {
         let mut found = false;
         self.entries
             .entry(key.to_string())
-            .and_compute_with(|current| match current.map(|e| e.into_value()).filter(live) {
-                Some(mut entry) => {
-                    found = true;
-                    entry.expires_at = Some(Instant::now() + ttl);
-                    Op::Put(entry)
-                }
-                None => Op::Nop,
-            });
+            .and_compute_with(
+                |current| match current.map(|e| e.into_value()).filter(live) {
+                    Some(mut entry) => {
+                        found = true;
+                        entry.expires_at = Some(Instant::now() + ttl);
+                        Op::Put(entry)
+                    }
+                    None => Op::Nop,
+                },
+            );
         found
     }
 }
@@ -185,10 +206,17 @@ impl RedisCache {
 
     fn mark_unhealthy(&self, error: &RedisOpError) {
         if self.healthy.swap(false, Ordering::AcqRel) {
-            tracing::warn!("redis cache unavailable ({error}); using the in-memory cache until it recovers");
+            tracing::warn!(
+                "redis cache unavailable ({error}); using the in-memory cache until it recovers"
+            );
         }
         let mut report = self.report.lock().unwrap_or_else(|p| p.into_inner());
-        *report = (RedisHealth::Unhealthy { error: error.to_string() }, 0);
+        *report = (
+            RedisHealth::Unhealthy {
+                error: error.to_string(),
+            },
+            0,
+        );
     }
 
     fn note_ping(&self, result: Result<Duration, RedisOpError>) {
@@ -260,7 +288,12 @@ impl Cache {
     pub fn health(&self) -> RedisHealth {
         match &self.redis {
             None => RedisHealth::Disabled,
-            Some(redis) => redis.report.lock().unwrap_or_else(|p| p.into_inner()).0.clone(),
+            Some(redis) => redis
+                .report
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .0
+                .clone(),
         }
     }
 
@@ -271,7 +304,11 @@ impl Cache {
             .filter(|r| r.healthy.load(Ordering::Acquire))
     }
 
-    async fn on_redis<T: redis::FromRedisValue>(&self, redis: &RedisCache, cmd: &redis::Cmd) -> Option<T> {
+    async fn on_redis<T: redis::FromRedisValue>(
+        &self,
+        redis: &RedisCache,
+        cmd: &redis::Cmd,
+    ) -> Option<T> {
         match redis.link.query(cmd, REDIS_CACHE_OP_TIMEOUT).await {
             Ok(value) => Some(value),
             Err(e) => {
@@ -297,7 +334,10 @@ impl Cache {
         let ttl = ttl.unwrap_or(DEFAULT_TTL);
         if let Some(redis) = self.live_redis() {
             let mut cmd = redis::cmd("SET");
-            cmd.arg(redis.key(key)).arg(value.as_ref()).arg("PX").arg(ttl.as_millis().max(1) as u64);
+            cmd.arg(redis.key(key))
+                .arg(value.as_ref())
+                .arg("PX")
+                .arg(ttl.as_millis().max(1) as u64);
             if self.on_redis::<()>(redis, &cmd).await.is_some() {
                 return;
             }
@@ -307,7 +347,9 @@ impl Cache {
 
     pub async fn delete(&self, key: &str) -> bool {
         if let Some(redis) = self.live_redis()
-            && let Some(n) = self.on_redis::<i64>(redis, redis::cmd("DEL").arg(redis.key(key))).await
+            && let Some(n) = self
+                .on_redis::<i64>(redis, redis::cmd("DEL").arg(redis.key(key)))
+                .await
         {
             return n > 0;
         }
@@ -316,14 +358,21 @@ impl Cache {
 
     pub async fn exists(&self, key: &str) -> bool {
         if let Some(redis) = self.live_redis()
-            && let Some(n) = self.on_redis::<i64>(redis, redis::cmd("EXISTS").arg(redis.key(key))).await
+            && let Some(n) = self
+                .on_redis::<i64>(redis, redis::cmd("EXISTS").arg(redis.key(key)))
+                .await
         {
             return n > 0;
         }
         self.memory.exists(key)
     }
 
-    pub async fn increment(&self, key: &str, amount: i64, ttl: Option<Duration>) -> Result<i64, CacheError> {
+    pub async fn increment(
+        &self,
+        key: &str,
+        amount: i64,
+        ttl: Option<Duration>,
+    ) -> Result<i64, CacheError> {
         if let Some(redis) = self.live_redis() {
             let mut cmd = redis::cmd("EVAL");
             cmd.arg(INCREMENT_WITH_TTL)
@@ -333,11 +382,17 @@ impl Cache {
                 .arg(ttl.map_or(0, |t| t.as_secs().max(1)));
             match redis.link.query::<i64>(&cmd, REDIS_CACHE_OP_TIMEOUT).await {
                 Ok(value) => return Ok(value),
-                Err(RedisOpError::Other(text)) if text.contains("not an integer") || text.contains("overflow") => {
+                Err(RedisOpError::Other(text))
+                    if text.contains("not an integer") || text.contains("overflow") =>
+                {
                     return Err(if text.contains("overflow") {
-                        CacheError::Overflow { key: key.to_string() }
+                        CacheError::Overflow {
+                            key: key.to_string(),
+                        }
                     } else {
-                        CacheError::NotAnInteger { key: key.to_string() }
+                        CacheError::NotAnInteger {
+                            key: key.to_string(),
+                        }
                     });
                 }
                 Err(e) => redis.mark_unhealthy(&e),
@@ -349,7 +404,12 @@ impl Cache {
     pub async fn expire(&self, key: &str, ttl: Duration) -> bool {
         if let Some(redis) = self.live_redis()
             && let Some(n) = self
-                .on_redis::<i64>(redis, redis::cmd("PEXPIRE").arg(redis.key(key)).arg(ttl.as_millis().max(1) as u64))
+                .on_redis::<i64>(
+                    redis,
+                    redis::cmd("PEXPIRE")
+                        .arg(redis.key(key))
+                        .arg(ttl.as_millis().max(1) as u64),
+                )
                 .await
         {
             return n > 0;
@@ -377,7 +437,11 @@ mod tests {
     #[test]
     fn ttl_expires() {
         let c = MemoryCache::default();
-        c.set("k", Bytes::from_static(b"v"), Some(Duration::from_millis(30)));
+        c.set(
+            "k",
+            Bytes::from_static(b"v"),
+            Some(Duration::from_millis(30)),
+        );
         assert!(c.exists("k"));
         std::thread::sleep(Duration::from_millis(60));
         assert!(!c.exists("k"));
@@ -392,9 +456,15 @@ mod tests {
         std::thread::sleep(Duration::from_millis(70));
         assert_eq!(c.increment("n", 1, None), Ok(1), "expired counter restarts");
         c.set("s", Bytes::from_static(b"text"), None);
-        assert!(matches!(c.increment("s", 1, None), Err(CacheError::NotAnInteger { .. })));
+        assert!(matches!(
+            c.increment("s", 1, None),
+            Err(CacheError::NotAnInteger { .. })
+        ));
         c.set("big", Bytes::from(i64::MAX.to_string()), None);
-        assert!(matches!(c.increment("big", 1, None), Err(CacheError::Overflow { .. })));
+        assert!(matches!(
+            c.increment("big", 1, None),
+            Err(CacheError::Overflow { .. })
+        ));
     }
 
     #[test]

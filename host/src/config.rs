@@ -311,7 +311,10 @@ impl ServeArgs {
             ssh: SshLayer {
                 bind: self.ssh_bind,
                 port: self.ssh_port,
-                host_key: self.host_key.as_ref().map(|p| p.to_string_lossy().into_owned()),
+                host_key: self
+                    .host_key
+                    .as_ref()
+                    .map(|p| p.to_string_lossy().into_owned()),
                 authorized_keys: self.authorized_keys.clone(),
             },
             http: HttpLayer {
@@ -453,7 +456,11 @@ pub fn env_layer(get: &dyn Fn(&str) -> Option<String>) -> Result<Layer, ConfigEr
         layer.storage.redis_prefix = Some(v);
     }
     if let Some(v) = get("REDIS_TTL_DAYS") {
-        layer.storage.redis_ttl_days = Some(parse_env("REDIS_TTL_DAYS", &v, "a number of days such as 365")?);
+        layer.storage.redis_ttl_days = Some(parse_env(
+            "REDIS_TTL_DAYS",
+            &v,
+            "a number of days such as 365",
+        )?);
     }
     if let Some(v) = get("REDIS_CA_CERT") {
         layer.storage.redis_ca_cert = Some(PathBuf::from(v));
@@ -565,7 +572,11 @@ impl Config {
     }
 
     fn validate(&mut self) -> Result<(), ConfigError> {
-        let domain = self.domain.trim().trim_end_matches('.').to_ascii_lowercase();
+        let domain = self
+            .domain
+            .trim()
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
         if let Err(problem) = check_dns_name(&domain) {
             return Err(ConfigError::Invalid {
                 key: "domain.base",
@@ -585,12 +596,20 @@ impl Config {
                 problem: "must be at least 1 day".into(),
             });
         }
-        if let Some(url) = self.redis_url.clone().or_else(|| (self.storage == StorageKind::Redis).then(|| DEFAULT_REDIS_URL.to_string())) {
-            crate::redis_link::parse_target(&url, self.redis_password.as_ref().map(Secret::expose), self.redis_db)
-                .map_err(|e| ConfigError::Invalid {
-                    key: "storage.redis_url",
-                    problem: e.to_string(),
-                })?;
+        if let Some(url) = self
+            .redis_url
+            .clone()
+            .or_else(|| (self.storage == StorageKind::Redis).then(|| DEFAULT_REDIS_URL.to_string()))
+        {
+            crate::redis_link::parse_target(
+                &url,
+                self.redis_password.as_ref().map(Secret::expose),
+                self.redis_db,
+            )
+            .map_err(|e| ConfigError::Invalid {
+                key: "storage.redis_url",
+                problem: e.to_string(),
+            })?;
         }
         if let Some(token) = &self.admin_token
             && token.expose().len() < MIN_ADMIN_TOKEN_LEN
@@ -659,9 +678,7 @@ pub fn check_dns_label(label: &str) -> Result<(), String> {
         .bytes()
         .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
     {
-        return Err(format!(
-            "label {label:?} may only contain a-z, 0-9 and '-'"
-        ));
+        return Err(format!("label {label:?} may only contain a-z, 0-9 and '-'"));
     }
     if label.starts_with('-') || label.ends_with('-') {
         return Err(format!("label {label:?} must not start or end with '-'"));
@@ -725,18 +742,27 @@ mod tests {
         let err = Config::load(&ServeArgs::default(), &env(&[("SSH_SERVER_PORT", "70000")]))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("SSH_SERVER_PORT") && err.contains("0 to 65535"), "{err}");
+        assert!(
+            err.contains("SSH_SERVER_PORT") && err.contains("0 to 65535"),
+            "{err}"
+        );
     }
 
     #[test]
     fn secrets_are_masked_in_debug_output() {
         let c = Config::load(
             &ServeArgs::default(),
-            &env(&[("REDIS_PASSWORD", "hunter2-hunter2"), ("ADMIN_TOKEN", "0123456789abcdefXYZ")]),
+            &env(&[
+                ("REDIS_PASSWORD", "hunter2-hunter2"),
+                ("ADMIN_TOKEN", "0123456789abcdefXYZ"),
+            ]),
         )
         .unwrap();
         let shown = format!("{c:?}");
-        assert!(!shown.contains("hunter2") && !shown.contains("0123456789abcdef"), "{shown}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("0123456789abcdef"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -169,7 +169,10 @@ fn has_valid_port(authority: &http::uri::Authority) -> bool {
     if text.starts_with('[') && !after_host.is_empty() && !after_host.starts_with(':') {
         return false;
     }
-    port.is_empty() || (port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok())
+    port.is_empty()
+        || (port.len() <= 5
+            && port.bytes().all(|b| b.is_ascii_digit())
+            && port.parse::<u16>().is_ok())
 }
 
 async fn handle(req: Request<Incoming>, peer: SocketAddr, state: Arc<AppState>) -> Response<Body> {
@@ -238,11 +241,22 @@ async fn admit(
             message,
         } => {
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::TOO_MANY_REQUESTS);
-            let mut response = full(status, "text/plain; charset=utf-8", format!("{} {message}\n", status.as_u16()));
+            let mut response = full(
+                status,
+                "text/plain; charset=utf-8",
+                format!("{} {message}\n", status.as_u16()),
+            );
             if let Some(seconds) = retry_after_seconds {
-                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
             }
-            tunnel.output.line(format!("{} {} {} (rate limited)", req.method(), req.uri().path(), status.as_u16()));
+            tunnel.output.line(format!(
+                "{} {} {} (rate limited)",
+                req.method(),
+                req.uri().path(),
+                status.as_u16()
+            ));
             Some(response)
         }
     }
@@ -279,7 +293,11 @@ async fn known_offline(state: &AppState, name: &str) -> bool {
     false
 }
 
-async fn base_endpoint(req: &Request<Incoming>, peer: SocketAddr, state: &AppState) -> Response<Body> {
+async fn base_endpoint(
+    req: &Request<Incoming>,
+    peer: SocketAddr,
+    state: &AppState,
+) -> Response<Body> {
     match req.uri().path() {
         "/health" => full(StatusCode::OK, "text/plain; charset=utf-8", "ok\n"),
         "/health/redis" => redis_health(state, admin_allowed(req.headers(), peer, state)),
@@ -298,7 +316,10 @@ async fn base_endpoint(req: &Request<Incoming>, peer: SocketAddr, state: &AppSta
                 ),
                 Err(e) => {
                     tracing::warn!("domain stats failed: {e}");
-                    error_page(StatusCode::SERVICE_UNAVAILABLE, "503 Service Unavailable: domain store unavailable\n")
+                    error_page(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "503 Service Unavailable: domain store unavailable\n",
+                    )
                 }
             }
         }
@@ -330,23 +351,41 @@ fn redis_health(state: &AppState, detailed: bool) -> Response<Body> {
     let (status, shape) = match state.cache.health() {
         RedisHealth::Healthy { latency_ms } => (
             StatusCode::OK,
-            Shape { status: "healthy", latency_ms: Some(latency_ms), error: None, message: "Redis connection is healthy" },
+            Shape {
+                status: "healthy",
+                latency_ms: Some(latency_ms),
+                error: None,
+                message: "Redis connection is healthy",
+            },
         ),
         RedisHealth::Unhealthy { error } => (
             StatusCode::SERVICE_UNAVAILABLE,
             Shape {
                 status: "unhealthy",
                 latency_ms: None,
-                error: Some(if detailed { error } else { "connection failed".to_string() }),
+                error: Some(if detailed {
+                    error
+                } else {
+                    "connection failed".to_string()
+                }),
                 message: "Redis connection failed",
             },
         ),
         RedisHealth::Disabled => (
             StatusCode::OK,
-            Shape { status: "disabled", latency_ms: None, error: None, message: "Redis is not available or not configured" },
+            Shape {
+                status: "disabled",
+                latency_ms: None,
+                error: None,
+                message: "Redis is not available or not configured",
+            },
         ),
     };
-    full(status, "application/json", serde_json::to_vec(&shape).unwrap_or_default())
+    full(
+        status,
+        "application/json",
+        serde_json::to_vec(&shape).unwrap_or_default(),
+    )
 }
 
 fn admin_allowed(headers: &HeaderMap, peer: SocketAddr, state: &AppState) -> bool {
@@ -415,7 +454,11 @@ async fn connect_upstream(
     Ok(sender)
 }
 
-async fn proxy(mut req: Request<Incoming>, peer: SocketAddr, tunnel: Arc<Tunnel>) -> Response<Body> {
+async fn proxy(
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    tunnel: Arc<Tunnel>,
+) -> Response<Body> {
     let started = Instant::now();
     let method = req.method().clone();
     let path = req
@@ -431,7 +474,9 @@ async fn proxy(mut req: Request<Incoming>, peer: SocketAddr, tunnel: Arc<Tunnel>
     let upgrade_header = parts.headers.get(header::UPGRADE).cloned();
     strip_hop_by_hop(&mut parts.headers);
     if upgrade {
-        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         if let Some(value) = upgrade_header {
             parts.headers.insert(header::UPGRADE, value);
         }
@@ -442,7 +487,9 @@ async fn proxy(mut req: Request<Incoming>, peer: SocketAddr, tunnel: Arc<Tunnel>
     if let Ok(ip) = HeaderValue::from_str(&peer.ip().to_string()) {
         parts.headers.insert("x-forwarded-for", ip);
     }
-    parts.headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    parts
+        .headers
+        .insert("x-forwarded-proto", HeaderValue::from_static("http"));
     if let Some(host) = host {
         parts.headers.insert("x-forwarded-host", host);
     }
@@ -482,7 +529,10 @@ async fn proxy(mut req: Request<Incoming>, peer: SocketAddr, tunnel: Arc<Tunnel>
 
     if status == StatusCode::SWITCHING_PROTOCOLS {
         let Some(client_upgrade) = client_upgrade else {
-            return error_page(StatusCode::BAD_GATEWAY, "502 Bad Gateway: unexpected protocol switch\n");
+            return error_page(
+                StatusCode::BAD_GATEWAY,
+                "502 Bad Gateway: unexpected protocol switch\n",
+            );
         };
         let backend_upgrade = hyper::upgrade::on(&mut response);
         let name = tunnel.name.clone();
@@ -497,7 +547,10 @@ async fn proxy(mut req: Request<Incoming>, peer: SocketAddr, tunnel: Arc<Tunnel>
             }
         });
         let (parts, _) = response.into_parts();
-        return Response::from_parts(parts, http_body_util::Empty::new().map_err(|e| match e {}).boxed());
+        return Response::from_parts(
+            parts,
+            http_body_util::Empty::new().map_err(|e| match e {}).boxed(),
+        );
     }
 
     if !upgrade {
@@ -508,7 +561,13 @@ async fn proxy(mut req: Request<Incoming>, peer: SocketAddr, tunnel: Arc<Tunnel>
     Response::from_parts(parts, body.boxed())
 }
 
-fn log_request(tunnel: &Tunnel, method: &http::Method, path: &str, status: StatusCode, started: Instant) {
+fn log_request(
+    tunnel: &Tunnel,
+    method: &http::Method,
+    path: &str,
+    status: StatusCode,
+    started: Instant,
+) {
     let elapsed = started.elapsed();
     let shown: String = path.chars().take(200).filter(|c| !c.is_control()).collect();
     tunnel.output.line(format!(
@@ -533,12 +592,30 @@ mod tests {
     #[test]
     fn routes_by_host() {
         let uri = Uri::from_static("/x");
-        assert_eq!(route(&headers(&["a-b-c.localhost:8080"]), &uri, "localhost"), Ok(Target::Tunnel("a-b-c".into())));
-        assert_eq!(route(&headers(&["A-B-C.LOCALHOST."]), &uri, "localhost"), Ok(Target::Tunnel("a-b-c".into())));
-        assert_eq!(route(&headers(&["localhost"]), &uri, "localhost"), Ok(Target::Base));
-        assert_eq!(route(&headers(&["x.y.localhost"]), &uri, "localhost"), Ok(Target::Unknown));
-        assert_eq!(route(&headers(&["evil.com"]), &uri, "localhost"), Ok(Target::Unknown));
-        assert_eq!(route(&headers(&["xlocalhost"]), &uri, "localhost"), Ok(Target::Unknown));
+        assert_eq!(
+            route(&headers(&["a-b-c.localhost:8080"]), &uri, "localhost"),
+            Ok(Target::Tunnel("a-b-c".into()))
+        );
+        assert_eq!(
+            route(&headers(&["A-B-C.LOCALHOST."]), &uri, "localhost"),
+            Ok(Target::Tunnel("a-b-c".into()))
+        );
+        assert_eq!(
+            route(&headers(&["localhost"]), &uri, "localhost"),
+            Ok(Target::Base)
+        );
+        assert_eq!(
+            route(&headers(&["x.y.localhost"]), &uri, "localhost"),
+            Ok(Target::Unknown)
+        );
+        assert_eq!(
+            route(&headers(&["evil.com"]), &uri, "localhost"),
+            Ok(Target::Unknown)
+        );
+        assert_eq!(
+            route(&headers(&["xlocalhost"]), &uri, "localhost"),
+            Ok(Target::Unknown)
+        );
     }
 
     #[test]

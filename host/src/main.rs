@@ -91,7 +91,11 @@ fn run_migrate(to: StorageKind, settings: ServeArgs) -> ExitCode {
     match runtime.block_on(p0rt::store::migrate::run(&config, to)) {
         Ok(report) => {
             println!("{report}");
-            if report.conflicts.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+            if report.conflicts.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Err(e) => exit_for(&e),
     }
@@ -131,13 +135,21 @@ fn run_plugin_command(command: PluginCommand) -> ExitCode {
     let result = runtime.block_on(async {
         match command {
             PluginCommand::Check { file, role } => tools::check(&file, role).await,
-            PluginCommand::Run { file, input, role, config } => tools::run(&file, role, &input, config).await,
+            PluginCommand::Run {
+                file,
+                input,
+                role,
+                config,
+            } => tools::run(&file, role, &input, config).await,
             PluginCommand::List { plugins_dir } => {
                 tools::list(&plugins_dir.unwrap_or_else(tools::default_dir)).await
             }
-            PluginCommand::Bench { file, input, role, iterations } => {
-                tools::bench(&file, role, &input, iterations).await
-            }
+            PluginCommand::Bench {
+                file,
+                input,
+                role,
+                iterations,
+            } => tools::bench(&file, role, &input, iterations).await,
         }
     });
     match result {

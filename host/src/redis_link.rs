@@ -112,7 +112,11 @@ fn check_hosts(url: &str, hosts: &str) -> Result<Vec<String>, RedisSetupError> {
 }
 
 /// Parses a Redis URL. `password` and `db` (from `REDIS_PASSWORD` / `REDIS_DB`) override the URL's.
-pub fn parse_target(url: &str, password: Option<&str>, db: Option<u32>) -> Result<RedisTarget, RedisSetupError> {
+pub fn parse_target(
+    url: &str,
+    password: Option<&str>,
+    db: Option<u32>,
+) -> Result<RedisTarget, RedisSetupError> {
     let url = url.trim();
     let (scheme, rest) = url
         .split_once("://")
@@ -127,7 +131,9 @@ pub fn parse_target(url: &str, password: Option<&str>, db: Option<u32>) -> Resul
                 .ok_or_else(|| bad_url(url, "name the master after the sentinels: redis-sentinel://s1:26379,s2:26379/mymaster"))?
                 .to_string();
             let url_db = match parts.next() {
-                Some(n) => n.parse::<i64>().map_err(|_| bad_url(url, format!("database {n:?} is not a number")))?,
+                Some(n) => n
+                    .parse::<i64>()
+                    .map_err(|_| bad_url(url, format!("database {n:?} is not a number")))?,
                 None => 0,
             };
             Ok(RedisTarget::Sentinel {
@@ -143,10 +149,16 @@ pub fn parse_target(url: &str, password: Option<&str>, db: Option<u32>) -> Resul
             if hosts.contains(',') {
                 let nodes = check_hosts(url, hosts)?;
                 if !path.is_empty() && path != "0" || db.is_some_and(|d| d != 0) {
-                    return Err(bad_url(url, "Redis Cluster has only database 0; drop the /db part and REDIS_DB"));
+                    return Err(bad_url(
+                        url,
+                        "Redis Cluster has only database 0; drop the /db part and REDIS_DB",
+                    ));
                 }
                 return Ok(RedisTarget::Cluster {
-                    nodes: nodes.into_iter().map(|n| format!("{scheme}://{n}")).collect(),
+                    nodes: nodes
+                        .into_iter()
+                        .map(|n| format!("{scheme}://{n}"))
+                        .collect(),
                     password: password.map(str::to_string).or(url_password),
                 });
             }
@@ -163,7 +175,10 @@ pub fn parse_target(url: &str, password: Option<&str>, db: Option<u32>) -> Resul
             info = info.set_redis_settings(settings);
             Ok(RedisTarget::Standalone(info))
         }
-        other => Err(bad_url(url, format!("unknown scheme {other:?}; expected redis://, rediss:// or redis-sentinel://"))),
+        other => Err(bad_url(
+            url,
+            format!("unknown scheme {other:?}; expected redis://, rediss:// or redis-sentinel://"),
+        )),
     }
 }
 
@@ -182,7 +197,12 @@ impl ConnectionLike for Conn {
         }
     }
 
-    fn req_packed_commands<'a>(&'a mut self, cmd: &'a Pipeline, offset: usize, count: usize) -> RedisFuture<'a, Vec<Value>> {
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
             Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
@@ -232,7 +252,11 @@ fn classify(e: &redis::RedisError) -> RedisOpError {
     if e.kind() == redis::ErrorKind::InvalidClientConfig || text.contains("certificate") {
         return RedisOpError::Config(text);
     }
-    if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_unrecoverable_error() {
+    if e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_unrecoverable_error()
+    {
         return RedisOpError::Unreachable(text);
     }
     RedisOpError::Other(text)
@@ -278,10 +302,17 @@ impl RedisLink {
         match &self.target {
             RedisTarget::Standalone(info) => {
                 let client = match self.certificates() {
-                    Some(certs) => redis::Client::build_with_tls(info.clone(), certs).map_err(err)?,
+                    Some(certs) => {
+                        redis::Client::build_with_tls(info.clone(), certs).map_err(err)?
+                    }
                     None => redis::Client::open(info.clone()).map_err(err)?,
                 };
-                Ok(Conn::Single(client.get_multiplexed_async_connection_with_config(&config).await.map_err(err)?))
+                Ok(Conn::Single(
+                    client
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await
+                        .map_err(err)?,
+                ))
             }
             RedisTarget::Sentinel {
                 sentinels,
@@ -294,7 +325,10 @@ impl RedisLink {
                     .iter()
                     .filter_map(|s| {
                         let (host, port) = s.rsplit_once(':')?;
-                        Some(redis::ConnectionAddr::Tcp(host.to_string(), port.parse().ok()?))
+                        Some(redis::ConnectionAddr::Tcp(
+                            host.to_string(),
+                            port.parse().ok()?,
+                        ))
                     })
                     .collect();
                 let mut builder = redis::sentinel::SentinelClientBuilder::new(
@@ -315,7 +349,12 @@ impl RedisLink {
                 }
                 let mut sentinel = builder.build().map_err(err)?;
                 let client = sentinel.async_get_client().await.map_err(err)?;
-                Ok(Conn::Single(client.get_multiplexed_async_connection_with_config(&config).await.map_err(err)?))
+                Ok(Conn::Single(
+                    client
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await
+                        .map_err(err)?,
+                ))
             }
             RedisTarget::Cluster { nodes, password } => {
                 let mut builder = redis::cluster::ClusterClient::builder(nodes.clone())
@@ -332,7 +371,9 @@ impl RedisLink {
                     }
                 }
                 let client = builder.build().map_err(err)?;
-                Ok(Conn::Cluster(client.get_async_connection().await.map_err(err)?))
+                Ok(Conn::Cluster(
+                    client.get_async_connection().await.map_err(err)?,
+                ))
             }
         }
     }
@@ -376,14 +417,22 @@ impl RedisLink {
     }
 
     /// Runs one command with a timeout.
-    pub async fn query<T: FromRedisValue>(&self, cmd: &Cmd, timeout: Duration) -> Result<T, RedisOpError> {
+    pub async fn query<T: FromRedisValue>(
+        &self,
+        cmd: &Cmd,
+        timeout: Duration,
+    ) -> Result<T, RedisOpError> {
         let mut conn = self.connection().await?;
         let outcome = tokio::time::timeout(timeout, cmd.query_async::<T>(&mut conn)).await;
         self.settle(outcome, timeout).await
     }
 
     /// Runs a pipeline with a timeout. On Cluster all its keys must share a slot.
-    pub async fn query_pipeline<T: FromRedisValue>(&self, pipe: &Pipeline, timeout: Duration) -> Result<T, RedisOpError> {
+    pub async fn query_pipeline<T: FromRedisValue>(
+        &self,
+        pipe: &Pipeline,
+        timeout: Duration,
+    ) -> Result<T, RedisOpError> {
         let mut conn = self.connection().await?;
         let outcome = tokio::time::timeout(timeout, pipe.query_async::<T>(&mut conn)).await;
         self.settle(outcome, timeout).await
@@ -418,14 +467,23 @@ impl RedisLink {
     }
 
     /// Every key matching `pattern` (all masters of a cluster), via `SCAN`.
-    pub async fn scan(&self, pattern: &str, timeout: Duration) -> Result<Vec<String>, RedisOpError> {
+    pub async fn scan(
+        &self,
+        pattern: &str,
+        timeout: Duration,
+    ) -> Result<Vec<String>, RedisOpError> {
         match &self.target {
             RedisTarget::Cluster { password, .. } => {
-                let nodes: String = self.query(redis::cmd("CLUSTER").arg("NODES"), timeout).await?;
+                let nodes: String = self
+                    .query(redis::cmd("CLUSTER").arg("NODES"), timeout)
+                    .await?;
                 let mut keys = Vec::new();
                 for line in nodes.lines() {
                     let fields: Vec<&str> = line.split_whitespace().collect();
-                    if fields.len() < 3 || !fields[2].split(',').any(|f| f == "master") || fields[2].contains("fail") {
+                    if fields.len() < 3
+                        || !fields[2].split(',').any(|f| f == "master")
+                        || fields[2].contains("fail")
+                    {
                         continue;
                     }
                     let addr = fields[1].split('@').next().unwrap_or("");
@@ -463,17 +521,26 @@ impl RedisLink {
     }
 }
 
-async fn scan_one(conn: &mut Conn, pattern: &str, timeout: Duration) -> Result<Vec<String>, RedisOpError> {
+async fn scan_one(
+    conn: &mut Conn,
+    pattern: &str,
+    timeout: Duration,
+) -> Result<Vec<String>, RedisOpError> {
     let mut keys = Vec::new();
     let mut cursor: u64 = 0;
     loop {
         let mut cmd = redis::cmd("SCAN");
-        cmd.arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(SCAN_BATCH);
-        let (next, batch): (u64, Vec<String>) = match tokio::time::timeout(timeout, cmd.query_async(conn)).await {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => return Err(classify(&e)),
-            Err(_) => return Err(RedisOpError::Timeout(timeout)),
-        };
+        cmd.arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(SCAN_BATCH);
+        let (next, batch): (u64, Vec<String>) =
+            match tokio::time::timeout(timeout, cmd.query_async(conn)).await {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => return Err(classify(&e)),
+                Err(_) => return Err(RedisOpError::Timeout(timeout)),
+            };
         keys.extend(batch);
         if next == 0 {
             return Ok(keys);
@@ -488,34 +555,50 @@ mod tests {
 
     #[test]
     fn masks_passwords() {
-        assert_eq!(mask_url("redis://:hunter2@h:6379/1"), "redis://:****@h:6379/1");
+        assert_eq!(
+            mask_url("redis://:hunter2@h:6379/1"),
+            "redis://:****@h:6379/1"
+        );
         assert_eq!(mask_url("redis://u:p@h:1"), "redis://u:****@h:1");
         assert_eq!(mask_url("redis://h:1"), "redis://h:1");
     }
 
     #[test]
     fn parses_every_seed_form() {
-        assert!(matches!(parse_target("redis://localhost:6379", None, None), Ok(RedisTarget::Standalone(_))));
-        let Ok(RedisTarget::Standalone(info)) = parse_target("redis://:pw@localhost:6379/1", None, None) else {
+        assert!(matches!(
+            parse_target("redis://localhost:6379", None, None),
+            Ok(RedisTarget::Standalone(_))
+        ));
+        let Ok(RedisTarget::Standalone(info)) =
+            parse_target("redis://:pw@localhost:6379/1", None, None)
+        else {
             panic!()
         };
         assert_eq!(info.redis_settings().password(), Some("pw"));
         assert_eq!(info.redis_settings().db(), 1);
-        let Ok(RedisTarget::Standalone(info)) = parse_target("redis://:pw@localhost:6379/1", Some("env"), Some(3)) else {
+        let Ok(RedisTarget::Standalone(info)) =
+            parse_target("redis://:pw@localhost:6379/1", Some("env"), Some(3))
+        else {
             panic!()
         };
         assert_eq!(info.redis_settings().password(), Some("env"));
         assert_eq!(info.redis_settings().db(), 3);
-        let Ok(RedisTarget::Sentinel { sentinels, master, .. }) =
-            parse_target("redis-sentinel://s1:26379,s2:26379/mymaster", None, None)
+        let Ok(RedisTarget::Sentinel {
+            sentinels, master, ..
+        }) = parse_target("redis-sentinel://s1:26379,s2:26379/mymaster", None, None)
         else {
             panic!()
         };
         assert_eq!((sentinels.len(), master.as_str()), (2, "mymaster"));
-        let Ok(RedisTarget::Cluster { nodes, .. }) = parse_target("redis://n1:6379,n2:6379,n3:6379", None, None) else {
+        let Ok(RedisTarget::Cluster { nodes, .. }) =
+            parse_target("redis://n1:6379,n2:6379,n3:6379", None, None)
+        else {
             panic!()
         };
-        assert_eq!(nodes, vec!["redis://n1:6379", "redis://n2:6379", "redis://n3:6379"]);
+        assert_eq!(
+            nodes,
+            vec!["redis://n1:6379", "redis://n2:6379", "redis://n3:6379"]
+        );
     }
 
     #[test]

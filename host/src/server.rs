@@ -38,8 +38,12 @@ pub struct SettingsError(pub String);
 /// Connects to the configured Redis and checks it answers. A refused password or an unknown
 /// master is a settings error; an unreachable server is only a warning (it may come back).
 pub async fn connect_redis(config: &Config, url: &str) -> anyhow::Result<Arc<RedisLink>> {
-    let target = parse_target(url, config.redis_password.as_ref().map(|s| s.expose()), config.redis_db)
-        .map_err(|e| SettingsError(e.to_string()))?;
+    let target = parse_target(
+        url,
+        config.redis_password.as_ref().map(|s| s.expose()),
+        config.redis_db,
+    )
+    .map_err(|e| SettingsError(e.to_string()))?;
     let ca_cert = match &config.redis_ca_cert {
         Some(path) => Some(std::fs::read(path).map_err(|e| {
             SettingsError(format!("cannot read REDIS_CA_CERT {}: {e}", path.display()))
@@ -48,7 +52,11 @@ pub async fn connect_redis(config: &Config, url: &str) -> anyhow::Result<Arc<Red
     };
     let link = RedisLink::new(target, url, ca_cert);
     match link.check().await {
-        Ok(latency) => tracing::info!("redis at {} answers ({} µs)", link.display, latency.as_micros()),
+        Ok(latency) => tracing::info!(
+            "redis at {} answers ({} µs)",
+            link.display,
+            latency.as_micros()
+        ),
         Err(e @ (RedisOpError::Auth(_) | RedisOpError::Config(_))) => {
             return Err(SettingsError(format!("redis at {}: {e}", link.display)).into());
         }
@@ -68,7 +76,10 @@ pub enum DirLock {
 }
 
 /// Opens the configured domain store.
-pub async fn open_store(config: &Config, link: Option<&Arc<RedisLink>>) -> anyhow::Result<(Arc<dyn DomainStore>, DirLock)> {
+pub async fn open_store(
+    config: &Config,
+    link: Option<&Arc<RedisLink>>,
+) -> anyhow::Result<(Arc<dyn DomainStore>, DirLock)> {
     match (config.storage, link) {
         (StorageKind::Json, _) => {
             let store = JsonStore::open(&config.data_dir)?;
@@ -83,18 +94,29 @@ pub async fn open_store(config: &Config, link: Option<&Arc<RedisLink>>) -> anyho
         (StorageKind::Redis, Some(link)) => {
             let lock = lock_data_dir(&config.data_dir)?;
             let store = RedisStore::new(link.clone(), &config.redis_prefix, config.redis_ttl_days);
-            tracing::info!("domain store: redis at {} (keys {}domain:*)", link.display, config.redis_prefix);
+            tracing::info!(
+                "domain store: redis at {} (keys {}domain:*)",
+                link.display,
+                config.redis_prefix
+            );
             // The seed promises domain data is preserved when switching from JSON to Redis.
             let file = config.data_dir.join(DOMAINS_FILE_NAME);
             if file.exists() && matches!(store.is_empty().await, Ok(true)) {
                 match migrate::json_file_into(&config.data_dir, store.as_ref()).await {
-                    Ok(report) => tracing::info!("redis had no domains; imported {}: {report}", file.display()),
-                    Err(e) => tracing::error!("could not import {} into redis: {e}", file.display()),
+                    Ok(report) => tracing::info!(
+                        "redis had no domains; imported {}: {report}",
+                        file.display()
+                    ),
+                    Err(e) => {
+                        tracing::error!("could not import {} into redis: {e}", file.display())
+                    }
                 }
             }
             Ok((store, DirLock::Held(lock)))
         }
-        (StorageKind::Redis, None) => Err(SettingsError("STORAGE_TYPE=redis needs a Redis URL".into()).into()),
+        (StorageKind::Redis, None) => {
+            Err(SettingsError("STORAGE_TYPE=redis needs a Redis URL".into()).into())
+        }
     }
 }
 
@@ -103,7 +125,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // rustls (Redis over TLS) needs a process-wide crypto provider; a second install is harmless.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let link = match config.redis_url_in_use() {
-        Some(url) if config.storage == StorageKind::Redis || config.enable_redis => Some(connect_redis(&config, &url).await?),
+        Some(url) if config.storage == StorageKind::Redis || config.enable_redis => {
+            Some(connect_redis(&config, &url).await?)
+        }
         _ => None,
     };
     let (store, _lock) = open_store(&config, link.as_ref()).await?;
@@ -134,7 +158,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 status.sha256.as_deref().map(|s| &s[..12]).unwrap_or("?"),
                 status.origin
             ),
-            (_, Some(error)) => tracing::warn!("plugin {} ({}) not active: {error}", status.name, status.origin),
+            (_, Some(error)) => tracing::warn!(
+                "plugin {} ({}) not active: {error}",
+                status.name,
+                status.origin
+            ),
             _ => {}
         }
     }
@@ -142,10 +170,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let ssh_listener = TcpListener::bind((config.ssh_bind, config.ssh_port))
         .await
-        .with_context(|| format!("cannot listen for SSH on {}:{} (ssh.port / SSH_SERVER_PORT)", config.ssh_bind, config.ssh_port))?;
+        .with_context(|| {
+            format!(
+                "cannot listen for SSH on {}:{} (ssh.port / SSH_SERVER_PORT)",
+                config.ssh_bind, config.ssh_port
+            )
+        })?;
     let http_listener = TcpListener::bind((config.http_bind, config.http_port))
         .await
-        .with_context(|| format!("cannot listen for HTTP on {}:{} (http.port / HTTP_PORT)", config.http_bind, config.http_port))?;
+        .with_context(|| {
+            format!(
+                "cannot listen for HTTP on {}:{} (http.port / HTTP_PORT)",
+                config.http_bind, config.http_port
+            )
+        })?;
     let ssh_addr = ssh_listener.local_addr()?;
     let http_addr = http_listener.local_addr()?;
     tracing::info!("ssh edge listening on {ssh_addr}");
@@ -169,7 +207,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         _ = crate::http::serve(http_listener, state.clone()) => {}
         _ = shutdown_signal() => tracing::info!("shutting down"),
     }
-    store.flush().await.context("writing the domain store on shutdown")?;
+    store
+        .flush()
+        .await
+        .context("writing the domain store on shutdown")?;
     Ok(())
 }
 

@@ -130,7 +130,9 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, host_key: Privat
             }
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!("refusing ssh connection from {peer}: {MAX_SSH_CONNECTIONS} connections open");
+            tracing::warn!(
+                "refusing ssh connection from {peer}: {MAX_SSH_CONNECTIONS} connections open"
+            );
             continue;
         };
         let _ = socket.set_nodelay(true);
@@ -265,11 +267,11 @@ impl Connection {
             &key.fingerprint,
             crate::unix_now(),
         )
-            .await
-            .map_err(|e| {
-                tracing::error!("naming key {} failed: {e}", key.fingerprint);
-                e.to_string()
-            })?;
+        .await
+        .map_err(|e| {
+            tracing::error!("naming key {} failed: {e}", key.fingerprint);
+            e.to_string()
+        })?;
         self.name = Some(name.clone());
         Ok(name)
     }
@@ -287,10 +289,16 @@ impl Connection {
             .unwrap_or_default();
         match self.main_name().await {
             Ok(name) => (
-                format!("name: {name}\nurl:  {}\nkey:  {fingerprint}\n", self.url(&name)),
+                format!(
+                    "name: {name}\nurl:  {}\nkey:  {fingerprint}\n",
+                    self.url(&name)
+                ),
                 true,
             ),
-            Err(e) => (format!("p0rt: no name available for key {fingerprint}: {e}\n"), false),
+            Err(e) => (
+                format!("p0rt: no name available for key {fingerprint}: {e}\n"),
+                false,
+            ),
         }
     }
 
@@ -299,7 +307,12 @@ impl Connection {
         self.output.line(format!("p0rt: {message}"));
     }
 
-    async fn add_forward(&mut self, address: &str, port: u32, handle: russh::server::Handle) -> bool {
+    async fn add_forward(
+        &mut self,
+        address: &str,
+        port: u32,
+        handle: russh::server::Handle,
+    ) -> bool {
         if !HTTP_FORWARD_PORTS.contains(&port) {
             self.refuse(format!(
                 "refused -R {port}: only remote ports 80 and 443 are served (HTTP tunnels); \
@@ -327,12 +340,22 @@ impl Connection {
                 return false;
             }
         };
-        let owner = self.key.as_ref().map(|k| k.hash.clone()).unwrap_or_default();
+        let owner = self
+            .key
+            .as_ref()
+            .map(|k| k.hash.clone())
+            .unwrap_or_default();
         let name = match label {
             None => base,
             Some(label) => {
-                let fingerprint = self.key.as_ref().map(|k| k.fingerprint.clone()).unwrap_or_default();
-                if let Err(problem) = naming::approve_label(&self.state.plugins, &owner, &fingerprint, &label).await {
+                let fingerprint = self
+                    .key
+                    .as_ref()
+                    .map(|k| k.fingerprint.clone())
+                    .unwrap_or_default();
+                if let Err(problem) =
+                    naming::approve_label(&self.state.plugins, &owner, &fingerprint, &label).await
+                {
                     self.refuse(format!("refused -R {address}:{port}: {problem}"));
                     return false;
                 }
@@ -342,12 +365,16 @@ impl Connection {
         // A sub-name must never shadow another key's main name.
         match self.state.store.owner_of(&name).await {
             Ok(Some(other)) if other != owner => {
-                self.refuse(format!("refused -R {address}:{port}: {name} belongs to another key"));
+                self.refuse(format!(
+                    "refused -R {address}:{port}: {name} belongs to another key"
+                ));
                 return false;
             }
             Ok(_) => {}
             Err(e) => {
-                self.refuse(format!("refused -R {address}:{port}: domain store unavailable ({e})"));
+                self.refuse(format!(
+                    "refused -R {address}:{port}: domain store unavailable ({e})"
+                ));
                 return false;
             }
         }
@@ -363,13 +390,16 @@ impl Connection {
         match self.state.registry.register(tunnel) {
             Ok(Some(old)) if old.session_id != self.id => {
                 tracing::info!("{name}: taken over by a new connection from {}", self.peer);
-                old.output
-                    .line(format!("p0rt: {name} is now served by a newer connection of this key"));
+                old.output.line(format!(
+                    "p0rt: {name} is now served by a newer connection of this key"
+                ));
             }
             Ok(_) => {}
             Err(_) => {
                 tracing::warn!("{name}: refused for {}, another key serves it", self.peer);
-                self.refuse(format!("refused -R {address}:{port}: {name} is served by another key"));
+                self.refuse(format!(
+                    "refused -R {address}:{port}: {name} is served by another key"
+                ));
                 return false;
             }
         }
@@ -377,7 +407,8 @@ impl Connection {
             self.forwards.push(name.clone());
         }
         tracing::info!(peer = %self.peer, "tunnel {name} up");
-        self.output.line(format!("Forwarding {} -> your -R target", self.url(&name)));
+        self.output
+            .line(format!("Forwarding {} -> your -R target", self.url(&name)));
         true
     }
 }
@@ -452,7 +483,9 @@ impl russh::server::Handler for Connection {
         self.refuse(format!(
             "refused -L/-D to {host}:{port}: p0rt is not a relay, only -R tunnels are served"
         ));
-        reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+        reply
+            .reject(ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
         Ok(())
     }
 
@@ -464,7 +497,9 @@ impl russh::server::Handler for Connection {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         self.refuse("refused unix socket forwarding: only -R tunnels are served".into());
-        reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+        reply
+            .reject(ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
         Ok(())
     }
 
@@ -476,7 +511,9 @@ impl russh::server::Handler for Connection {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+        reply
+            .reject(ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
         Ok(())
     }
 
@@ -490,7 +527,9 @@ impl russh::server::Handler for Connection {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+        reply
+            .reject(ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
         Ok(())
     }
 
@@ -604,7 +643,13 @@ impl russh::server::Handler for Connection {
     ) -> Result<(), Self::Error> {
         // Ctrl-C or Ctrl-D in the terminal closes the session (and so the tunnels).
         if Some(channel) == self.session_channel && data.iter().any(|b| *b == 3 || *b == 4) {
-            return finish_command(session, channel, "p0rt: closing tunnels, bye\n", 0, self.pty);
+            return finish_command(
+                session,
+                channel,
+                "p0rt: closing tunnels, bye\n",
+                0,
+                self.pty,
+            );
         }
         Ok(())
     }
@@ -654,7 +699,11 @@ fn finish_command(
     status: u32,
     pty: bool,
 ) -> Result<(), russh::Error> {
-    let text = if pty { text.replace('\n', "\r\n") } else { text.to_string() };
+    let text = if pty {
+        text.replace('\n', "\r\n")
+    } else {
+        text.to_string()
+    };
     session.data(channel, text.into_bytes())?;
     session.exit_status_request(channel, status)?;
     session.eof(channel)?;

@@ -61,7 +61,11 @@ impl SessionOutputSink {
     /// `crlf`: the client has a terminal, which needs `\r\n` line ends.
     pub async fn run(mut self, handle: russh::server::Handle, channel: ChannelId, crlf: bool) {
         while let Some(line) = self.rx.recv().await {
-            let mut text = if crlf { line.replace('\n', "\r\n") } else { line };
+            let mut text = if crlf {
+                line.replace('\n', "\r\n")
+            } else {
+                line
+            };
             text.push_str(if crlf { "\r\n" } else { "\n" });
             if handle.data(channel, text.into_bytes()).await.is_err() {
                 return;

@@ -76,7 +76,9 @@ pub struct Backend {
 impl Backend {
     /// Starts a backend on 127.0.0.1:0 in the current tokio runtime.
     pub async fn start(id: &str) -> Backend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind backend");
         let port = listener.local_addr().unwrap().port();
         let state = Arc::new(State {
             id: id.to_string(),
@@ -156,11 +158,20 @@ async fn handle(req: Request<Incoming>, st: Arc<State>) -> Response<Body> {
 
 async fn echo(req: Request<Incoming>, st: &State) -> Response<Body> {
     let (parts, body) = req.into_parts();
-    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     let headers: Vec<(String, String)> = parts
         .headers
         .iter()
-        .map(|(k, v)| (k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .map(|(k, v)| {
+            (
+                k.as_str().to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
         .collect();
     let json = serde_json::json!({
         "backend": st.id,
@@ -170,7 +181,11 @@ async fn echo(req: Request<Incoming>, st: &State) -> Response<Body> {
         "headers": headers,
         "body_len": body.len(),
     });
-    full(StatusCode::OK, "application/json", serde_json::to_vec(&json).unwrap())
+    full(
+        StatusCode::OK,
+        "application/json",
+        serde_json::to_vec(&json).unwrap(),
+    )
 }
 
 fn bytes_response(n: u64) -> Response<Body> {
@@ -203,12 +218,20 @@ async fn sha256(req: Request<Incoming>) -> Response<Body> {
                 }
             }
             Err(e) => {
-                return full(StatusCode::BAD_REQUEST, "text/plain", format!("body error: {e}"));
+                return full(
+                    StatusCode::BAD_REQUEST,
+                    "text/plain",
+                    format!("body error: {e}"),
+                );
             }
         }
     }
     let json = serde_json::json!({ "sha256": hex::encode(hasher.finalize()), "len": len });
-    full(StatusCode::OK, "application/json", serde_json::to_vec(&json).unwrap())
+    full(
+        StatusCode::OK,
+        "application/json",
+        serde_json::to_vec(&json).unwrap(),
+    )
 }
 
 fn websocket(mut req: Request<Incoming>) -> Response<Body> {
@@ -224,17 +247,28 @@ fn websocket(mut req: Request<Incoming>) -> Response<Body> {
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
     let Some(key) = headers.get("sec-websocket-key").cloned() else {
-        return full(StatusCode::BAD_REQUEST, "text/plain", "missing sec-websocket-key");
+        return full(
+            StatusCode::BAD_REQUEST,
+            "text/plain",
+            "missing sec-websocket-key",
+        );
     };
     if !upgrade_ok || !connection_ok {
-        return full(StatusCode::BAD_REQUEST, "text/plain", "not a websocket upgrade");
+        return full(
+            StatusCode::BAD_REQUEST,
+            "text/plain",
+            "not a websocket upgrade",
+        );
     }
     let accept = derive_accept_key(key.as_bytes());
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         // Resolves only after hyper has written the 101 below: frames never precede it.
-        let Ok(upgraded) = on_upgrade.await else { return };
-        let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let mut ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
         while let Some(msg) = ws.next().await {
             let Ok(msg) = msg else { break };
             if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {

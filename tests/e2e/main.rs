@@ -14,7 +14,7 @@ mod startup;
 mod traffic;
 
 // Real redis-server processes (standalone, sentinel, cluster); requires redis-server.
-mod redis_support;
-mod redis_harness;
 mod redis;
+mod redis_harness;
+mod redis_support;
 mod robustness;

@@ -8,13 +8,16 @@ fn assert_word_name(name: &str) {
     let parts: Vec<&str> = name.split('-').collect();
     assert_eq!(parts.len(), 3, "name {name:?} is not three words");
     assert!(
-        parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_lowercase())),
+        parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_lowercase())),
         "name {name:?} has non a-z words"
     );
 }
 
 fn domains_json(host: &Host) -> serde_json::Value {
-    let text = std::fs::read_to_string(host.data_dir().join("domains.json")).expect("read domains.json");
+    let text =
+        std::fs::read_to_string(host.data_dir().join("domains.json")).expect("read domains.json");
     serde_json::from_str(&text).expect("domains.json is JSON")
 }
 
@@ -25,15 +28,27 @@ async fn info_reports_name_url_and_key_fingerprint() {
     let host = Host::start(&sb).await;
 
     let out = host.ssh(&sb, &key).command("info").output().await;
-    assert!(out.status.success(), "info exit {}: {}", out.status, out.stderr);
+    assert!(
+        out.status.success(),
+        "info exit {}: {}",
+        out.status,
+        out.stderr
+    );
     let info = Info::parse(&out.stdout);
     assert_word_name(&info.name);
-    assert_eq!(info.url, format!("http://{}.localhost:{}", info.name, host.http_port));
+    assert_eq!(
+        info.url,
+        format!("http://{}.localhost:{}", info.name, host.http_port)
+    );
     assert_eq!(info.key, key.fingerprint());
 
     // Any other command is an error with a non-zero exit.
     let out = host.ssh(&sb, &key).command("rm -rf /").output().await;
-    assert!(!out.status.success(), "unknown command succeeded: {}", out.stdout);
+    assert!(
+        !out.status.success(),
+        "unknown command succeeded: {}",
+        out.stdout
+    );
     assert!(out.stdout.contains("unknown command"), "{:?}", out.stdout);
 }
 
@@ -48,7 +63,11 @@ async fn name_is_stable_across_reconnect_and_host_restart() {
     assert_word_name(&name);
     // The claim is on disk as soon as the name is given out.
     let stored = domains_json(&host);
-    assert_eq!(stored[key.key_hash()]["domain"], name, "domains.json: {stored}");
+    assert_eq!(
+        stored[key.key_hash()]["domain"],
+        name,
+        "domains.json: {stored}"
+    );
 
     // Drop the connection: the name goes offline but stays known.
     first.kill().await;
@@ -61,7 +80,11 @@ async fn name_is_stable_across_reconnect_and_host_restart() {
 
     // Restart the host on the same data dir: same name, served on the new port.
     host.restart().await;
-    assert!(host.log().contains("(1 records)"), "store not reloaded:\n{}", host.log());
+    assert!(
+        host.log().contains("(1 records)"),
+        "store not reloaded:\n{}",
+        host.log()
+    );
     assert_eq!(host.info(&sb, &key).await.name, name);
     let (_third, after_restart) = host.tunnel(&sb, &key, &backend).await;
     assert_eq!(after_restart, name);
@@ -116,7 +139,10 @@ async fn stored_name_in_domains_json_is_honoured() {
 async fn two_keys_get_two_names() {
     let sb = Sandbox::new();
     let (alice, bob) = (sb.key("alice"), sb.key("bob"));
-    let (ba, bb) = (Backend::start("for-alice").await, Backend::start("for-bob").await);
+    let (ba, bb) = (
+        Backend::start("for-alice").await,
+        Backend::start("for-bob").await,
+    );
     let host = Host::start(&sb).await;
 
     let (_a, name_a) = host.tunnel(&sb, &alice, &ba).await;
@@ -142,7 +168,9 @@ async fn reconnect_takeover_keeps_the_new_tunnel() {
         .ssh(&sb, &key)
         .args(["-tt", "-R", &format!("80:127.0.0.1:{}", old_backend.port)])
         .spawn();
-    let banner = a.wait_line("Forwarding …", |l| l.starts_with("Forwarding http://")).await;
+    let banner = a
+        .wait_line("Forwarding …", |l| l.starts_with("Forwarding http://"))
+        .await;
     let name = banner
         .strip_prefix("Forwarding http://")
         .and_then(|r| r.split('.').next())
@@ -156,7 +184,10 @@ async fn reconnect_takeover_keeps_the_new_tunnel() {
         .args(["-N", "-R", &format!("80:127.0.0.1:{}", new_backend.port)])
         .spawn();
     host.wait_served(&name, &new_backend).await;
-    a.wait_line("takeover notice", |l| l.contains(&format!("{name} is now served by a newer connection"))).await;
+    a.wait_line("takeover notice", |l| {
+        l.contains(&format!("{name} is now served by a newer connection"))
+    })
+    .await;
 
     // A goes away: its cleanup must not remove A'’s tunnel.
     a.kill().await;
@@ -171,7 +202,11 @@ async fn reconnect_takeover_keeps_the_new_tunnel() {
         );
     }
     assert_eq!(old_backend.hits(), hits_before, "old backend still reached");
-    assert!(!host.log().contains(&format!("tunnel {name} down")), "{}", host.log());
+    assert!(
+        !host.log().contains(&format!("tunnel {name} down")),
+        "{}",
+        host.log()
+    );
 
     // Control: when A' goes, the name does go offline.
     drop(_a2);
@@ -195,7 +230,10 @@ async fn dash_n_tunnel_uses_the_info_name() {
         (host.whoami(&info.name).await.0 == 200).then_some(info)
     })
     .await;
-    assert_eq!(host.whoami(&info.name).await, (200, "carol-backend".to_string()));
+    assert_eq!(
+        host.whoami(&info.name).await,
+        (200, "carol-backend".to_string())
+    );
     // The name is exactly the one info reports, and only that one.
     assert_eq!(host.whoami(&format!("x{}", info.name)).await.0, 404);
 }
@@ -212,7 +250,10 @@ async fn shell_session_prints_url_and_request_log() {
         .ssh(&sb, &key)
         .args(["-tt", "-R", &format!("80:localhost:{}", backend.port)])
         .spawn();
-    let expected = format!("Forwarding http://{}.localhost:{} -> your -R target", info.name, host.http_port);
+    let expected = format!(
+        "Forwarding http://{}.localhost:{} -> your -R target",
+        info.name, host.http_port
+    );
     shell.wait_line(&expected, |l| l.trim() == expected).await;
     host.wait_served(&info.name, &backend).await;
 
@@ -225,13 +266,19 @@ async fn shell_session_prints_url_and_request_log() {
             && f[0] == method
             && f[1] == path
             && f[2] == status
-            && f[3].strip_suffix("ms").is_some_and(|ms| !ms.is_empty() && ms.bytes().all(|b| b.is_ascii_digit()))
+            && f[3]
+                .strip_suffix("ms")
+                .is_some_and(|ms| !ms.is_empty() && ms.bytes().all(|b| b.is_ascii_digit()))
     };
     shell
-        .wait_line("GET /echo?from=shell 200 Nms", |l| is_log(l, "GET", "/echo?from=shell", "200"))
+        .wait_line("GET /echo?from=shell 200 Nms", |l| {
+            is_log(l, "GET", "/echo?from=shell", "200")
+        })
         .await;
     shell
-        .wait_line("GET /nothing-here 404 Nms", |l| is_log(l, "GET", "/nothing-here", "404"))
+        .wait_line("GET /nothing-here 404 Nms", |l| {
+            is_log(l, "GET", "/nothing-here", "404")
+        })
         .await;
     assert!(shell.try_exit().is_none(), "shell session ended early");
 }
@@ -245,7 +292,11 @@ async fn assert_subname_served(label: &str) {
 
     let client = host
         .ssh(&sb, &key)
-        .args(["-N", "-R", &format!("{label}:80:127.0.0.1:{}", sub_backend.port)])
+        .args([
+            "-N",
+            "-R",
+            &format!("{label}:80:127.0.0.1:{}", sub_backend.port),
+        ])
         .spawn();
     let sub = format!("{label}-{name}");
     let (mut status, mut body) = (0, String::new());
@@ -299,7 +350,10 @@ async fn domain_and_ports_from_environment() {
     assert!(sb.join("env-data").join("ssh_host_ed25519_key").exists());
 
     let info = host.info(&sb, &key).await;
-    assert_eq!(info.url, format!("http://{}.tunnels.example:{}", info.name, host.http_port));
+    assert_eq!(
+        info.url,
+        format!("http://{}.tunnels.example:{}", info.name, host.http_port)
+    );
     let _client = host
         .ssh(&sb, &key)
         .args(["-N", "-R", &format!("80:127.0.0.1:{}", backend.port)])
@@ -308,7 +362,10 @@ async fn domain_and_ports_from_environment() {
     let body = eventually(WAIT, "tunnel on the configured domain", || async {
         let res = client
             .get(host.url("/whoami"))
-            .header("host", format!("{}.tunnels.example:{}", info.name, host.http_port))
+            .header(
+                "host",
+                format!("{}.tunnels.example:{}", info.name, host.http_port),
+            )
             .send()
             .await
             .ok()?;

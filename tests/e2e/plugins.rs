@@ -34,7 +34,10 @@ fn read(path: &Path) -> Vec<u8> {
 /// Writes a file atomically (temporary name, then rename), as an operator deploying should.
 /// The temporary name has no `.wasm`/`.json` extension, so the host never loads it half-written.
 fn write_atomic(path: &Path, bytes: &[u8]) {
-    let tmp = path.with_file_name(format!(".{}.tmp", path.file_name().unwrap().to_string_lossy()));
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp",
+        path.file_name().unwrap().to_string_lossy()
+    ));
     std::fs::write(&tmp, bytes).unwrap_or_else(|e| panic!("write {}: {e}", tmp.display()));
     std::fs::rename(&tmp, path).unwrap_or_else(|e| panic!("rename to {}: {e}", path.display()));
 }
@@ -50,7 +53,10 @@ fn plugins_dir(sb: &Sandbox) -> PathBuf {
 /// Puts `<dir>/<stem>.wasm` (and `<stem>.json` if given) in place; returns the wasm path.
 fn install(dir: &Path, stem: &str, wasm: &[u8], sidecar: Option<serde_json::Value>) -> PathBuf {
     if let Some(sidecar) = sidecar {
-        write_atomic(&dir.join(format!("{stem}.json")), sidecar.to_string().as_bytes());
+        write_atomic(
+            &dir.join(format!("{stem}.json")),
+            sidecar.to_string().as_bytes(),
+        );
     }
     let path = dir.join(format!("{stem}.wasm"));
     write_atomic(&path, wasm);
@@ -140,9 +146,18 @@ impl CliOutput {
 
     /// Stdout as JSON (for `plugin run`).
     fn json(&self) -> serde_json::Value {
-        assert!(self.success(), "p0rt plugin exited {:?}; stderr:\n{}", self.code, self.stderr);
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {:?}; stderr:\n{}", self.stdout, self.stderr))
+        assert!(
+            self.success(),
+            "p0rt plugin exited {:?}; stderr:\n{}",
+            self.code,
+            self.stderr
+        );
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not JSON ({e}): {:?}; stderr:\n{}",
+                self.stdout, self.stderr
+            )
+        })
     }
 }
 
@@ -228,7 +243,11 @@ fn client_from(ip: &str) -> reqwest::Client {
 }
 
 /// `GET /whoami` for `name` through the edge with `client`: status, Retry-After and body.
-async fn whoami_with(client: &reqwest::Client, host: &Host, name: &str) -> (u16, Option<String>, String) {
+async fn whoami_with(
+    client: &reqwest::Client,
+    host: &Host,
+    name: &str,
+) -> (u16, Option<String>, String) {
     let res = client
         .get(host.url("/whoami"))
         .header(reqwest::header::HOST, host.host_header(name))
@@ -245,7 +264,14 @@ async fn whoami_with(client: &reqwest::Client, host: &Host, name: &str) -> (u16,
 
 /// Starts `ssh -N -R 80:…` for `key` without waiting for a 200 (for tunnels whose every
 /// request is denied); waits until the edge answers `status` for `name`.
-async fn tunnel_answering(host: &Host, sb: &Sandbox, key: &Key, backend: &Backend, name: &str, status: u16) -> SshClient {
+async fn tunnel_answering(
+    host: &Host,
+    sb: &Sandbox,
+    key: &Key,
+    backend: &Backend,
+    name: &str,
+    status: u16,
+) -> SshClient {
     let client = host
         .ssh(sb, key)
         .args(["-N", "-R", &format!("80:127.0.0.1:{}", backend.port)])
@@ -268,7 +294,10 @@ async fn info_without_fallback(host: &Host, sb: &Sandbox, stem: &str) -> (Key, S
             return (key, name);
         }
     }
-    panic!("the naming plugin failed for 3 keys in a row; log:\n{}", host.log());
+    panic!(
+        "the naming plugin failed for 3 keys in a row; log:\n{}",
+        host.log()
+    );
 }
 
 /// Seconds into the current minute (unix time).
@@ -308,24 +337,59 @@ async fn hostile_naming_falls_back(mode: &str, reason: &str) {
     );
 
     let info = host.info(&sb, &key).await;
-    assert_eq!(info.name, builtin_name(&key), "mode {mode}: not the built-in name");
-    assert_eq!(info.url, format!("http://{}.localhost:{}", info.name, host.http_port));
+    assert_eq!(
+        info.name,
+        builtin_name(&key),
+        "mode {mode}: not the built-in name"
+    );
+    assert_eq!(
+        info.url,
+        format!("http://{}.localhost:{}", info.name, host.http_port)
+    );
 
     let (_client, name) = host.tunnel(&sb, &key, &backend).await;
-    assert_eq!(name, info.name, "mode {mode}: name changed between info and tunnel");
+    assert_eq!(
+        name, info.name,
+        "mode {mode}: name changed between info and tunnel"
+    );
     for _ in 0..3 {
-        assert_eq!(host.whoami(&name).await, (200, backend.id.clone()), "mode {mode}");
+        assert_eq!(
+            host.whoami(&name).await,
+            (200, backend.id.clone()),
+            "mode {mode}"
+        );
     }
-    assert_eq!(host.info(&sb, &key).await.name, name, "mode {mode}: name not stable");
+    assert_eq!(
+        host.info(&sb, &key).await.name,
+        name,
+        "mode {mode}: name not stable"
+    );
 
-    let log = wait_log(&host, "naming falls back to the built-in namer: plugin hostile (").await;
+    let log = wait_log(
+        &host,
+        "naming falls back to the built-in namer: plugin hostile (",
+    )
+    .await;
     let line = log_line(&log, "naming falls back to the built-in namer");
-    assert!(line.contains(reason), "mode {mode}: fallback line does not say {reason:?}: {line}");
-    assert!(host.is_running(), "host died with hostile naming mode {mode}:\n{log}");
+    assert!(
+        line.contains(reason),
+        "mode {mode}: fallback line does not say {reason:?}: {line}"
+    );
+    assert!(
+        host.is_running(),
+        "host died with hostile naming mode {mode}:\n{log}"
+    );
     // The host answers other keys too (it did not wedge on the plugin).
     let other = sb.key("bystander");
-    assert_eq!(host.info(&sb, &other).await.name, builtin_name(&other), "mode {mode}");
-    assert!(host.is_running(), "host died with hostile naming mode {mode}");
+    assert_eq!(
+        host.info(&sb, &other).await.name,
+        builtin_name(&other),
+        "mode {mode}"
+    );
+    assert!(
+        host.is_running(),
+        "host died with hostile naming mode {mode}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -367,9 +431,16 @@ async fn naming_plugin_cannot_steal_another_keys_name() {
     let sb = Sandbox::new();
     let dir = plugins_dir(&sb);
     let (alice, bob) = (sb.key("alice"), sb.key("bob"));
-    let (ba, bb) = (Backend::start("alice-backend").await, Backend::start("bob-backend").await);
+    let (ba, bb) = (
+        Backend::start("alice-backend").await,
+        Backend::start("bob-backend").await,
+    );
     let host = host_with_plugins(&sb, &dir).await;
-    wait_log(&host, &format!("watching {} for plugin changes", dir.display())).await;
+    wait_log(
+        &host,
+        &format!("watching {} for plugin changes", dir.display()),
+    )
+    .await;
 
     // Alice gets her name from the bundled words plugin and keeps a tunnel open.
     let (_a, alice_name) = host.tunnel(&sb, &alice, &ba).await;
@@ -381,17 +452,29 @@ async fn naming_plugin_cannot_steal_another_keys_name() {
 
     let bob_info = host.info(&sb, &bob).await;
     assert_ne!(bob_info.name, alice_name, "bob was given alice's name");
-    assert_eq!(bob_info.name, builtin_name(&bob), "bob should get the built-in name");
+    assert_eq!(
+        bob_info.name,
+        builtin_name(&bob),
+        "bob should get the built-in name"
+    );
     let (_b, bob_name) = host.tunnel(&sb, &bob, &bb).await;
     assert_eq!(bob_name, bob_info.name);
 
     // Alice keeps her name and her traffic; Bob's name reaches Bob.
     assert_eq!(host.info(&sb, &alice).await.name, alice_name);
-    assert_eq!(host.whoami(&alice_name).await, (200, "alice-backend".to_string()));
-    assert_eq!(host.whoami(&bob_name).await, (200, "bob-backend".to_string()));
+    assert_eq!(
+        host.whoami(&alice_name).await,
+        (200, "alice-backend".to_string())
+    );
+    assert_eq!(
+        host.whoami(&bob_name).await,
+        (200, "bob-backend".to_string())
+    );
 
-    let stored: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(host.data_dir().join("domains.json")).unwrap()).unwrap();
+    let stored: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(host.data_dir().join("domains.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(stored[alice.key_hash()]["domain"], alice_name, "{stored}");
     assert_eq!(stored[bob.key_hash()]["domain"], bob_name, "{stored}");
 }
@@ -404,9 +487,16 @@ async fn naming_plugin_cannot_take_over_another_keys_subname() {
     let sb = Sandbox::new();
     let dir = plugins_dir(&sb);
     let (alice, bob) = (sb.key("alice"), sb.key("bob"));
-    let (alice_sub, bob_backend) = (Backend::start("alice-sub").await, Backend::start("bob-backend").await);
+    let (alice_sub, bob_backend) = (
+        Backend::start("alice-sub").await,
+        Backend::start("bob-backend").await,
+    );
     let host = host_with_plugins(&sb, &dir).await;
-    wait_log(&host, &format!("watching {} for plugin changes", dir.display())).await;
+    wait_log(
+        &host,
+        &format!("watching {} for plugin changes", dir.display()),
+    )
+    .await;
 
     // Alice serves her `api` sub-name.
     let alice_name = host.info(&sb, &alice).await.name;
@@ -455,7 +545,12 @@ async fn broken_plugin_files_are_refused_and_bundled_plugins_keep_serving() {
     let garbage_path = install(&dir, "garbage", &garbage(), None);
     let big_memory = install(&dir, "bigmemory", &wat_naming_component(65536, 1), None);
     let big_table = install(&dir, "bigtable", &wat_naming_component(1, 5_000_000), None);
-    let wrong_world = install(&dir, "wrongworld", &read(&bundled("ratelimit.wasm")), Some(json!({ "role": "naming" })));
+    let wrong_world = install(
+        &dir,
+        "wrongworld",
+        &read(&bundled("ratelimit.wasm")),
+        Some(json!({ "role": "naming" })),
+    );
     // A good plugin whose init refuses its configuration, and one whose sidecar is not JSON.
     let bad_config = install(
         &dir,
@@ -474,15 +569,25 @@ async fn broken_plugin_files_are_refused_and_bundled_plugins_keep_serving() {
         (&garbage_path, &["cannot be compiled"][..]),
         (&big_memory, &["memory", "exceed"][..]),
         (&big_table, &["table", "exceed"][..]),
-        (&wrong_world, &["implements no p0rt:policy world for role naming"][..]),
-        (&bad_config, &["init refused its configuration", "ratelimit config"][..]),
+        (
+            &wrong_world,
+            &["implements no p0rt:policy world for role naming"][..],
+        ),
+        (
+            &bad_config,
+            &["init refused its configuration", "ratelimit config"][..],
+        ),
         (&bad_sidecar, &["sidecar", "badsidecar.json"][..]),
     ] {
         let marker = failed_line(path);
         let line = log_line(&log, &marker);
         let reason = &line[line.find(&marker).unwrap() + marker.len()..];
         for word in reasons {
-            assert!(reason.contains(word), "refusal of {} does not say {word:?}: {line}", path.display());
+            assert!(
+                reason.contains(word),
+                "refusal of {} does not say {word:?}: {line}",
+                path.display()
+            );
         }
         assert!(
             !log.contains(&format!("loaded from {}", path.display())),
@@ -492,7 +597,8 @@ async fn broken_plugin_files_are_refused_and_bundled_plugins_keep_serving() {
     }
     for bundled in ["words", "ratelimit", "scan-guard"] {
         assert!(
-            log.lines().any(|l| l.contains(&format!("plugin {bundled} (")) && l.contains("[bundled]")),
+            log.lines()
+                .any(|l| l.contains(&format!("plugin {bundled} (")) && l.contains("[bundled]")),
             "bundled {bundled} not serving:\n{log}"
         );
     }
@@ -501,7 +607,10 @@ async fn broken_plugin_files_are_refused_and_bundled_plugins_keep_serving() {
     let (_client, name) = host.tunnel(&sb, &key, &backend).await;
     assert_eq!(name, builtin_name(&key));
     assert_ne!(name, "wat-plugged");
-    assert_eq!(host.whoami(&name).await, (200, "bundled-serves".to_string()));
+    assert_eq!(
+        host.whoami(&name).await,
+        (200, "bundled-serves".to_string())
+    );
     assert!(host.is_running());
 }
 
@@ -513,35 +622,92 @@ async fn plugin_check_rejects_broken_files_with_a_clear_message() {
     let big_memory = install(&dir, "bigmemory", &wat_naming_component(65536, 1), None);
     let big_table = install(&dir, "bigtable", &wat_naming_component(1, 5_000_000), None);
     let small = install(&dir, "small", &wat_naming_component(1, 1), None);
-    let wrong_world = install(&dir, "wrongworld", &read(&bundled("ratelimit.wasm")), Some(json!({ "role": "naming" })));
-    let plain_ratelimit = install(&dir, "plainratelimit", &read(&bundled("ratelimit.wasm")), None);
+    let wrong_world = install(
+        &dir,
+        "wrongworld",
+        &read(&bundled("ratelimit.wasm")),
+        Some(json!({ "role": "naming" })),
+    );
+    let plain_ratelimit = install(
+        &dir,
+        "plainratelimit",
+        &read(&bundled("ratelimit.wasm")),
+        None,
+    );
 
     // The control: the same WAT plugin with a small memory and table is a valid naming plugin.
     let out = p0rt_cli(sb.path(), &["plugin", "check", path_str(&small)]).await;
     assert!(out.success(), "small WAT plugin refused: {}", out.stderr);
-    assert!(out.stdout.contains("naming") && out.stdout.contains("p0rt:policy@0.1.1"), "{}", out.stdout);
-    let out = p0rt_cli(sb.path(), &["plugin", "run", path_str(&small), "--input", r#"{"ssh_key_hash":"abc"}"#]).await;
-    assert_eq!(out.json(), json!({ "decision": "name", "value": "wat-plugged" }));
+    assert!(
+        out.stdout.contains("naming") && out.stdout.contains("p0rt:policy@0.1.1"),
+        "{}",
+        out.stdout
+    );
+    let out = p0rt_cli(
+        sb.path(),
+        &[
+            "plugin",
+            "run",
+            path_str(&small),
+            "--input",
+            r#"{"ssh_key_hash":"abc"}"#,
+        ],
+    )
+    .await;
+    assert_eq!(
+        out.json(),
+        json!({ "decision": "name", "value": "wat-plugged" })
+    );
 
     for (path, role, reason) in [
         (&garbage_path, None, "cannot be compiled"),
         (&big_memory, None, "memory"),
         (&big_table, None, "table"),
-        (&wrong_world, None, "implements no p0rt:policy world for role naming"),
-        (&plain_ratelimit, Some("naming"), "implements no p0rt:policy world for role naming"),
+        (
+            &wrong_world,
+            None,
+            "implements no p0rt:policy world for role naming",
+        ),
+        (
+            &plain_ratelimit,
+            Some("naming"),
+            "implements no p0rt:policy world for role naming",
+        ),
     ] {
         let mut args = vec!["plugin", "check", path_str(path)];
         if let Some(role) = role {
             args.extend(["--role", role]);
         }
         let out = p0rt_cli(sb.path(), &args).await;
-        assert!(!out.success(), "plugin check accepted {}: {}", path.display(), out.stdout);
-        assert!(out.code.is_some(), "plugin check died by a signal on {}", path.display());
+        assert!(
+            !out.success(),
+            "plugin check accepted {}: {}",
+            path.display(),
+            out.stdout
+        );
+        assert!(
+            out.code.is_some(),
+            "plugin check died by a signal on {}",
+            path.display()
+        );
         let marker = format!("plugin {} cannot be loaded: ", path.display());
-        let why = out.stderr.split_once(&marker).map(|(_, why)| why).unwrap_or_else(|| {
-            panic!("plugin check on {}: no {marker:?}; stderr:\n{}", path.display(), out.stderr)
-        });
-        assert!(why.contains(reason), "plugin check on {}: expected {reason:?}; stderr:\n{}", path.display(), out.stderr);
+        let why = out
+            .stderr
+            .split_once(&marker)
+            .map(|(_, why)| why)
+            .unwrap_or_else(|| {
+                panic!(
+                    "plugin check on {}: no {marker:?}; stderr:\n{}",
+                    path.display(),
+                    out.stderr
+                )
+            });
+        assert!(
+            why.contains(reason),
+            "plugin check on {}: expected {reason:?}; stderr:\n{}",
+            path.display(),
+            out.stderr
+        );
         if path == &big_memory || path == &big_table {
             assert!(why.contains("exceed"), "{}", out.stderr);
         }
@@ -550,13 +716,21 @@ async fn plugin_check_rejects_broken_files_with_a_clear_message() {
     // Without the role, the same ratelimit file is fine.
     let out = p0rt_cli(sb.path(), &["plugin", "check", path_str(&plain_ratelimit)]).await;
     assert!(out.success(), "{}", out.stderr);
-    assert!(out.stdout.contains("role:      rate-limit"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("role:      rate-limit"),
+        "{}",
+        out.stdout
+    );
 
     // A file that does not exist.
     let missing = dir.join("missing.wasm");
     let out = p0rt_cli(sb.path(), &["plugin", "check", path_str(&missing)]).await;
     assert!(!out.success());
-    assert!(out.stderr.contains("cannot read") && out.stderr.contains("missing.wasm"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("cannot read") && out.stderr.contains("missing.wasm"),
+        "{}",
+        out.stderr
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -567,7 +741,12 @@ async fn plugin_check_rejects_broken_files_with_a_clear_message() {
 async fn old_policy_version_plugin_loads_and_names_keys() {
     let sb = Sandbox::new();
     let dir = plugins_dir(&sb);
-    let wasm = install(&dir, "old", &read(&fixture("fixture_old_version.wasm")), None);
+    let wasm = install(
+        &dir,
+        "old",
+        &read(&fixture("fixture_old_version.wasm")),
+        None,
+    );
     let backend = Backend::start("old-backend").await;
     // The directory through the environment this time.
     let config = HostConfig::flags(&sb.data_dir()).env("PLUGINS_DIR", dir.to_string_lossy());
@@ -600,15 +779,27 @@ async fn old_policy_version_plugin_loads_and_names_keys() {
     .await;
     assert_eq!(newcomer_name, builtin_name(&newcomer));
     assert_eq!(host.info(&sb, &key).await.name, expected);
-    assert_eq!(host.whoami(&expected).await, (200, "old-backend".to_string()));
+    assert_eq!(
+        host.whoami(&expected).await,
+        (200, "old-backend".to_string())
+    );
 
-    let wasm = install(&sb.join("."), "old-copy", &read(&fixture("fixture_old_version.wasm")), None);
+    let wasm = install(
+        &sb.join("."),
+        "old-copy",
+        &read(&fixture("fixture_old_version.wasm")),
+        None,
+    );
     let out = p0rt_cli(sb.path(), &["plugin", "check", path_str(&wasm)]).await;
     assert!(out.success(), "{}", out.stderr);
     assert!(out.stdout.contains("p0rt:policy@0.1.0"), "{}", out.stdout);
     assert!(out.stdout.contains("role:      naming"), "{}", out.stdout);
     let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(read(&wasm)));
-    assert!(out.stdout.contains(&sha), "sha256 {sha} missing: {}", out.stdout);
+    assert!(
+        out.stdout.contains(&sha),
+        "sha256 {sha} missing: {}",
+        out.stdout
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -623,10 +814,18 @@ async fn rate_limit_plugin_deny_answers_429_without_reaching_backend() {
     let key = sb.key("denied");
     let backend = Backend::start("never-reached").await;
     let host = host_with_plugins(&sb, &dir).await;
-    assert!(host.log().contains(&loaded_line(&wasm, "rate-limit")), "{}", host.log());
+    assert!(
+        host.log().contains(&loaded_line(&wasm, "rate-limit")),
+        "{}",
+        host.log()
+    );
 
     let name = host.info(&sb, &key).await.name;
-    assert_eq!(name, builtin_name(&key), "naming should still be the bundled words plugin");
+    assert_eq!(
+        name,
+        builtin_name(&key),
+        "naming should still be the bundled words plugin"
+    );
     let _client = tunnel_answering(&host, &sb, &key, &backend, &name, 429).await;
 
     let client = http_client();
@@ -638,13 +837,23 @@ async fn rate_limit_plugin_deny_answers_429_without_reaching_backend() {
             .await
             .expect("request through the edge");
         assert_eq!(res.status().as_u16(), 429, "request {i}");
-        let retry = res.headers().get(reqwest::header::RETRY_AFTER).map(|v| v.to_str().unwrap().to_string());
+        let retry = res
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .map(|v| v.to_str().unwrap().to_string());
         assert_eq!(retry.as_deref(), Some("7"), "request {i}: Retry-After");
         let body = res.text().await.unwrap();
-        assert!(body.contains("hostile fixture says no"), "request {i}: body {body:?}");
+        assert!(
+            body.contains("hostile fixture says no"),
+            "request {i}: body {body:?}"
+        );
     }
     assert_eq!(backend.hits(), 0, "a denied request reached the backend");
-    assert!(!host.log().contains("rate limiting falls back"), "{}", host.log());
+    assert!(
+        !host.log().contains("rate limiting falls back"),
+        "{}",
+        host.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -655,15 +864,27 @@ async fn trapping_rate_limit_plugin_falls_back_and_traffic_flows() {
     let key = sb.key("k");
     let backend = Backend::start("still-served").await;
     let mut host = host_with_plugins(&sb, &dir).await;
-    assert!(host.log().contains(&loaded_line(&wasm, "rate-limit")), "{}", host.log());
+    assert!(
+        host.log().contains(&loaded_line(&wasm, "rate-limit")),
+        "{}",
+        host.log()
+    );
 
     let (_client, name) = host.tunnel(&sb, &key, &backend).await;
     let before = backend.hits();
     for i in 0..10 {
-        assert_eq!(host.whoami(&name).await, (200, "still-served".to_string()), "request {i}");
+        assert_eq!(
+            host.whoami(&name).await,
+            (200, "still-served".to_string()),
+            "request {i}"
+        );
     }
     assert_eq!(backend.hits(), before + 10);
-    let log = wait_log(&host, "rate limiting falls back to the built-in limiter: plugin hostile (").await;
+    let log = wait_log(
+        &host,
+        "rate limiting falls back to the built-in limiter: plugin hostile (",
+    )
+    .await;
     assert!(log.contains("trapped (panic or abort)"), "{log}");
     // It keeps failing, so it is benched (and the built-in limiter keeps serving meanwhile).
     assert!(log.contains("benched for"), "{log}");
@@ -679,11 +900,20 @@ async fn ratelimit_plugin_config_limits_requests_per_ip() {
         "per_tunnel": { "limit": 0, "window_seconds": 60 },
         "per_key": { "limit": 0, "window_seconds": 60 },
     }});
-    let wasm = install(&dir, "ratelimit", &read(&bundled("ratelimit.wasm")), Some(config));
+    let wasm = install(
+        &dir,
+        "ratelimit",
+        &read(&bundled("ratelimit.wasm")),
+        Some(config),
+    );
     let key = sb.key("limited");
     let backend = Backend::start("limited-backend").await;
     let host = host_with_plugins(&sb, &dir).await;
-    assert!(host.log().contains(&loaded_line(&wasm, "rate-limit")), "{}", host.log());
+    assert!(
+        host.log().contains(&loaded_line(&wasm, "rate-limit")),
+        "{}",
+        host.log()
+    );
     // (The tunnel check below spends one request of 127.0.0.1's budget.)
     let (_client, name) = host.tunnel(&sb, &key, &backend).await;
 
@@ -716,15 +946,25 @@ async fn ratelimit_plugin_config_limits_requests_per_ip() {
         }
         assert_eq!(statuses, vec![200, 200, 200, 429], "from {ip}");
         let (_, retry, body) = &answers[3];
-        let retry: u32 = retry.as_deref().expect("Retry-After on the 429").parse().unwrap();
+        let retry: u32 = retry
+            .as_deref()
+            .expect("Retry-After on the 429")
+            .parse()
+            .unwrap();
         assert!((1..=60).contains(&retry), "Retry-After {retry}");
-        assert!(body.contains("too many requests from your address"), "{body:?}");
+        assert!(
+            body.contains("too many requests from your address"),
+            "{body:?}"
+        );
         assert_eq!(backend.hits(), hits + 3, "the 429 reached the backend");
         // Other addresses are not affected.
         assert_eq!(host.whoami(&name).await.0, 200);
         return;
     }
-    panic!("every attempt was inconclusive: {attempts:?}; log:\n{}", host.log());
+    panic!(
+        "every attempt was inconclusive: {attempts:?}; log:\n{}",
+        host.log()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -751,7 +991,11 @@ async fn hot_reload_under_traffic_never_fails_a_request() {
     let host = Arc::new(host_with_plugins(&sb, &dir).await);
     let loaded = loaded_line(&wasm, "rate-limit");
     assert_eq!(host.log().matches(&loaded).count(), 1, "{}", host.log());
-    wait_log(&host, &format!("watching {} for plugin changes", dir.display())).await;
+    wait_log(
+        &host,
+        &format!("watching {} for plugin changes", dir.display()),
+    )
+    .await;
     let (_client, name) = host.tunnel(&sb, &key, &backend).await;
 
     // Sequential requests until told to stop (and at least REQUESTS), bounded in time.
@@ -789,9 +1033,11 @@ async fn hot_reload_under_traffic_never_fails_a_request() {
     let wait_requests = |n: usize| {
         let done = done.clone();
         async move {
-            eventually(Duration::from_secs(60), &format!("{n} requests"), || async {
-                (done.load(Ordering::SeqCst) >= n).then_some(())
-            })
+            eventually(
+                Duration::from_secs(60),
+                &format!("{n} requests"),
+                || async { (done.load(Ordering::SeqCst) >= n).then_some(()) },
+            )
             .await
         }
     };
@@ -817,7 +1063,11 @@ async fn hot_reload_under_traffic_never_fails_a_request() {
         .expect("traffic loop did not finish")
         .expect("traffic task panicked");
     assert!(count >= REQUESTS, "only {count} requests were made");
-    assert!(failures.is_empty(), "{} of {count} requests failed: {failures:?}", failures.len());
+    assert!(
+        failures.is_empty(),
+        "{} of {count} requests failed: {failures:?}",
+        failures.len()
+    );
     eprintln!(
         "hot reload: {count} requests, reload after #{after_reload}, garbage refused after #{after_garbage}, all 200"
     );
@@ -835,7 +1085,12 @@ async fn hot_reload_under_traffic_never_fails_a_request() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(last.0, 429, "limit 1 never took effect; last answer {last:?}; log:\n{}", host.log());
+    assert_eq!(
+        last.0,
+        429,
+        "limit 1 never took effect; last answer {last:?}; log:\n{}",
+        host.log()
+    );
     assert!(last.1.contains("too many requests"), "{last:?}");
 }
 
@@ -844,7 +1099,11 @@ async fn hot_reload_under_traffic_never_fails_a_request() {
 // ---------------------------------------------------------------------------------------------
 
 fn scan_input(target_is_own_tunnel: bool, checks: &[&str]) -> String {
-    let owned_names: Vec<&str> = if target_is_own_tunnel { vec!["x"] } else { Vec::new() };
+    let owned_names: Vec<&str> = if target_is_own_tunnel {
+        vec!["x"]
+    } else {
+        Vec::new()
+    };
     json!({
         "requester_key_hash": "k",
         "target": "x",
@@ -863,18 +1122,37 @@ async fn scan_admission_via_plugin_run() {
     let hostile = fixture("fixture_hostile.wasm");
 
     // scan-guard: someone else's target is rejected.
-    let out = p0rt_cli(sb.path(), &["plugin", "run", path_str(&guard), "--input", &scan_input(false, &["tls"])]).await;
+    let out = p0rt_cli(
+        sb.path(),
+        &[
+            "plugin",
+            "run",
+            path_str(&guard),
+            "--input",
+            &scan_input(false, &["tls"]),
+        ],
+    )
+    .await;
     let decision = out.json();
     assert_eq!(decision["decision"], "reject", "{decision}");
     assert!(
-        decision["reason"].as_str().unwrap().contains("not one of your tunnels"),
+        decision["reason"]
+            .as_str()
+            .unwrap()
+            .contains("not one of your tunnels"),
         "{decision}"
     );
 
     // scan-guard: own tunnel accepted, only the allowed checks kept.
     let out = p0rt_cli(
         sb.path(),
-        &["plugin", "run", path_str(&guard), "--input", &scan_input(true, &["tls", "open-ports", "headers"])],
+        &[
+            "plugin",
+            "run",
+            path_str(&guard),
+            "--input",
+            &scan_input(true, &["tls", "open-ports", "headers"]),
+        ],
     )
     .await;
     assert_eq!(
@@ -886,27 +1164,50 @@ async fn scan_admission_via_plugin_run() {
     let out = p0rt_cli(
         sb.path(),
         &[
-            "plugin", "run", path_str(&hostile), "--role", "scan-admission", "--config", r#"{"mode":"trap"}"#,
-            "--input", &scan_input(true, &["tls"]),
+            "plugin",
+            "run",
+            path_str(&hostile),
+            "--role",
+            "scan-admission",
+            "--config",
+            r#"{"mode":"trap"}"#,
+            "--input",
+            &scan_input(true, &["tls"]),
         ],
     )
     .await;
     let decision = out.json();
     assert_eq!(decision["decision"], "reject", "{decision}");
-    assert!(decision["reason"].as_str().unwrap().contains("trapped"), "{decision}");
+    assert!(
+        decision["reason"].as_str().unwrap().contains("trapped"),
+        "{decision}"
+    );
 
     // So does one that accepts with an invalid decision (priority 200, unrequested checks).
     let out = p0rt_cli(
         sb.path(),
         &[
-            "plugin", "run", path_str(&hostile), "--role", "scan-admission", "--config", r#"{"mode":"name:ok"}"#,
-            "--input", &scan_input(true, &["tls"]),
+            "plugin",
+            "run",
+            path_str(&hostile),
+            "--role",
+            "scan-admission",
+            "--config",
+            r#"{"mode":"name:ok"}"#,
+            "--input",
+            &scan_input(true, &["tls"]),
         ],
     )
     .await;
     let decision = out.json();
     assert_eq!(decision["decision"], "reject", "{decision}");
-    assert!(decision["reason"].as_str().unwrap().contains("invalid decision"), "{decision}");
+    assert!(
+        decision["reason"]
+            .as_str()
+            .unwrap()
+            .contains("invalid decision"),
+        "{decision}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -918,37 +1219,91 @@ async fn plugin_run_naming_and_rate_limit_decisions() {
     let naming_input = json!({ "ssh_key_hash": hash }).to_string();
 
     // The bundled words plugin agrees with the host's built-in namer.
-    let out = p0rt_cli(sb.path(), &["plugin", "run", path_str(&bundled("words.wasm")), "--input", &naming_input]).await;
-    assert_eq!(out.json(), json!({ "decision": "name", "value": builtin_name(&key) }));
+    let out = p0rt_cli(
+        sb.path(),
+        &[
+            "plugin",
+            "run",
+            path_str(&bundled("words.wasm")),
+            "--input",
+            &naming_input,
+        ],
+    )
+    .await;
+    assert_eq!(
+        out.json(),
+        json!({ "decision": "name", "value": builtin_name(&key) })
+    );
 
     // A hostile naming decision becomes a fallback with the reason.
     let out = p0rt_cli(
         sb.path(),
-        &["plugin", "run", path_str(&hostile), "--role", "naming", "--config", r#"{"mode":"stack"}"#, "--input", &naming_input],
+        &[
+            "plugin",
+            "run",
+            path_str(&hostile),
+            "--role",
+            "naming",
+            "--config",
+            r#"{"mode":"stack"}"#,
+            "--input",
+            &naming_input,
+        ],
     )
     .await;
     let decision = out.json();
     assert_eq!(decision["decision"], "fallback", "{decision}");
-    assert!(decision["value"].as_str().unwrap().contains("overflowed its stack"), "{decision}");
+    assert!(
+        decision["value"]
+            .as_str()
+            .unwrap()
+            .contains("overflowed its stack"),
+        "{decision}"
+    );
 
     // Rate limit: deny, as the plugin said.
-    let rate_input = json!({ "client_ip": "192.0.2.1", "name": "x", "method": "GET", "path": "/" }).to_string();
+    let rate_input =
+        json!({ "client_ip": "192.0.2.1", "name": "x", "method": "GET", "path": "/" }).to_string();
     let out = p0rt_cli(
         sb.path(),
-        &["plugin", "run", path_str(&hostile), "--role", "rate-limit", "--config", r#"{"mode":"deny"}"#, "--input", &rate_input],
+        &[
+            "plugin",
+            "run",
+            path_str(&hostile),
+            "--role",
+            "rate-limit",
+            "--config",
+            r#"{"mode":"deny"}"#,
+            "--input",
+            &rate_input,
+        ],
     )
     .await;
     assert_eq!(
         out.json(),
         json!({ "decision": "deny", "status": 429, "retry_after_seconds": 7, "message": "hostile fixture says no" })
     );
-    let out = p0rt_cli(sb.path(), &["plugin", "run", path_str(&bundled("ratelimit.wasm")), "--input", &rate_input]).await;
+    let out = p0rt_cli(
+        sb.path(),
+        &[
+            "plugin",
+            "run",
+            path_str(&bundled("ratelimit.wasm")),
+            "--input",
+            &rate_input,
+        ],
+    )
+    .await;
     assert_eq!(out.json(), json!({ "decision": "allow" }));
 
     // A component exporting several roles needs one.
     let out = p0rt_cli(sb.path(), &["plugin", "check", path_str(&hostile)]).await;
     assert!(!out.success(), "{}", out.stdout);
-    assert!(out.stderr.contains("implements several roles"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("implements several roles"),
+        "{}",
+        out.stderr
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -956,8 +1311,17 @@ async fn plugin_list_shows_bundled_overrides_and_broken_files() {
     let sb = Sandbox::new();
     let dir = plugins_dir(&sb);
     let broken = install(&dir, "broken", &garbage(), None);
-    let old = install(&dir, "old", &read(&fixture("fixture_old_version.wasm")), None);
-    let out = p0rt_cli(sb.path(), &["plugin", "list", "--plugins-dir", path_str(&dir)]).await;
+    let old = install(
+        &dir,
+        "old",
+        &read(&fixture("fixture_old_version.wasm")),
+        None,
+    );
+    let out = p0rt_cli(
+        sb.path(),
+        &["plugin", "list", "--plugins-dir", path_str(&dir)],
+    )
+    .await;
     assert!(out.success(), "plugin list failed: {}", out.stderr);
     let lines: Vec<&str> = out.stdout.lines().collect();
     let row = |needle: &str| {
@@ -968,14 +1332,25 @@ async fn plugin_list_shows_bundled_overrides_and_broken_files() {
             .to_string()
     };
     let rate = row("ratelimit");
-    assert!(rate.starts_with("rate-limit") && rate.contains("bundled"), "{rate}");
+    assert!(
+        rate.starts_with("rate-limit") && rate.contains("bundled"),
+        "{rate}"
+    );
     let scan = row("scan-guard");
-    assert!(scan.starts_with("scan-admission") && scan.contains("bundled"), "{scan}");
+    assert!(
+        scan.starts_with("scan-admission") && scan.contains("bundled"),
+        "{scan}"
+    );
     // The override takes the naming role from words.
     let naming = row(&old.display().to_string());
-    assert!(naming.starts_with("naming") && naming.contains("0.1.0"), "{naming}");
     assert!(
-        !out.stdout.lines().any(|l| l.starts_with("naming") && l.contains("bundled")),
+        naming.starts_with("naming") && naming.contains("0.1.0"),
+        "{naming}"
+    );
+    assert!(
+        !out.stdout
+            .lines()
+            .any(|l| l.starts_with("naming") && l.contains("bundled")),
         "bundled words still listed as naming:\n{}",
         out.stdout
     );
@@ -986,11 +1361,21 @@ async fn plugin_list_shows_bundled_overrides_and_broken_files() {
     // Without overrides: the three bundled plugins.
     let empty = sb.join("empty");
     std::fs::create_dir_all(&empty).unwrap();
-    let out = p0rt_cli(sb.path(), &["plugin", "list", "--plugins-dir", path_str(&empty)]).await;
+    let out = p0rt_cli(
+        sb.path(),
+        &["plugin", "list", "--plugins-dir", path_str(&empty)],
+    )
+    .await;
     assert!(out.success(), "{}", out.stderr);
-    for (role, name) in [("naming", "words"), ("rate-limit", "ratelimit"), ("scan-admission", "scan-guard")] {
+    for (role, name) in [
+        ("naming", "words"),
+        ("rate-limit", "ratelimit"),
+        ("scan-admission", "scan-guard"),
+    ] {
         assert!(
-            out.stdout.lines().any(|l| l.starts_with(role) && l.contains(name) && l.contains("bundled")),
+            out.stdout
+                .lines()
+                .any(|l| l.starts_with(role) && l.contains(name) && l.contains("bundled")),
             "no bundled {name} as {role}:\n{}",
             out.stdout
         );

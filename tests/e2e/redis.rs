@@ -10,7 +10,7 @@ use redis::AsyncCommands;
 
 use crate::backend::Backend;
 use crate::redis_support::{RedisCluster, RedisServer, SentinelGroup, require_redis};
-use crate::support::{HostConfig, Host, Sandbox, run_host_to_exit, require_tools, BIN};
+use crate::support::{BIN, Host, HostConfig, Sandbox, require_tools, run_host_to_exit};
 
 /// A host on `url` with Redis as the store.
 fn redis_host(sandbox: &Sandbox, url: &str) -> HostConfig {
@@ -39,7 +39,8 @@ fn generous_plugins(sandbox: &Sandbox) -> std::path::PathBuf {
 async fn health(host: &Host) -> (u16, serde_json::Value) {
     let res = host.get_base("/health/redis").await;
     let status = res.status().as_u16();
-    let body: serde_json::Value = serde_json::from_str(&res.text().await.unwrap()).expect("/health/redis is JSON");
+    let body: serde_json::Value =
+        serde_json::from_str(&res.text().await.unwrap()).expect("/health/redis is JSON");
     (status, body)
 }
 
@@ -71,19 +72,40 @@ async fn seed_layout_byte_for_byte() {
     let hash = key.key_hash();
 
     let mut client = redis.client().await;
-    let record: HashMap<String, String> = client.hgetall(format!("p0rt:domain:{hash}")).await.unwrap();
+    let record: HashMap<String, String> =
+        client.hgetall(format!("p0rt:domain:{hash}")).await.unwrap();
     let mut fields: Vec<&str> = record.keys().map(String::as_str).collect();
     fields.sort();
-    assert_eq!(fields, ["domain", "first_seen", "last_seen", "ssh_key_hash", "use_count"]);
+    assert_eq!(
+        fields,
+        [
+            "domain",
+            "first_seen",
+            "last_seen",
+            "ssh_key_hash",
+            "use_count"
+        ]
+    );
     assert_eq!(record["domain"], name);
     assert_eq!(record["ssh_key_hash"], hash);
-    let first_seen: i64 = record["first_seen"].parse().expect("first_seen is unix seconds");
-    assert!((first_seen - p0rt::unix_now()).abs() < 120, "first_seen {first_seen}");
+    let first_seen: i64 = record["first_seen"]
+        .parse()
+        .expect("first_seen is unix seconds");
+    assert!(
+        (first_seen - p0rt::unix_now()).abs() < 120,
+        "first_seen {first_seen}"
+    );
     assert_eq!(record["use_count"], "1");
-    let owner: String = client.get(format!("p0rt:domain:reverse:{name}")).await.unwrap();
+    let owner: String = client
+        .get(format!("p0rt:domain:reverse:{name}"))
+        .await
+        .unwrap();
     assert_eq!(owner, hash);
     let ttl: i64 = client.ttl(format!("p0rt:domain:{hash}")).await.unwrap();
-    assert!(ttl > 364 * 86_400 && ttl <= 365 * 86_400, "record TTL {ttl}");
+    assert!(
+        ttl > 364 * 86_400 && ttl <= 365 * 86_400,
+        "record TTL {ttl}"
+    );
     let all: Vec<String> = client.keys("*").await.unwrap();
     assert!(
         all.iter().all(|k| k.starts_with("p0rt:")),
@@ -94,15 +116,23 @@ async fn seed_layout_byte_for_byte() {
     assert_eq!(host.info(&sandbox, &key).await.name, name);
     host.restart().await;
     assert_eq!(host.info(&sandbox, &key).await.name, name);
-    let count: String = client.hget(format!("p0rt:domain:{hash}"), "use_count").await.unwrap();
+    let count: String = client
+        .hget(format!("p0rt:domain:{hash}"), "use_count")
+        .await
+        .unwrap();
     assert_eq!(count, "3");
 
-    let stats: serde_json::Value = serde_json::from_str(&host.get_base("/domain-stats").await.text().await.unwrap()).unwrap();
+    let stats: serde_json::Value =
+        serde_json::from_str(&host.get_base("/domain-stats").await.text().await.unwrap()).unwrap();
     assert_eq!(stats["storage_type"], "redis");
     assert_eq!(stats["total_domains"], 1);
     assert_eq!(stats["active_last_24h"], 1);
     let (status, body) = health(&host).await;
-    assert_eq!((status, body["status"].as_str()), (200, Some("healthy")), "{body}");
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("healthy")),
+        "{body}"
+    );
     assert!(body["latency_ms"].is_number() && body["message"] == "Redis connection is healthy");
 }
 
@@ -119,19 +149,40 @@ async fn password_database_and_prefix_settings() {
     let (code, stderr) = run_host_to_exit(&sandbox, &config, Duration::from_secs(20)).await;
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("refused the credentials"), "{stderr}");
-    assert!(!stderr.contains("wrong-password-123") && !stderr.contains("correct-horse"), "{stderr}");
+    assert!(
+        !stderr.contains("wrong-password-123") && !stderr.contains("correct-horse"),
+        "{stderr}"
+    );
 
     // Password in the URL, database 3, custom prefix.
-    let url = format!("redis://:correct-horse-battery@127.0.0.1:{}/3", redis.port());
+    let url = format!(
+        "redis://:correct-horse-battery@127.0.0.1:{}/3",
+        redis.port()
+    );
     let config = redis_host(&sandbox, &url).env("REDIS_PREFIX", "tunnels:");
     let host = Host::start_with(&sandbox, config).await;
-    assert!(!host.log().contains("correct-horse"), "password in the log:\n{}", host.log());
+    assert!(
+        !host.log().contains("correct-horse"),
+        "password in the log:\n{}",
+        host.log()
+    );
     let name = host.info(&sandbox, &key).await.name;
     let mut client = redis.client().await;
-    let _: () = redis::cmd("SELECT").arg(3).query_async(&mut client).await.unwrap();
-    let owner: Option<String> = client.get(format!("tunnels:domain:reverse:{name}")).await.unwrap();
+    let _: () = redis::cmd("SELECT")
+        .arg(3)
+        .query_async(&mut client)
+        .await
+        .unwrap();
+    let owner: Option<String> = client
+        .get(format!("tunnels:domain:reverse:{name}"))
+        .await
+        .unwrap();
     assert_eq!(owner, Some(key.key_hash()));
-    let _: () = redis::cmd("SELECT").arg(0).query_async(&mut client).await.unwrap();
+    let _: () = redis::cmd("SELECT")
+        .arg(0)
+        .query_async(&mut client)
+        .await
+        .unwrap();
     let in_db0: Vec<String> = client.keys("*").await.unwrap();
     assert!(in_db0.is_empty(), "database 0 untouched: {in_db0:?}");
 }
@@ -142,14 +193,26 @@ async fn bad_redis_urls_exit_2_naming_the_problem() {
     let sandbox = Sandbox::new();
     for (url, needle) in [
         ("http://:pw-abc@127.0.0.1:6379", "unknown scheme"),
-        ("redis-sentinel://:pw-abc@127.0.0.1:26379", "name the master"),
-        ("redis://:pw-abc@127.0.0.1:1,127.0.0.1:2/5", "only database 0"),
+        (
+            "redis-sentinel://:pw-abc@127.0.0.1:26379",
+            "name the master",
+        ),
+        (
+            "redis://:pw-abc@127.0.0.1:1,127.0.0.1:2/5",
+            "only database 0",
+        ),
     ] {
         let config = redis_host(&sandbox, url);
         let (code, stderr) = run_host_to_exit(&sandbox, &config, Duration::from_secs(20)).await;
         assert_eq!(code, Some(2), "{url}: {stderr}");
-        assert!(stderr.contains("REDIS_URL") && stderr.contains(needle), "{url}: {stderr}");
-        assert!(!stderr.contains("pw-abc"), "{url}: password leaked: {stderr}");
+        assert!(
+            stderr.contains("REDIS_URL") && stderr.contains(needle),
+            "{url}: {stderr}"
+        );
+        assert!(
+            !stderr.contains("pw-abc"),
+            "{url}: password leaked: {stderr}"
+        );
     }
 }
 
@@ -170,22 +233,42 @@ async fn two_hosts_claiming_one_name_never_share_it() {
             dir.join("contested.wasm"),
         )
         .unwrap();
-        std::fs::write(dir.join("contested.json"), r#"{"role":"naming","config":{"mode":"name:contested"}}"#).unwrap();
-        let config = redis_host(sandbox, &redis.url()).arg("--plugins-dir").arg(dir.to_string_lossy());
+        std::fs::write(
+            dir.join("contested.json"),
+            r#"{"role":"naming","config":{"mode":"name:contested"}}"#,
+        )
+        .unwrap();
+        let config = redis_host(sandbox, &redis.url())
+            .arg("--plugins-dir")
+            .arg(dir.to_string_lossy());
         hosts.push(Host::start_with(sandbox, config).await);
     }
     for round in 0..3 {
         let key_a = sandbox_a.key(&format!("a{round}"));
         let key_b = sandbox_b.key(&format!("b{round}"));
-        let (a, b) = tokio::join!(hosts[0].info(&sandbox_a, &key_a), hosts[1].info(&sandbox_b, &key_b));
+        let (a, b) = tokio::join!(
+            hosts[0].info(&sandbox_a, &key_a),
+            hosts[1].info(&sandbox_b, &key_b)
+        );
         assert_ne!(a.name, b.name, "round {round}: two keys got one name");
         let mut client = redis.client().await;
         for (key, info) in [(&key_a, &a), (&key_b, &b)] {
-            let owner: String = client.get(format!("p0rt:domain:reverse:{}", info.name)).await.unwrap();
-            assert_eq!(owner, key.key_hash(), "round {round}: {} owned by the wrong key", info.name);
+            let owner: String = client
+                .get(format!("p0rt:domain:reverse:{}", info.name))
+                .await
+                .unwrap();
+            assert_eq!(
+                owner,
+                key.key_hash(),
+                "round {round}: {} owned by the wrong key",
+                info.name
+            );
         }
         // Clear the contested name so the next round races for it again.
-        let _: () = client.del(format!("p0rt:domain:reverse:contested")).await.unwrap();
+        let _: () = client
+            .del(format!("p0rt:domain:reverse:contested"))
+            .await
+            .unwrap();
     }
 }
 
@@ -205,7 +288,11 @@ async fn poisoned_keys_are_treated_as_missing_and_logged() {
     let name = host.info(&sandbox, &carol).await.name;
     let record: HashMap<String, String> = client.hgetall(&record_key).await.unwrap();
     assert_eq!(record.get("domain"), Some(&name));
-    assert!(host.log().contains(&record_key), "poisoned key not logged:\n{}", host.log());
+    assert!(
+        host.log().contains(&record_key),
+        "poisoned key not logged:\n{}",
+        host.log()
+    );
 
     // A hash where the reverse key of dave's first-choice name belongs: that name is skipped.
     let dave = sandbox.key("dave");
@@ -215,12 +302,19 @@ async fn poisoned_keys_are_treated_as_missing_and_logged() {
     let dave_name = host.info(&sandbox, &dave).await.name;
     assert_ne!(dave_name, first_choice);
     let still: HashMap<String, String> = client.hgetall(&reverse).await.unwrap();
-    assert_eq!(still.get("oops").map(String::as_str), Some("1"), "foreign data left untouched");
+    assert_eq!(
+        still.get("oops").map(String::as_str),
+        Some("1"),
+        "foreign data left untouched"
+    );
 
     // Malformed fields in a record: treated as missing, never a panic; the host keeps serving.
     let erin = sandbox.key("erin");
     let _: () = client
-        .hset_multiple(format!("p0rt:domain:{}", erin.key_hash()), &[("domain", "erin-name"), ("first_seen", "yesterday")])
+        .hset_multiple(
+            format!("p0rt:domain:{}", erin.key_hash()),
+            &[("domain", "erin-name"), ("first_seen", "yesterday")],
+        )
         .await
         .unwrap();
     let out = host.ssh(&sandbox, &erin).command("info").output().await;
@@ -236,7 +330,9 @@ async fn redis_killed_under_traffic_loses_no_request() {
     let mut redis = RedisServer::start().await;
     let sandbox = Sandbox::new();
     let plugins = generous_plugins(&sandbox);
-    let config = redis_host(&sandbox, &redis.url()).arg("--plugins-dir").arg(plugins.to_string_lossy());
+    let config = redis_host(&sandbox, &redis.url())
+        .arg("--plugins-dir")
+        .arg(plugins.to_string_lossy());
     let host = Host::start_with(&sandbox, config).await;
     let backend = Backend::start("steady").await;
     let (_tunnel, name) = host.tunnel(&sandbox, &sandbox.key("frank"), &backend).await;
@@ -277,9 +373,22 @@ async fn redis_killed_under_traffic_loses_no_request() {
 
     let outcomes = traffic.await.unwrap();
     let failed: Vec<_> = outcomes.iter().filter(|o| !matches!(o, Ok(200))).collect();
-    assert!(outcomes.len() > 500, "only {} requests sent", outcomes.len());
-    assert!(failed.is_empty(), "{} of {} requests failed: {:?}", failed.len(), outcomes.len(), &failed[..failed.len().min(5)]);
-    eprintln!("unhealthy after {down_after:?}, healthy {up_after:?} after restart, {} requests", outcomes.len());
+    assert!(
+        outcomes.len() > 500,
+        "only {} requests sent",
+        outcomes.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        outcomes.len(),
+        &failed[..failed.len().min(5)]
+    );
+    eprintln!(
+        "unhealthy after {down_after:?}, healthy {up_after:?} after restart, {} requests",
+        outcomes.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -293,11 +402,23 @@ async fn known_keys_keep_names_while_redis_is_down_new_keys_wait() {
     let name = host.info(&sandbox, &known).await.name;
 
     redis.kill9();
-    assert_eq!(host.info(&sandbox, &known).await.name, name, "seen key keeps its name");
+    assert_eq!(
+        host.info(&sandbox, &known).await.name,
+        name,
+        "seen key keeps its name"
+    );
     let newcomer = sandbox.key("newcomer");
     let out = host.ssh(&sandbox, &newcomer).command("info").output().await;
-    assert!(!out.status.success(), "a new key must be refused while Redis is down: {}", out.stdout);
-    assert!(out.stdout.contains("no name can be given right now"), "{}", out.stdout);
+    assert!(
+        !out.status.success(),
+        "a new key must be refused while Redis is down: {}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("no name can be given right now"),
+        "{}",
+        out.stdout
+    );
 
     redis.restart().await;
     let started = Instant::now();
@@ -306,7 +427,11 @@ async fn known_keys_keep_names_while_redis_is_down_new_keys_wait() {
         if out.status.success() {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(10), "new key still refused after Redis returned: {}", out.stdout);
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "new key still refused after Redis returned: {}",
+            out.stdout
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -333,15 +458,30 @@ async fn sentinel_failover_is_followed() {
         if out.status.success() {
             break crate::support::Info::parse(&out.stdout).name;
         }
-        assert!(started.elapsed() < Duration::from_secs(20), "no name after failover: {}\n{}", out.stdout, host.log());
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no name after failover: {}\n{}",
+            out.stdout,
+            host.log()
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     };
     assert_ne!(after_name, name);
     let mut master = group.client_to_master().await;
-    let owner: Option<String> = master.get(format!("p0rt:domain:reverse:{after_name}")).await.unwrap();
+    let owner: Option<String> = master
+        .get(format!("p0rt:domain:reverse:{after_name}"))
+        .await
+        .unwrap();
     assert_eq!(owner, Some(after.key_hash()), "written to the new master");
-    let replicated: Option<String> = master.get(format!("p0rt:domain:reverse:{name}")).await.unwrap();
-    assert_eq!(replicated, Some(before.key_hash()), "the earlier name survived the failover");
+    let replicated: Option<String> = master
+        .get(format!("p0rt:domain:reverse:{name}"))
+        .await
+        .unwrap();
+    assert_eq!(
+        replicated,
+        Some(before.key_hash()),
+        "the earlier name survived the failover"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -355,12 +495,18 @@ async fn cluster_store_claims_and_counts_across_nodes() {
     for who in ["c1", "c2", "c3", "c4", "c5"] {
         let key = sandbox.key(who);
         let name = host.info(&sandbox, &key).await.name;
-        let record = cluster.hgetall(&format!("p0rt:domain:{}", key.key_hash())).await;
+        let record = cluster
+            .hgetall(&format!("p0rt:domain:{}", key.key_hash()))
+            .await;
         assert_eq!(record.get("domain"), Some(&name));
-        assert_eq!(cluster.get(&format!("p0rt:domain:reverse:{name}")).await, Some(key.key_hash()));
+        assert_eq!(
+            cluster.get(&format!("p0rt:domain:reverse:{name}")).await,
+            Some(key.key_hash())
+        );
         names.push(name);
     }
-    let stats: serde_json::Value = serde_json::from_str(&host.get_base("/domain-stats").await.text().await.unwrap()).unwrap();
+    let stats: serde_json::Value =
+        serde_json::from_str(&host.get_base("/domain-stats").await.text().await.unwrap()).unwrap();
     assert_eq!(stats["total_domains"], 5, "{stats}");
     let (status, body) = health(&host).await;
     assert_eq!(status, 200, "{body}");
@@ -378,11 +524,24 @@ fn p0rt_file(records: &[(&str, &str)]) -> String {
     format!("{{{}}}", entries.join(",\n"))
 }
 
-async fn migrate(sandbox: &Sandbox, to: &str, data_dir: &std::path::Path, url: &str) -> (Option<i32>, String) {
+async fn migrate(
+    sandbox: &Sandbox,
+    to: &str,
+    data_dir: &std::path::Path,
+    url: &str,
+) -> (Option<i32>, String) {
     let out = tokio::time::timeout(
         Duration::from_secs(60),
         tokio::process::Command::new(BIN)
-            .args(["migrate", "--to", to, "--data-dir", &data_dir.to_string_lossy(), "--redis-url", url])
+            .args([
+                "migrate",
+                "--to",
+                to,
+                "--data-dir",
+                &data_dir.to_string_lossy(),
+                "--redis-url",
+                url,
+            ])
             .current_dir(sandbox.path())
             .env("NO_COLOR", "1")
             .output(),
@@ -392,7 +551,11 @@ async fn migrate(sandbox: &Sandbox, to: &str, data_dir: &std::path::Path, url: &
     .expect("run migrate");
     (
         out.status.code(),
-        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
     )
 }
 
@@ -404,29 +567,52 @@ async fn migration_both_ways_with_counts() {
     let sandbox = Sandbox::new();
     let source = sandbox.join("from-p0rt");
     std::fs::create_dir_all(&source).unwrap();
-    let records = [("aa11", "whale-guitar-fox"), ("bb22", "otter-piano-lake"), ("cc33", "maple-drum-comet")];
+    let records = [
+        ("aa11", "whale-guitar-fox"),
+        ("bb22", "otter-piano-lake"),
+        ("cc33", "maple-drum-comet"),
+    ];
     std::fs::write(source.join("domains.json"), p0rt_file(&records)).unwrap();
 
     let (code, out) = migrate(&sandbox, "redis", &source, &redis.url()).await;
     assert_eq!(code, Some(0), "{out}");
-    assert!(out.contains("3 records read: 3 imported, 0 already present, 0 conflicts"), "{out}");
+    assert!(
+        out.contains("3 records read: 3 imported, 0 already present, 0 conflicts"),
+        "{out}"
+    );
     let (code, out) = migrate(&sandbox, "redis", &source, &redis.url()).await;
     assert_eq!(code, Some(0), "{out}");
-    assert!(out.contains("3 records read: 0 imported, 3 already present, 0 conflicts"), "idempotent: {out}");
+    assert!(
+        out.contains("3 records read: 0 imported, 3 already present, 0 conflicts"),
+        "idempotent: {out}"
+    );
 
     let mut client = redis.client().await;
     let record: HashMap<String, String> = client.hgetall("p0rt:domain:aa11").await.unwrap();
-    assert_eq!(record["first_seen"], "1640995200", "RFC 3339 became unix seconds");
+    assert_eq!(
+        record["first_seen"], "1640995200",
+        "RFC 3339 became unix seconds"
+    );
     assert_eq!(record["use_count"], "42");
 
     // A conflicting record in Redis: reported, not overwritten, exit 1.
-    let _: () = client.set("p0rt:domain:reverse:taken-name-here", "someone-else").await.unwrap();
+    let _: () = client
+        .set("p0rt:domain:reverse:taken-name-here", "someone-else")
+        .await
+        .unwrap();
     let conflicted = sandbox.join("conflicted");
     std::fs::create_dir_all(&conflicted).unwrap();
-    std::fs::write(conflicted.join("domains.json"), p0rt_file(&[("dd44", "taken-name-here")])).unwrap();
+    std::fs::write(
+        conflicted.join("domains.json"),
+        p0rt_file(&[("dd44", "taken-name-here")]),
+    )
+    .unwrap();
     let (code, out) = migrate(&sandbox, "redis", &conflicted, &redis.url()).await;
     assert_eq!(code, Some(1), "{out}");
-    assert!(out.contains("1 conflicts") && out.contains("taken-name-here"), "{out}");
+    assert!(
+        out.contains("1 conflicts") && out.contains("taken-name-here"),
+        "{out}"
+    );
 
     // Redis → JSON into a fresh directory: P0rt's shape, timestamps back to RFC 3339.
     let export = sandbox.join("export");
@@ -450,7 +636,10 @@ async fn empty_redis_imports_domains_json_at_start() {
     std::fs::create_dir_all(sandbox.data_dir()).unwrap();
     std::fs::write(
         sandbox.data_dir().join("domains.json"),
-        p0rt_file(&[(&key.key_hash(), "gina-kept-name"), ("ee55", "other-kept-name")]),
+        p0rt_file(&[
+            (&key.key_hash(), "gina-kept-name"),
+            ("ee55", "other-kept-name"),
+        ]),
     )
     .unwrap();
     let host = Host::start_with(&sandbox, redis_host(&sandbox, &redis.url())).await;
@@ -465,7 +654,10 @@ async fn health_redis_is_disabled_without_redis() {
     let host = Host::start(&sandbox).await;
     let (status, body) = health(&host).await;
     assert_eq!(status, 200);
-    assert_eq!(body, serde_json::json!({"status": "disabled", "message": "Redis is not available or not configured"}));
+    assert_eq!(
+        body,
+        serde_json::json!({"status": "disabled", "message": "Redis is not available or not configured"})
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -491,7 +683,9 @@ fn private_ca() -> (String, String, String) {
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let server_key = KeyPair::generate().unwrap();
     let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-    params.subject_alt_names.push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
     let server = params.signed_by(&server_key, &ca, &ca_key).unwrap();
     (ca.pem(), server.pem(), server_key.serialize_pem())
 }
@@ -509,8 +703,28 @@ async fn rediss_with_a_private_ca() {
     }
     let port = crate::support::free_port();
     let mut server = tokio::process::Command::new("redis-server")
-        .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .args(["--tls-cert-file", "cert.pem", "--tls-key-file", "key.pem", "--tls-ca-cert-file", "ca.pem", "--tls-auth-clients", "no"])
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .args([
+            "--tls-cert-file",
+            "cert.pem",
+            "--tls-key-file",
+            "key.pem",
+            "--tls-ca-cert-file",
+            "ca.pem",
+            "--tls-auth-clients",
+            "no",
+        ])
         .current_dir(&dir)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -518,20 +732,38 @@ async fn rediss_with_a_private_ca() {
         .spawn()
         .expect("redis-server");
     let started = Instant::now();
-    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-        assert!(started.elapsed() < Duration::from_secs(10), "TLS redis-server did not listen");
-        assert!(server.try_wait().unwrap().is_none(), "redis-server exited: is it built with TLS?");
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "TLS redis-server did not listen"
+        );
+        assert!(
+            server.try_wait().unwrap().is_none(),
+            "redis-server exited: is it built with TLS?"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let url = format!("rediss://127.0.0.1:{port}");
 
     // Without the CA, the server's certificate is not trusted: a settings error, exit 2.
-    let (code, stderr) = run_host_to_exit(&sandbox, &redis_host(&sandbox, &url), Duration::from_secs(20)).await;
+    let (code, stderr) = run_host_to_exit(
+        &sandbox,
+        &redis_host(&sandbox, &url),
+        Duration::from_secs(20),
+    )
+    .await;
     assert_eq!(code, Some(2), "{stderr}");
-    assert!(stderr.contains("certificate") && stderr.contains("REDIS_CA_CERT"), "{stderr}");
+    assert!(
+        stderr.contains("certificate") && stderr.contains("REDIS_CA_CERT"),
+        "{stderr}"
+    );
 
     // With it, names work over TLS.
-    let config = redis_host(&sandbox, &url).env("REDIS_CA_CERT", dir.join("ca.pem").to_string_lossy());
+    let config =
+        redis_host(&sandbox, &url).env("REDIS_CA_CERT", dir.join("ca.pem").to_string_lossy());
     let host = Host::start_with(&sandbox, config).await;
     let key = sandbox.key("tls");
     let name = host.info(&sandbox, &key).await.name;

@@ -23,8 +23,15 @@ async fn standalone_ping_set_get() {
     eprintln!("standalone server up in {:?}", started.elapsed());
     assert_loopback_url(&server.url(), server.port());
     assert!(server.is_running());
-    assert!(std::path::Path::new("/proc").join(server.pid().to_string()).exists());
-    assert!(server.dir().join("redis.conf").exists(), "own config file in its own dir");
+    assert!(
+        std::path::Path::new("/proc")
+            .join(server.pid().to_string())
+            .exists()
+    );
+    assert!(
+        server.dir().join("redis.conf").exists(),
+        "own config file in its own dir"
+    );
 
     let mut con = server.client().await;
     let pong: String = redis::cmd("PING").query_async(&mut con).await.unwrap();
@@ -36,11 +43,26 @@ async fn standalone_ping_set_get() {
     assert_eq!(missing, None);
 
     // The config the harness promised: no persistence, not daemonized, loopback only.
-    let save: Vec<String> = redis::cmd("CONFIG").arg("GET").arg("save").query_async(&mut con).await.unwrap();
+    let save: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("save")
+        .query_async(&mut con)
+        .await
+        .unwrap();
     assert_eq!(save, ["save", ""]);
-    let aof: Vec<String> = redis::cmd("CONFIG").arg("GET").arg("appendonly").query_async(&mut con).await.unwrap();
+    let aof: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("appendonly")
+        .query_async(&mut con)
+        .await
+        .unwrap();
     assert_eq!(aof, ["appendonly", "no"]);
-    let bind: Vec<String> = redis::cmd("CONFIG").arg("GET").arg("bind").query_async(&mut con).await.unwrap();
+    let bind: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("bind")
+        .query_async(&mut con)
+        .await
+        .unwrap();
     assert_eq!(bind, ["bind", "127.0.0.1"]);
 }
 
@@ -48,13 +70,24 @@ async fn standalone_ping_set_get() {
 async fn password_server_rejects_no_auth_and_accepts_the_password() {
     let server = RedisServer::start_with_password("s3cret-pw").await;
     assert_loopback_url(&server.url(), server.port());
-    assert_eq!(server.url_with_password(), format!("redis://:s3cret-pw@127.0.0.1:{}", server.port()));
+    assert_eq!(
+        server.url_with_password(),
+        format!("redis://:s3cret-pw@127.0.0.1:{}", server.port())
+    );
 
     // No password: connecting works, every command is refused with NOAUTH.
-    let mut anon = connect(server.addr(), None, REDIS_CLIENT_TIMEOUT).await.expect("connect without auth");
-    let err = redis::cmd("PING").query_async::<String>(&mut anon).await.expect_err("PING without auth must fail");
+    let mut anon = connect(server.addr(), None, REDIS_CLIENT_TIMEOUT)
+        .await
+        .expect("connect without auth");
+    let err = redis::cmd("PING")
+        .query_async::<String>(&mut anon)
+        .await
+        .expect_err("PING without auth must fail");
     assert_eq!(err.code(), Some("NOAUTH"), "{err}");
-    let err = anon.set::<_, _, ()>("k", "v").await.expect_err("SET without auth must fail");
+    let err = anon
+        .set::<_, _, ()>("k", "v")
+        .await
+        .expect_err("SET without auth must fail");
     assert_eq!(err.code(), Some("NOAUTH"), "{err}");
 
     // A wrong password fails the handshake.
@@ -88,13 +121,24 @@ async fn kill9_then_restart_answers_on_the_same_port() {
     server.kill9();
     assert!(!server.is_running());
     // Gone for real: the process is reaped and the port refuses connections.
-    assert!(!std::path::Path::new("/proc").join(first_pid.to_string()).exists(), "pid {first_pid} still exists");
+    assert!(
+        !std::path::Path::new("/proc")
+            .join(first_pid.to_string())
+            .exists(),
+        "pid {first_pid} still exists"
+    );
     assert!(
         tokio::net::TcpStream::connect(server.addr()).await.is_err(),
         "port {port} still accepts connections after SIGKILL"
     );
-    let err = redis::cmd("PING").query_async::<String>(&mut con).await.expect_err("old connection must be dead");
-    assert!(err.is_io_error() || err.is_connection_dropped() || err.is_unrecoverable_error(), "{err}");
+    let err = redis::cmd("PING")
+        .query_async::<String>(&mut con)
+        .await
+        .expect_err("old connection must be dead");
+    assert!(
+        err.is_io_error() || err.is_connection_dropped() || err.is_unrecoverable_error(),
+        "{err}"
+    );
 
     let started = Instant::now();
     server.restart().await;
@@ -121,7 +165,10 @@ async fn sentinel_group_fails_over_to_the_replica() {
     let sentinels = group.sentinel_addrs();
     assert_eq!(sentinels.len(), 3);
     let hosts: Vec<String> = sentinels.iter().map(|a| a.to_string()).collect();
-    assert_eq!(group.url(), format!("redis-sentinel://{}/p0rt-test", hosts.join(",")));
+    assert_eq!(
+        group.url(),
+        format!("redis-sentinel://{}/p0rt-test", hosts.join(","))
+    );
 
     let nodes = group.node_addrs();
     let master = group.master_addr().await;
@@ -135,7 +182,12 @@ async fn sentinel_group_fails_over_to_the_replica() {
     // A write that has reached the replica before the master dies.
     let mut con = group.client_to_master().await;
     let _: () = con.set("survives", "failover").await.unwrap();
-    let acked: i64 = redis::cmd("WAIT").arg(1).arg(5000).query_async(&mut con).await.unwrap();
+    let acked: i64 = redis::cmd("WAIT")
+        .arg(1)
+        .arg(5000)
+        .query_async(&mut con)
+        .await
+        .unwrap();
     assert_eq!(acked, 1, "the replica acknowledged the write");
 
     let killed = group.kill_master().await;
@@ -159,7 +211,10 @@ async fn sentinel_group_fails_over_to_the_replica() {
 async fn cluster_is_ok_and_spreads_keys_over_the_nodes() {
     let started = Instant::now();
     let cluster = RedisCluster::start().await;
-    eprintln!("cluster up (3 nodes started, created, state ok) in {:?}", started.elapsed());
+    eprintln!(
+        "cluster up (3 nodes started, created, state ok) in {:?}",
+        started.elapsed()
+    );
 
     let nodes = cluster.nodes();
     assert_eq!(nodes.len(), 3);
@@ -168,9 +223,21 @@ async fn cluster_is_ok_and_spreads_keys_over_the_nodes() {
 
     for node in &nodes {
         let mut con = cluster.node_client(*node).await;
-        let info: String = redis::cmd("CLUSTER").arg("INFO").query_async(&mut con).await.unwrap();
-        for expected in ["cluster_state:ok", "cluster_slots_assigned:16384", "cluster_known_nodes:3", "cluster_size:3"] {
-            assert!(info.lines().any(|l| l.trim() == expected), "{node}: no {expected:?} in\n{info}");
+        let info: String = redis::cmd("CLUSTER")
+            .arg("INFO")
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        for expected in [
+            "cluster_state:ok",
+            "cluster_slots_assigned:16384",
+            "cluster_known_nodes:3",
+            "cluster_size:3",
+        ] {
+            assert!(
+                info.lines().any(|l| l.trim() == expected),
+                "{node}: no {expected:?} in\n{info}"
+            );
         }
     }
 
@@ -182,26 +249,54 @@ async fn cluster_is_ok_and_spreads_keys_over_the_nodes() {
         cluster.set(&key, &format!("value-{i}")).await;
         let owner = cluster.node_for_key(&key).await;
         owners.insert(owner);
-        assert_eq!(cluster.get(&key).await.as_deref(), Some(format!("value-{i}").as_str()));
+        assert_eq!(
+            cluster.get(&key).await.as_deref(),
+            Some(format!("value-{i}").as_str())
+        );
         for node in &nodes {
             let mut con = cluster.node_client(*node).await;
-            let direct = redis::cmd("GET").arg(&key).query_async::<Option<String>>(&mut con).await;
+            let direct = redis::cmd("GET")
+                .arg(&key)
+                .query_async::<Option<String>>(&mut con)
+                .await;
             if *node == owner {
-                assert_eq!(direct.unwrap().as_deref(), Some(format!("value-{i}").as_str()));
+                assert_eq!(
+                    direct.unwrap().as_deref(),
+                    Some(format!("value-{i}").as_str())
+                );
             } else {
                 let err = direct.expect_err("a non-owner must redirect");
                 assert_eq!(err.code(), Some("MOVED"), "{err}");
-                assert_eq!(err.redirect_node().map(|(to, _)| to.to_string()), Some(owner.to_string()));
+                assert_eq!(
+                    err.redirect_node().map(|(to, _)| to.to_string()),
+                    Some(owner.to_string())
+                );
             }
         }
     }
-    assert_eq!(owners.len(), 3, "30 keys should land on all three nodes, got {owners:?}");
+    assert_eq!(
+        owners.len(),
+        3,
+        "30 keys should land on all three nodes, got {owners:?}"
+    );
 
     // Hashes too (what a plugin's store would write).
     let _: () = cluster
-        .query("hash-key", redis::cmd("HSET").arg("hash-key").arg("a").arg("1").arg("b").arg("2"))
+        .query(
+            "hash-key",
+            redis::cmd("HSET")
+                .arg("hash-key")
+                .arg("a")
+                .arg("1")
+                .arg("b")
+                .arg("2"),
+        )
         .await;
-    let expected: HashMap<String, String> = [("a".to_string(), "1".to_string()), ("b".to_string(), "2".to_string())].into();
+    let expected: HashMap<String, String> = [
+        ("a".to_string(), "1".to_string()),
+        ("b".to_string(), "2".to_string()),
+    ]
+    .into();
     assert_eq!(cluster.hgetall("hash-key").await, expected);
     assert!(cluster.hgetall("no-such-hash").await.is_empty());
 }

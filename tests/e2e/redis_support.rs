@@ -17,7 +17,10 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, ConnectionAddr, FromRedisValue, IntoConnectionInfo, RedisConnectionInfo, Value};
+use redis::{
+    AsyncConnectionConfig, ConnectionAddr, FromRedisValue, IntoConnectionInfo, RedisConnectionInfo,
+    Value,
+};
 
 use crate::support::free_port;
 
@@ -69,7 +72,11 @@ fn loopback(port: u16) -> SocketAddr {
 }
 
 fn timeout_error(what: &str, after: Duration) -> redis::RedisError {
-    std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{what} timed out after {after:?}")).into()
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("{what} timed out after {after:?}"),
+    )
+    .into()
 }
 
 /// A plain (non-cluster, non-sentinel) connection to `addr`, authenticated with `password` if
@@ -91,13 +98,20 @@ pub async fn connect(
         .set_connection_timeout(Some(timeout))
         .set_response_timeout(Some(timeout));
     // The outer bound also covers the handshake (AUTH and friends).
-    tokio::time::timeout(timeout * 2, client.get_multiplexed_async_connection_with_config(&config))
-        .await
-        .map_err(|_| timeout_error("connect", timeout * 2))?
+    tokio::time::timeout(
+        timeout * 2,
+        client.get_multiplexed_async_connection_with_config(&config),
+    )
+    .await
+    .map_err(|_| timeout_error("connect", timeout * 2))?
 }
 
 /// Runs one command on a fresh connection (bounded by [`PROBE_TIMEOUT`]).
-async fn query_once<T: FromRedisValue>(addr: SocketAddr, password: Option<&str>, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+async fn query_once<T: FromRedisValue>(
+    addr: SocketAddr,
+    password: Option<&str>,
+    cmd: &redis::Cmd,
+) -> redis::RedisResult<T> {
     let mut con = connect(addr, password, PROBE_TIMEOUT).await?;
     tokio::time::timeout(PROBE_TIMEOUT * 2, cmd.query_async(&mut con))
         .await
@@ -115,8 +129,11 @@ pub async fn role_of(addr: SocketAddr, password: Option<&str>) -> redis::RedisRe
 
 /// A field of an `INFO` section (`field:value` lines).
 fn info_field(info: &str, field: &str) -> Option<String> {
-    info.lines()
-        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':').map(|v| v.trim().to_string()))
+    info.lines().find_map(|line| {
+        line.strip_prefix(field)?
+            .strip_prefix(':')
+            .map(|v| v.trim().to_string())
+    })
 }
 
 /// A reply element as text (bulk and simple strings, integers).
@@ -172,10 +189,22 @@ impl Proc {
     /// Writes a config (common lines, then `extra(dir, port)`) and starts the process; on a
     /// port clash tries again with a fresh port. Returns once the process answers and is
     /// really ours (its `process_id` matches).
-    async fn start(what: &str, mode: Mode, password: Option<&str>, mut extra: impl FnMut(&Path, u16) -> String) -> Proc {
+    async fn start(
+        what: &str,
+        mode: Mode,
+        password: Option<&str>,
+        mut extra: impl FnMut(&Path, u16) -> String,
+    ) -> Proc {
         require_redis();
-        let dir = tempfile::Builder::new().prefix("p0rt-redis-").tempdir().expect("redis tempdir");
-        let name = if mode == Mode::Sentinel { "sentinel.conf" } else { "redis.conf" };
+        let dir = tempfile::Builder::new()
+            .prefix("p0rt-redis-")
+            .tempdir()
+            .expect("redis tempdir");
+        let name = if mode == Mode::Sentinel {
+            "sentinel.conf"
+        } else {
+            "redis.conf"
+        };
         let mut proc = Proc {
             what: what.to_string(),
             mode,
@@ -200,7 +229,10 @@ impl Proc {
                 ),
             }
         }
-        panic!("{what} did not start in {PORT_ATTEMPTS} attempts:\n{}", failures.join("\n---\n"));
+        panic!(
+            "{what} did not start in {PORT_ATTEMPTS} attempts:\n{}",
+            failures.join("\n---\n")
+        );
     }
 
     fn base_config(&self) -> String {
@@ -223,7 +255,9 @@ impl Proc {
                  repl-diskless-sync-delay 0\n",
             );
             if let Some(password) = &self.password {
-                config.push_str(&format!("requirepass \"{password}\"\nmasterauth \"{password}\"\n"));
+                config.push_str(&format!(
+                    "requirepass \"{password}\"\nmasterauth \"{password}\"\n"
+                ));
             }
         }
         config
@@ -246,7 +280,9 @@ impl Proc {
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone().expect("clone log handle")))
             .stderr(Stdio::from(log));
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn redis-server: {e}; {INSTALL_HINT}"));
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn redis-server: {e}; {INSTALL_HINT}"));
         let pid = child.id();
         self.child = Some(child);
         let deadline = Instant::now() + REDIS_START_TIMEOUT;
@@ -256,8 +292,12 @@ impl Proc {
                 return Err(SpawnError::Exited(log_tail(&self.log, 20)));
             }
             // Ask for the process id: a server of someone else on this port does not count.
-            let info: redis::RedisResult<String> =
-                query_once(self.addr(), self.password.as_deref(), redis::cmd("INFO").arg("server")).await;
+            let info: redis::RedisResult<String> = query_once(
+                self.addr(),
+                self.password.as_deref(),
+                redis::cmd("INFO").arg("server"),
+            )
+            .await;
             if let Ok(info) = info
                 && info_field(&info, "process_id") == Some(pid.to_string())
             {
@@ -280,10 +320,16 @@ impl Proc {
             match self.spawn().await {
                 Ok(()) => return,
                 Err(SpawnError::Silent(log)) => {
-                    panic!("{} did not answer again on port {}; log:\n{log}", self.what, self.port)
+                    panic!(
+                        "{} did not answer again on port {}; log:\n{log}",
+                        self.what, self.port
+                    )
                 }
                 Err(SpawnError::Exited(log)) if Instant::now() >= deadline => {
-                    panic!("{} could not start again on port {}; log:\n{log}", self.what, self.port)
+                    panic!(
+                        "{} could not start again on port {}; log:\n{log}",
+                        self.what, self.port
+                    )
                 }
                 Err(SpawnError::Exited(_)) => tokio::time::sleep(Duration::from_millis(200)).await,
             }
@@ -295,7 +341,10 @@ impl Proc {
     }
 
     fn pid(&self) -> u32 {
-        self.child.as_ref().map(Child::id).unwrap_or_else(|| panic!("{} is not running", self.what))
+        self.child
+            .as_ref()
+            .map(Child::id)
+            .unwrap_or_else(|| panic!("{} is not running", self.what))
     }
 
     fn is_running(&mut self) -> bool {
@@ -311,7 +360,12 @@ impl Proc {
     }
 
     fn log_tail(&self, lines: usize) -> String {
-        format!("== {} (port {}) ==\n{}", self.what, self.port, log_tail(&self.log, lines))
+        format!(
+            "== {} (port {}) ==\n{}",
+            self.what,
+            self.port,
+            log_tail(&self.log, lines)
+        )
     }
 
     async fn client(&self) -> MultiplexedConnection {
@@ -328,7 +382,12 @@ impl Drop for Proc {
 }
 
 /// Polls `check` until it returns `Some`, or panics with `what` and `context()` after `timeout`.
-async fn settle<T, F, Fut>(timeout: Duration, what: &str, mut check: F, context: impl Fn() -> String) -> T
+async fn settle<T, F, Fut>(
+    timeout: Duration,
+    what: &str,
+    mut check: F,
+    context: impl Fn() -> String,
+) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
@@ -339,7 +398,10 @@ where
             return v;
         }
         if Instant::now() >= deadline {
-            panic!("timed out after {timeout:?} waiting for {what}\n{}", context());
+            panic!(
+                "timed out after {timeout:?} waiting for {what}\n{}",
+                context()
+            );
         }
         tokio::time::sleep(POLL).await;
     }
@@ -369,7 +431,10 @@ impl RedisServer {
             "harness passwords are plain words"
         );
         RedisServer {
-            proc: Proc::start("redis (password)", Mode::Server, Some(password), |_, _| String::new()).await,
+            proc: Proc::start("redis (password)", Mode::Server, Some(password), |_, _| {
+                String::new()
+            })
+            .await,
         }
     }
 
@@ -453,7 +518,10 @@ impl SentinelGroup {
     /// replica and the two other sentinels (so a failover can happen right away).
     pub async fn start(master_name: &str) -> SentinelGroup {
         assert!(
-            !master_name.is_empty() && master_name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)),
+            !master_name.is_empty()
+                && master_name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)),
             "master name {master_name:?} must be a plain word"
         );
         let master = Proc::start("sentinel master", Mode::Server, None, |_, _| String::new()).await;
@@ -476,7 +544,10 @@ impl SentinelGroup {
             REDIS_SETTLE_TIMEOUT,
             "the replica to sync with the master",
             || async move {
-                let info: String = query_once(replica_addr, None, redis::cmd("INFO").arg("replication")).await.ok()?;
+                let info: String =
+                    query_once(replica_addr, None, redis::cmd("INFO").arg("replication"))
+                        .await
+                        .ok()?;
                 (info_field(&info, "master_link_status").as_deref() == Some("up")).then_some(())
             },
             || group.logs(),
@@ -528,7 +599,11 @@ impl SentinelGroup {
 
     /// `redis-sentinel://127.0.0.1:S1,127.0.0.1:S2,127.0.0.1:S3/NAME`.
     pub fn url(&self) -> String {
-        let hosts: Vec<String> = self.sentinels.iter().map(|s| format!("127.0.0.1:{}", s.port)).collect();
+        let hosts: Vec<String> = self
+            .sentinels
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port))
+            .collect();
         format!("redis-sentinel://{}/{}", hosts.join(","), self.name)
     }
 
@@ -578,8 +653,13 @@ impl SentinelGroup {
             .nodes
             .iter_mut()
             .find(|n| n.addr() == master)
-            .unwrap_or_else(|| panic!("sentinels report master {master}, which is none of the group's nodes"));
-        assert!(node.is_running(), "the reported master {master} is not running");
+            .unwrap_or_else(|| {
+                panic!("sentinels report master {master}, which is none of the group's nodes")
+            });
+        assert!(
+            node.is_running(),
+            "the reported master {master} is not running"
+        );
         node.kill9();
         self.killed = Some(master);
         master
@@ -588,7 +668,9 @@ impl SentinelGroup {
     /// Waits until every sentinel reports the same master, different from the one killed by
     /// [`SentinelGroup::kill_master`], and that node answers `ROLE` as master. Returns it.
     pub async fn wait_failover(&self, timeout: Duration) -> SocketAddr {
-        let old = self.killed.expect("wait_failover needs a kill_master first");
+        let old = self
+            .killed
+            .expect("wait_failover needs a kill_master first");
         let sentinels = self.sentinel_addrs();
         let name = self.name.clone();
         let last = std::sync::Mutex::new(Vec::new());
@@ -612,7 +694,13 @@ impl SentinelGroup {
                     (role_of(first, None).await.ok()? == "master").then_some(first)
                 }
             },
-            || format!("sentinels last reported {:?}\n{}", last.lock().unwrap(), self.logs()),
+            || {
+                format!(
+                    "sentinels last reported {:?}\n{}",
+                    last.lock().unwrap(),
+                    self.logs()
+                )
+            },
         )
         .await
     }
@@ -628,7 +716,11 @@ impl SentinelGroup {
                 return con;
             }
             if Instant::now() >= deadline {
-                panic!("no reachable master (sentinels say {master}) within {:?}\n{}", crate::support::WAIT, self.logs());
+                panic!(
+                    "no reachable master (sentinels say {master}) within {:?}\n{}",
+                    crate::support::WAIT,
+                    self.logs()
+                );
             }
             tokio::time::sleep(POLL).await;
         }
@@ -636,24 +728,46 @@ impl SentinelGroup {
 
     /// The ends of all logs of the group (for failure messages).
     pub fn logs(&self) -> String {
-        self.nodes.iter().chain(&self.sentinels).map(|p| p.log_tail(25)).collect::<Vec<_>>().join("\n")
+        self.nodes
+            .iter()
+            .chain(&self.sentinels)
+            .map(|p| p.log_tail(25))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 
 /// `SENTINEL get-master-addr-by-name NAME` on one sentinel; `None` if it does not answer.
 async fn master_by_name(sentinel: SocketAddr, name: &str) -> Option<SocketAddr> {
-    let reply: Option<(String, u16)> =
-        query_once(sentinel, None, redis::cmd("SENTINEL").arg("get-master-addr-by-name").arg(name))
-            .await
-            .ok()?;
+    let reply: Option<(String, u16)> = query_once(
+        sentinel,
+        None,
+        redis::cmd("SENTINEL")
+            .arg("get-master-addr-by-name")
+            .arg(name),
+    )
+    .await
+    .ok()?;
     let (ip, port) = reply?;
     Some(SocketAddr::new(ip.parse().ok()?, port))
 }
 
 /// `SENTINEL MASTER NAME` as a field map; `None` if the sentinel does not answer.
 async fn sentinel_master(sentinel: SocketAddr, name: &str) -> Option<HashMap<String, String>> {
-    let reply: Vec<String> = query_once(sentinel, None, redis::cmd("SENTINEL").arg("MASTER").arg(name)).await.ok()?;
-    Some(reply.chunks(2).filter(|kv| kv.len() == 2).map(|kv| (kv[0].clone(), kv[1].clone())).collect())
+    let reply: Vec<String> = query_once(
+        sentinel,
+        None,
+        redis::cmd("SENTINEL").arg("MASTER").arg(name),
+    )
+    .await
+    .ok()?;
+    Some(
+        reply
+            .chunks(2)
+            .filter(|kv| kv.len() == 2)
+            .map(|kv| (kv[0].clone(), kv[1].clone()))
+            .collect(),
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -688,7 +802,9 @@ impl RedisCluster {
             Proc::start("cluster node 2", Mode::Server, None, node),
             Proc::start("cluster node 3", Mode::Server, None, node),
         );
-        let cluster = RedisCluster { nodes: vec![n1, n2, n3] };
+        let cluster = RedisCluster {
+            nodes: vec![n1, n2, n3],
+        };
 
         let mut cmd = tokio::process::Command::new("redis-cli");
         cmd.arg("--cluster").arg("create");
@@ -700,7 +816,9 @@ impl RedisCluster {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn redis-cli: {e}; {INSTALL_HINT}"));
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn redis-cli: {e}; {INSTALL_HINT}"));
         let out = tokio::time::timeout(CLUSTER_CREATE_TIMEOUT, child.wait_with_output())
             .await
             .unwrap_or_else(|_| {
@@ -724,7 +842,10 @@ impl RedisCluster {
                 let addrs = addrs.clone();
                 async move {
                     for addr in addrs {
-                        let info: String = query_once(addr, None, redis::cmd("CLUSTER").arg("INFO")).await.ok()?;
+                        let info: String =
+                            query_once(addr, None, redis::cmd("CLUSTER").arg("INFO"))
+                                .await
+                                .ok()?;
                         if info_field(&info, "cluster_state").as_deref() != Some("ok") {
                             return None;
                         }
@@ -759,11 +880,24 @@ impl RedisCluster {
     /// The node that serves `key`'s slot (`CLUSTER KEYSLOT` + `CLUSTER SLOTS`).
     pub async fn node_for_key(&self, key: &str) -> SocketAddr {
         let mut con = self.node_client(self.nodes()[0]).await;
-        let slot: i64 = redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).query_async(&mut con).await.expect("CLUSTER KEYSLOT");
-        let slots: Value = redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut con).await.expect("CLUSTER SLOTS");
-        let Value::Array(ranges) = slots else { panic!("CLUSTER SLOTS answered {slots:?}") };
+        let slot: i64 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query_async(&mut con)
+            .await
+            .expect("CLUSTER KEYSLOT");
+        let slots: Value = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(&mut con)
+            .await
+            .expect("CLUSTER SLOTS");
+        let Value::Array(ranges) = slots else {
+            panic!("CLUSTER SLOTS answered {slots:?}")
+        };
         for range in ranges {
-            let Value::Array(fields) = range else { continue };
+            let Value::Array(fields) = range else {
+                continue;
+            };
             let (Some(Value::Int(start)), Some(Value::Int(end)), Some(Value::Array(master))) =
                 (fields.first(), fields.get(1), fields.get(2))
             else {
@@ -785,7 +919,10 @@ impl RedisCluster {
         for _ in 0..5 {
             let mut con = self.node_client(node).await;
             if asking {
-                let _: () = redis::cmd("ASKING").query_async(&mut con).await.expect("ASKING");
+                let _: () = redis::cmd("ASKING")
+                    .query_async(&mut con)
+                    .await
+                    .expect("ASKING");
             }
             match cmd.query_async::<T>(&mut con).await {
                 Ok(v) => return v,
@@ -818,6 +955,10 @@ impl RedisCluster {
 
     /// The ends of all node logs (for failure messages).
     pub fn logs(&self) -> String {
-        self.nodes.iter().map(|p| p.log_tail(25)).collect::<Vec<_>>().join("\n")
+        self.nodes
+            .iter()
+            .map(|p| p.log_tail(25))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }

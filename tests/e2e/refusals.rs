@@ -43,10 +43,17 @@ async fn local_forward_and_stdio_forward_are_refused() {
         .unwrap();
     let (bytes, closed) = read_until_closed(&mut stream, WAIT).await;
     assert!(closed, "-L connection stayed open");
-    assert!(bytes.is_empty(), "-L relayed data: {:?}", String::from_utf8_lossy(&bytes));
+    assert!(
+        bytes.is_empty(),
+        "-L relayed data: {:?}",
+        String::from_utf8_lossy(&bytes)
+    );
     assert_eq!(backend.hits(), 0, "backend reached through -L");
     eventually(WAIT, "ssh to report the refused channel", || async {
-        client.stderr().contains("administratively prohibited").then_some(())
+        client
+            .stderr()
+            .contains("administratively prohibited")
+            .then_some(())
     })
     .await;
 
@@ -57,7 +64,11 @@ async fn local_forward_and_stdio_forward_are_refused() {
         .output()
         .await;
     assert!(!out.status.success(), "ssh -W succeeded: {:?}", out.stdout);
-    assert!(out.stderr.contains("administratively prohibited"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("administratively prohibited"),
+        "{}",
+        out.stderr
+    );
     assert!(!out.stdout.contains("HTTP/"), "{}", out.stdout);
     assert_eq!(backend.hits(), 0, "backend reached through -W");
     assert!(host.log().contains("refused -L/-D"), "{}", host.log());
@@ -71,15 +82,24 @@ async fn dynamic_forward_is_refused() {
     let host = Host::start(&sb).await;
 
     let socks = free_port();
-    let client = host.ssh(&sb, &key).args(["-N", "-D", &socks.to_string()]).spawn();
+    let client = host
+        .ssh(&sb, &key)
+        .args(["-N", "-D", &socks.to_string()])
+        .spawn();
     let mut stream = wait_listening(socks, &client).await;
     // SOCKS5: no auth, then CONNECT 127.0.0.1:<backend>.
     stream.write_all(&[5, 1, 0]).await.unwrap();
     let mut greeting = [0u8; 2];
-    tokio::time::timeout(WAIT, stream.read_exact(&mut greeting)).await.unwrap().unwrap();
+    tokio::time::timeout(WAIT, stream.read_exact(&mut greeting))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(greeting, [5, 0]);
     let [hi, lo] = backend.port.to_be_bytes();
-    stream.write_all(&[5, 1, 0, 1, 127, 0, 0, 1, hi, lo]).await.unwrap();
+    stream
+        .write_all(&[5, 1, 0, 1, 127, 0, 0, 1, hi, lo])
+        .await
+        .unwrap();
     // OpenSSH may answer the CONNECT before the host refuses; the request must still go nowhere.
     let _ = stream
         .write_all(b"GET /whoami HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
@@ -88,10 +108,16 @@ async fn dynamic_forward_is_refused() {
     assert!(closed, "-D connection stayed open");
     let text = String::from_utf8_lossy(&bytes);
     assert!(!text.contains("HTTP/"), "-D relayed a response: {text:?}");
-    assert!(bytes.len() <= 10, "more than a SOCKS reply came back: {bytes:?}");
+    assert!(
+        bytes.len() <= 10,
+        "more than a SOCKS reply came back: {bytes:?}"
+    );
     assert_eq!(backend.hits(), 0, "backend reached through -D");
     eventually(WAIT, "ssh to report the refused channel", || async {
-        client.stderr().contains("administratively prohibited").then_some(())
+        client
+            .stderr()
+            .contains("administratively prohibited")
+            .then_some(())
     })
     .await;
 }
@@ -134,7 +160,14 @@ async fn password_and_keyboard_interactive_are_refused() {
     // An askpass that would answer any prompt, and leaves a trace if ssh ever asks.
     let marker = sb.join("askpass-called");
     let askpass = sb.join("askpass.sh");
-    std::fs::write(&askpass, format!("#!/bin/sh\necho \"$@\" >> '{}'\necho hunter2\n", marker.display())).unwrap();
+    std::fs::write(
+        &askpass,
+        format!(
+            "#!/bin/sh\necho \"$@\" >> '{}'\necho hunter2\n",
+            marker.display()
+        ),
+    )
+    .unwrap();
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&askpass, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -153,11 +186,29 @@ async fn password_and_keyboard_interactive_are_refused() {
         .command("info")
         .output()
         .await;
-    assert_eq!(out.status.code(), Some(255), "password login: {}\n{}", out.stdout, out.stderr);
-    assert!(out.stderr.contains("Permission denied (publickey)"), "{}", out.stderr);
-    assert!(out.stderr.contains("Authentications that can continue: publickey\n"), "{}", out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(255),
+        "password login: {}\n{}",
+        out.stdout,
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("Permission denied (publickey)"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr
+            .contains("Authentications that can continue: publickey\n"),
+        "{}",
+        out.stderr
+    );
     assert!(!out.stdout.contains("name:"), "{}", out.stdout);
-    assert!(!marker.exists(), "the server offered a password/keyboard-interactive prompt");
+    assert!(
+        !marker.exists(),
+        "the server offered a password/keyboard-interactive prompt"
+    );
 
     // Control: the same key with public-key auth gets in.
     host.info(&sb, &key).await;
@@ -169,8 +220,14 @@ async fn authorized_keys_restricts_keys() {
     let (allowed, other) = (sb.key("allowed"), sb.key("other"));
     let backend = Backend::start("restricted").await;
     let authorized = sb.join("authorized_keys");
-    std::fs::write(&authorized, format!("# operator list\n{}\n", allowed.public)).unwrap();
-    let config = HostConfig::flags(&sb.data_dir()).arg("--authorized-keys").arg(authorized.to_string_lossy());
+    std::fs::write(
+        &authorized,
+        format!("# operator list\n{}\n", allowed.public),
+    )
+    .unwrap();
+    let config = HostConfig::flags(&sb.data_dir())
+        .arg("--authorized-keys")
+        .arg(authorized.to_string_lossy());
     let host = Host::start_with(&sb, config).await;
 
     let info = host.info(&sb, &allowed).await;
@@ -178,7 +235,11 @@ async fn authorized_keys_restricts_keys() {
 
     let refused = host.ssh(&sb, &other).command("info").output().await;
     assert_eq!(refused.status.code(), Some(255), "{}", refused.stdout);
-    assert!(refused.stderr.contains("Permission denied"), "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("Permission denied"),
+        "{}",
+        refused.stderr
+    );
     let refused_tunnel = host
         .ssh(&sb, &other)
         .args(["-N", "-R", &format!("80:127.0.0.1:{}", backend.port)])
@@ -190,7 +251,11 @@ async fn authorized_keys_restricts_keys() {
     assert_eq!(stats["total_domains"], 1, "{stats}");
 
     // The file is re-read: adding the key lets it in without a restart.
-    std::fs::write(&authorized, format!("{}\n{}\n", allowed.public, other.public)).unwrap();
+    std::fs::write(
+        &authorized,
+        format!("{}\n{}\n", allowed.public, other.public),
+    )
+    .unwrap();
     let now_allowed = host.info(&sb, &other).await;
     assert_ne!(now_allowed.name, info.name);
 }

@@ -40,7 +40,9 @@ async fn big_bodies_stream_without_growing_host_memory() {
     // Upload: a generated stream, never in memory on either side.
     let chunk = Bytes::from(vec![7u8; 64 * 1024]);
     let chunks = BIG / chunk.len() as u64;
-    let body = futures_util::stream::iter((0..chunks).map(move |_| Ok::<_, std::io::Error>(chunk.clone())));
+    let body = futures_util::stream::iter(
+        (0..chunks).map(move |_| Ok::<_, std::io::Error>(chunk.clone())),
+    );
     let sampler_stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sampler = {
         let stop = sampler_stop.clone();
@@ -88,7 +90,11 @@ async fn big_bodies_stream_without_growing_host_memory() {
     sampler_stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let peak = sampler.await.unwrap();
     let growth = peak.saturating_sub(baseline);
-    eprintln!("host RSS baseline {} MiB, peak {} MiB", baseline >> 20, peak >> 20);
+    eprintln!(
+        "host RSS baseline {} MiB, peak {} MiB",
+        baseline >> 20,
+        peak >> 20
+    );
     assert!(
         growth < MAX_GROWTH,
         "host RSS grew by {} MiB while streaming {} MiB each way",
@@ -112,8 +118,19 @@ async fn a_frozen_client_is_dropped_by_keepalive_within_30s() {
         .output()
         .expect("pgrep (procps)");
     let pids = String::from_utf8_lossy(&pids.stdout).to_string();
-    let pid = pids.lines().next().expect("the ssh client's pid").trim().to_string();
-    assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    let pid = pids
+        .lines()
+        .next()
+        .expect("the ssh client's pid")
+        .trim()
+        .to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     let frozen_at = Instant::now();
 
     // The tunnel is first unresponsive, then gone: 503 (known name, no tunnel).
@@ -139,7 +156,9 @@ async fn a_frozen_client_is_dropped_by_keepalive_within_30s() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let detected = frozen_at.elapsed();
-    let _ = std::process::Command::new("kill").args(["-CONT", &pid]).status();
+    let _ = std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status();
     drop(tunnel);
     eprintln!("frozen client dropped after {detected:?}");
     assert!(detected <= Duration::from_secs(35), "took {detected:?}");

@@ -16,13 +16,36 @@ async fn assert_corrupt_store_refused(content: &[u8]) {
     let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
 
     let (code, stderr) = run_host_to_exit(&sb, &HostConfig::flags(&data), EXIT_TIMEOUT).await;
-    assert!(matches!(code, Some(c) if c != 0), "p0rt did not fail (exit {code:?}): {stderr}");
-    assert!(stderr.contains("domains.json"), "error does not name the file: {stderr}");
-    assert!(stderr.contains("unreadable"), "error does not say what is wrong: {stderr}");
-    assert!(!stderr.contains("listening on"), "p0rt started serving: {stderr}");
-    assert_eq!(std::fs::read(&path).unwrap(), content, "domains.json was modified");
-    assert_eq!(std::fs::metadata(&path).unwrap().modified().unwrap(), mtime, "domains.json was rewritten");
-    assert!(!data.join("domains.json.tmp").exists(), "a replacement was staged");
+    assert!(
+        matches!(code, Some(c) if c != 0),
+        "p0rt did not fail (exit {code:?}): {stderr}"
+    );
+    assert!(
+        stderr.contains("domains.json"),
+        "error does not name the file: {stderr}"
+    );
+    assert!(
+        stderr.contains("unreadable"),
+        "error does not say what is wrong: {stderr}"
+    );
+    assert!(
+        !stderr.contains("listening on"),
+        "p0rt started serving: {stderr}"
+    );
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        content,
+        "domains.json was modified"
+    );
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().modified().unwrap(),
+        mtime,
+        "domains.json was rewritten"
+    );
+    assert!(
+        !data.join("domains.json.tmp").exists(),
+        "a replacement was staged"
+    );
 
     // Once repaired, the same data dir starts.
     std::fs::write(&path, "{}").unwrap();
@@ -49,17 +72,31 @@ async fn non_json_domains_json_is_refused_and_untouched() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn wrong_shape_domains_json_is_refused_and_untouched() {
-    assert_corrupt_store_refused(br#"[{"domain": "whale-guitar-fox", "ssh_key_hash": "4f1c2a"}]"#).await;
+    assert_corrupt_store_refused(br#"[{"domain": "whale-guitar-fox", "ssh_key_hash": "4f1c2a"}]"#)
+        .await;
 }
 
 async fn assert_config_error(sb: &Sandbox, config: HostConfig, must_name: &[&str]) {
     let (code, stderr) = run_host_to_exit(sb, &config, EXIT_TIMEOUT).await;
-    assert_eq!(code, Some(2), "expected exit 2 for a configuration error; stderr: {stderr}");
+    assert_eq!(
+        code,
+        Some(2),
+        "expected exit 2 for a configuration error; stderr: {stderr}"
+    );
     for needle in must_name {
-        assert!(stderr.contains(needle), "error does not name {needle:?}: {stderr}");
+        assert!(
+            stderr.contains(needle),
+            "error does not name {needle:?}: {stderr}"
+        );
     }
-    assert!(!stderr.contains("listening on"), "p0rt started serving: {stderr}");
-    assert!(!sb.data_dir().exists(), "p0rt touched its data dir despite a config error");
+    assert!(
+        !stderr.contains("listening on"),
+        "p0rt started serving: {stderr}"
+    );
+    assert!(
+        !sb.data_dir().exists(),
+        "p0rt touched its data dir despite a config error"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -67,17 +104,23 @@ async fn unknown_yaml_key_exits_2_naming_the_key() {
     let sb = Sandbox::new();
     let file = sb.join("p0rt.yaml");
     std::fs::write(&file, "ssh:\n  port: 0\n  prot: 2222\nhttp:\n  port: 0\n").unwrap();
-    let config = HostConfig::flags(&sb.data_dir()).arg("--config").arg(file.to_string_lossy());
+    let config = HostConfig::flags(&sb.data_dir())
+        .arg("--config")
+        .arg(file.to_string_lossy());
     assert_config_error(&sb, config, &["prot", "p0rt.yaml"]).await;
 
     let top = sb.join("top.yaml");
     std::fs::write(&top, "domian:\n  base: example.com\n").unwrap();
-    let config = HostConfig::flags(&sb.data_dir()).arg("--config").arg(top.to_string_lossy());
+    let config = HostConfig::flags(&sb.data_dir())
+        .arg("--config")
+        .arg(top.to_string_lossy());
     assert_config_error(&sb, config, &["domian", "top.yaml"]).await;
 
     // Control: the same file without the typo is accepted.
     std::fs::write(&file, "ssh:\n  port: 0\nhttp:\n  port: 0\n").unwrap();
-    let config = HostConfig::flags(&sb.data_dir()).arg("--config").arg(file.to_string_lossy());
+    let config = HostConfig::flags(&sb.data_dir())
+        .arg("--config")
+        .arg(file.to_string_lossy());
     let _host = Host::start_with(&sb, config).await;
 }
 
@@ -86,29 +129,54 @@ async fn bad_port_environment_value_exits_2_naming_the_variable() {
     let sb = Sandbox::new();
     // Only the environment sets the ports here (flags would win over it).
     let base = || HostConfig::env_only(&sb.data_dir());
-    assert_config_error(&sb, base().env("SSH_SERVER_PORT", "70000").env("HTTP_PORT", "0"), &["SSH_SERVER_PORT", "70000"]).await;
-    assert_config_error(&sb, base().env("SSH_SERVER_PORT", "0").env("HTTP_PORT", "eighty"), &["HTTP_PORT", "eighty"]).await;
-    assert_config_error(&sb, base().env("SSH_SERVER_PORT", "0").env("HTTP_PORT", "0").env("STORAGE_TYPE", "mongo"), &["STORAGE_TYPE", "json"])
-        .await;
+    assert_config_error(
+        &sb,
+        base().env("SSH_SERVER_PORT", "70000").env("HTTP_PORT", "0"),
+        &["SSH_SERVER_PORT", "70000"],
+    )
+    .await;
+    assert_config_error(
+        &sb,
+        base()
+            .env("SSH_SERVER_PORT", "0")
+            .env("HTTP_PORT", "eighty"),
+        &["HTTP_PORT", "eighty"],
+    )
+    .await;
+    assert_config_error(
+        &sb,
+        base()
+            .env("SSH_SERVER_PORT", "0")
+            .env("HTTP_PORT", "0")
+            .env("STORAGE_TYPE", "mongo"),
+        &["STORAGE_TYPE", "json"],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn unreadable_config_file_exits_2_naming_the_file() {
     let sb = Sandbox::new();
     let missing = sb.join("does-not-exist.yaml");
-    let config = HostConfig::flags(&sb.data_dir()).arg("--config").arg(missing.to_string_lossy());
+    let config = HostConfig::flags(&sb.data_dir())
+        .arg("--config")
+        .arg(missing.to_string_lossy());
     assert_config_error(&sb, config, &["does-not-exist.yaml"]).await;
 
     // A directory cannot be read as a file either.
     let dir = sb.join("a-directory.yaml");
     std::fs::create_dir(&dir).unwrap();
-    let config = HostConfig::flags(&sb.data_dir()).arg("--config").arg(dir.to_string_lossy());
+    let config = HostConfig::flags(&sb.data_dir())
+        .arg("--config")
+        .arg(dir.to_string_lossy());
     assert_config_error(&sb, config, &["a-directory.yaml"]).await;
 
     // Not YAML at all.
     let garbage = sb.join("garbage.yaml");
     std::fs::write(&garbage, "ssh: [unclosed\n  : :\n").unwrap();
-    let config = HostConfig::flags(&sb.data_dir()).arg("--config").arg(garbage.to_string_lossy());
+    let config = HostConfig::flags(&sb.data_dir())
+        .arg("--config")
+        .arg(garbage.to_string_lossy());
     assert_config_error(&sb, config, &["garbage.yaml"]).await;
 }
 
@@ -125,10 +193,16 @@ async fn second_process_on_same_data_dir_is_refused() {
     let mut second = HostConfig::flags(&sb.data_dir());
     second.args.remove(0);
     let (code, stderr) = run_host_to_exit(&sb, &second, EXIT_TIMEOUT).await;
-    assert!(matches!(code, Some(c) if c != 0), "second p0rt did not fail (exit {code:?}): {stderr}");
+    assert!(
+        matches!(code, Some(c) if c != 0),
+        "second p0rt did not fail (exit {code:?}): {stderr}"
+    );
     assert!(stderr.contains("in use by another p0rt"), "{stderr}");
     assert!(!stderr.contains("listening on"), "{stderr}");
-    assert_eq!(std::fs::read(sb.data_dir().join("domains.json")).unwrap(), before);
+    assert_eq!(
+        std::fs::read(sb.data_dir().join("domains.json")).unwrap(),
+        before
+    );
 
     // The first one is unaffected.
     assert!(first.is_running());
@@ -179,20 +253,42 @@ async fn host_key_is_generated_once_and_reused() {
     let out = pinned(&host, "accept-new").output().await;
     assert!(out.status.success(), "{}", out.stderr);
     let scanned = std::fs::read_to_string(&known_hosts).unwrap();
-    assert!(scanned.contains("p0rt-under-test ssh-ed25519 "), "{scanned}");
+    assert!(
+        scanned.contains("p0rt-under-test ssh-ed25519 "),
+        "{scanned}"
+    );
 
     host.restart().await;
-    assert_eq!(std::fs::read(&key_file).unwrap(), original, "host key file changed on restart");
-    assert_eq!(logged_fingerprint(&host.log(), "loaded SSH host key"), generated);
-    assert!(!host.log().contains("generated SSH host key"), "{}", host.log());
+    assert_eq!(
+        std::fs::read(&key_file).unwrap(),
+        original,
+        "host key file changed on restart"
+    );
+    assert_eq!(
+        logged_fingerprint(&host.log(), "loaded SSH host key"),
+        generated
+    );
+    assert!(
+        !host.log().contains("generated SSH host key"),
+        "{}",
+        host.log()
+    );
     // The server presents the same key: strict checking against the pin passes.
     let out = pinned(&host, "yes").output().await;
-    assert!(out.status.success(), "host key changed across restart: {}", out.stderr);
+    assert!(
+        out.status.success(),
+        "host key changed across restart: {}",
+        out.stderr
+    );
 
     // Control: a host with another data dir has another key, and the pin catches it.
     let other_sb = Sandbox::new();
     let other = Host::start(&other_sb).await;
     let out = pinned(&other, "yes").output().await;
     assert!(!out.status.success(), "a different host key was accepted");
-    assert!(out.stderr.contains("HOST IDENTIFICATION HAS CHANGED"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("HOST IDENTIFICATION HAS CHANGED"),
+        "{}",
+        out.stderr
+    );
 }

@@ -57,7 +57,10 @@ impl Sandbox {
     pub fn new() -> Sandbox {
         require_tools();
         Sandbox {
-            dir: tempfile::Builder::new().prefix("p0rt-e2e-").tempdir().expect("tempdir"),
+            dir: tempfile::Builder::new()
+                .prefix("p0rt-e2e-")
+                .tempdir()
+                .expect("tempdir"),
         }
     }
 
@@ -83,7 +86,11 @@ impl Sandbox {
             .stdin(Stdio::null())
             .output()
             .expect("run ssh-keygen");
-        assert!(out.status.success(), "ssh-keygen failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "ssh-keygen failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let public = std::fs::read_to_string(path.with_extension("pub"))
             .expect("read public key")
             .trim()
@@ -120,7 +127,12 @@ pub fn fingerprint_of(path: &Path) -> String {
         .arg(path)
         .output()
         .expect("run ssh-keygen -l");
-    assert!(out.status.success(), "ssh-keygen -l {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ssh-keygen -l {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
         .nth(1)
@@ -193,8 +205,17 @@ impl HostConfig {
     /// `p0rt serve` on loopback, ports 0, data in `data_dir`.
     pub fn flags(data_dir: &Path) -> HostConfig {
         let args = [
-            "serve", "--data-dir", &data_dir.to_string_lossy(), "--ssh-bind", "127.0.0.1",
-            "--ssh-port", "0", "--http-bind", "127.0.0.1", "--http-port", "0",
+            "serve",
+            "--data-dir",
+            &data_dir.to_string_lossy(),
+            "--ssh-bind",
+            "127.0.0.1",
+            "--ssh-port",
+            "0",
+            "--http-bind",
+            "127.0.0.1",
+            "--http-port",
+            "0",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -245,7 +266,9 @@ fn host_command(workdir: &Path, config: &HostConfig) -> Command {
     for (k, v) in &config.env {
         cmd.env(k, v);
     }
-    cmd.stdin(Stdio::null()).stdout(Stdio::null()).kill_on_drop(true);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .kill_on_drop(true);
     cmd
 }
 
@@ -285,7 +308,9 @@ impl Host {
             seed_plugin_cache(&self.config.data_dir).await;
         }
         self.runs += 1;
-        self.log_path = self.workdir.join(format!("p0rt-{}-run{}.log", std::process::id(), self.runs));
+        self.log_path =
+            self.workdir
+                .join(format!("p0rt-{}-run{}.log", std::process::id(), self.runs));
         let log = std::fs::File::create(&self.log_path).expect("create host log");
         let mut cmd = host_command(&self.workdir, &self.config);
         cmd.stderr(Stdio::from(log));
@@ -306,7 +331,9 @@ impl Host {
             }
             if Instant::now() >= deadline {
                 let _ = child.start_kill();
-                panic!("p0rt did not report both listening lines within {STARTUP_TIMEOUT:?}; stderr:\n{log}");
+                panic!(
+                    "p0rt did not report both listening lines within {STARTUP_TIMEOUT:?}; stderr:\n{log}"
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -319,20 +346,28 @@ impl Host {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().and_then(|c| c.id()).expect("host running")
+        self.child
+            .as_ref()
+            .and_then(|c| c.id())
+            .expect("host running")
     }
 
     /// Stops p0rt with SIGTERM (graceful: it flushes the store) and returns its exit status.
     pub async fn stop(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("host running");
         if let Some(pid) = child.id() {
-            let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
         }
         match tokio::time::timeout(WAIT, child.wait()).await {
             Ok(status) => status.expect("wait p0rt"),
             Err(_) => {
                 let _ = child.kill().await;
-                panic!("p0rt did not exit within {WAIT:?} of SIGTERM; stderr:\n{}", self.log());
+                panic!(
+                    "p0rt did not exit within {WAIT:?} of SIGTERM; stderr:\n{}",
+                    self.log()
+                );
             }
         }
     }
@@ -347,7 +382,11 @@ impl Host {
     /// Stops p0rt gracefully and starts it again on the same data directory (new ports).
     pub async fn restart(&mut self) {
         let status = self.stop().await;
-        assert!(status.success(), "p0rt exited with {status} on SIGTERM; stderr:\n{}", self.log());
+        assert!(
+            status.success(),
+            "p0rt exited with {status} on SIGTERM; stderr:\n{}",
+            self.log()
+        );
         self.spawn().await;
     }
 
@@ -388,7 +427,10 @@ impl Host {
     pub async fn get_base(&self, path: &str) -> reqwest::Response {
         http_client()
             .get(self.url(path))
-            .header(reqwest::header::HOST, format!("localhost:{}", self.http_port))
+            .header(
+                reqwest::header::HOST,
+                format!("localhost:{}", self.http_port),
+            )
             .send()
             .await
             .unwrap_or_else(|e| panic!("GET {path} on the base domain failed: {e}"))
@@ -432,7 +474,10 @@ impl Host {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("{name} did not answer {status} within {WAIT:?}; last answer {} {:?}", last.0, last.1);
+        panic!(
+            "{name} did not answer {status} within {WAIT:?}; last answer {} {:?}",
+            last.0, last.1
+        );
     }
 
     /// An `ssh` command against this host with `key`.
@@ -455,7 +500,12 @@ impl Host {
     }
 
     /// Starts `ssh -N -R 80:127.0.0.1:<backend>` and waits until the key's name serves it.
-    pub async fn tunnel(&self, sandbox: &Sandbox, key: &Key, backend: &Backend) -> (SshClient, String) {
+    pub async fn tunnel(
+        &self,
+        sandbox: &Sandbox,
+        key: &Key,
+        backend: &Backend,
+    ) -> (SshClient, String) {
         let name = self.info(sandbox, key).await.name;
         let client = self
             .ssh(sandbox, key)
@@ -516,7 +566,9 @@ fn warm_plugin_cache() -> Option<PathBuf> {
                 cmd.env_remove(var);
             }
             cmd.env("RUST_LOG", "info").env("NO_COLOR", "1");
-            cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::from(log));
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(log));
             let mut child = cmd.spawn().ok()?;
             let deadline = Instant::now() + STARTUP_TIMEOUT;
             let started = loop {
@@ -533,7 +585,9 @@ fn warm_plugin_cache() -> Option<PathBuf> {
             let _ = child.wait();
             let cache = data.join(PLUGIN_CACHE_DIR);
             let has_entries = std::fs::read_dir(&cache)
-                .map(|mut d| d.any(|e| e.is_ok_and(|e| e.path().extension().is_some_and(|x| x == "cwasm"))))
+                .map(|mut d| {
+                    d.any(|e| e.is_ok_and(|e| e.path().extension().is_some_and(|x| x == "cwasm")))
+                })
                 .unwrap_or(false);
             (started && has_entries).then_some(cache)
         })
@@ -567,14 +621,21 @@ fn listening_addr(log: &str, marker: &str) -> Option<SocketAddr> {
 
 /// Runs p0rt to completion (for startup failures); kills it after `timeout`.
 /// Returns the exit code (`None` if it had to be killed or died by signal) and stderr.
-pub async fn run_host_to_exit(sandbox: &Sandbox, config: &HostConfig, timeout: Duration) -> (Option<i32>, String) {
+pub async fn run_host_to_exit(
+    sandbox: &Sandbox,
+    config: &HostConfig,
+    timeout: Duration,
+) -> (Option<i32>, String) {
     let mut cmd = host_command(sandbox.path(), config);
     cmd.stderr(Stdio::piped());
     let child = cmd.spawn().expect("spawn p0rt");
     match tokio::time::timeout(timeout, child.wait_with_output()).await {
         Ok(out) => {
             let out = out.expect("wait p0rt");
-            (out.status.code(), strip_ansi(&String::from_utf8_lossy(&out.stderr)))
+            (
+                out.status.code(),
+                strip_ansi(&String::from_utf8_lossy(&out.stderr)),
+            )
         }
         // Dropping the future kills the child (kill_on_drop).
         Err(_) => (None, format!("p0rt still running after {timeout:?}")),
@@ -724,10 +785,17 @@ impl Ssh {
                 if n == 0 {
                     break;
                 }
-                err_text.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+                err_text
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
             }
         });
-        SshClient { child, lines, stderr }
+        SshClient {
+            child,
+            lines,
+            stderr,
+        }
     }
 
     /// Runs `ssh` to completion (killed after [`WAIT`]).
@@ -790,7 +858,10 @@ impl SshClient {
     pub async fn wait_exit(&mut self) -> ExitStatus {
         match tokio::time::timeout(WAIT, self.child.wait()).await {
             Ok(status) => status.expect("wait ssh"),
-            Err(_) => panic!("ssh still running after {WAIT:?}; stderr {:?}", self.stderr()),
+            Err(_) => panic!(
+                "ssh still running after {WAIT:?}; stderr {:?}",
+                self.stderr()
+            ),
         }
     }
 
@@ -844,7 +915,9 @@ pub async fn raw_http(addr: SocketAddr, request: &[u8]) -> RawResponse {
             let head = String::from_utf8_lossy(&buf[..end]).to_string();
             let len = head.lines().find_map(|l| {
                 let (k, v) = l.split_once(':')?;
-                k.trim().eq_ignore_ascii_case("content-length").then(|| v.trim().parse::<usize>().ok())?
+                k.trim()
+                    .eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse::<usize>().ok())?
             });
             if let Some(len) = len
                 && buf.len() >= end + 4 + len
@@ -875,7 +948,12 @@ pub fn parse_raw(buf: &[u8]) -> RawResponse {
         .strip_prefix("HTTP/1.")
         .and_then(|r| r.get(2..5))
         .and_then(|s| s.parse().ok());
-    RawResponse { status, head, body, raw }
+    RawResponse {
+        status,
+        head,
+        body,
+        raw,
+    }
 }
 
 /// Reads from `stream` until EOF/reset or `timeout`; returns the bytes and whether it closed.
@@ -902,6 +980,7 @@ impl JsonValue for reqwest::Response {
     async fn json_value(self) -> serde_json::Value {
         let status = self.status();
         let text = self.text().await.expect("body");
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("status {status}: body is not JSON ({e}): {text:?}"))
+        serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("status {status}: body is not JSON ({e}): {text:?}"))
     }
 }

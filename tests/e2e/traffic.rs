@@ -31,7 +31,10 @@ async fn websocket_echo_through_tunnel() {
     assert_eq!(response.status(), 101);
 
     let big = pattern(7, 300 * 1024);
-    let mut sent = vec![Message::text("hello through p0rt ✓"), Message::binary(big.clone())];
+    let mut sent = vec![
+        Message::text("hello through p0rt ✓"),
+        Message::binary(big.clone()),
+    ];
     for i in 0..50 {
         sent.push(Message::text(format!("message {i}")));
     }
@@ -81,7 +84,9 @@ async fn ten_megabytes_up_and_down_intact() {
     let upload = client
         .post(host.url("/sha256"))
         .header("host", host.host_header(&name))
-        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)))
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
         .send();
     let res = tokio::time::timeout(TRANSFER_TIMEOUT, upload)
         .await
@@ -111,7 +116,9 @@ async fn ten_megabytes_up_and_down_intact() {
         }
         (len, hex::encode(hasher.finalize()))
     };
-    let (len, digest) = tokio::time::timeout(TRANSFER_TIMEOUT, download).await.expect("download timed out");
+    let (len, digest) = tokio::time::timeout(TRANSFER_TIMEOUT, download)
+        .await
+        .expect("download timed out");
     assert_eq!(len, TEN_MB);
     assert_eq!(digest, pattern_sha256(TEN_MB));
 }
@@ -130,19 +137,33 @@ async fn hundred_concurrent_requests_all_correct() {
     for round in 0..3 {
         let mut tasks = Vec::new();
         for i in 0..100 {
-            let (client, url, host_header) = (client.clone(), host.url(&format!("/echo/{round}/{i}?n={i}")), host.host_header(&name));
+            let (client, url, host_header) = (
+                client.clone(),
+                host.url(&format!("/echo/{round}/{i}?n={i}")),
+                host.host_header(&name),
+            );
             tasks.push(tokio::spawn(async move {
-                let res = client.get(url).header("host", host_header).header("x-request", i.to_string()).send().await?;
+                let res = client
+                    .get(url)
+                    .header("host", host_header)
+                    .header("x-request", i.to_string())
+                    .send()
+                    .await?;
                 let status = res.status().as_u16();
                 let text = res.text().await?;
                 Ok::<_, reqwest::Error>((i, status, text))
             }));
         }
-        let results = tokio::time::timeout(Duration::from_secs(60), futures_util::future::join_all(tasks))
-            .await
-            .expect("100 requests did not finish in 60 s");
+        let results = tokio::time::timeout(
+            Duration::from_secs(60),
+            futures_util::future::join_all(tasks),
+        )
+        .await
+        .expect("100 requests did not finish in 60 s");
         for result in results {
-            let (i, status, text) = result.unwrap().unwrap_or_else(|e| panic!("request failed: {e}"));
+            let (i, status, text) = result
+                .unwrap()
+                .unwrap_or_else(|e| panic!("request failed: {e}"));
             assert_eq!(status, 200, "request {i}: {text}");
             let echo: serde_json::Value = serde_json::from_str(&text).unwrap();
             assert_eq!(echo["path"], format!("/echo/{round}/{i}?n={i}"), "{echo}");
@@ -194,8 +215,16 @@ async fn forwarded_headers_are_set_by_the_edge() {
     assert_eq!(echo["body_len"], 12);
     assert_eq!(header(&echo, "x-forwarded-for"), ["127.0.0.1"], "{echo}");
     assert_eq!(header(&echo, "x-forwarded-proto"), ["http"], "{echo}");
-    assert_eq!(header(&echo, "x-forwarded-host"), [host.host_header(&name).as_str()], "{echo}");
-    assert_eq!(header(&echo, "host"), [host.host_header(&name).as_str()], "{echo}");
+    assert_eq!(
+        header(&echo, "x-forwarded-host"),
+        [host.host_header(&name).as_str()],
+        "{echo}"
+    );
+    assert_eq!(
+        header(&echo, "host"),
+        [host.host_header(&name).as_str()],
+        "{echo}"
+    );
     assert_eq!(header(&echo, "x-custom"), ["kept"], "{echo}");
 
     // X-Forwarded-Host never routes: an unknown Host stays unknown even if it names the tunnel.
@@ -208,7 +237,11 @@ async fn forwarded_headers_are_set_by_the_edge() {
         .await
         .unwrap();
     assert_eq!(res.status(), 404);
-    assert_eq!(backend.hits(), hits, "backend reached through X-Forwarded-Host");
+    assert_eq!(
+        backend.hits(),
+        hits,
+        "backend reached through X-Forwarded-Host"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -231,7 +264,10 @@ async fn health_and_domain_stats_on_base_domain() {
     let res = host.get_base("/domain-stats").await;
     assert_eq!(res.status(), 200);
     assert!(
-        res.headers()["content-type"].to_str().unwrap().starts_with("application/json"),
+        res.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/json"),
         "{:?}",
         res.headers()
     );

@@ -75,9 +75,13 @@ fn parse_options() -> Options {
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
-        let mut value = || args.next().unwrap_or_else(|| usage(&format!("{flag} needs a value")));
+        let mut value = || {
+            args.next()
+                .unwrap_or_else(|| usage(&format!("{flag} needs a value")))
+        };
         fn number<T: std::str::FromStr>(flag: &str, text: String) -> T {
-            text.parse().unwrap_or_else(|_| usage(&format!("{flag}: not a number: {text}")))
+            text.parse()
+                .unwrap_or_else(|_| usage(&format!("{flag}: not a number: {text}")))
         }
         match flag.as_str() {
             "--addr" => options.addr = value(),
@@ -310,9 +314,10 @@ async fn main() {
         let (timeout, salt) = (options.timeout, options.salt);
         tasks.spawn(async move {
             let _slot = slots.acquire_owned().await.expect("semaphore open");
-            let result = tokio::time::timeout(timeout, connect_one(config, addr, index, salt, served))
-                .await
-                .unwrap_or_else(|_| Err(format!("timed out after {} s", timeout.as_secs())));
+            let result =
+                tokio::time::timeout(timeout, connect_one(config, addr, index, salt, served))
+                    .await
+                    .unwrap_or_else(|_| Err(format!("timed out after {} s", timeout.as_secs())));
             (index, result)
         });
     }
@@ -355,7 +360,11 @@ async fn main() {
             }
         }
         if last_progress.elapsed() >= Duration::from_secs(5) {
-            eprintln!("swarm: {done}/{} done, {failed} failed, {:.1} s", options.count, started.elapsed().as_secs_f64());
+            eprintln!(
+                "swarm: {done}/{} done, {failed} failed, {:.1} s",
+                options.count,
+                started.elapsed().as_secs_f64()
+            );
             last_progress = Instant::now();
         }
     }
@@ -391,7 +400,10 @@ async fn main() {
         "names": names,
     });
     if let Some(path) = &options.names_file {
-        let text: String = names.iter().map(|n| format!("{}\n", n.unwrap_or("-"))).collect();
+        let text: String = names
+            .iter()
+            .map(|n| format!("{}\n", n.unwrap_or("-")))
+            .collect();
         if let Err(e) = std::fs::write(path, text) {
             eprintln!("swarm: cannot write {path}: {e}");
         }

@@ -21,10 +21,47 @@ pub const MAX_SUBNAME_LABEL_LEN: usize = 20;
 
 /// Names never handed out to a key: they belong to the host or invite confusion.
 pub const RESERVED_NAMES: &[&str] = &[
-    "www", "api", "admin", "administrator", "mail", "smtp", "imap", "pop", "ftp", "ssh", "root",
-    "host", "localhost", "ns", "ns1", "ns2", "mx", "dns", "health", "stats", "status", "static",
-    "assets", "cdn", "app", "dashboard", "login", "auth", "oauth", "account", "billing", "support",
-    "help", "docs", "blog", "p0rt", "tunnel", "tunnels", "proxy", "internal", "metrics",
+    "www",
+    "api",
+    "admin",
+    "administrator",
+    "mail",
+    "smtp",
+    "imap",
+    "pop",
+    "ftp",
+    "ssh",
+    "root",
+    "host",
+    "localhost",
+    "ns",
+    "ns1",
+    "ns2",
+    "mx",
+    "dns",
+    "health",
+    "stats",
+    "status",
+    "static",
+    "assets",
+    "cdn",
+    "app",
+    "dashboard",
+    "login",
+    "auth",
+    "oauth",
+    "account",
+    "billing",
+    "support",
+    "help",
+    "docs",
+    "blog",
+    "p0rt",
+    "tunnel",
+    "tunnels",
+    "proxy",
+    "internal",
+    "metrics",
 ];
 
 /// True if `name` may never be a key's name.
@@ -181,7 +218,8 @@ pub async fn approve_label(
 /// Turns the bind address of `-R label:80:…` into a sub-name label, or `None` for the
 /// key's main name (OpenSSH sends `localhost` when no bind address is given, `""` for `*`).
 pub fn subname_label(bind_address: &str) -> Result<Option<String>, String> {
-    const MAIN_NAME_ADDRESSES: &[&str] = &["", "*", "localhost", "0.0.0.0", "127.0.0.1", "::", "::1"];
+    const MAIN_NAME_ADDRESSES: &[&str] =
+        &["", "*", "localhost", "0.0.0.0", "127.0.0.1", "::", "::1"];
     if MAIN_NAME_ADDRESSES.contains(&bind_address) {
         return Ok(None);
     }

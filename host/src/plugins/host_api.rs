@@ -47,8 +47,14 @@ pub struct PluginState {
 impl PluginState {
     pub fn new(plugin: Arc<str>, cache: Cache, domains: Option<Arc<dyn DomainStore>>) -> Self {
         let wasi = WasiCtxBuilder::new()
-            .stdout(PluginOutput { plugin: plugin.clone(), stream: "stdout" })
-            .stderr(PluginOutput { plugin: plugin.clone(), stream: "stderr" })
+            .stdout(PluginOutput {
+                plugin: plugin.clone(),
+                stream: "stdout",
+            })
+            .stderr(PluginOutput {
+                plugin: plugin.clone(),
+                stream: "stderr",
+            })
             .build();
         PluginState {
             namespace: format!("plugin:{plugin}:"),
@@ -69,7 +75,10 @@ impl PluginState {
 
     fn key(&self, key: &str) -> wasmtime::Result<String> {
         if key.len() > MAX_CACHE_KEY_BYTES {
-            wasmtime::bail!("cache key of {} bytes is over the {MAX_CACHE_KEY_BYTES}-byte limit", key.len());
+            wasmtime::bail!(
+                "cache key of {} bytes is over the {MAX_CACHE_KEY_BYTES}-byte limit",
+                key.len()
+            );
         }
         Ok(format!("{}{key}", self.namespace))
     }
@@ -103,16 +112,31 @@ impl cache::Host for PluginState {
             .and_then(|b| String::from_utf8(b.to_vec()).ok()))
     }
 
-    async fn set(&mut self, key: String, value: Vec<u8>, ttl_seconds: Option<u32>) -> wasmtime::Result<()> {
+    async fn set(
+        &mut self,
+        key: String,
+        value: Vec<u8>,
+        ttl_seconds: Option<u32>,
+    ) -> wasmtime::Result<()> {
         if value.len() > MAX_CACHE_VALUE_BYTES {
-            wasmtime::bail!("cache value of {} bytes is over the {MAX_CACHE_VALUE_BYTES}-byte limit", value.len());
+            wasmtime::bail!(
+                "cache value of {} bytes is over the {MAX_CACHE_VALUE_BYTES}-byte limit",
+                value.len()
+            );
         }
         let key = self.key(&key)?;
-        self.cache.set(&key, Bytes::from(value), ttl(ttl_seconds)).await;
+        self.cache
+            .set(&key, Bytes::from(value), ttl(ttl_seconds))
+            .await;
         Ok(())
     }
 
-    async fn set_string(&mut self, key: String, value: String, ttl_seconds: Option<u32>) -> wasmtime::Result<()> {
+    async fn set_string(
+        &mut self,
+        key: String,
+        value: String,
+        ttl_seconds: Option<u32>,
+    ) -> wasmtime::Result<()> {
         self.set(key, value.into_bytes(), ttl_seconds).await
     }
 
@@ -126,7 +150,12 @@ impl cache::Host for PluginState {
         Ok(self.cache.exists(&key).await)
     }
 
-    async fn increment(&mut self, key: String, amount: i64, ttl_seconds: Option<u32>) -> wasmtime::Result<i64> {
+    async fn increment(
+        &mut self,
+        key: String,
+        amount: i64,
+        ttl_seconds: Option<u32>,
+    ) -> wasmtime::Result<i64> {
         let key = self.key(&key)?;
         Ok(self.cache.increment(&key, amount, ttl(ttl_seconds)).await?)
     }
@@ -148,17 +177,23 @@ impl domains::Host for PluginState {
         }
     }
 
-    async fn record_for_key(&mut self, ssh_key_hash: String) -> wasmtime::Result<Option<domains::DomainRecord>> {
+    async fn record_for_key(
+        &mut self,
+        ssh_key_hash: String,
+    ) -> wasmtime::Result<Option<domains::DomainRecord>> {
         let Some(store) = &self.domains else {
             return Ok(None);
         };
-        Ok(store.record_for_key(&ssh_key_hash).await?.map(|r| domains::DomainRecord {
-            domain: r.domain,
-            ssh_key_hash: r.ssh_key_hash,
-            first_seen: r.first_seen,
-            last_seen: r.last_seen,
-            use_count: r.use_count,
-        }))
+        Ok(store
+            .record_for_key(&ssh_key_hash)
+            .await?
+            .map(|r| domains::DomainRecord {
+                domain: r.domain,
+                ssh_key_hash: r.ssh_key_hash,
+                first_seen: r.first_seen,
+                last_seen: r.last_seen,
+                use_count: r.use_count,
+            }))
     }
 
     async fn is_reserved(&mut self, name: String) -> wasmtime::Result<bool> {
@@ -168,7 +203,9 @@ impl domains::Host for PluginState {
 
 /// Control characters from a plugin never reach the log verbatim.
 fn printable(text: &str) -> String {
-    text.chars().map(|c| if c.is_control() { '\u{fffd}' } else { c }).collect()
+    text.chars()
+        .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+        .collect()
 }
 
 fn clip(message: &str) -> &str {
@@ -241,12 +278,21 @@ struct LineLogger {
 impl LineLogger {
     fn emit(&self, line: &[u8]) {
         let text = String::from_utf8_lossy(line);
-        tracing::info!(plugin = &*self.plugin, "{}: {}", self.stream, printable(clip(text.trim_end())));
+        tracing::info!(
+            plugin = &*self.plugin,
+            "{}: {}",
+            self.stream,
+            printable(clip(text.trim_end()))
+        );
     }
 }
 
 impl AsyncWrite for LineLogger {
-    fn poll_write(mut self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         let this = &mut *self;
         this.pending.extend_from_slice(buf);
         while let Some(end) = this.pending.iter().position(|b| *b == b'\n') {
@@ -268,4 +314,3 @@ impl AsyncWrite for LineLogger {
         Poll::Ready(Ok(()))
     }
 }
-

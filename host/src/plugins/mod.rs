@@ -24,7 +24,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use self::bindings::{naming as naming_world, rate_limit as rate_world, scan_admission as scan_world};
+use self::bindings::{
+    naming as naming_world, rate_limit as rate_world, scan_admission as scan_world,
+};
 pub use self::runtime::{Origin, Plugin, PluginSpec, Runtime};
 use crate::cache::{Cache, MemoryCache};
 use crate::store::DomainStore;
@@ -40,7 +42,9 @@ pub const MAX_PLUGIN_MESSAGE_CHARS: usize = 200;
 pub const MAX_NAME_LEN: usize = 63;
 
 /// The three kinds of policy.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Role {
     Naming,
@@ -71,18 +75,26 @@ impl std::fmt::Display for Role {
 pub enum PluginError {
     #[error("cannot set up the WebAssembly engine: {0}")]
     Engine(String),
-    #[error("file is {size} bytes, over the {} byte limit for plugins", runtime::MAX_PLUGIN_BYTES)]
+    #[error(
+        "file is {size} bytes, over the {} byte limit for plugins",
+        runtime::MAX_PLUGIN_BYTES
+    )]
     TooLarge { size: usize },
     #[error("cannot be compiled (not a valid component, or over the host's limits): {0}")]
     Compile(String),
-    #[error("needs imports the host does not provide (plugins get only p0rt:policy and an empty WASI): {0}")]
+    #[error(
+        "needs imports the host does not provide (plugins get only p0rt:policy and an empty WASI): {0}"
+    )]
     Link(String),
     #[error(
         "implements no p0rt:policy world{} (its exports: {})",
         expected.map(|r| format!(" for role {r}")).unwrap_or_default(),
         if exports.is_empty() { "none".to_string() } else { exports.join(", ") }
     )]
-    WrongWorld { expected: Option<Role>, exports: Vec<String> },
+    WrongWorld {
+        expected: Option<Role>,
+        exports: Vec<String>,
+    },
     #[error("implements several roles ({roles:?}); set \"role\" in its sidecar .json file")]
     Ambiguous { roles: Vec<Role> },
     #[error("failed to instantiate: {0}")]
@@ -117,9 +129,18 @@ pub struct Sidecar {
 /// The reference plugins, built from `plugins/` and embedded at build time.
 pub fn bundled() -> [(&'static str, &'static [u8]); 3] {
     [
-        ("words", include_bytes!(concat!(env!("P0RT_BUNDLED_PLUGINS"), "/words.wasm"))),
-        ("ratelimit", include_bytes!(concat!(env!("P0RT_BUNDLED_PLUGINS"), "/ratelimit.wasm"))),
-        ("scan-guard", include_bytes!(concat!(env!("P0RT_BUNDLED_PLUGINS"), "/scan_guard.wasm"))),
+        (
+            "words",
+            include_bytes!(concat!(env!("P0RT_BUNDLED_PLUGINS"), "/words.wasm")),
+        ),
+        (
+            "ratelimit",
+            include_bytes!(concat!(env!("P0RT_BUNDLED_PLUGINS"), "/ratelimit.wasm")),
+        ),
+        (
+            "scan-guard",
+            include_bytes!(concat!(env!("P0RT_BUNDLED_PLUGINS"), "/scan_guard.wasm")),
+        ),
     ]
 }
 
@@ -129,9 +150,13 @@ pub fn read_plugin_file(path: &Path) -> Result<PluginSpec, PluginError> {
         path: path.to_path_buf(),
         detail,
     };
-    let size = std::fs::metadata(path).map_err(|e| read_err(e.to_string()))?.len();
+    let size = std::fs::metadata(path)
+        .map_err(|e| read_err(e.to_string()))?
+        .len();
     if size > runtime::MAX_PLUGIN_BYTES as u64 {
-        return Err(PluginError::TooLarge { size: size as usize });
+        return Err(PluginError::TooLarge {
+            size: size as usize,
+        });
     }
     let bytes = std::fs::read(path).map_err(|e| read_err(e.to_string()))?;
     let sidecar_path = path.with_extension("json");
@@ -242,8 +267,13 @@ pub struct ScanJob {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case", tag = "decision")]
 pub enum ScanDecision {
-    Accept { priority: u8, allowed_checks: Vec<String> },
-    Reject { reason: String },
+    Accept {
+        priority: u8,
+        allowed_checks: Vec<String>,
+    },
+    Reject {
+        reason: String,
+    },
 }
 
 /// Makes a plugin-supplied message safe to show: printable, bounded.
@@ -258,7 +288,10 @@ fn clean_message(message: &str) -> String {
 /// Checks a name returned by a naming plugin: one DNS label, not reserved.
 pub fn validate_plugin_name(name: &str) -> Result<(), String> {
     if name.len() > MAX_NAME_LEN {
-        return Err(format!("name of {} bytes is longer than {MAX_NAME_LEN}", name.len()));
+        return Err(format!(
+            "name of {} bytes is longer than {MAX_NAME_LEN}",
+            name.len()
+        ));
     }
     crate::config::check_dns_label(name)?;
     if crate::naming::is_reserved(name) {
@@ -281,7 +314,11 @@ pub async fn decide_name(plugin: &Plugin, input: &NamingInput, fresh: bool) -> N
         .invoke(fresh, move |instance, store| {
             Box::pin(async move {
                 match instance {
-                    runtime::RoleInstance::Naming(n) => n.p0rt_policy_naming().call_choose_name(store, &request).await,
+                    runtime::RoleInstance::Naming(n) => {
+                        n.p0rt_policy_naming()
+                            .call_choose_name(store, &request)
+                            .await
+                    }
                     _ => Err(wasmtime::Error::msg("plugin does not implement naming")),
                 }
             })
@@ -301,7 +338,11 @@ pub async fn decide_name(plugin: &Plugin, input: &NamingInput, fresh: bool) -> N
 }
 
 /// Calls the plugin for one rate-limit decision. `Err` means: use the fallback limiter.
-pub async fn decide_rate(plugin: &Plugin, facts: &RequestFacts, fresh: bool) -> Result<RateDecision, PluginError> {
+pub async fn decide_rate(
+    plugin: &Plugin,
+    facts: &RequestFacts,
+    fresh: bool,
+) -> Result<RateDecision, PluginError> {
     use rate_world::exports::p0rt::policy::rate_limit::{Decision, RequestInfo};
     let request = RequestInfo {
         client_ip: facts.client_ip.clone(),
@@ -316,7 +357,9 @@ pub async fn decide_rate(plugin: &Plugin, facts: &RequestFacts, fresh: bool) -> 
         .invoke(fresh, move |instance, store| {
             Box::pin(async move {
                 match instance {
-                    runtime::RoleInstance::RateLimit(r) => r.p0rt_policy_rate_limit().call_check(store, &request).await,
+                    runtime::RoleInstance::RateLimit(r) => {
+                        r.p0rt_policy_rate_limit().call_check(store, &request).await
+                    }
                     _ => Err(wasmtime::Error::msg("plugin does not implement rate-limit")),
                 }
             })
@@ -356,9 +399,13 @@ pub async fn decide_scan(plugin: &Plugin, job: &ScanJob, fresh: bool) -> ScanDec
             Box::pin(async move {
                 match instance {
                     runtime::RoleInstance::ScanAdmission(s) => {
-                        s.p0rt_policy_scan_admission().call_admit(store, &request).await
+                        s.p0rt_policy_scan_admission()
+                            .call_admit(store, &request)
+                            .await
                     }
-                    _ => Err(wasmtime::Error::msg("plugin does not implement scan-admission")),
+                    _ => Err(wasmtime::Error::msg(
+                        "plugin does not implement scan-admission",
+                    )),
                 }
             })
         })
@@ -366,19 +413,31 @@ pub async fn decide_scan(plugin: &Plugin, job: &ScanJob, fresh: bool) -> ScanDec
     match result {
         Ok(Decision::Accept(admission)) => {
             if admission.priority > 9 {
-                let e = plugin.report_bad_output(format!("priority {} is outside 0-9", admission.priority));
-                return ScanDecision::Reject { reason: format!("scan policy failed ({e}); job denied") };
+                let e = plugin
+                    .report_bad_output(format!("priority {} is outside 0-9", admission.priority));
+                return ScanDecision::Reject {
+                    reason: format!("scan policy failed ({e}); job denied"),
+                };
             }
-            if let Some(extra) = admission.allowed_checks.iter().find(|c| !job.checks.contains(c)) {
-                let e = plugin.report_bad_output(format!("allowed check {extra:?} was never requested"));
-                return ScanDecision::Reject { reason: format!("scan policy failed ({e}); job denied") };
+            if let Some(extra) = admission
+                .allowed_checks
+                .iter()
+                .find(|c| !job.checks.contains(c))
+            {
+                let e = plugin
+                    .report_bad_output(format!("allowed check {extra:?} was never requested"));
+                return ScanDecision::Reject {
+                    reason: format!("scan policy failed ({e}); job denied"),
+                };
             }
             ScanDecision::Accept {
                 priority: admission.priority,
                 allowed_checks: admission.allowed_checks,
             }
         }
-        Ok(Decision::Reject(reason)) => ScanDecision::Reject { reason: clean_message(&reason) },
+        Ok(Decision::Reject(reason)) => ScanDecision::Reject {
+            reason: clean_message(&reason),
+        },
         Err(e) => ScanDecision::Reject {
             reason: format!("scan policy unavailable ({e}); job denied"),
         },
@@ -512,15 +571,25 @@ impl PolicyPlugins {
             let spec = match read_plugin_file(path) {
                 Ok(spec) => spec,
                 Err(e) => {
-                    self.note_error(path, e.to_string(), files.get(path).and_then(|f| f.plugin.as_ref()));
+                    self.note_error(
+                        path,
+                        e.to_string(),
+                        files.get(path).and_then(|f| f.plugin.as_ref()),
+                    );
                     continue;
                 }
             };
             let fingerprint = fingerprint(&spec);
-            if files.get(path).is_some_and(|f| f.fingerprint == fingerprint) {
+            if files
+                .get(path)
+                .is_some_and(|f| f.fingerprint == fingerprint)
+            {
                 continue;
             }
-            match runtime.load(spec, self.cache.clone(), self.domains.clone()).await {
+            match runtime
+                .load(spec, self.cache.clone(), self.domains.clone())
+                .await
+            {
                 Ok(plugin) => {
                     tracing::info!(
                         "plugin {} loaded from {} as {} (p0rt:policy@{})",
@@ -529,14 +598,29 @@ impl PolicyPlugins {
                         plugin.role,
                         plugin.wit_version.as_deref().unwrap_or("?")
                     );
-                    self.last_errors.lock().unwrap_or_else(|p| p.into_inner()).remove(path);
-                    files.insert(path.clone(), LoadedFile { fingerprint, plugin: Some(plugin) });
+                    self.last_errors
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(path);
+                    files.insert(
+                        path.clone(),
+                        LoadedFile {
+                            fingerprint,
+                            plugin: Some(plugin),
+                        },
+                    );
                 }
                 Err(e) => {
                     let previous = files.get(path).and_then(|f| f.plugin.clone());
                     self.note_error(path, e.to_string(), previous.as_ref());
                     // Remember the bad content so it is not retried until it changes again.
-                    files.insert(path.clone(), LoadedFile { fingerprint, plugin: previous });
+                    files.insert(
+                        path.clone(),
+                        LoadedFile {
+                            fingerprint,
+                            plugin: previous,
+                        },
+                    );
                 }
             }
         }
@@ -590,9 +674,17 @@ impl PolicyPlugins {
                 error: p.benched(),
             })
             .collect();
-        for (path, error) in self.last_errors.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        for (path, error) in self
+            .last_errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
             out.push(PluginStatus {
-                name: path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+                name: path
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
                 role: None,
                 sha256: None,
                 wit_version: None,
@@ -627,12 +719,18 @@ impl PolicyPlugins {
         let mut watcher = match watcher {
             Ok(w) => w,
             Err(e) => {
-                tracing::error!("cannot watch plugins directory {}: {e}; hot reload is off", dir.display());
+                tracing::error!(
+                    "cannot watch plugins directory {}: {e}; hot reload is off",
+                    dir.display()
+                );
                 return;
             }
         };
         if let Err(e) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
-            tracing::error!("cannot watch plugins directory {}: {e}; hot reload is off", dir.display());
+            tracing::error!(
+                "cannot watch plugins directory {}: {e}; hot reload is off",
+                dir.display()
+            );
             return;
         }
         tracing::info!("watching {} for plugin changes", dir.display());
@@ -648,7 +746,9 @@ impl PolicyPlugins {
                         Err(_) => break,
                     }
                 }
-                let Some(plugins) = plugins.upgrade() else { return };
+                let Some(plugins) = plugins.upgrade() else {
+                    return;
+                };
                 plugins.reload().await;
             }
         });
@@ -682,9 +782,15 @@ impl PolicyPlugins {
             match decide_rate(&plugin, facts, false).await {
                 Ok(decision) => return decision,
                 Err(e @ PluginError::Benched(_)) => {
-                    tracing::debug!("rate limiting falls back to the built-in limiter: plugin {}: {e}", plugin.id())
+                    tracing::debug!(
+                        "rate limiting falls back to the built-in limiter: plugin {}: {e}",
+                        plugin.id()
+                    )
                 }
-                Err(e) => tracing::warn!("rate limiting falls back to the built-in limiter: plugin {}: {e}", plugin.id()),
+                Err(e) => tracing::warn!(
+                    "rate limiting falls back to the built-in limiter: plugin {}: {e}",
+                    plugin.id()
+                ),
             }
         }
         self.fallback_rate(facts)
@@ -695,7 +801,10 @@ impl PolicyPlugins {
         let now = crate::unix_now();
         let window = now.div_euclid(60);
         let key = format!("ip:{}:{window}", facts.client_ip);
-        match self.fallback_limiter.increment(&key, 1, Some(Duration::from_secs(61))) {
+        match self
+            .fallback_limiter
+            .increment(&key, 1, Some(Duration::from_secs(61)))
+        {
             Ok(n) if n <= FALLBACK_REQUESTS_PER_IP_PER_MINUTE => RateDecision::Allow,
             _ => RateDecision::Deny {
                 status: 429,

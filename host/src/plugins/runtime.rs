@@ -89,14 +89,17 @@ impl Runtime {
         let (engine, pooling) = match Engine::new(&engine_config(true)) {
             Ok(engine) => (engine, true),
             Err(e) => {
-                tracing::warn!("pooling allocator unavailable ({e:#}); plugins use on-demand allocation");
+                tracing::warn!(
+                    "pooling allocator unavailable ({e:#}); plugins use on-demand allocation"
+                );
                 let engine = Engine::new(&engine_config(false))
                     .map_err(|e| PluginError::Engine(wasm_error(e)))?;
                 (engine, false)
             }
         };
         let mut linker: Linker<PluginState> = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| PluginError::Engine(wasm_error(e)))?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(|e| PluginError::Engine(wasm_error(e)))?;
         host::Host_::add_to_linker::<PluginState, HasSelf<PluginState>>(&mut linker, |s| s)
             .map_err(|e| PluginError::Engine(wasm_error(e)))?;
         let weak = engine.weak();
@@ -129,7 +132,9 @@ impl Runtime {
 
     fn engine_hash(&self) -> u64 {
         let mut hasher = DefaultHasher::new();
-        self.engine.precompile_compatibility_hash().hash(&mut hasher);
+        self.engine
+            .precompile_compatibility_hash()
+            .hash(&mut hasher);
         hasher.finish()
     }
 
@@ -146,15 +151,22 @@ impl Runtime {
             // compiled itself with an engine of the same compatibility hash (in the name).
             match unsafe { Component::deserialize_file(&self.engine, path) } {
                 Ok(component) => return Ok(component),
-                Err(e) => tracing::warn!("ignoring unusable compile cache entry {}: {e:#}", path.display()),
+                Err(e) => tracing::warn!(
+                    "ignoring unusable compile cache entry {}: {e:#}",
+                    path.display()
+                ),
             }
         }
-        let component = Component::new(&self.engine, bytes).map_err(|e| PluginError::Compile(wasm_error(e)))?;
+        let component =
+            Component::new(&self.engine, bytes).map_err(|e| PluginError::Compile(wasm_error(e)))?;
         if let Some(path) = cached
             && let Ok(serialized) = component.serialize()
         {
             let tmp = path.with_extension("tmp");
-            if std::fs::write(&tmp, serialized).and_then(|_| std::fs::rename(&tmp, &path)).is_err() {
+            if std::fs::write(&tmp, serialized)
+                .and_then(|_| std::fs::rename(&tmp, &path))
+                .is_err()
+            {
                 let _ = std::fs::remove_file(&tmp);
             }
         }
@@ -184,8 +196,14 @@ impl Runtime {
                 .map_err(|e| PluginError::Compile(e.to_string()))??
         };
         let ty = component.component_type();
-        let exports: Vec<String> = ty.exports(&self.engine).map(|(name, _)| name.to_string()).collect();
-        let imports: Vec<String> = ty.imports(&self.engine).map(|(name, _)| name.to_string()).collect();
+        let exports: Vec<String> = ty
+            .exports(&self.engine)
+            .map(|(name, _)| name.to_string())
+            .collect();
+        let imports: Vec<String> = ty
+            .imports(&self.engine)
+            .map(|(name, _)| name.to_string())
+            .collect();
         let instance_pre = self
             .linker
             .instantiate_pre(&component)
@@ -225,7 +243,10 @@ impl Runtime {
         let role = indices.role();
         let has_init_export = exports.iter().any(|e| e.starts_with("p0rt:policy/init@"));
         let init = if has_init_export {
-            Some(init::InitIndices::new(&instance_pre).map_err(|e| PluginError::Link(wasm_error(e)))?)
+            Some(
+                init::InitIndices::new(&instance_pre)
+                    .map_err(|e| PluginError::Link(wasm_error(e)))?,
+            )
         } else {
             None
         };
@@ -365,7 +386,12 @@ fn describe_trap(e: &wasmtime::Error) -> String {
         return format!("{what}: {trap}");
     }
     let text = format!("{e:#}");
-    text.lines().next().unwrap_or("").chars().take(500).collect()
+    text.lines()
+        .next()
+        .unwrap_or("")
+        .chars()
+        .take(500)
+        .collect()
 }
 
 impl Plugin {
@@ -421,14 +447,19 @@ impl Plugin {
             .set_fuel(FUEL_PER_CALL)
             .map_err(|e| PluginError::Instantiate(wasm_error(e)))?;
         store.set_epoch_deadline(DEADLINE_TICKS);
-        let instance = tokio::time::timeout(CALL_TIMEOUT, self.instance_pre.instantiate_async(&mut store))
-            .await
-            .map_err(|_| PluginError::Timeout)?
-            .map_err(|e| PluginError::Instantiate(describe_trap(&e)))?;
+        let instance = tokio::time::timeout(
+            CALL_TIMEOUT,
+            self.instance_pre.instantiate_async(&mut store),
+        )
+        .await
+        .map_err(|_| PluginError::Timeout)?
+        .map_err(|e| PluginError::Instantiate(describe_trap(&e)))?;
         let loaded = match &self.indices {
             RoleIndices::Naming(i) => i.load(&mut store, &instance).map(RoleInstance::Naming),
             RoleIndices::RateLimit(i) => i.load(&mut store, &instance).map(RoleInstance::RateLimit),
-            RoleIndices::ScanAdmission(i) => i.load(&mut store, &instance).map(RoleInstance::ScanAdmission),
+            RoleIndices::ScanAdmission(i) => i
+                .load(&mut store, &instance)
+                .map(RoleInstance::ScanAdmission),
         }
         .map_err(|e| PluginError::Instantiate(wasm_error(e)))?;
         if let Some(init) = &self.init {
@@ -439,10 +470,13 @@ impl Plugin {
                 .set_fuel(FUEL_PER_CALL)
                 .map_err(|e| PluginError::Instantiate(wasm_error(e)))?;
             store.set_epoch_deadline(DEADLINE_TICKS);
-            let result = tokio::time::timeout(CALL_TIMEOUT, init.p0rt_policy_init().call_init(&mut store, &self.config))
-                .await
-                .map_err(|_| PluginError::Timeout)?
-                .map_err(|e| PluginError::Trap(describe_trap(&e)))?;
+            let result = tokio::time::timeout(
+                CALL_TIMEOUT,
+                init.p0rt_policy_init().call_init(&mut store, &self.config),
+            )
+            .await
+            .map_err(|_| PluginError::Timeout)?
+            .map_err(|e| PluginError::Trap(describe_trap(&e)))?;
             result.map_err(PluginError::InitRefused)?;
         }
         Ok(Warm {
@@ -471,7 +505,8 @@ impl Plugin {
     pub async fn invoke<R: Send>(
         &self,
         fresh: bool,
-        call: impl for<'a> FnOnce(&'a RoleInstance, &'a mut Store<PluginState>) -> CallFuture<'a, R> + Send,
+        call: impl for<'a> FnOnce(&'a RoleInstance, &'a mut Store<PluginState>) -> CallFuture<'a, R>
+        + Send,
     ) -> Result<R, PluginError> {
         if let Some(reason) = self.benched() {
             return Err(PluginError::Benched(reason));
@@ -492,7 +527,8 @@ impl Plugin {
             return Err(PluginError::Trap(wasm_error(e)));
         }
         warm.store.set_epoch_deadline(DEADLINE_TICKS);
-        let outcome = tokio::time::timeout(CALL_TIMEOUT, call(&warm.instance, &mut warm.store)).await;
+        let outcome =
+            tokio::time::timeout(CALL_TIMEOUT, call(&warm.instance, &mut warm.store)).await;
         match outcome {
             Ok(Ok(result)) => {
                 warm.calls += 1;

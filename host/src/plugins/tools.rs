@@ -13,13 +13,18 @@ use anyhow::{Context, bail};
 
 use super::runtime::{Plugin, PluginSpec, Runtime};
 use super::{
-    NamingInput, PluginOptions, PolicyPlugins, RequestFacts, Role, ScanJob, decide_name, decide_rate,
-    decide_scan, read_plugin_file,
+    NamingInput, PluginOptions, PolicyPlugins, RequestFacts, Role, ScanJob, decide_name,
+    decide_rate, decide_scan, read_plugin_file,
 };
 use crate::cache::Cache;
 
-async fn load(path: &Path, role: Option<Role>, config: Option<String>) -> anyhow::Result<Arc<Plugin>> {
-    let mut spec: PluginSpec = read_plugin_file(path).with_context(|| format!("plugin {}", path.display()))?;
+async fn load(
+    path: &Path,
+    role: Option<Role>,
+    config: Option<String>,
+) -> anyhow::Result<Arc<Plugin>> {
+    let mut spec: PluginSpec =
+        read_plugin_file(path).with_context(|| format!("plugin {}", path.display()))?;
     if role.is_some() {
         spec.role = role;
     }
@@ -52,7 +57,11 @@ pub async fn check(path: &Path, role: Option<Role>) -> anyhow::Result<String> {
 }
 
 /// One decision for `input` (JSON shaped like the role's request record, snake_case).
-pub async fn decide(plugin: &Plugin, input: &str, fresh: bool) -> anyhow::Result<serde_json::Value> {
+pub async fn decide(
+    plugin: &Plugin,
+    input: &str,
+    fresh: bool,
+) -> anyhow::Result<serde_json::Value> {
     let value = match plugin.role {
         Role::Naming => {
             let input: NamingInput = serde_json::from_str(input).context("--input for a naming plugin: {\"ssh_key_hash\": \"…\", \"fingerprint\": \"…\", \"requested_label\": null, \"attempt\": 0}")?;
@@ -74,7 +83,12 @@ pub async fn decide(plugin: &Plugin, input: &str, fresh: bool) -> anyhow::Result
 }
 
 /// `p0rt plugin run FILE --input JSON`
-pub async fn run(path: &Path, role: Option<Role>, input: &str, config: Option<String>) -> anyhow::Result<String> {
+pub async fn run(
+    path: &Path,
+    role: Option<Role>,
+    input: &str,
+    config: Option<String>,
+) -> anyhow::Result<String> {
     let plugin = load(path, role, config).await?;
     let decision = decide(&plugin, input, false).await?;
     Ok(serde_json::to_string_pretty(&decision)? + "\n")
@@ -92,9 +106,13 @@ pub async fn list(dir: &Path) -> anyhow::Result<String> {
         None,
     )
     .await?;
-    let mut out = String::from("ROLE            NAME            SHA256        WIT     ORIGIN / ERROR\n");
+    let mut out =
+        String::from("ROLE            NAME            SHA256        WIT     ORIGIN / ERROR\n");
     for status in plugins.status() {
-        let role = status.role.map(|r| r.to_string()).unwrap_or_else(|| "-".into());
+        let role = status
+            .role
+            .map(|r| r.to_string())
+            .unwrap_or_else(|| "-".into());
         let sha = status.sha256.as_deref().map(|s| &s[..12]).unwrap_or("-");
         let wit = status.wit_version.as_deref().unwrap_or("-");
         let tail = match &status.error {
@@ -102,7 +120,10 @@ pub async fn list(dir: &Path) -> anyhow::Result<String> {
             Some(error) => format!("{} ({error})", status.origin),
             None => status.origin.clone(),
         };
-        out.push_str(&format!("{role:<15} {:<15} {sha:<13} {wit:<7} {tail}\n", status.name));
+        out.push_str(&format!(
+            "{role:<15} {:<15} {sha:<13} {wit:<7} {tail}\n",
+            status.name
+        ));
     }
     Ok(out)
 }
@@ -116,12 +137,20 @@ fn percentile(sorted: &[u128], p: f64) -> u128 {
 }
 
 /// `p0rt plugin bench FILE --input JSON`: p50/p99 per decision, warm vs fresh instance.
-pub async fn bench(path: &Path, role: Option<Role>, input: &str, iterations: usize) -> anyhow::Result<String> {
+pub async fn bench(
+    path: &Path,
+    role: Option<Role>,
+    input: &str,
+    iterations: usize,
+) -> anyhow::Result<String> {
     if iterations == 0 {
         bail!("--iterations must be at least 1");
     }
     let plugin = load(path, role, None).await?;
-    let mut out = format!("plugin {} ({}), {iterations} decisions each\n", plugin.name, plugin.role);
+    let mut out = format!(
+        "plugin {} ({}), {iterations} decisions each\n",
+        plugin.name, plugin.role
+    );
     for (label, fresh) in [("warm instance ", false), ("fresh instance", true)] {
         // Warm-up, so one-time costs (first instantiation, page faults) are not counted.
         for _ in 0..iterations.min(100) {

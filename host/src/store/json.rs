@@ -129,7 +129,10 @@ pub fn lock_data_dir(dir: &Path) -> Result<File, StoreError> {
             dir: dir.to_path_buf(),
             lock: lock_path,
         }),
-        Err(std::fs::TryLockError::Error(source)) => Err(StoreError::Io { path: lock_path, source }),
+        Err(std::fs::TryLockError::Error(source)) => Err(StoreError::Io {
+            path: lock_path,
+            source,
+        }),
     }
 }
 
@@ -139,9 +142,8 @@ fn parse_domains(text: &str) -> Result<Indexes, String> {
     if text.trim().is_empty() {
         return Err("the file is empty (a truncated write?)".into());
     }
-    let raw: BTreeMap<String, RawRecord> = serde_json::from_str(text).map_err(|e| {
-        format!("not a JSON object of key hash → domain record ({e})")
-    })?;
+    let raw: BTreeMap<String, RawRecord> = serde_json::from_str(text)
+        .map_err(|e| format!("not a JSON object of key hash → domain record ({e})"))?;
     let mut indexes = Indexes::default();
     for (key, record) in raw {
         if let Some(inner) = &record.ssh_key_hash
@@ -299,7 +301,10 @@ impl JsonStore {
         self.dirty.store(false, Ordering::Release);
         let (bytes, included) = {
             let idx = self.lock();
-            (serialize_domains(&idx), self.changes.load(Ordering::Acquire))
+            (
+                serialize_domains(&idx),
+                self.changes.load(Ordering::Acquire),
+            )
         };
         let (path, dir) = (self.path.clone(), self.dir.clone());
         let result = tokio::task::spawn_blocking(move || write_atomically(&path, &dir, &bytes))
@@ -365,7 +370,11 @@ impl DomainStore for JsonStore {
         Ok(Claim::Claimed(record))
     }
 
-    async fn touch(&self, ssh_key_hash: &str, now: i64) -> Result<Option<DomainRecord>, StoreError> {
+    async fn touch(
+        &self,
+        ssh_key_hash: &str,
+        now: i64,
+    ) -> Result<Option<DomainRecord>, StoreError> {
         let mut idx = self.lock();
         let Some(record) = idx.by_key.get_mut(ssh_key_hash) else {
             return Ok(None);
@@ -405,10 +414,15 @@ impl DomainStore for JsonStore {
                 return Ok(Import::against_existing(existing, record));
             }
             if let Some(owner) = idx.by_domain.get(&record.domain) {
-                return Ok(Import::Conflict(format!("{} belongs to key {owner} here", record.domain)));
+                return Ok(Import::Conflict(format!(
+                    "{} belongs to key {owner} here",
+                    record.domain
+                )));
             }
-            idx.by_domain.insert(record.domain.clone(), record.ssh_key_hash.clone());
-            idx.by_key.insert(record.ssh_key_hash.clone(), record.clone());
+            idx.by_domain
+                .insert(record.domain.clone(), record.ssh_key_hash.clone());
+            idx.by_key
+                .insert(record.ssh_key_hash.clone(), record.clone());
         }
         self.dirty.store(true, Ordering::Release);
         Ok(Import::Imported)
@@ -448,8 +462,14 @@ mod tests {
         let rec = store.record_for_key("abc123").await.unwrap().unwrap();
         assert_eq!(rec.first_seen, 1_640_995_200);
         assert_eq!(rec.use_count, 42);
-        assert_eq!(store.owner_of("whale-guitar-fox").await.unwrap().as_deref(), Some("abc123"));
-        store.claim("def456", "other-name-here", 1_700_000_000).await.unwrap();
+        assert_eq!(
+            store.owner_of("whale-guitar-fox").await.unwrap().as_deref(),
+            Some("abc123")
+        );
+        store
+            .claim("def456", "other-name-here", 1_700_000_000)
+            .await
+            .unwrap();
         let text = std::fs::read_to_string(dir.path().join(DOMAINS_FILE_NAME)).unwrap();
         assert!(text.contains("\"2022-01-01T00:00:00Z\""), "{text}");
         assert!(text.contains("\"2023-11-14T22:13:20Z\""), "{text}");
@@ -464,22 +484,36 @@ mod tests {
         )
         .unwrap();
         let store = JsonStore::open(dir.path()).unwrap();
-        assert_eq!(store.record_for_key("k").await.unwrap().unwrap().last_seen, 1_641_081_600);
+        assert_eq!(
+            store.record_for_key("k").await.unwrap().unwrap().last_seen,
+            1_641_081_600
+        );
     }
 
     #[tokio::test]
     async fn claim_is_exclusive_per_name_and_per_key() {
         let dir = tempfile::tempdir().unwrap();
         let store = JsonStore::open(dir.path()).unwrap();
-        assert!(matches!(store.claim("k1", "n1", 1).await.unwrap(), Claim::Claimed(_)));
+        assert!(matches!(
+            store.claim("k1", "n1", 1).await.unwrap(),
+            Claim::Claimed(_)
+        ));
         assert_eq!(store.claim("k2", "n1", 2).await.unwrap(), Claim::Taken);
-        assert!(matches!(store.claim("k1", "n2", 3).await.unwrap(), Claim::AlreadyOwned(r) if r.domain == "n1"));
+        assert!(
+            matches!(store.claim("k1", "n2", 3).await.unwrap(), Claim::AlreadyOwned(r) if r.domain == "n1")
+        );
     }
 
     #[tokio::test]
     async fn corrupt_files_are_refused_and_untouched() {
-        for bad in ["", "{\"k\": {\"domain\": \"a\"", "[1,2,3]", "not json", "{\"k\":{\"domain\":\"a\",\"first_seen\":\"yesterday\",\"last_seen\":1}}",
-            r#"{"k1":{"domain":"same","first_seen":1,"last_seen":1},"k2":{"domain":"same","first_seen":1,"last_seen":1}}"#] {
+        for bad in [
+            "",
+            "{\"k\": {\"domain\": \"a\"",
+            "[1,2,3]",
+            "not json",
+            "{\"k\":{\"domain\":\"a\",\"first_seen\":\"yesterday\",\"last_seen\":1}}",
+            r#"{"k1":{"domain":"same","first_seen":1,"last_seen":1},"k2":{"domain":"same","first_seen":1,"last_seen":1}}"#,
+        ] {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join(DOMAINS_FILE_NAME);
             std::fs::write(&path, bad).unwrap();
@@ -505,7 +539,9 @@ mod tests {
             let claims: Vec<_> = (0..200)
                 .map(|i| {
                     let store = store.clone();
-                    tokio::spawn(async move { store.claim(&format!("k{i}"), &format!("n{i}"), i).await })
+                    tokio::spawn(
+                        async move { store.claim(&format!("k{i}"), &format!("n{i}"), i).await },
+                    )
                 })
                 .collect();
             for claim in claims {

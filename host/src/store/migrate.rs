@@ -34,7 +34,10 @@ impl std::fmt::Display for MigrationReport {
 }
 
 /// Imports `records` into `dest`, tallying what happened.
-pub async fn copy_records(records: &[DomainRecord], dest: &dyn DomainStore) -> Result<MigrationReport, StoreError> {
+pub async fn copy_records(
+    records: &[DomainRecord],
+    dest: &dyn DomainStore,
+) -> Result<MigrationReport, StoreError> {
     let mut report = MigrationReport {
         read: records.len(),
         ..Default::default()
@@ -52,20 +55,29 @@ pub async fn copy_records(records: &[DomainRecord], dest: &dyn DomainStore) -> R
 
 /// JSON (`<data_dir>/domains.json`) → `dest`. Reads the file without locking it, so this
 /// also serves the automatic import at startup.
-pub async fn json_file_into(data_dir: &Path, dest: &dyn DomainStore) -> Result<MigrationReport, StoreError> {
+pub async fn json_file_into(
+    data_dir: &Path,
+    dest: &dyn DomainStore,
+) -> Result<MigrationReport, StoreError> {
     let records = read_records(&data_dir.join(DOMAINS_FILE_NAME))?;
     copy_records(&records, dest).await
 }
 
 /// `source` → the JSON store in `data_dir` (taking its lock, so no host may be running on it).
-pub async fn into_json_dir(source: &dyn DomainStore, data_dir: &Path) -> Result<MigrationReport, StoreError> {
+pub async fn into_json_dir(
+    source: &dyn DomainStore,
+    data_dir: &Path,
+) -> Result<MigrationReport, StoreError> {
     let records = source.all_records().await?;
     let dest: Arc<JsonStore> = JsonStore::open(data_dir)?;
     copy_records(&records, dest.as_ref()).await
 }
 
 /// `p0rt migrate --to redis|json` with the host's settings (data directory, Redis URL, …).
-pub async fn run(config: &crate::config::Config, to: crate::config::StorageKind) -> anyhow::Result<MigrationReport> {
+pub async fn run(
+    config: &crate::config::Config,
+    to: crate::config::StorageKind,
+) -> anyhow::Result<MigrationReport> {
     use crate::config::StorageKind;
     let _ = rustls::crypto::ring::default_provider().install_default();
     let url = config
@@ -76,7 +88,8 @@ pub async fn run(config: &crate::config::Config, to: crate::config::StorageKind)
     link.check()
         .await
         .map_err(|e| anyhow::anyhow!("redis at {} is needed for a migration: {e}", link.display))?;
-    let redis = super::redis::RedisStore::new(link.clone(), &config.redis_prefix, config.redis_ttl_days);
+    let redis =
+        super::redis::RedisStore::new(link.clone(), &config.redis_prefix, config.redis_ttl_days);
     let report = match to {
         StorageKind::Redis => {
             // Lock the directory so no host writes domains.json while it is copied.

@@ -101,7 +101,8 @@ pub trait DomainStore: Send + Sync {
     /// A new binding is durable when this returns.
     async fn claim(&self, ssh_key_hash: &str, domain: &str, now: i64) -> Result<Claim, StoreError>;
     /// Notes a connection: bumps `last_seen` and `use_count`. May be persisted lazily.
-    async fn touch(&self, ssh_key_hash: &str, now: i64) -> Result<Option<DomainRecord>, StoreError>;
+    async fn touch(&self, ssh_key_hash: &str, now: i64)
+    -> Result<Option<DomainRecord>, StoreError>;
     /// Counts for `/domain-stats`.
     async fn stats(&self, now: i64) -> Result<DomainStats, StoreError>;
     /// Every record (migration, export).

@@ -109,10 +109,16 @@ impl RedisStore {
     /// Reads a record from Redis: `Ok(None)` if missing or poisoned.
     async fn fetch(&self, ssh_key_hash: &str) -> Result<Option<DomainRecord>, RedisOpError> {
         let key = self.record_key(ssh_key_hash);
-        let fields: HashMap<String, String> = match self.link.query(redis::cmd("HGETALL").arg(&key), STORE_OP_TIMEOUT).await {
+        let fields: HashMap<String, String> = match self
+            .link
+            .query(redis::cmd("HGETALL").arg(&key), STORE_OP_TIMEOUT)
+            .await
+        {
             Ok(fields) => fields,
             Err(RedisOpError::WrongType { detail, .. }) => {
-                tracing::warn!("redis key {key} has the wrong type ({detail}); treating it as missing");
+                tracing::warn!(
+                    "redis key {key} has the wrong type ({detail}); treating it as missing"
+                );
                 return Ok(None);
             }
             Err(e) => return Err(e),
@@ -149,21 +155,32 @@ impl RedisStore {
             .arg(self.ttl_secs)
             .ignore();
         // One key per pipeline: on Cluster the record and its reverse key live in different slots.
-        self.link.query_pipeline::<()>(&pipe, STORE_OP_TIMEOUT).await?;
+        self.link
+            .query_pipeline::<()>(&pipe, STORE_OP_TIMEOUT)
+            .await?;
         self.refresh_reverse_ttl(&record.domain).await
     }
 
     async fn refresh_reverse_ttl(&self, domain: &str) -> Result<(), RedisOpError> {
         let mut cmd = redis::cmd("EXPIRE");
         cmd.arg(self.reverse_key(domain)).arg(self.ttl_secs);
-        self.link.query::<i64>(&cmd, STORE_OP_TIMEOUT).await.map(|_| ())
+        self.link
+            .query::<i64>(&cmd, STORE_OP_TIMEOUT)
+            .await
+            .map(|_| ())
     }
 
     async fn release_reverse(&self, domain: &str, ssh_key_hash: &str) {
         let mut cmd = redis::cmd("EVAL");
-        cmd.arg(COMPARE_AND_DELETE).arg(1).arg(self.reverse_key(domain)).arg(ssh_key_hash);
+        cmd.arg(COMPARE_AND_DELETE)
+            .arg(1)
+            .arg(self.reverse_key(domain))
+            .arg(ssh_key_hash);
         if let Err(e) = self.link.query::<i64>(&cmd, STORE_OP_TIMEOUT).await {
-            tracing::warn!("could not release {} after a lost race: {e}", self.reverse_key(domain));
+            tracing::warn!(
+                "could not release {} after a lost race: {e}",
+                self.reverse_key(domain)
+            );
         }
     }
 
@@ -172,7 +189,11 @@ impl RedisStore {
         let pattern = format!("{}domain:*", self.prefix);
         let reverse_prefix = format!("{}domain:reverse:", self.prefix);
         let record_prefix = format!("{}domain:", self.prefix);
-        let keys = self.link.scan(&pattern, SCAN_TIMEOUT).await.map_err(unavailable)?;
+        let keys = self
+            .link
+            .scan(&pattern, SCAN_TIMEOUT)
+            .await
+            .map_err(unavailable)?;
         let mut records = Vec::new();
         for key in keys {
             if key.starts_with(&reverse_prefix) {
@@ -189,7 +210,11 @@ impl RedisStore {
     /// True if no domain keys exist under the prefix.
     pub async fn is_empty(&self) -> Result<bool, StoreError> {
         let pattern = format!("{}domain:*", self.prefix);
-        let keys = self.link.scan(&pattern, SCAN_TIMEOUT).await.map_err(unavailable)?;
+        let keys = self
+            .link
+            .scan(&pattern, SCAN_TIMEOUT)
+            .await
+            .map_err(unavailable)?;
         Ok(keys.is_empty())
     }
 }
@@ -208,10 +233,16 @@ impl DomainStore for RedisStore {
 
     async fn owner_of(&self, domain: &str) -> Result<Option<String>, StoreError> {
         let key = self.reverse_key(domain);
-        match self.link.query::<Option<String>>(redis::cmd("GET").arg(&key), STORE_OP_TIMEOUT).await {
+        match self
+            .link
+            .query::<Option<String>>(redis::cmd("GET").arg(&key), STORE_OP_TIMEOUT)
+            .await
+        {
             Ok(owner) => Ok(owner),
             Err(RedisOpError::WrongType { detail, .. }) => {
-                tracing::warn!("redis key {key} has the wrong type ({detail}); treating it as missing");
+                tracing::warn!(
+                    "redis key {key} has the wrong type ({detail}); treating it as missing"
+                );
                 Ok(None)
             }
             Err(e) => match self.local().by_domain.get(domain) {
@@ -229,17 +260,28 @@ impl DomainStore for RedisStore {
         let won: Option<String> = self
             .link
             .query(
-                redis::cmd("SET").arg(&reverse).arg(ssh_key_hash).arg("NX").arg("EX").arg(self.ttl_secs),
+                redis::cmd("SET")
+                    .arg(&reverse)
+                    .arg(ssh_key_hash)
+                    .arg("NX")
+                    .arg("EX")
+                    .arg(self.ttl_secs),
                 STORE_OP_TIMEOUT,
             )
             .await
             .map_err(unavailable)?;
         if won.is_none() {
             // Ours from an earlier, interrupted claim? Then finish it; otherwise it is taken.
-            let owner: Option<String> = match self.link.query(redis::cmd("GET").arg(&reverse), STORE_OP_TIMEOUT).await {
+            let owner: Option<String> = match self
+                .link
+                .query(redis::cmd("GET").arg(&reverse), STORE_OP_TIMEOUT)
+                .await
+            {
                 Ok(owner) => owner,
                 Err(RedisOpError::WrongType { .. }) => {
-                    tracing::warn!("redis key {reverse} has the wrong type; the name stays unavailable");
+                    tracing::warn!(
+                        "redis key {reverse} has the wrong type; the name stays unavailable"
+                    );
                     return Ok(Claim::Taken);
                 }
                 Err(e) => return Err(unavailable(e)),
@@ -251,16 +293,33 @@ impl DomainStore for RedisStore {
         let record_key = self.record_key(ssh_key_hash);
         let mut first: Result<i64, RedisOpError> = self
             .link
-            .query(redis::cmd("HSETNX").arg(&record_key).arg("domain").arg(domain), STORE_OP_TIMEOUT)
+            .query(
+                redis::cmd("HSETNX")
+                    .arg(&record_key)
+                    .arg("domain")
+                    .arg(domain),
+                STORE_OP_TIMEOUT,
+            )
             .await;
         if let Err(RedisOpError::WrongType { detail, .. }) = &first {
             // The record key is p0rt's by layout and unreadable as a record: treat it as
             // missing. Replace it (logged), since this key's name must live exactly there.
-            tracing::warn!("redis key {record_key} has the wrong type ({detail}); replacing it with this key's record");
-            let _: Result<i64, _> = self.link.query(redis::cmd("DEL").arg(&record_key), STORE_OP_TIMEOUT).await;
+            tracing::warn!(
+                "redis key {record_key} has the wrong type ({detail}); replacing it with this key's record"
+            );
+            let _: Result<i64, _> = self
+                .link
+                .query(redis::cmd("DEL").arg(&record_key), STORE_OP_TIMEOUT)
+                .await;
             first = self
                 .link
-                .query(redis::cmd("HSETNX").arg(&record_key).arg("domain").arg(domain), STORE_OP_TIMEOUT)
+                .query(
+                    redis::cmd("HSETNX")
+                        .arg(&record_key)
+                        .arg("domain")
+                        .arg(domain),
+                    STORE_OP_TIMEOUT,
+                )
                 .await;
         }
         match first {
@@ -270,12 +329,16 @@ impl DomainStore for RedisStore {
                 self.release_reverse(domain, ssh_key_hash).await;
                 return match self.fetch(ssh_key_hash).await.map_err(unavailable)? {
                     Some(existing) => Ok(Claim::AlreadyOwned(existing)),
-                    None => Err(StoreError::Unavailable(format!("record {record_key} vanished during a claim"))),
+                    None => Err(StoreError::Unavailable(format!(
+                        "record {record_key} vanished during a claim"
+                    ))),
                 };
             }
             Err(RedisOpError::WrongType { detail, .. }) => {
                 self.release_reverse(domain, ssh_key_hash).await;
-                tracing::error!("redis key {record_key} has the wrong type ({detail}); not overwriting it");
+                tracing::error!(
+                    "redis key {record_key} has the wrong type ({detail}); not overwriting it"
+                );
                 return Err(StoreError::Unavailable(format!(
                     "redis key {record_key} holds unexpected data; an operator must remove it"
                 )));
@@ -294,7 +357,11 @@ impl DomainStore for RedisStore {
         Ok(Claim::Claimed(record))
     }
 
-    async fn touch(&self, ssh_key_hash: &str, now: i64) -> Result<Option<DomainRecord>, StoreError> {
+    async fn touch(
+        &self,
+        ssh_key_hash: &str,
+        now: i64,
+    ) -> Result<Option<DomainRecord>, StoreError> {
         let record = match self.fetch(ssh_key_hash).await {
             Ok(Some(record)) => record,
             Ok(None) => return Ok(None),
@@ -326,11 +393,17 @@ impl DomainStore for RedisStore {
             .arg(&key)
             .arg(self.ttl_secs)
             .ignore();
-        let counted = self.link.query_pipeline::<(u64,)>(&pipe, STORE_OP_TIMEOUT).await;
+        let counted = self
+            .link
+            .query_pipeline::<(u64,)>(&pipe, STORE_OP_TIMEOUT)
+            .await;
         if counted.is_ok()
             && let Err(e) = self.refresh_reverse_ttl(&record.domain).await
         {
-            tracing::warn!("could not refresh the TTL of {}: {e}", self.reverse_key(&record.domain));
+            tracing::warn!(
+                "could not refresh the TTL of {}: {e}",
+                self.reverse_key(&record.domain)
+            );
         }
         let updated = match counted {
             Ok((use_count,)) => DomainRecord {
@@ -361,7 +434,8 @@ impl DomainStore for RedisStore {
             active_last_7d: since(7 * DAY_SECS),
             storage_type: "redis",
         };
-        *self.stats_cache.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), stats.clone()));
+        *self.stats_cache.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((Instant::now(), stats.clone()));
         Ok(stats)
     }
 
@@ -370,14 +444,23 @@ impl DomainStore for RedisStore {
     }
 
     async fn import(&self, record: &DomainRecord) -> Result<Import, StoreError> {
-        if let Some(existing) = self.fetch(&record.ssh_key_hash).await.map_err(unavailable)? {
+        if let Some(existing) = self
+            .fetch(&record.ssh_key_hash)
+            .await
+            .map_err(unavailable)?
+        {
             return Ok(Import::against_existing(&existing, record));
         }
         let reverse = self.reverse_key(&record.domain);
         let won: Option<String> = self
             .link
             .query(
-                redis::cmd("SET").arg(&reverse).arg(&record.ssh_key_hash).arg("NX").arg("EX").arg(self.ttl_secs),
+                redis::cmd("SET")
+                    .arg(&reverse)
+                    .arg(&record.ssh_key_hash)
+                    .arg("NX")
+                    .arg("EX")
+                    .arg(self.ttl_secs),
                 STORE_OP_TIMEOUT,
             )
             .await

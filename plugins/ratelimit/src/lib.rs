@@ -37,9 +37,18 @@ struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            per_ip: Bucket { limit: 600, window_seconds: 60 },
-            per_tunnel: Bucket { limit: 3000, window_seconds: 60 },
-            per_key: Bucket { limit: 6000, window_seconds: 60 },
+            per_ip: Bucket {
+                limit: 600,
+                window_seconds: 60,
+            },
+            per_tunnel: Bucket {
+                limit: 3000,
+                window_seconds: 60,
+            },
+            per_key: Bucket {
+                limit: 6000,
+                window_seconds: 60,
+            },
         }
     }
 }
@@ -72,9 +81,24 @@ impl RateLimit for RateLimiter {
         let config = CONFIG.with(|c| *c.borrow());
         let now = clock::now_unix_seconds();
         let checks = [
-            ("ip", request.client_ip.as_str(), config.per_ip, "too many requests from your address"),
-            ("tunnel", request.name.as_str(), config.per_tunnel, "this tunnel is receiving too many requests"),
-            ("key", request.owner_key_hash.as_str(), config.per_key, "this tunnel owner's request budget is used up"),
+            (
+                "ip",
+                request.client_ip.as_str(),
+                config.per_ip,
+                "too many requests from your address",
+            ),
+            (
+                "tunnel",
+                request.name.as_str(),
+                config.per_tunnel,
+                "this tunnel is receiving too many requests",
+            ),
+            (
+                "key",
+                request.owner_key_hash.as_str(),
+                config.per_key,
+                "this tunnel owner's request budget is used up",
+            ),
         ];
         for (kind, subject, bucket, message) in checks {
             if let Some(retry) = over_limit(kind, subject, bucket, now) {
@@ -91,8 +115,8 @@ impl RateLimit for RateLimiter {
 
 impl exports::p0rt::policy::init::Guest for RateLimiter {
     fn init(config: String) -> Result<(), String> {
-        let parsed: Config = serde_json::from_str(&config)
-            .map_err(|e| format!("ratelimit config: {e}"))?;
+        let parsed: Config =
+            serde_json::from_str(&config).map_err(|e| format!("ratelimit config: {e}"))?;
         CONFIG.with(|c| *c.borrow_mut() = parsed);
         Ok(())
     }

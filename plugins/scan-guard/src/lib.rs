@@ -82,14 +82,17 @@ impl ScanAdmission for ScanGuard {
         }
         // Small jobs first: fewer ports, higher priority.
         let priority = if job.ports.len() <= 4 { 7 } else { 3 };
-        Decision::Accept(Admission { priority, allowed_checks: allowed })
+        Decision::Accept(Admission {
+            priority,
+            allowed_checks: allowed,
+        })
     }
 }
 
 impl exports::p0rt::policy::init::Guest for ScanGuard {
     fn init(config: String) -> Result<(), String> {
-        let parsed: Config = serde_json::from_str(&config)
-            .map_err(|e| format!("scan-guard config: {e}"))?;
+        let parsed: Config =
+            serde_json::from_str(&config).map_err(|e| format!("scan-guard config: {e}"))?;
         CONFIG.with(|c| *c.borrow_mut() = parsed);
         Ok(())
     }

@@ -19,7 +19,13 @@ struct Words;
 /// Parsed once per instance; warm instances reuse it across calls.
 fn words() -> &'static [&'static str] {
     static WORDS: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
-    WORDS.get_or_init(|| WORD_LIST.lines().map(str::trim).filter(|w| !w.is_empty()).collect())
+    WORDS.get_or_init(|| {
+        WORD_LIST
+            .lines()
+            .map(str::trim)
+            .filter(|w| !w.is_empty())
+            .collect()
+    })
 }
 
 /// Same derivation as the host's built-in namer: 32-bit big-endian chunks of
