@@ -233,7 +233,7 @@ async fn admit(
             })
             .collect(),
     };
-    match state.plugins.check_request(&facts).await {
+    match state.plugins.check_request(facts).await {
         RateDecision::Allow => None,
         RateDecision::Deny {
             status,

@@ -290,10 +290,6 @@ impl RedisLink {
         })
     }
 
-    pub fn is_cluster(&self) -> bool {
-        matches!(self.target, RedisTarget::Cluster { .. })
-    }
-
     async fn connect(&self) -> Result<Conn, RedisOpError> {
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))

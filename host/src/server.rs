@@ -138,7 +138,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
         _ => Cache::in_memory(),
     };
-    let host_key = crate::ssh::load_or_create_host_key(&config.host_key)?;
+    let host_key = crate::ssh::load_or_create_host_key(&config.host_key)
+        .map_err(|e| SettingsError(e.to_string()))?;
     let plugins = PolicyPlugins::start(
         PluginOptions {
             dir: Some(config.plugins_dir.clone()),

@@ -185,14 +185,6 @@ impl Registry {
             .cloned()
     }
 
-    pub fn len(&self) -> usize {
-        self.tunnels.read().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<Tunnel>>> {
         self.tunnels.write().unwrap_or_else(|p| p.into_inner())
     }

@@ -292,3 +292,42 @@ async fn host_key_is_generated_once_and_reused() {
         out.stderr
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_host_key_exits_2_and_is_never_replaced() {
+    let sb = Sandbox::new();
+    std::fs::create_dir_all(sb.data_dir()).unwrap();
+    let key_file = sb.data_dir().join("ssh_host_ed25519_key");
+    let garbage =
+        b"-----BEGIN OPENSSH PRIVATE KEY-----\nnot a key\n-----END OPENSSH PRIVATE KEY-----\n";
+    std::fs::write(&key_file, garbage).unwrap();
+    let config = HostConfig::flags(&sb.data_dir()).cold();
+    let (code, stderr) = run_host_to_exit(&sb, &config, EXIT_TIMEOUT).await;
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("ssh_host_ed25519_key") && stderr.contains("cannot load SSH host key"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read(&key_file).unwrap(),
+        garbage,
+        "the bad key file must be left as it was"
+    );
+
+    // Inline key text (SSH_HOST_KEY) that does not parse: exit 2, and the text is not echoed.
+    std::fs::remove_file(&key_file).unwrap();
+    let config = HostConfig::flags(&sb.data_dir()).cold().env(
+        "SSH_HOST_KEY",
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nsecret-ish\n",
+    );
+    let (code, stderr) = run_host_to_exit(&sb, &config, EXIT_TIMEOUT).await;
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("SSH_HOST_KEY") && !stderr.contains("secret-ish"),
+        "{stderr}"
+    );
+    assert!(
+        !key_file.exists(),
+        "no key generated when SSH_HOST_KEY is given"
+    );
+}

@@ -340,18 +340,27 @@ pub async fn decide_name(plugin: &Plugin, input: &NamingInput, fresh: bool) -> N
 /// Calls the plugin for one rate-limit decision. `Err` means: use the fallback limiter.
 pub async fn decide_rate(
     plugin: &Plugin,
-    facts: &RequestFacts,
+    facts: RequestFacts,
     fresh: bool,
 ) -> Result<RateDecision, PluginError> {
     use rate_world::exports::p0rt::policy::rate_limit::{Decision, RequestInfo};
+    let RequestFacts {
+        client_ip,
+        host,
+        name,
+        owner_key_hash,
+        method,
+        path,
+        headers,
+    } = facts;
     let request = RequestInfo {
-        client_ip: facts.client_ip.clone(),
-        host: facts.host.clone(),
-        name: facts.name.clone(),
-        owner_key_hash: facts.owner_key_hash.clone(),
-        method: facts.method.clone(),
-        path: facts.path.clone(),
-        headers: facts.headers.clone(),
+        client_ip,
+        host,
+        name,
+        owner_key_hash,
+        method,
+        path,
+        headers,
     };
     let decision = plugin
         .invoke(fresh, move |instance, store| {
@@ -774,10 +783,12 @@ impl PolicyPlugins {
     }
 
     /// Whether an HTTP request may enter its tunnel.
-    pub async fn check_request(&self, facts: &RequestFacts) -> RateDecision {
+    pub async fn check_request(&self, facts: RequestFacts) -> RateDecision {
         if !self.enabled() {
             return RateDecision::Allow;
         }
+        // Kept for the fallback; the facts themselves move into the plugin call.
+        let client_ip = facts.client_ip.clone();
         if let Some(plugin) = self.active(Role::RateLimit) {
             match decide_rate(&plugin, facts, false).await {
                 Ok(decision) => return decision,
@@ -793,14 +804,14 @@ impl PolicyPlugins {
                 ),
             }
         }
-        self.fallback_rate(facts)
+        self.fallback_rate(&client_ip)
     }
 
     /// Conservative stand-in: a fixed per-IP budget per minute.
-    fn fallback_rate(&self, facts: &RequestFacts) -> RateDecision {
+    fn fallback_rate(&self, client_ip: &str) -> RateDecision {
         let now = crate::unix_now();
         let window = now.div_euclid(60);
-        let key = format!("ip:{}:{window}", facts.client_ip);
+        let key = format!("ip:{client_ip}:{window}");
         match self
             .fallback_limiter
             .increment(&key, 1, Some(Duration::from_secs(61)))

@@ -74,7 +74,6 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<PluginState>,
     cache_dir: Option<PathBuf>,
-    pooling: bool,
 }
 
 fn wasm_error(e: wasmtime::Error) -> String {
@@ -86,15 +85,14 @@ impl Runtime {
     /// cannot be reserved) and starts its epoch clock. Compiled plugins are cached in
     /// `cache_dir` when given.
     pub fn new(cache_dir: Option<PathBuf>) -> Result<Arc<Runtime>, PluginError> {
-        let (engine, pooling) = match Engine::new(&engine_config(true)) {
-            Ok(engine) => (engine, true),
+        let engine = match Engine::new(&engine_config(true)) {
+            Ok(engine) => engine,
             Err(e) => {
                 tracing::warn!(
                     "pooling allocator unavailable ({e:#}); plugins use on-demand allocation"
                 );
-                let engine = Engine::new(&engine_config(false))
-                    .map_err(|e| PluginError::Engine(wasm_error(e)))?;
-                (engine, false)
+                Engine::new(&engine_config(false))
+                    .map_err(|e| PluginError::Engine(wasm_error(e)))?
             }
         };
         let mut linker: Linker<PluginState> = Linker::new(&engine);
@@ -122,12 +120,7 @@ impl Runtime {
             engine,
             linker,
             cache_dir,
-            pooling,
         }))
-    }
-
-    pub fn uses_pooling(&self) -> bool {
-        self.pooling
     }
 
     fn engine_hash(&self) -> u64 {

@@ -69,7 +69,7 @@ pub async fn decide(
         }
         Role::RateLimit => {
             let input: RequestFacts = serde_json::from_str(input).context("--input for a rate-limit plugin: {\"client_ip\": \"…\", \"name\": \"…\", \"method\": \"GET\", \"path\": \"/\", …}")?;
-            match decide_rate(plugin, &input, fresh).await {
+            match decide_rate(plugin, input, fresh).await {
                 Ok(decision) => serde_json::to_value(decision)?,
                 Err(e) => serde_json::json!({ "decision": "fallback", "reason": e.to_string() }),
             }

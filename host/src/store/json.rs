@@ -345,13 +345,7 @@ impl DomainStore for JsonStore {
             if idx.by_domain.contains_key(domain) {
                 return Ok(Claim::Taken);
             }
-            let record = DomainRecord {
-                domain: domain.to_string(),
-                ssh_key_hash: ssh_key_hash.to_string(),
-                first_seen: now,
-                last_seen: now,
-                use_count: 1,
-            };
+            let record = DomainRecord::claimed(ssh_key_hash, domain, now);
             idx.by_domain
                 .insert(domain.to_string(), ssh_key_hash.to_string());
             idx.by_key.insert(ssh_key_hash.to_string(), record.clone());

@@ -23,6 +23,19 @@ pub struct DomainRecord {
     pub use_count: u64,
 }
 
+impl DomainRecord {
+    /// The record of a name just claimed by a key at `now`.
+    pub fn claimed(ssh_key_hash: &str, domain: &str, now: i64) -> DomainRecord {
+        DomainRecord {
+            domain: domain.to_string(),
+            ssh_key_hash: ssh_key_hash.to_string(),
+            first_seen: now,
+            last_seen: now,
+            use_count: 1,
+        }
+    }
+}
+
 /// Outcome of [`DomainStore::claim`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Claim {

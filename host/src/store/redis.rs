@@ -170,6 +170,42 @@ impl RedisStore {
             .map(|_| ())
     }
 
+    /// Takes `domain`'s reverse key for the key (`SET NX`). True if the key holds it now,
+    /// also when an earlier, interrupted claim of the same key left it behind.
+    async fn reserve_name(&self, domain: &str, ssh_key_hash: &str) -> Result<bool, StoreError> {
+        let reverse = self.reverse_key(domain);
+        let won: Option<String> = self
+            .link
+            .query(
+                redis::cmd("SET")
+                    .arg(&reverse)
+                    .arg(ssh_key_hash)
+                    .arg("NX")
+                    .arg("EX")
+                    .arg(self.ttl_secs),
+                STORE_OP_TIMEOUT,
+            )
+            .await
+            .map_err(unavailable)?;
+        if won.is_some() {
+            return Ok(true);
+        }
+        match self
+            .link
+            .query::<Option<String>>(redis::cmd("GET").arg(&reverse), STORE_OP_TIMEOUT)
+            .await
+        {
+            Ok(owner) => Ok(owner.as_deref() == Some(ssh_key_hash)),
+            Err(RedisOpError::WrongType { .. }) => {
+                tracing::warn!(
+                    "redis key {reverse} has the wrong type; the name stays unavailable"
+                );
+                Ok(false)
+            }
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
     async fn release_reverse(&self, domain: &str, ssh_key_hash: &str) {
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(COMPARE_AND_DELETE)
@@ -256,39 +292,8 @@ impl DomainStore for RedisStore {
         if let Some(existing) = self.fetch(ssh_key_hash).await.map_err(unavailable)? {
             return Ok(Claim::AlreadyOwned(existing));
         }
-        let reverse = self.reverse_key(domain);
-        let won: Option<String> = self
-            .link
-            .query(
-                redis::cmd("SET")
-                    .arg(&reverse)
-                    .arg(ssh_key_hash)
-                    .arg("NX")
-                    .arg("EX")
-                    .arg(self.ttl_secs),
-                STORE_OP_TIMEOUT,
-            )
-            .await
-            .map_err(unavailable)?;
-        if won.is_none() {
-            // Ours from an earlier, interrupted claim? Then finish it; otherwise it is taken.
-            let owner: Option<String> = match self
-                .link
-                .query(redis::cmd("GET").arg(&reverse), STORE_OP_TIMEOUT)
-                .await
-            {
-                Ok(owner) => owner,
-                Err(RedisOpError::WrongType { .. }) => {
-                    tracing::warn!(
-                        "redis key {reverse} has the wrong type; the name stays unavailable"
-                    );
-                    return Ok(Claim::Taken);
-                }
-                Err(e) => return Err(unavailable(e)),
-            };
-            if owner.as_deref() != Some(ssh_key_hash) {
-                return Ok(Claim::Taken);
-            }
+        if !self.reserve_name(domain, ssh_key_hash).await? {
+            return Ok(Claim::Taken);
         }
         let record_key = self.record_key(ssh_key_hash);
         let mut first: Result<i64, RedisOpError> = self
@@ -345,13 +350,7 @@ impl DomainStore for RedisStore {
             }
             Err(e) => return Err(unavailable(e)),
         }
-        let record = DomainRecord {
-            domain: domain.to_string(),
-            ssh_key_hash: ssh_key_hash.to_string(),
-            first_seen: now,
-            last_seen: now,
-            use_count: 1,
-        };
+        let record = DomainRecord::claimed(ssh_key_hash, domain, now);
         self.write_record(&record).await.map_err(unavailable)?;
         self.local().remember(&record);
         Ok(Claim::Claimed(record))
@@ -451,33 +450,15 @@ impl DomainStore for RedisStore {
         {
             return Ok(Import::against_existing(&existing, record));
         }
-        let reverse = self.reverse_key(&record.domain);
-        let won: Option<String> = self
-            .link
-            .query(
-                redis::cmd("SET")
-                    .arg(&reverse)
-                    .arg(&record.ssh_key_hash)
-                    .arg("NX")
-                    .arg("EX")
-                    .arg(self.ttl_secs),
-                STORE_OP_TIMEOUT,
-            )
-            .await
-            .map_err(unavailable)?;
-        if won.is_none() {
-            let owner: Option<String> = self
-                .link
-                .query(redis::cmd("GET").arg(&reverse), STORE_OP_TIMEOUT)
-                .await
-                .map_err(unavailable)?;
-            if owner.as_deref() != Some(record.ssh_key_hash.as_str()) {
-                return Ok(Import::Conflict(format!(
-                    "{} belongs to key {} here",
-                    record.domain,
-                    owner.unwrap_or_default()
-                )));
-            }
+        if !self
+            .reserve_name(&record.domain, &record.ssh_key_hash)
+            .await?
+        {
+            let owner = self.owner_of(&record.domain).await?.unwrap_or_default();
+            return Ok(Import::Conflict(format!(
+                "{} belongs to key {owner} here",
+                record.domain
+            )));
         }
         self.write_record(record).await.map_err(unavailable)?;
         self.local().remember(record);
