@@ -34,7 +34,13 @@ pub const AUTH_TIMEOUT: Duration = Duration::from_secs(30);
 pub const MAX_SSH_CONNECTIONS: usize = 20_000;
 /// Remote forwards one connection may hold.
 pub const MAX_FORWARDS_PER_CONNECTION: usize = 16;
-/// Receive window advertised per channel (bytes in flight from client to host).
+/// Receive window per channel: the most a client may send on one channel before the host has
+/// passed it on. The window is returned to the client only as the channel's reader (the HTTP
+/// edge, writing to one visitor) consumes the data, so a visitor that stops reading stops
+/// only its own channel, and the host holds at most this much of it. Stock russh returned
+/// the window on receipt and then waited for the reader, freezing every channel of the SSH
+/// session behind one slow visitor; the fix is the patch in `vendor/russh` (see
+/// `vendor/README.md`).
 pub const CHANNEL_WINDOW_SIZE: u32 = 2 * 1024 * 1024;
 /// Largest SSH packet payload accepted per channel message.
 pub const MAX_PACKET_SIZE: u32 = 32 * 1024;
@@ -211,6 +217,8 @@ struct Connection {
     output: SessionOutput,
     output_sink: Option<SessionOutputSink>,
     session_channel: Option<ChannelId>,
+    /// The writing half of the session channel, for [`SessionOutputSink`].
+    session_writer: Option<russh::ChannelWriteHalf<Msg>>,
     /// A terminal was requested, so output lines end in CRLF.
     pty: bool,
 }
@@ -229,6 +237,7 @@ impl Connection {
             output,
             output_sink: Some(sink),
             session_channel: None,
+            session_writer: None,
             pty: false,
         }
     }
@@ -456,7 +465,7 @@ impl russh::server::Handler for Connection {
 
     async fn channel_open_session(
         &mut self,
-        _channel: Channel<Msg>,
+        channel: Channel<Msg>,
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
@@ -464,8 +473,11 @@ impl russh::server::Handler for Connection {
             reply.reject(ChannelOpenFailure::ResourceShortage).await;
             return Ok(());
         }
-        // The Channel object is dropped: requests and input arrive through the handler.
-        self.session_channel = Some(_channel.id());
+        // Requests and input arrive through the handler, so the reading half is dropped
+        // (its data counts as consumed at once); the writing half carries the output.
+        self.session_channel = Some(channel.id());
+        let (_input, output) = channel.split();
+        self.session_writer = Some(output);
         reply.accept().await;
         Ok(())
     }
@@ -608,9 +620,9 @@ impl russh::server::Handler for Connection {
             ));
             return finish_command(session, channel, &text, 0, self.pty);
         }
-        if let Some(sink) = self.output_sink.take() {
+        if let (Some(sink), Some(writer)) = (self.output_sink.take(), &self.session_writer) {
             self.output.line("Press Ctrl-C to close the tunnel.");
-            tokio::spawn(sink.run(session.handle(), channel, self.pty));
+            tokio::spawn(sink.run(writer.make_writer(), self.pty));
         }
         Ok(())
     }

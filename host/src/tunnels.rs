@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
-use russh::ChannelId;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 /// Idle upstream HTTP connections kept per tunnel for reuse across requests.
@@ -57,9 +57,11 @@ pub struct SessionOutputSink {
 }
 
 impl SessionOutputSink {
-    /// Writes queued lines to `channel` until the session ends.
-    /// `crlf`: the client has a terminal, which needs `\r\n` line ends.
-    pub async fn run(mut self, handle: russh::server::Handle, channel: ChannelId, crlf: bool) {
+    /// Writes queued lines to the session channel's `terminal` until the session ends.
+    /// `crlf`: the client has a terminal, which needs `\r\n` line ends. The writer waits for
+    /// the channel's SSH window, so a client that stops reading its terminal only fills this
+    /// queue (and loses lines), never the SSH session's shared outbound buffer.
+    pub async fn run(mut self, mut terminal: impl AsyncWrite + Unpin, crlf: bool) {
         while let Some(line) = self.rx.recv().await {
             let mut text = if crlf {
                 line.replace('\n', "\r\n")
@@ -67,7 +69,7 @@ impl SessionOutputSink {
                 line
             };
             text.push_str(if crlf { "\r\n" } else { "\n" });
-            if handle.data(channel, text.into_bytes()).await.is_err() {
+            if terminal.write_all(text.as_bytes()).await.is_err() {
                 return;
             }
         }

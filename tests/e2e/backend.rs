@@ -5,12 +5,14 @@
 //! - `ANY /echo…`: method, path, version, headers and body length as JSON.
 //! - `GET /bytes/N`: N deterministic pseudo-random bytes ([`pattern`]), streamed chunked.
 //! - `POST /sha256`: streams the request body and returns `{"sha256": hex, "len": n}`.
+//! - `POST /gated-sha256`: as `/sha256`, but reads nothing until [`Backend::open_gate`] (a
+//!   backend that stops reading an upload).
 //! - `GET /ws`: WebSocket echo, upgraded through hyper (the `101` goes out first, frames after).
 //! - anything else: the backend's own `404`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -63,6 +65,11 @@ pub fn pattern_sha256(n: u64) -> String {
 struct State {
     id: String,
     hits: AtomicUsize,
+    /// Bytes of `/bytes/N` bodies produced so far (they are produced as the tunnel reads).
+    produced: AtomicU64,
+    /// Requests waiting at the gate of `/gated-sha256`.
+    gated: AtomicUsize,
+    gate: tokio::sync::watch::Sender<bool>,
 }
 
 /// A running backend; stops when dropped.
@@ -83,6 +90,9 @@ impl Backend {
         let state = Arc::new(State {
             id: id.to_string(),
             hits: AtomicUsize::new(0),
+            produced: AtomicU64::new(0),
+            gated: AtomicUsize::new(0),
+            gate: tokio::sync::watch::Sender::new(false),
         });
         let st = state.clone();
         let task = tokio::spawn(async move {
@@ -116,6 +126,21 @@ impl Backend {
     pub fn hits(&self) -> usize {
         self.state.hits.load(Ordering::SeqCst)
     }
+
+    /// Bytes of `/bytes/N` bodies handed to hyper so far.
+    pub fn produced(&self) -> u64 {
+        self.state.produced.load(Ordering::SeqCst)
+    }
+
+    /// Requests that reached `/gated-sha256` (reading or waiting).
+    pub fn gated(&self) -> usize {
+        self.state.gated.load(Ordering::SeqCst)
+    }
+
+    /// Lets `/gated-sha256` requests read their bodies.
+    pub fn open_gate(&self) {
+        self.state.gate.send_replace(true);
+    }
 }
 
 impl Drop for Backend {
@@ -145,9 +170,14 @@ async fn handle(req: Request<Incoming>, st: Arc<State>) -> Response<Body> {
         let Ok(n) = n.parse::<u64>() else {
             return full(StatusCode::BAD_REQUEST, "text/plain", "bad length");
         };
-        return bytes_response(n);
+        return bytes_response(n, st);
     }
     if path == "/sha256" && req.method() == hyper::Method::POST {
+        return sha256(req).await;
+    }
+    if path == "/gated-sha256" && req.method() == hyper::Method::POST {
+        st.gated.fetch_add(1, Ordering::SeqCst);
+        let _ = st.gate.subscribe().wait_for(|open| *open).await;
         return sha256(req).await;
     }
     if path == "/ws" {
@@ -188,14 +218,18 @@ async fn echo(req: Request<Incoming>, st: &State) -> Response<Body> {
     )
 }
 
-fn bytes_response(n: u64) -> Response<Body> {
-    let stream = futures_util::stream::unfold(0u64, move |off| async move {
+fn bytes_response(n: u64, st: Arc<State>) -> Response<Body> {
+    let stream = futures_util::stream::unfold(0u64, move |off| {
+        let st = st.clone();
+        async move {
         if off >= n {
             return None;
         }
         let len = (n - off).min(CHUNK as u64) as usize;
+        st.produced.fetch_add(len as u64, Ordering::SeqCst);
         let frame = Frame::data(Bytes::from(pattern(off, len)));
         Some((Ok::<_, Infallible>(frame), off + len as u64))
+        }
     });
     // No content-length: hyper sends the body chunked.
     Response::builder()

@@ -302,6 +302,49 @@ impl Encrypted {
         }
     }
 
+    /// p0rt patch: debits `len` received bytes from the channel's receive window. `false`:
+    /// the peer sent more than its window allows.
+    pub fn record_received_data(&mut self, channel: ChannelId, len: u32) -> bool {
+        match self.channels.get_mut(&channel) {
+            Some(channel) if len <= channel.sender_window_size => {
+                channel.sender_window_size -= len;
+                true
+            }
+            Some(_) => false,
+            None => true,
+        }
+    }
+
+    /// p0rt patch: `consumed` more bytes of the channel's data have left our buffers. Once
+    /// less than half of `target` is open to the peer (upstream's threshold), the peer gets
+    /// back what has been consumed, never more, so data waiting for a reader is bounded by
+    /// the window. Returns whether a `CHANNEL_WINDOW_ADJUST` was queued.
+    pub fn return_window(
+        &mut self,
+        channel: ChannelId,
+        consumed: u32,
+        target: u32,
+    ) -> Result<bool, crate::Error> {
+        let Some(channel) = self.channels.get_mut(&channel) else {
+            return Ok(false);
+        };
+        channel.receive_credit_owed = channel.receive_credit_owed.saturating_add(consumed);
+        if channel.sender_window_size >= target / 2 || channel.receive_credit_owed == 0 {
+            return Ok(false);
+        }
+        let amount = channel
+            .receive_credit_owed
+            .min(u32::MAX - channel.sender_window_size);
+        push_packet!(self.write, {
+            self.write.push(msg::CHANNEL_WINDOW_ADJUST);
+            channel.recipient_channel.encode(&mut self.write)?;
+            amount.encode(&mut self.write)?;
+        });
+        channel.sender_window_size += amount;
+        channel.receive_credit_owed -= amount;
+        Ok(true)
+    }
+
     pub fn adjust_window_size(
         &mut self,
         channel: ChannelId,
@@ -783,6 +826,7 @@ impl Encrypted {
                     pending_data: std::collections::VecDeque::new(),
                     pending_eof: false,
                     pending_close: false,
+                    receive_credit_owed: 0,
                 });
                 return ChannelId(self.last_channel_id.0);
             }

@@ -855,6 +855,7 @@ impl Session {
                     pending_data: std::collections::VecDeque::new(),
                     pending_eof: false,
                     pending_close: false,
+                    receive_credit_owed: 0,
                 };
 
                 let (channel, channel_ref) = Channel::new(
@@ -863,6 +864,7 @@ impl Session {
                     channel_params.recipient_maximum_packet_size,
                     channel_params.recipient_window_size,
                     self.common.config.channel_buffer_size,
+                    None,
                 );
 
                 let pending = crate::PendingChannelOpen {

@@ -11,7 +11,9 @@ use tokio::sync::mpsc::{Receiver, Sender, UnboundedReceiver, UnboundedSender, ch
 use tokio::sync::oneshot;
 
 use super::*;
-use crate::channels::{Channel, ChannelMsg, ChannelReadHalf, ChannelRef, ChannelWriteHalf};
+use crate::channels::{
+    Channel, ChannelMsg, ChannelReadHalf, ChannelRef, ChannelWriteHalf, CreditWake, ReceiveCredit,
+};
 use crate::helpers::NameList;
 use crate::kex::{EXTENSION_SUPPORT_AS_CLIENT, KexCause, SessionKexState};
 use crate::{ChannelOpenFailure, map_err, msg};
@@ -113,6 +115,8 @@ pub struct Handle {
     pub(crate) priority_sender: UnboundedSender<Msg>,
     pub(crate) sender: Sender<Msg>,
     pub(crate) channel_buffer_size: usize,
+    /// p0rt patch: readers of this session's channels wake its loop through this.
+    pub(crate) credit_wake: Arc<CreditWake>,
 }
 
 impl Handle {
@@ -247,7 +251,8 @@ impl Handle {
     /// [PROTOCOL.agent](https://datatracker.ietf.org/doc/html/draft-miller-ssh-agent).
     pub async fn channel_open_agent(&self) -> Result<Channel<Msg>, Error> {
         let (sender, receiver) = channel(self.channel_buffer_size);
-        let channel_ref = ChannelRef::new(sender);
+        let channel_ref = ChannelRef::credited(sender, self.credit_wake.clone());
+        let credit = channel_ref.credit.clone();
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
@@ -255,7 +260,7 @@ impl Handle {
             .await
             .map_err(|_| Error::SendError)?;
 
-        self.wait_channel_confirmation(receiver, window_size_ref)
+        self.wait_channel_confirmation(receiver, window_size_ref, credit)
             .await
     }
 
@@ -266,7 +271,8 @@ impl Handle {
     /// `confirmed` field of the corresponding `Channel`.
     pub async fn channel_open_session(&self) -> Result<Channel<Msg>, Error> {
         let (sender, receiver) = channel(self.channel_buffer_size);
-        let channel_ref = ChannelRef::new(sender);
+        let channel_ref = ChannelRef::credited(sender, self.credit_wake.clone());
+        let credit = channel_ref.credit.clone();
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
@@ -274,7 +280,7 @@ impl Handle {
             .await
             .map_err(|_| Error::SendError)?;
 
-        self.wait_channel_confirmation(receiver, window_size_ref)
+        self.wait_channel_confirmation(receiver, window_size_ref, credit)
             .await
     }
 
@@ -291,7 +297,8 @@ impl Handle {
         originator_port: u32,
     ) -> Result<Channel<Msg>, Error> {
         let (sender, receiver) = channel(self.channel_buffer_size);
-        let channel_ref = ChannelRef::new(sender);
+        let channel_ref = ChannelRef::credited(sender, self.credit_wake.clone());
+        let credit = channel_ref.credit.clone();
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
@@ -304,7 +311,7 @@ impl Handle {
             })
             .await
             .map_err(|_| Error::SendError)?;
-        self.wait_channel_confirmation(receiver, window_size_ref)
+        self.wait_channel_confirmation(receiver, window_size_ref, credit)
             .await
     }
 
@@ -314,7 +321,8 @@ impl Handle {
         socket_path: A,
     ) -> Result<Channel<Msg>, Error> {
         let (sender, receiver) = channel(self.channel_buffer_size);
-        let channel_ref = ChannelRef::new(sender);
+        let channel_ref = ChannelRef::credited(sender, self.credit_wake.clone());
+        let credit = channel_ref.credit.clone();
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
@@ -324,7 +332,7 @@ impl Handle {
             })
             .await
             .map_err(|_| Error::SendError)?;
-        self.wait_channel_confirmation(receiver, window_size_ref)
+        self.wait_channel_confirmation(receiver, window_size_ref, credit)
             .await
     }
 
@@ -336,7 +344,8 @@ impl Handle {
         originator_port: u32,
     ) -> Result<Channel<Msg>, Error> {
         let (sender, receiver) = channel(self.channel_buffer_size);
-        let channel_ref = ChannelRef::new(sender);
+        let channel_ref = ChannelRef::credited(sender, self.credit_wake.clone());
+        let credit = channel_ref.credit.clone();
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
@@ -349,7 +358,7 @@ impl Handle {
             })
             .await
             .map_err(|_| Error::SendError)?;
-        self.wait_channel_confirmation(receiver, window_size_ref)
+        self.wait_channel_confirmation(receiver, window_size_ref, credit)
             .await
     }
 
@@ -358,7 +367,8 @@ impl Handle {
         server_socket_path: A,
     ) -> Result<Channel<Msg>, Error> {
         let (sender, receiver) = channel(self.channel_buffer_size);
-        let channel_ref = ChannelRef::new(sender);
+        let channel_ref = ChannelRef::credited(sender, self.credit_wake.clone());
+        let credit = channel_ref.credit.clone();
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
@@ -368,7 +378,7 @@ impl Handle {
             })
             .await
             .map_err(|_| Error::SendError)?;
-        self.wait_channel_confirmation(receiver, window_size_ref)
+        self.wait_channel_confirmation(receiver, window_size_ref, credit)
             .await
     }
 
@@ -378,7 +388,8 @@ impl Handle {
         originator_port: u32,
     ) -> Result<Channel<Msg>, Error> {
         let (sender, receiver) = channel(self.channel_buffer_size);
-        let channel_ref = ChannelRef::new(sender);
+        let channel_ref = ChannelRef::credited(sender, self.credit_wake.clone());
+        let credit = channel_ref.credit.clone();
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
@@ -389,7 +400,7 @@ impl Handle {
             })
             .await
             .map_err(|_| Error::SendError)?;
-        self.wait_channel_confirmation(receiver, window_size_ref)
+        self.wait_channel_confirmation(receiver, window_size_ref, credit)
             .await
     }
 
@@ -397,6 +408,7 @@ impl Handle {
         &self,
         mut receiver: Receiver<ChannelMsg>,
         window_size_ref: WindowSizeRef,
+        credit: Option<Arc<ReceiveCredit>>,
     ) -> Result<Channel<Msg>, Error> {
         loop {
             match receiver.recv().await {
@@ -414,7 +426,7 @@ impl Handle {
                             max_packet_size,
                             window_size: window_size_ref,
                         },
-                        read_half: ChannelReadHalf { receiver },
+                        read_half: ChannelReadHalf { receiver, credit },
                     });
                 }
                 Some(ChannelMsg::OpenFailure(reason)) => {
@@ -490,6 +502,47 @@ impl Session {
                 seqn: buffer.seqn,
             })
         }
+    }
+
+    /// p0rt patch: returns window to the peer for what the channel's reader consumed, plus
+    /// `consumed_now` bytes consumed without a reader.
+    pub(crate) fn return_window(
+        &mut self,
+        channel: ChannelId,
+        consumed_now: u32,
+    ) -> Result<bool, Error> {
+        let from_reader = self
+            .channels
+            .get(&channel)
+            .and_then(|chan| chan.credit.as_ref())
+            .map_or(0, |credit| credit.take());
+        let target = self.target_window_size;
+        match self.common.encrypted.as_mut() {
+            Some(enc) => Ok(enc.return_window(
+                channel,
+                consumed_now.saturating_add(from_reader),
+                target,
+            )?),
+            None => Ok(false),
+        }
+    }
+
+    /// p0rt patch: a reader woke the loop. Moves backlogged messages into queues that have
+    /// room, returns window for consumed data, and forgets channels that are closed and
+    /// fully delivered.
+    fn drain_channel_credit(&mut self) -> Result<(), Error> {
+        let target = self.target_window_size;
+        let Some(enc) = self.common.encrypted.as_mut() else {
+            return Ok(());
+        };
+        for (id, chan) in self.channels.iter_mut() {
+            let dropped = chan.drain_backlog();
+            let consumed = chan.credit.as_ref().map_or(0, |credit| credit.take());
+            enc.return_window(*id, dropped.saturating_add(consumed), target)?;
+        }
+        self.channels
+            .retain(|_, chan| !(chan.closed && chan.backlog_is_empty()));
+        Ok(())
     }
 
     /// Dispatch a single message received on the session's internal channel
@@ -660,6 +713,7 @@ impl Session {
         let reading = start_reading(stream_read, buffer, opening_cipher);
         pin!(reading);
         let mut is_reading = None;
+        let credit_wake = self.sender.credit_wake.clone();
 
         #[allow(clippy::panic)] // false positive in macro
         while !self.common.disconnected {
@@ -779,6 +833,10 @@ impl Session {
                 () = &mut inactivity_timer => {
                     debug!("timeout");
                     return Err(crate::Error::InactivityTimeout.into());
+                }
+                // p0rt patch: a channel reader consumed data or made room for a backlog.
+                () = credit_wake.notify.notified(), if !self.kex.active() => {
+                    self.drain_channel_credit()?;
                 }
                 msg = self.priority_receiver.recv(), if !self.kex.active() => {
                     match msg {
@@ -1625,6 +1683,7 @@ mod tests {
             priority_sender,
             sender,
             channel_buffer_size: config.channel_buffer_size,
+            credit_wake: CreditWake::new(config.window_size),
         };
 
         Session {
