@@ -22,7 +22,7 @@ fn main() {
         "plugins/scan-guard",
         "plugins/fixtures/hostile",
         "plugins/fixtures/old-version",
-        "host/src/naming/words.txt",
+        "host/src/words.txt",
     ] {
         println!("cargo:rerun-if-changed={}", repo.join(path).display());
     }

@@ -26,6 +26,12 @@ pub const HOST_KEY_FILE_NAME: &str = "ssh_host_ed25519_key";
 pub const DEFAULT_REDIS_PREFIX: &str = "p0rt:";
 /// Domain records expire from Redis after this many days without a connection (P0rt: 365).
 pub const DEFAULT_REDIS_TTL_DAYS: u64 = 365;
+/// Longest record TTL accepted (100 years): beyond it the TTL in seconds stops being a
+/// sensible Redis `EXPIRE` (and `days * 86400` would overflow).
+pub const MAX_REDIS_TTL_DAYS: u64 = 36_500;
+/// Highest Redis database number accepted (Redis' own `databases` limit is far lower by
+/// default; the server refuses numbers it does not have).
+pub const MAX_REDIS_DB: u32 = 1_000_000;
 /// Directory scanned (and watched) for `*.wasm` plugins overriding the bundled ones.
 pub const DEFAULT_PLUGINS_DIR: &str = "./plugins";
 /// Redis URL used when Redis is selected but no URL is given (the seed's default).
@@ -249,6 +255,10 @@ pub struct ServeArgs {
     /// YAML config file (keys as in the README's configuration table; unknown keys are errors)
     #[arg(long, short = 'c', value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Once serving, write the bound ports here as JSON (`{"ssh_port":…,"http_port":…,"pid":…}`),
+    /// for supervisors and tests that start the host on port 0
+    #[arg(long, value_name = "FILE")]
+    pub ready_file: Option<PathBuf>,
     /// Address the SSH edge listens on [env: SSH_BIND] [default: 0.0.0.0]
     #[arg(long, value_name = "ADDR")]
     pub ssh_bind: Option<IpAddr>,
@@ -590,10 +600,21 @@ impl Config {
                 problem: "must not be empty".into(),
             });
         }
-        if self.redis_ttl_days == 0 {
+        if !(1..=MAX_REDIS_TTL_DAYS).contains(&self.redis_ttl_days) {
             return Err(ConfigError::Invalid {
                 key: "storage.redis_ttl_days",
-                problem: "must be at least 1 day".into(),
+                problem: format!(
+                    "{} is out of range: use 1 to {MAX_REDIS_TTL_DAYS} days",
+                    self.redis_ttl_days
+                ),
+            });
+        }
+        if let Some(db) = self.redis_db
+            && db > MAX_REDIS_DB
+        {
+            return Err(ConfigError::Invalid {
+                key: "storage.redis_db",
+                problem: format!("{db} is out of range: use 0 to {MAX_REDIS_DB}"),
             });
         }
         if let Some(url) = self
@@ -631,20 +652,43 @@ impl Config {
         }
     }
 
-    /// Public URL of a tunnel name, e.g. `http://whale-guitar-fox.localhost:8080`.
-    pub fn public_url(&self, name: &str, http_port: u16) -> String {
+    /// How public URLs look once the HTTP edge listens on `http_port`.
+    pub fn public_urls(&self, http_port: u16) -> PublicUrls {
         let (scheme, default_port) = match self.public_scheme {
             PublicScheme::Http => ("http", 80),
             PublicScheme::Https => ("https", 443),
         };
         let port = self.public_port.unwrap_or(http_port);
-        if port == default_port {
-            format!("{scheme}://{name}.{}", self.domain)
-        } else {
-            format!("{scheme}://{name}.{}:{port}", self.domain)
+        PublicUrls {
+            scheme,
+            domain: self.domain.clone(),
+            port: (port != default_port).then_some(port),
         }
     }
 }
+
+/// Formats the public URL of a tunnel name, e.g. `http://whale-guitar-fox.localhost:8080`.
+#[derive(Clone, Debug)]
+pub struct PublicUrls {
+    scheme: &'static str,
+    domain: String,
+    /// `None` when it is the scheme's default port.
+    port: Option<u16>,
+}
+
+impl PublicUrls {
+    pub fn of(&self, name: &str) -> String {
+        match self.port {
+            None => format!("{}://{name}.{}", self.scheme, self.domain),
+            Some(port) => format!("{}://{name}.{}:{port}", self.scheme, self.domain),
+        }
+    }
+}
+
+/// A startup failure caused by the operator's settings (exit code 2, like a config error).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SettingsError(pub String);
 
 /// Shortest admin token accepted, so a guessable token cannot open `/domain-stats`.
 pub const MIN_ADMIN_TOKEN_LEN: usize = 16;
@@ -655,36 +699,7 @@ fn set<T>(slot: &mut T, value: Option<T>) {
     }
 }
 
-/// Checks a lowercase DNS name: dot-separated labels of `a-z`, `0-9` and inner `-`.
-pub fn check_dns_name(name: &str) -> Result<(), String> {
-    if name.is_empty() {
-        return Err("it is empty".into());
-    }
-    if name.len() > 253 {
-        return Err("it is longer than 253 characters".into());
-    }
-    for label in name.split('.') {
-        check_dns_label(label)?;
-    }
-    Ok(())
-}
-
-/// Checks one DNS label: 1–63 characters of `a-z`, `0-9`, `-`, not starting or ending with `-`.
-pub fn check_dns_label(label: &str) -> Result<(), String> {
-    if label.is_empty() || label.len() > 63 {
-        return Err(format!("label {label:?} must be 1 to 63 characters"));
-    }
-    if !label
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-    {
-        return Err(format!("label {label:?} may only contain a-z, 0-9 and '-'"));
-    }
-    if label.starts_with('-') || label.ends_with('-') {
-        return Err(format!("label {label:?} must not start or end with '-'"));
-    }
-    Ok(())
-}
+pub use crate::names::{check_dns_label, check_dns_name};
 
 #[cfg(test)]
 mod tests {
@@ -777,8 +792,8 @@ mod tests {
     #[test]
     fn public_url_omits_default_port() {
         let mut c = Config::default();
-        assert_eq!(c.public_url("a-b-c", 8080), "http://a-b-c.localhost:8080");
+        assert_eq!(c.public_urls(8080).of("a-b-c"), "http://a-b-c.localhost:8080");
         c.public_port = Some(80);
-        assert_eq!(c.public_url("a-b-c", 8080), "http://a-b-c.localhost");
+        assert_eq!(c.public_urls(8080).of("a-b-c"), "http://a-b-c.localhost");
     }
 }

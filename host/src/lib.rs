@@ -1,23 +1,37 @@
 //! p0rt: a self-hosted SSH reverse-tunnel host whose policies are WebAssembly plugins.
 //!
-//! The binary (`main.rs`) only parses the command line; everything else lives here,
-//! one module per capability:
+//! The binary (`main.rs`) only parses the command line; everything else lives here, one
+//! module per capability. Arrows point at what a module uses; nothing points back up:
 //!
+//! ```text
+//! server (wiring, shutdown)
+//!   ├─► ssh   (SSH edge: auth, tcpip-forward, session output) ─┐
+//!   ├─► http  (HTTP edge: route by Host, admit, proxy)        ├─► tunnels ─► names, store, policy
+//!   └─► plugins (PolicyPlugins: implements policy) ─► cache, store
+//! store, cache ─► redis_link           config ─► names
+//! ```
+//!
+//! - [`names`]: key hashes, tunnel names and labels (newtypes), the DNS-label rule, reserved
+//!   words, the built-in namer. A leaf.
+//! - [`policy`]: the traits the host asks its policies through, and their decisions.
+//! - [`tunnels`]: the tunnel service: naming, sub-names, ownership, takeover, the live registry.
+//! - [`ssh`], [`http`]: the two edges.
+//! - [`plugins`]: WebAssembly policy plugins (wasmtime), their fallbacks, reload and tools.
+//! - [`store`]: the domain store (JSON file or Redis), opening it, migration.
+//! - [`cache`]: the plugins' cache (Redis with in-memory fallback).
+//! - [`redis_link`]: one Redis connection (standalone, Sentinel, Cluster) with timeouts.
 //! - [`config`]: layered configuration (defaults < YAML < environment < flags).
-//! - [`store`]: the domain store (key hash ↔ name records), JSON file backend.
-//! - [`naming`]: the built-in three-word namer, the fallback for the naming plugin.
-//! - [`tunnels`]: the registry of live tunnels (which SSH session serves which name).
-//! - [`ssh`]: the SSH edge (russh): auth, `tcpip-forward`, session output.
-//! - [`http`]: the HTTP edge (hyper): routes by `Host` into `forwarded-tcpip` channels.
-//! - [`server`]: wires the pieces together and runs them.
+//! - [`server`]: wires the pieces together, runs and stops them ([`shutdown`]: the stop signal).
 
 pub mod cache;
 pub mod config;
 pub mod http;
-pub mod naming;
+pub mod names;
 pub mod plugins;
+pub mod policy;
 pub mod redis_link;
 pub mod server;
+pub mod shutdown;
 pub mod ssh;
 pub mod store;
 pub mod tunnels;

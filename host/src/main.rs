@@ -121,7 +121,7 @@ fn async_runtime() -> Option<tokio::runtime::Runtime> {
 /// Exit code for a failed run: 2 when the operator's settings are at fault, 1 otherwise.
 fn exit_for(e: &anyhow::Error) -> ExitCode {
     eprintln!("p0rt: {e:#}");
-    if e.downcast_ref::<p0rt::server::SettingsError>().is_some() {
+    if e.downcast_ref::<p0rt::config::SettingsError>().is_some() {
         ExitCode::from(EXIT_CONFIG)
     } else {
         ExitCode::FAILURE
@@ -184,7 +184,7 @@ fn main() -> ExitCode {
         Ok(ready) => ready,
         Err(code) => return code,
     };
-    match runtime.block_on(p0rt::server::run(config)) {
+    match runtime.block_on(p0rt::server::run(config, args.ready_file.clone())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => exit_for(&e),
     }

@@ -83,7 +83,7 @@ async fn host_with_plugins(sb: &Sandbox, dir: &Path) -> Host {
 
 /// The name the host's built-in namer (and the bundled `words` plugin) gives a key.
 fn builtin_name(key: &Key) -> String {
-    p0rt::naming::builtin_name(&key.key_hash(), 0)
+    p0rt::names::builtin_name(&p0rt::names::KeyHash::from_stored(key.key_hash()), 0).to_string()
 }
 
 /// Waits until the host log contains `needle`; returns the log.

@@ -331,3 +331,15 @@ async fn bad_host_key_exits_2_and_is_never_replaced() {
         "no key generated when SSH_HOST_KEY is given"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn numeric_settings_out_of_range_exit_2_naming_the_setting() {
+    let sb = Sandbox::new();
+    // Overflowed `days * 86400` and panicked before it had a range.
+    for days in ["99999999999999999", "36501", "0"] {
+        let config = HostConfig::flags(&sb.data_dir()).env("REDIS_TTL_DAYS", days);
+        assert_config_error(&sb, config, &["redis_ttl_days"]).await;
+    }
+    let config = HostConfig::flags(&sb.data_dir()).env("REDIS_DB", "4294967295");
+    assert_config_error(&sb, config, &["redis_db"]).await;
+}

@@ -197,7 +197,7 @@ impl domains::Host for PluginState {
     }
 
     async fn is_reserved(&mut self, name: String) -> wasmtime::Result<bool> {
-        Ok(crate::naming::is_reserved(&name))
+        Ok(crate::names::is_reserved(&name))
     }
 }
 

@@ -205,76 +205,9 @@ pub fn plugin_files(dir: &Path) -> Vec<PathBuf> {
 
 // ---- decisions -------------------------------------------------------------------------
 
-/// Input for a naming decision.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NamingInput {
-    pub ssh_key_hash: String,
-    #[serde(default)]
-    pub fingerprint: String,
-    #[serde(default)]
-    pub requested_label: Option<String>,
-    #[serde(default)]
-    pub attempt: u32,
-}
-
-/// What the naming policy decided.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case", tag = "decision", content = "value")]
-pub enum NameChoice {
-    Name(String),
-    Refused(String),
-    /// No usable decision: use the built-in namer.
-    Fallback(String),
-}
-
-/// Input for a rate-limit decision.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RequestFacts {
-    pub client_ip: String,
-    pub host: String,
-    pub name: String,
-    pub owner_key_hash: String,
-    pub method: String,
-    pub path: String,
-    pub headers: Vec<(String, String)>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case", tag = "decision")]
-pub enum RateDecision {
-    Allow,
-    Deny {
-        status: u16,
-        retry_after_seconds: Option<u32>,
-        message: String,
-    },
-}
-
-/// Input for a scan-admission decision.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ScanJob {
-    pub requester_key_hash: String,
-    pub target: String,
-    pub ports: Vec<u16>,
-    pub checks: Vec<String>,
-    pub owned_names: Vec<String>,
-    pub target_is_own_tunnel: bool,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case", tag = "decision")]
-pub enum ScanDecision {
-    Accept {
-        priority: u8,
-        allowed_checks: Vec<String>,
-    },
-    Reject {
-        reason: String,
-    },
-}
+pub use crate::policy::{
+    LabelApproval, NameChoice, NamingInput, RateDecision, RequestFacts, ScanDecision, ScanJob,
+};
 
 /// Makes a plugin-supplied message safe to show: printable, bounded.
 fn clean_message(message: &str) -> String {
@@ -293,8 +226,8 @@ pub fn validate_plugin_name(name: &str) -> Result<(), String> {
             name.len()
         ));
     }
-    crate::config::check_dns_label(name)?;
-    if crate::naming::is_reserved(name) {
+    crate::names::check_dns_label(name)?;
+    if crate::names::is_reserved(name) {
         return Err(format!("{name:?} is reserved"));
     }
     Ok(())
@@ -833,5 +766,63 @@ impl PolicyPlugins {
                 reason: "no scan admission policy is loaded; scans are denied".into(),
             },
         }
+    }
+}
+
+impl PolicyPlugins {
+    /// Logs which plugin serves each role, and which files failed to load.
+    pub fn log_status(&self) {
+        for status in self.status() {
+            match (&status.role, &status.error) {
+                (Some(role), None) => tracing::info!(
+                    "plugin {} ({}) serves {role} [{}]",
+                    status.name,
+                    status.sha256.as_deref().map(|s| &s[..12]).unwrap_or("?"),
+                    status.origin
+                ),
+                (_, Some(error)) => tracing::warn!(
+                    "plugin {} ({}) not active: {error}",
+                    status.name,
+                    status.origin
+                ),
+                _ => {}
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::policy::NamingPolicy for PolicyPlugins {
+    async fn choose_name(&self, input: &NamingInput) -> NameChoice {
+        if !self.enabled() {
+            return NameChoice::Fallback("plugins are disabled".into());
+        }
+        PolicyPlugins::choose_name(self, input).await
+    }
+
+    /// A failed plugin allows the label (the built-in rule: any valid, unreserved label
+    /// under the key's own name).
+    async fn approve_label(&self, input: &NamingInput) -> LabelApproval {
+        if !self.enabled() {
+            return LabelApproval::Approved;
+        }
+        match PolicyPlugins::choose_name(self, input).await {
+            NameChoice::Refused(reason) => LabelApproval::Refused(reason),
+            NameChoice::Name(_) | NameChoice::Fallback(_) => LabelApproval::Approved,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::policy::RequestPolicy for PolicyPlugins {
+    async fn check_request(&self, facts: RequestFacts) -> RateDecision {
+        PolicyPlugins::check_request(self, facts).await
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::policy::ScanPolicy for PolicyPlugins {
+    async fn admit_scan(&self, job: &ScanJob) -> ScanDecision {
+        PolicyPlugins::admit_scan(self, job).await
     }
 }

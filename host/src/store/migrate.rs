@@ -84,7 +84,7 @@ pub async fn run(
         .redis_url
         .clone()
         .unwrap_or_else(|| crate::config::DEFAULT_REDIS_URL.to_string());
-    let link = crate::server::connect_redis(config, &url).await?;
+    let link = super::open::connect_redis(config, &url).await?;
     link.check()
         .await
         .map_err(|e| anyhow::anyhow!("redis at {} is needed for a migration: {e}", link.display))?;

@@ -6,6 +6,7 @@
 
 pub mod json;
 pub mod migrate;
+pub mod open;
 pub mod redis;
 
 use std::path::PathBuf;

@@ -88,7 +88,7 @@ impl RedisStore {
         Arc::new(RedisStore {
             link,
             prefix: prefix.to_string(),
-            ttl_secs: ttl_days.max(1) * DAY_SECS as u64,
+            ttl_secs: ttl_days.max(1).saturating_mul(DAY_SECS as u64),
             local: Mutex::new(LocalCopy::default()),
             stats_cache: Mutex::new(None),
         })

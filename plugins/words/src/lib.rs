@@ -10,7 +10,7 @@ wit_bindgen::generate!({ path: "../../wit", world: "naming-plugin" });
 use exports::p0rt::policy::naming::{Guest as Naming, NamingDecision, NamingRequest};
 
 /// The host's word list, shared through the repository.
-const WORD_LIST: &str = include_str!("../../../host/src/naming/words.txt");
+const WORD_LIST: &str = include_str!("../../../host/src/words.txt");
 /// Words per name.
 const WORDS_PER_NAME: usize = 3;
 

@@ -26,10 +26,14 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
-use crate::cache::RedisHealth;
-use crate::plugins::{RateDecision, RequestFacts};
-use crate::server::AppState;
-use crate::tunnels::Tunnel;
+use crate::shutdown::Stop;
+use tokio::task::JoinSet;
+
+use crate::cache::{Cache, RedisHealth};
+use crate::config::Secret;
+use crate::policy::{RateDecision, RequestFacts, RequestPolicy};
+use crate::store::DomainStore;
+use crate::tunnels::{Resolution, Tunnel, TunnelService};
 
 /// A client must send its complete request headers within this time.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -41,6 +45,24 @@ pub const MAX_HEADERS: usize = 100;
 pub const CHANNEL_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Concurrent HTTP connections accepted; beyond this new connections are closed at once.
 pub const MAX_HTTP_CONNECTIONS: usize = 50_000;
+/// Time in-flight requests get to finish once the host is shutting down.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// What the HTTP edge needs from the rest of the host.
+pub struct HttpEdge {
+    pub tunnels: Arc<TunnelService>,
+    pub requests: Arc<dyn RequestPolicy>,
+    /// For `/domain-stats`.
+    pub store: Arc<dyn DomainStore>,
+    /// For `/health/redis`.
+    pub cache: Cache,
+    pub domain: String,
+    pub admin_token: Option<Secret>,
+    /// Shown on the base domain's front page.
+    pub ssh_port: u16,
+    /// For `/status/plugins`: the plugin set's state, as JSON.
+    pub plugin_status: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
+}
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -55,8 +77,9 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::TRANSFER_ENCODING,
 ];
 
-/// Accepts HTTP connections until the listener fails for good.
-pub async fn serve(listener: TcpListener, state: Arc<AppState>) {
+/// Accepts HTTP connections until `stop` turns true; then lets in-flight requests finish
+/// (at most [`SHUTDOWN_GRACE`]) and closes idle keep-alive connections.
+pub async fn serve(listener: TcpListener, edge: Arc<HttpEdge>, mut stop: Stop) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HTTP_CONNECTIONS));
     let mut builder = http1::Builder::new();
     builder
@@ -67,33 +90,51 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>) {
         .max_headers(MAX_HEADERS)
         .keep_alive(true);
     let builder = Arc::new(builder);
+    let mut connections = JoinSet::new();
     loop {
-        let (socket, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                tracing::warn!("http accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
+        let (socket, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!("http accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stop.stopped() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             continue;
         };
         let _ = socket.set_nodelay(true);
-        let (state, builder) = (state.clone(), builder.clone());
-        tokio::spawn(async move {
+        let (edge, builder, mut stop) = (edge.clone(), builder.clone(), stop.clone());
+        connections.spawn(async move {
             let service = service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(req, peer, state).await) }
+                let edge = edge.clone();
+                async move { Ok::<_, Infallible>(handle(req, peer, edge).await) }
             });
             let conn = builder
                 .serve_connection(TokioIo::new(socket), service)
                 .with_upgrades();
-            if let Err(e) = conn.await {
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                result = conn.as_mut() => result,
+                _ = stop.stopped() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!("http connection from {peer}: {e}");
             }
             drop(slot);
         });
+    }
+    drop(listener);
+    let draining = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(SHUTDOWN_GRACE, draining).await.is_err() {
+        tracing::warn!("http requests still running after {SHUTDOWN_GRACE:?}; dropping them");
     }
 }
 
@@ -175,24 +216,24 @@ fn has_valid_port(authority: &http::uri::Authority) -> bool {
             && port.parse::<u16>().is_ok())
 }
 
-async fn handle(req: Request<Incoming>, peer: SocketAddr, state: Arc<AppState>) -> Response<Body> {
-    let target = match route(req.headers(), req.uri(), &state.config.domain) {
+async fn handle(req: Request<Incoming>, peer: SocketAddr, edge: Arc<HttpEdge>) -> Response<Body> {
+    let target = match route(req.headers(), req.uri(), &edge.domain) {
         Ok(target) => target,
         Err(text) => return error_page(StatusCode::BAD_REQUEST, text),
     };
     match target {
-        Target::Base => base_endpoint(&req, peer, &state).await,
+        Target::Base => base_endpoint(&req, peer, &edge).await,
         Target::Unknown => not_found(),
-        Target::Tunnel(name) => match state.registry.get(&name) {
-            Some(tunnel) => match admit(&req, peer, &tunnel, &state).await {
+        Target::Tunnel(name) => match edge.tunnels.resolve(&name).await {
+            Resolution::Live(tunnel) => match admit(&req, peer, &tunnel, &edge).await {
                 Some(denied) => denied,
                 None => proxy(req, peer, tunnel).await,
             },
-            None if known_offline(&state, &name).await => error_page(
+            Resolution::Offline => error_page(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "503 Service Unavailable: tunnel offline. Its owner is not connected right now.\n",
             ),
-            None => not_found(),
+            Resolution::Unknown => not_found(),
         },
     }
 }
@@ -210,7 +251,7 @@ async fn admit(
     req: &Request<Incoming>,
     peer: SocketAddr,
     tunnel: &Tunnel,
-    state: &AppState,
+    edge: &HttpEdge,
 ) -> Option<Response<Body>> {
     let host = req
         .headers()
@@ -221,8 +262,8 @@ async fn admit(
     let facts = RequestFacts {
         client_ip: peer.ip().to_string(),
         host,
-        name: tunnel.name.clone(),
-        owner_key_hash: tunnel.owner.clone(),
+        name: tunnel.name.to_string(),
+        owner_key_hash: tunnel.owner.to_string(),
         method: req.method().to_string(),
         path: req.uri().path().to_string(),
         headers: RATE_LIMIT_HEADERS
@@ -233,7 +274,7 @@ async fn admit(
             })
             .collect(),
     };
-    match state.plugins.check_request(facts).await {
+    match edge.requests.check_request(facts).await {
         RateDecision::Allow => None,
         RateDecision::Deny {
             status,
@@ -269,46 +310,31 @@ fn not_found() -> Response<Body> {
     )
 }
 
-/// Store lookups spent deciding between 404 and 503 for one request: a crafted name with
-/// many hyphens must not turn one request into dozens of Redis round trips.
-const MAX_OFFLINE_LOOKUPS: usize = 4;
-
-/// Is `name` a stored main name, or a sub-name (`label-<main name>`) of one?
-async fn known_offline(state: &AppState, name: &str) -> bool {
-    let mut candidate = name;
-    for _ in 0..MAX_OFFLINE_LOOKUPS {
-        match state.store.owner_of(candidate).await {
-            Ok(Some(_)) => return true,
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!("domain store lookup for {name} failed: {e}");
-                return false;
-            }
-        }
-        match candidate.split_once('-') {
-            Some((_, rest)) => candidate = rest,
-            None => return false,
-        }
-    }
-    false
-}
-
-async fn base_endpoint(
-    req: &Request<Incoming>,
-    peer: SocketAddr,
-    state: &AppState,
-) -> Response<Body> {
+async fn base_endpoint(req: &Request<Incoming>, peer: SocketAddr, edge: &HttpEdge) -> Response<Body> {
     match req.uri().path() {
         "/health" => full(StatusCode::OK, "text/plain; charset=utf-8", "ok\n"),
-        "/health/redis" => redis_health(state, admin_allowed(req.headers(), peer, state)),
+        "/health/redis" => redis_health(&edge.cache, admin_allowed(req.headers(), peer, edge)),
+        "/status/plugins" => {
+            if !admin_allowed(req.headers(), peer, edge) {
+                return error_page(
+                    StatusCode::FORBIDDEN,
+                    "403 Forbidden: /status/plugins is served to loopback clients or with the admin token.\n",
+                );
+            }
+            full(
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_vec(&(edge.plugin_status)()).unwrap_or_default(),
+            )
+        }
         "/domain-stats" => {
-            if !admin_allowed(req.headers(), peer, state) {
+            if !admin_allowed(req.headers(), peer, edge) {
                 return error_page(
                     StatusCode::FORBIDDEN,
                     "403 Forbidden: /domain-stats is served to loopback clients or with the admin token.\n",
                 );
             }
-            match state.store.stats(crate::unix_now()).await {
+            match edge.store.stats(crate::unix_now()).await {
                 Ok(stats) => full(
                     StatusCode::OK,
                     "application/json",
@@ -328,7 +354,7 @@ async fn base_endpoint(
             "text/plain; charset=utf-8",
             format!(
                 "p0rt tunnel host\n\nssh -p {} -R 80:localhost:3000 {}\n",
-                state.ssh_port, state.config.domain
+                edge.ssh_port, edge.domain
             ),
         ),
         _ => not_found(),
@@ -337,7 +363,7 @@ async fn base_endpoint(
 
 /// The seed's `/health/redis` shapes. Error details (which may name hosts) only go to
 /// loopback or admin clients.
-fn redis_health(state: &AppState, detailed: bool) -> Response<Body> {
+fn redis_health(cache: &Cache, detailed: bool) -> Response<Body> {
     // Field order as in the seed's examples.
     #[derive(serde::Serialize)]
     struct Shape<'a> {
@@ -348,7 +374,7 @@ fn redis_health(state: &AppState, detailed: bool) -> Response<Body> {
         error: Option<String>,
         message: &'a str,
     }
-    let (status, shape) = match state.cache.health() {
+    let (status, shape) = match cache.health() {
         RedisHealth::Healthy { latency_ms } => (
             StatusCode::OK,
             Shape {
@@ -388,11 +414,11 @@ fn redis_health(state: &AppState, detailed: bool) -> Response<Body> {
     )
 }
 
-fn admin_allowed(headers: &HeaderMap, peer: SocketAddr, state: &AppState) -> bool {
+fn admin_allowed(headers: &HeaderMap, peer: SocketAddr, edge: &HttpEdge) -> bool {
     if peer.ip().is_loopback() {
         return true;
     }
-    let Some(token) = &state.config.admin_token else {
+    let Some(token) = &edge.admin_token else {
         return false;
     };
     let presented = headers
@@ -436,11 +462,11 @@ async fn connect_upstream(
     tunnel: &Tunnel,
     peer: SocketAddr,
 ) -> Result<hyper::client::conn::http1::SendRequest<Incoming>, String> {
-    let channel = tokio::time::timeout(CHANNEL_OPEN_TIMEOUT, tunnel.open_channel(peer))
+    let io = tokio::time::timeout(CHANNEL_OPEN_TIMEOUT, tunnel.link.open_stream(peer))
         .await
         .map_err(|_| "the tunnel client did not answer in time".to_string())?
-        .map_err(|e| format!("the tunnel client refused the connection ({e})"))?;
-    let io = TokioIo::new(channel.into_stream());
+        .map_err(|e| e.to_string())?;
+    let io = TokioIo::new(io);
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
         .handshake(io)
         .await

@@ -5,22 +5,33 @@
 //! subsystems. A remote forward to port 80 or 443 serves the key's name; `-R label:80:…`
 //! serves `label-<name>`. `ssh … info` prints the key's name without forwarding anything.
 
+mod access;
+mod host_key;
+
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use async_trait::async_trait;
 use russh::keys::PrivateKey;
 use russh::server::{Auth, ChannelOpenHandle, Msg, Session};
 use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::config::HostKeySource;
-use crate::naming::{self, fingerprint, key_hash};
-use crate::server::AppState;
-use crate::tunnels::{SessionId, SessionOutput, SessionOutputSink, Tunnel, next_session_id};
+use crate::shutdown::Stop;
+use tokio::task::JoinSet;
+
+pub use access::KeyAccess;
+pub use host_key::{HostKeyError, load_or_create_host_key};
+
+use crate::config::PublicUrls;
+use crate::names::{KeyHash, Label, TunnelName, fingerprint};
+use crate::tunnels::{
+    KeyIdentity, LinkError, SessionId, SessionOutput, SessionOutputSink, TunnelLink,
+    TunnelService, UpstreamIo,
+};
 
 /// Keepalive probe interval; with [`KEEPALIVE_MAX`] a dead client is dropped within 30 s.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
@@ -47,63 +58,6 @@ pub const MAX_PACKET_SIZE: u32 = 32 * 1024;
 /// Remote ports served as HTTP tunnels.
 pub const HTTP_FORWARD_PORTS: [u32; 2] = [80, 443];
 
-#[derive(Debug, thiserror::Error)]
-pub enum HostKeyError {
-    #[error(
-        "cannot load SSH host key {path}: {detail}. Fix or remove the file \
-         (a new key is generated only when none exists)"
-    )]
-    Load { path: String, detail: String },
-    #[error("cannot write new SSH host key {path}: {detail}")]
-    Write { path: String, detail: String },
-    #[error("SSH_HOST_KEY holds key text that cannot be parsed: {0}")]
-    Inline(String),
-}
-
-/// Loads the host key, generating an ed25519 key once if the file does not exist.
-/// An existing file that cannot be read is an error, never silently replaced.
-pub fn load_or_create_host_key(source: &HostKeySource) -> Result<PrivateKey, HostKeyError> {
-    match source {
-        HostKeySource::Inline(text) => {
-            PrivateKey::from_openssh(text.expose()).map_err(|e| HostKeyError::Inline(e.to_string()))
-        }
-        HostKeySource::File(path) if path.exists() => {
-            let key = russh::keys::load_secret_key(path, None).map_err(|e| HostKeyError::Load {
-                path: path.display().to_string(),
-                detail: e.to_string(),
-            })?;
-            tracing::info!(
-                "loaded SSH host key {} ({})",
-                path.display(),
-                key.public_key().fingerprint(russh::keys::HashAlg::Sha256)
-            );
-            Ok(key)
-        }
-        HostKeySource::File(path) => generate_host_key(path),
-    }
-}
-
-fn generate_host_key(path: &Path) -> Result<PrivateKey, HostKeyError> {
-    let err = |detail: String| HostKeyError::Write {
-        path: path.display().to_string(),
-        detail,
-    };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
-    }
-    let seed: [u8; 32] = rand::random();
-    let keypair = russh::keys::ssh_key::private::Ed25519Keypair::from_seed(&seed);
-    let key = PrivateKey::from(keypair);
-    key.write_openssh_file(path, russh::keys::ssh_key::LineEnding::LF)
-        .map_err(|e| err(e.to_string()))?;
-    tracing::info!(
-        "generated SSH host key {} ({}); it is reused on every start",
-        path.display(),
-        key.public_key().fingerprint(russh::keys::HashAlg::Sha256)
-    );
-    Ok(key)
-}
-
 fn russh_config(host_key: PrivateKey) -> russh::server::Config {
     russh::server::Config {
         methods: MethodSet::from(&[MethodKind::PublicKey][..]),
@@ -121,19 +75,44 @@ fn russh_config(host_key: PrivateKey) -> russh::server::Config {
     }
 }
 
-/// Accepts SSH connections until the listener fails for good.
-pub async fn serve(listener: TcpListener, state: Arc<AppState>, host_key: PrivateKey) {
+/// What the SSH edge needs from the rest of the host.
+pub struct SshEdge {
+    pub tunnels: Arc<TunnelService>,
+    pub access: KeyAccess,
+    pub urls: PublicUrls,
+    /// The port clients connect to, for the hint printed to a key without a tunnel.
+    pub ssh_port: u16,
+    /// The base domain, for the same hint.
+    pub domain: String,
+}
+
+/// Time sessions get to close after being told the host is going away.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Accepts SSH connections until `stop` turns true; then tells every session the host is
+/// going away and waits (at most [`SHUTDOWN_GRACE`]) for them to close.
+pub async fn serve(
+    listener: TcpListener,
+    edge: Arc<SshEdge>,
+    host_key: PrivateKey,
+    mut stop: Stop,
+) {
     let config = Arc::new(russh_config(host_key));
     let slots = Arc::new(Semaphore::new(MAX_SSH_CONNECTIONS));
+    let mut connections = JoinSet::new();
     loop {
-        let (socket, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // Usually out of file descriptors: back off instead of spinning.
-                tracing::warn!("ssh accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
+        let (socket, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Usually out of file descriptors: back off instead of spinning.
+                    tracing::warn!("ssh accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stop.stopped() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::warn!(
@@ -142,22 +121,28 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, host_key: Privat
             continue;
         };
         let _ = socket.set_nodelay(true);
-        let (config, state) = (config.clone(), state.clone());
-        tokio::spawn(async move {
-            run_connection(config, state, socket, peer).await;
+        let (config, edge, stop) = (config.clone(), edge.clone(), stop.clone());
+        connections.spawn(async move {
+            run_connection(config, edge, socket, peer, stop).await;
             drop(slot);
         });
+    }
+    drop(listener);
+    let closing = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(SHUTDOWN_GRACE, closing).await.is_err() {
+        tracing::warn!("ssh sessions still open after {SHUTDOWN_GRACE:?}; dropping them");
     }
 }
 
 async fn run_connection(
     config: Arc<russh::server::Config>,
-    state: Arc<AppState>,
+    edge: Arc<SshEdge>,
     socket: tokio::net::TcpStream,
     peer: SocketAddr,
+    mut stop: Stop,
 ) {
     let authenticated = Arc::new(AtomicBool::new(false));
-    let handler = Connection::new(state, peer, authenticated.clone());
+    let handler = Connection::new(edge, peer, authenticated.clone());
     let started = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
         russh::server::run_stream(config, socket, handler),
@@ -176,16 +161,31 @@ async fn run_connection(
     };
     let handle = session.handle();
     tokio::pin!(session);
-    tokio::select! {
-        result = &mut session => log_session_end(peer, result),
-        _ = tokio::time::sleep(AUTH_TIMEOUT) => {
-            if !authenticated.load(Ordering::Acquire) {
-                tracing::debug!("ssh client {peer} did not authenticate in time");
-                let _ = handle
-                    .disconnect(russh::Disconnect::ByApplication, "authentication timeout".into(), String::new())
-                    .await;
+    let auth_deadline = tokio::time::sleep(AUTH_TIMEOUT);
+    tokio::pin!(auth_deadline);
+    let mut deadline_passed = false;
+    loop {
+        tokio::select! {
+            result = &mut session => return log_session_end(peer, result),
+            _ = &mut auth_deadline, if !deadline_passed => {
+                deadline_passed = true;
+                if !authenticated.load(Ordering::Acquire) {
+                    tracing::debug!("ssh client {peer} did not authenticate in time");
+                    let _ = handle
+                        .disconnect(russh::Disconnect::ByApplication, "authentication timeout".into(), String::new())
+                        .await;
+                }
             }
-            log_session_end(peer, session.await);
+            _ = stop.stopped() => {
+                let _ = handle
+                    .disconnect(
+                        russh::Disconnect::ByApplication,
+                        "the p0rt host is shutting down; reconnect shortly".into(),
+                        String::new(),
+                    )
+                    .await;
+                return log_session_end(peer, session.await);
+            }
         }
     }
 }
@@ -197,9 +197,29 @@ fn log_session_end(peer: SocketAddr, result: Result<(), russh::Error>) {
     }
 }
 
-struct AuthedKey {
-    hash: String,
-    fingerprint: String,
+/// A remote forward's way back to the client: a new `forwarded-tcpip` channel per stream,
+/// echoing the address and port of the client's `tcpip-forward` so it matches its `-R`.
+struct SshLink {
+    handle: russh::server::Handle,
+    bind_address: String,
+    bind_port: u32,
+}
+
+#[async_trait]
+impl TunnelLink for SshLink {
+    async fn open_stream(&self, peer: SocketAddr) -> Result<Box<dyn UpstreamIo>, LinkError> {
+        let channel = self
+            .handle
+            .channel_open_forwarded_tcpip(
+                self.bind_address.clone(),
+                self.bind_port,
+                peer.ip().to_string(),
+                u32::from(peer.port()),
+            )
+            .await
+            .map_err(|e| LinkError(e.to_string()))?;
+        Ok(Box::new(channel.into_stream()))
+    }
 }
 
 /// One SSH connection's state. Dropped when the connection ends, which unregisters
@@ -207,13 +227,13 @@ struct AuthedKey {
 struct Connection {
     id: SessionId,
     peer: SocketAddr,
-    state: Arc<AppState>,
+    edge: Arc<SshEdge>,
     authenticated: Arc<AtomicBool>,
-    key: Option<AuthedKey>,
+    key: Option<KeyIdentity>,
     /// The key's main name, resolved on first use.
-    name: Option<String>,
+    name: Option<TunnelName>,
     /// Names this connection registered, in request order.
-    forwards: Vec<String>,
+    forwards: Vec<TunnelName>,
     output: SessionOutput,
     output_sink: Option<SessionOutputSink>,
     session_channel: Option<ChannelId>,
@@ -224,12 +244,12 @@ struct Connection {
 }
 
 impl Connection {
-    fn new(state: Arc<AppState>, peer: SocketAddr, authenticated: Arc<AtomicBool>) -> Self {
+    fn new(edge: Arc<SshEdge>, peer: SocketAddr, authenticated: Arc<AtomicBool>) -> Self {
         let (output, sink) = SessionOutput::new();
         Connection {
-            id: next_session_id(),
+            id: SessionId::next(),
             peer,
-            state,
+            edge,
             authenticated,
             key: None,
             name: None,
@@ -242,51 +262,25 @@ impl Connection {
         }
     }
 
-    fn key_allowed(&self, key: &russh::keys::PublicKey) -> bool {
-        let Some(path) = &self.state.config.authorized_keys else {
-            return true;
-        };
-        // Re-read on every attempt so keys added by the operator work without a restart.
-        match russh::keys::ssh_key::AuthorizedKeys::read_file(path) {
-            Ok(entries) => entries
-                .iter()
-                .any(|entry| entry.public_key().key_data() == key.key_data()),
-            Err(e) => {
-                tracing::error!(
-                    "cannot read authorized keys file {}: {e}; refusing all keys until fixed",
-                    path.display()
-                );
-                false
-            }
-        }
-    }
-
     /// The key's main name, assigned (and noted in the store) on first use.
-    async fn main_name(&mut self) -> Result<String, String> {
+    async fn main_name(&mut self) -> Result<TunnelName, String> {
         if let Some(name) = &self.name {
             return Ok(name.clone());
         }
         let Some(key) = &self.key else {
             return Err("not authenticated".into());
         };
-        let name = naming::assign_name(
-            self.state.store.as_ref(),
-            Some(&self.state.plugins),
-            &key.hash,
-            &key.fingerprint,
-            crate::unix_now(),
-        )
-        .await
-        .map_err(|e| {
-            tracing::error!("naming key {} failed: {e}", key.fingerprint);
-            e.to_string()
-        })?;
+        let name = self
+            .edge
+            .tunnels
+            .main_name(key, crate::unix_now())
+            .await
+            .map_err(|e| {
+                tracing::error!("naming key {} failed: {e}", key.fingerprint);
+                e.to_string()
+            })?;
         self.name = Some(name.clone());
         Ok(name)
-    }
-
-    fn url(&self, name: &str) -> String {
-        self.state.config.public_url(name, self.state.http_port)
     }
 
     /// The `info` answer, and whether the key has a name.
@@ -300,7 +294,7 @@ impl Connection {
             Ok(name) => (
                 format!(
                     "name: {name}\nurl:  {}\nkey:  {fingerprint}\n",
-                    self.url(&name)
+                    self.edge.urls.of(name.as_str())
                 ),
                 true,
             ),
@@ -322,110 +316,83 @@ impl Connection {
         port: u32,
         handle: russh::server::Handle,
     ) -> bool {
+        match self.try_add_forward(address, port, handle).await {
+            Ok(name) => {
+                tracing::info!(peer = %self.peer, "tunnel {name} up");
+                self.output.line(format!(
+                    "Forwarding {} -> your -R target",
+                    self.edge.urls.of(name.as_str())
+                ));
+                true
+            }
+            Err(problem) => {
+                // As the client typed it: `-R 8080:…` or `-R api:80:…`.
+                let forward = match Label::from_bind_address(address) {
+                    Ok(None) => port.to_string(),
+                    _ => format!("{address}:{port}"),
+                };
+                self.refuse(format!("refused -R {forward}: {problem}"));
+                false
+            }
+        }
+    }
+
+    async fn try_add_forward(
+        &mut self,
+        address: &str,
+        port: u32,
+        handle: russh::server::Handle,
+    ) -> Result<TunnelName, String> {
         if !HTTP_FORWARD_PORTS.contains(&port) {
-            self.refuse(format!(
-                "refused -R {port}: only remote ports 80 and 443 are served (HTTP tunnels); \
+            return Err(
+                "only remote ports 80 and 443 are served (HTTP tunnels); \
                  use -R 80:localhost:<your port>"
-            ));
-            return false;
+                    .into(),
+            );
         }
         if self.forwards.len() >= MAX_FORWARDS_PER_CONNECTION {
-            self.refuse(format!(
-                "refused -R {address}:{port}: at most {MAX_FORWARDS_PER_CONNECTION} forwards per connection"
+            return Err(format!(
+                "at most {MAX_FORWARDS_PER_CONNECTION} forwards per connection"
             ));
-            return false;
         }
-        let label = match naming::subname_label(address) {
-            Ok(label) => label,
-            Err(problem) => {
-                self.refuse(format!("refused -R {address}:{port}: {problem}"));
-                return false;
-            }
+        let label = Label::from_bind_address(address)?;
+        let main = self.main_name().await?;
+        let Some(key) = self.key.clone() else {
+            return Err("not authenticated".into());
         };
-        let base = match self.main_name().await {
-            Ok(name) => name,
-            Err(problem) => {
-                self.refuse(format!("refused -R {port}: {problem}"));
-                return false;
-            }
-        };
-        let owner = self
-            .key
-            .as_ref()
-            .map(|k| k.hash.clone())
-            .unwrap_or_default();
-        let name = match label {
-            None => base,
-            Some(label) => {
-                let fingerprint = self
-                    .key
-                    .as_ref()
-                    .map(|k| k.fingerprint.clone())
-                    .unwrap_or_default();
-                if let Err(problem) =
-                    naming::approve_label(&self.state.plugins, &owner, &fingerprint, &label).await
-                {
-                    self.refuse(format!("refused -R {address}:{port}: {problem}"));
-                    return false;
-                }
-                format!("{label}-{base}")
-            }
-        };
-        // A sub-name must never shadow another key's main name.
-        match self.state.store.owner_of(&name).await {
-            Ok(Some(other)) if other != owner => {
-                self.refuse(format!(
-                    "refused -R {address}:{port}: {name} belongs to another key"
-                ));
-                return false;
-            }
-            Ok(_) => {}
-            Err(e) => {
-                self.refuse(format!(
-                    "refused -R {address}:{port}: domain store unavailable ({e})"
-                ));
-                return false;
-            }
-        }
-        let tunnel = Arc::new(Tunnel::new(
-            name.clone(),
-            self.id,
-            owner,
+        let tunnels = &self.edge.tunnels;
+        let name = tunnels
+            .forward_name(&key, &main, label.as_ref())
+            .await
+            .map_err(|e| e.to_string())?;
+        let link = Arc::new(SshLink {
             handle,
-            address.to_string(),
-            port,
-            self.output.clone(),
-        ));
-        match self.state.registry.register(tunnel) {
-            Ok(Some(old)) if old.session_id != self.id => {
-                tracing::info!("{name}: taken over by a new connection from {}", self.peer);
-                old.output.line(format!(
-                    "p0rt: {name} is now served by a newer connection of this key"
-                ));
-            }
-            Ok(_) => {}
-            Err(_) => {
-                tracing::warn!("{name}: refused for {}, another key serves it", self.peer);
-                self.refuse(format!(
-                    "refused -R {address}:{port}: {name} is served by another key"
-                ));
-                return false;
-            }
+            bind_address: address.to_string(),
+            bind_port: port,
+        });
+        let opened = tunnels
+            .open(&key, self.id, name.clone(), link, self.output.clone())
+            .map_err(|e| {
+                tracing::warn!("{name}: refused for {}: {e}", self.peer);
+                e.to_string()
+            })?;
+        if let Some(old) = opened.displaced {
+            tracing::info!("{name}: taken over by a new connection from {}", self.peer);
+            old.output.line(format!(
+                "p0rt: {name} is now served by a newer connection of this key"
+            ));
         }
         if !self.forwards.contains(&name) {
             self.forwards.push(name.clone());
         }
-        tracing::info!(peer = %self.peer, "tunnel {name} up");
-        self.output
-            .line(format!("Forwarding {} -> your -R target", self.url(&name)));
-        true
+        Ok(name)
     }
 }
 
 impl Drop for Connection {
     fn drop(&mut self) {
         for name in &self.forwards {
-            if self.state.registry.unregister(name, self.id) {
+            if self.edge.tunnels.close(name, self.id) {
                 tracing::info!("tunnel {name} down");
             }
         }
@@ -440,7 +407,7 @@ impl russh::server::Handler for Connection {
         _user: &str,
         offer: russh::server::PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
-        Ok(if self.key_allowed(offer.public_key) {
+        Ok(if self.edge.access.allows(offer.public_key).await {
             Auth::Accept
         } else {
             Auth::reject()
@@ -452,11 +419,11 @@ impl russh::server::Handler for Connection {
         _user: &str,
         key: russh::server::VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
-        if !self.key_allowed(key.public_key) {
+        if !self.edge.access.allows(key.public_key).await {
             return Ok(Auth::reject());
         }
-        self.key = Some(AuthedKey {
-            hash: key_hash(key.public_key),
+        self.key = Some(KeyIdentity {
+            hash: KeyHash::of_key(key.public_key),
             fingerprint: fingerprint(key.public_key),
         });
         self.authenticated.store(true, Ordering::Release);
@@ -616,7 +583,7 @@ impl russh::server::Handler for Connection {
             }
             text.push_str(&format!(
                 "No tunnel requested. Start one with: ssh -p {} -R 80:localhost:3000 {}\n",
-                self.state.ssh_port, self.state.config.domain
+                self.edge.ssh_port, self.edge.domain
             ));
             return finish_command(session, channel, &text, 0, self.pty);
         }
@@ -681,14 +648,17 @@ impl russh::server::Handler for Connection {
         _port: u32,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        let (Ok(label), Some(base)) = (naming::subname_label(address), self.name.clone()) else {
+        let (Ok(label), Some(main)) = (Label::from_bind_address(address), self.name.clone()) else {
             return Ok(false);
         };
         let name = match label {
-            Some(label) => format!("{label}-{base}"),
-            None => base,
+            Some(label) => match main.subname(&label) {
+                Ok(name) => name,
+                Err(_) => return Ok(false),
+            },
+            None => main,
         };
-        let removed = self.state.registry.unregister(&name, self.id);
+        let removed = self.edge.tunnels.close(&name, self.id);
         self.forwards.retain(|n| n != &name);
         Ok(removed)
     }

@@ -1,0 +1,147 @@
+//! The registry of live tunnels: which SSH session currently serves which name.
+//!
+//! Routing is in memory only. A new session of the same key replaces the entry for a name
+//! in one step ([`Registry::register`]); the old session's cleanup removes an entry only
+//! if it is still its own ([`Registry::unregister`]), so a late cleanup never drops the new
+//! tunnel. This is the fix for the "stale name locked after reconnect" problem.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use async_trait::async_trait;
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::output::SessionOutput;
+use crate::names::{KeyHash, TunnelName};
+
+/// Idle upstream HTTP connections kept per tunnel for reuse across requests.
+pub const MAX_IDLE_UPSTREAMS_PER_TUNNEL: usize = 32;
+
+/// Identifies one SSH connection for the lifetime of the process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SessionId(u64);
+
+static NEXT_SESSION_ID: AtomicU64 = AtomicU64::new(1);
+
+impl SessionId {
+    /// A fresh, never reused session id.
+    pub fn next() -> SessionId {
+        SessionId(NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// A byte stream to a tunnel client's local service.
+pub trait UpstreamIo: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> UpstreamIo for T {}
+
+/// The tunnel client refused or failed to open a stream to its local service.
+#[derive(Debug, thiserror::Error)]
+#[error("the tunnel client refused the connection ({0})")]
+pub struct LinkError(pub String);
+
+/// How a tunnel reaches its client's local service: over SSH, a new `forwarded-tcpip`
+/// channel per stream (see [`crate::ssh`]).
+#[async_trait]
+pub trait TunnelLink: Send + Sync {
+    /// Opens a stream to the local service, as if `peer` had connected to the forwarded port.
+    async fn open_stream(&self, peer: SocketAddr) -> Result<Box<dyn UpstreamIo>, LinkError>;
+}
+
+/// One live tunnel: a name served by one SSH session's remote forward.
+pub struct Tunnel {
+    pub name: TunnelName,
+    pub session: SessionId,
+    /// The key that owns the name.
+    pub owner: KeyHash,
+    pub link: Arc<dyn TunnelLink>,
+    pub output: SessionOutput,
+    idle: Mutex<Vec<SendRequest<Incoming>>>,
+}
+
+impl Tunnel {
+    pub fn new(
+        name: TunnelName,
+        session: SessionId,
+        owner: KeyHash,
+        link: Arc<dyn TunnelLink>,
+        output: SessionOutput,
+    ) -> Tunnel {
+        Tunnel {
+            name,
+            session,
+            owner,
+            link,
+            output,
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// An upstream connection ready for a request, if one is idle.
+    pub fn take_idle(&self) -> Option<SendRequest<Incoming>> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.retain(|s| !s.is_closed());
+        let ready = idle.iter().position(|s| s.is_ready())?;
+        Some(idle.swap_remove(ready))
+    }
+
+    /// Returns an upstream connection for reuse. A connection still streaming its last
+    /// response is kept too: it becomes ready once that response ends.
+    pub fn put_idle(&self, sender: SendRequest<Incoming>) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < MAX_IDLE_UPSTREAMS_PER_TUNNEL && !sender.is_closed() {
+            idle.push(sender);
+        }
+    }
+}
+
+/// Live tunnels by name.
+#[derive(Default)]
+pub struct Registry {
+    tunnels: RwLock<HashMap<TunnelName, Arc<Tunnel>>>,
+}
+
+impl Registry {
+    /// Serves `tunnel.name` with `tunnel` from now on and returns the tunnel it displaced
+    /// (a reconnect of the same key). A live tunnel of another key is never displaced:
+    /// `Err` returns it and nothing changes.
+    pub fn register(&self, tunnel: Arc<Tunnel>) -> Result<Option<Arc<Tunnel>>, Arc<Tunnel>> {
+        let mut map = self.write();
+        if let Some(current) = map.get(&tunnel.name)
+            && current.owner != tunnel.owner
+        {
+            return Err(current.clone());
+        }
+        Ok(map.insert(tunnel.name.clone(), tunnel))
+    }
+
+    /// Removes `name` only if `session` still serves it.
+    pub fn unregister(&self, name: &TunnelName, session: SessionId) -> bool {
+        let mut map = self.write();
+        match map.get(name) {
+            Some(t) if t.session == session => {
+                map.remove(name);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Tunnel>> {
+        let map = self.tunnels.read().unwrap_or_else(|p| p.into_inner());
+        map.get(name).cloned()
+    }
+
+    /// Every live tunnel (shutdown, status).
+    pub fn all(&self) -> Vec<Arc<Tunnel>> {
+        let map = self.tunnels.read().unwrap_or_else(|p| p.into_inner());
+        map.values().cloned().collect()
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<TunnelName, Arc<Tunnel>>> {
+        self.tunnels.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
