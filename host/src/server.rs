@@ -107,7 +107,14 @@ pub async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<
     });
 
     let (stop_tx, stop) = crate::shutdown::channel();
-    let mut ssh_task = tokio::spawn(crate::ssh::serve(ssh_listener, ssh, host_key, stop.clone()));
+    let (disconnect_tx, disconnect) = crate::shutdown::channel();
+    let mut ssh_task = tokio::spawn(crate::ssh::serve(
+        ssh_listener,
+        ssh,
+        host_key,
+        stop.clone(),
+        disconnect,
+    ));
     let mut http_task = tokio::spawn(crate::http::serve(http_listener, http, stop));
     if let Some(path) = &ready_file {
         let ready = Ready {
@@ -123,9 +130,12 @@ pub async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<
         _ = &mut http_task => tracing::error!("the http edge stopped"),
         _ = shutdown_signal() => tracing::info!("shutting down: no new connections, finishing requests"),
     }
-    // Stop accepting; edges drain in-flight work within their grace periods.
+    // Stop accepting on both edges; let HTTP requests in flight finish (they run through the
+    // SSH sessions, so those stay up meanwhile); then tell SSH clients the host is going away.
     stop_tx.stop();
-    let _ = tokio::join!(ssh_task, http_task);
+    let _ = http_task.await;
+    disconnect_tx.stop();
+    let _ = ssh_task.await;
     store
         .flush()
         .await

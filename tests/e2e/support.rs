@@ -312,30 +312,33 @@ impl Host {
             self.workdir
                 .join(format!("p0rt-{}-run{}.log", std::process::id(), self.runs));
         let log = std::fs::File::create(&self.log_path).expect("create host log");
+        let ready_path = self.workdir.join(format!(
+            "p0rt-{}-run{}.ready.json",
+            std::process::id(),
+            self.runs
+        ));
         let mut cmd = host_command(&self.workdir, &self.config);
+        cmd.arg("--ready-file").arg(&ready_path);
         cmd.stderr(Stdio::from(log));
         let mut child = cmd.spawn().expect("spawn p0rt");
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         loop {
-            let log = self.log();
-            if let (Some(ssh), Some(http)) = (
-                listening_addr(&log, "ssh edge listening on "),
-                listening_addr(&log, "http edge listening on "),
-            ) {
-                self.ssh_port = ssh.port();
-                self.http_port = http.port();
+            if let Some((ssh, http)) = read_ready_file(&ready_path) {
+                self.ssh_port = ssh;
+                self.http_port = http;
                 break;
             }
             if let Ok(Some(status)) = child.try_wait() {
-                panic!("p0rt exited during startup ({status}); stderr:\n{log}");
+                panic!("p0rt exited during startup ({status}); stderr:\n{}", self.log());
             }
             if Instant::now() >= deadline {
                 let _ = child.start_kill();
                 panic!(
-                    "p0rt did not report both listening lines within {STARTUP_TIMEOUT:?}; stderr:\n{log}"
+                    "p0rt did not write its --ready-file within {STARTUP_TIMEOUT:?}; stderr:\n{}",
+                    self.log()
                 );
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.child = Some(child);
     }
@@ -368,6 +371,18 @@ impl Host {
                     "p0rt did not exit within {WAIT:?} of SIGTERM; stderr:\n{}",
                     self.log()
                 );
+            }
+        }
+    }
+
+    /// Waits for p0rt to exit by itself (after a signal the test sent) and returns its status.
+    pub async fn stop_waiting(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("host running");
+        match tokio::time::timeout(WAIT, child.wait()).await {
+            Ok(status) => status.expect("wait p0rt"),
+            Err(_) => {
+                let _ = child.kill().await;
+                panic!("p0rt did not exit within {WAIT:?}; stderr:\n{}", self.log());
             }
         }
     }
@@ -560,8 +575,12 @@ fn warm_plugin_cache() -> Option<PathBuf> {
             let log_path = template.join("p0rt.log");
             let log = std::fs::File::create(&log_path).ok()?;
             let config = HostConfig::flags(&data);
+            let ready_path = template.join("ready.json");
             let mut cmd = std::process::Command::new(BIN);
-            cmd.args(&config.args).current_dir(&template);
+            cmd.args(&config.args)
+                .arg("--ready-file")
+                .arg(&ready_path)
+                .current_dir(&template);
             for var in p0rt::config::ENV_VARS {
                 cmd.env_remove(var);
             }
@@ -572,14 +591,13 @@ fn warm_plugin_cache() -> Option<PathBuf> {
             let mut child = cmd.spawn().ok()?;
             let deadline = Instant::now() + STARTUP_TIMEOUT;
             let started = loop {
-                let text = std::fs::read_to_string(&log_path).unwrap_or_default();
-                if text.contains("http edge listening on ") {
+                if read_ready_file(&ready_path).is_some() {
                     break true;
                 }
                 if Instant::now() >= deadline || matches!(child.try_wait(), Ok(Some(_))) {
                     break false;
                 }
-                std::thread::sleep(Duration::from_millis(50));
+                std::thread::sleep(Duration::from_millis(20));
             };
             let _ = child.kill();
             let _ = child.wait();
@@ -611,12 +629,12 @@ async fn seed_plugin_cache(data_dir: &Path) {
     }
 }
 
-/// Finds `<marker><addr>` in a log and parses the address.
-fn listening_addr(log: &str, marker: &str) -> Option<SocketAddr> {
-    log.lines().find_map(|line| {
-        let rest = &line[line.find(marker)? + marker.len()..];
-        rest.split_whitespace().next()?.parse().ok()
-    })
+/// The `(ssh_port, http_port)` a host announced in its `--ready-file`, once written.
+pub fn read_ready_file(path: &Path) -> Option<(u16, u16)> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let ready: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let port = |key: &str| ready[key].as_u64().and_then(|p| u16::try_from(p).ok());
+    Some((port("ssh_port")?, port("http_port")?))
 }
 
 /// Runs p0rt to completion (for startup failures); kills it after `timeout`.

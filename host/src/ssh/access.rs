@@ -114,3 +114,48 @@ impl KeyAccess {
         self.loaded.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use russh::keys::PrivateKey;
+    use russh::keys::ssh_key::private::Ed25519Keypair;
+
+    use super::*;
+
+    fn key(seed: u8) -> PrivateKey {
+        PrivateKey::from(Ed25519Keypair::from_seed(&[seed; 32]))
+    }
+
+    fn line(key: &PrivateKey) -> String {
+        format!("{}\n", key.public_key().to_openssh().unwrap())
+    }
+
+    #[tokio::test]
+    async fn open_access_allows_any_key() {
+        assert!(KeyAccess::new(None).allows(key(1).public_key()).await);
+    }
+
+    #[tokio::test]
+    async fn the_file_is_reread_when_it_changes_and_a_broken_file_refuses_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("authorized_keys");
+        let (alice, bob) = (key(1), key(2));
+        std::fs::write(&path, line(&alice)).unwrap();
+        let access = KeyAccess::new(Some(path.clone()));
+        assert!(access.allows(alice.public_key()).await);
+        assert!(!access.allows(bob.public_key()).await);
+
+        // An edit (here: a longer file) is seen at the next login, without a restart.
+        std::fs::write(&path, line(&alice) + &line(&bob)).unwrap();
+        assert!(access.allows(bob.public_key()).await);
+
+        // A file that does not parse refuses everyone, including keys allowed before.
+        std::fs::write(&path, "this is not a key line at all\n").unwrap();
+        assert!(!access.allows(alice.public_key()).await);
+        // A missing file too.
+        std::fs::remove_file(&path).unwrap();
+        assert!(!access.allows(alice.public_key()).await);
+        std::fs::write(&path, line(&alice)).unwrap();
+        assert!(access.allows(alice.public_key()).await);
+    }
+}

@@ -19,8 +19,6 @@ use russh::server::{Auth, ChannelOpenHandle, Msg, Session};
 use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-
-use crate::shutdown::Stop;
 use tokio::task::JoinSet;
 
 pub use access::KeyAccess;
@@ -28,6 +26,7 @@ pub use host_key::{HostKeyError, load_or_create_host_key};
 
 use crate::config::PublicUrls;
 use crate::names::{KeyHash, Label, TunnelName, fingerprint};
+use crate::shutdown::Stop;
 use crate::tunnels::{
     KeyIdentity, LinkError, SessionId, SessionOutput, SessionOutputSink, TunnelLink,
     TunnelService, UpstreamIo,
@@ -89,13 +88,15 @@ pub struct SshEdge {
 /// Time sessions get to close after being told the host is going away.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// Accepts SSH connections until `stop` turns true; then tells every session the host is
-/// going away and waits (at most [`SHUTDOWN_GRACE`]) for them to close.
+/// Accepts SSH connections until `stop`; sessions keep serving (requests in flight through
+/// them finish) until `disconnect`, when each is told the host is going away. Returns once
+/// they have closed, or [`SHUTDOWN_GRACE`] after `disconnect`.
 pub async fn serve(
     listener: TcpListener,
     edge: Arc<SshEdge>,
     host_key: PrivateKey,
     mut stop: Stop,
+    mut disconnect: Stop,
 ) {
     let config = Arc::new(russh_config(host_key));
     let slots = Arc::new(Semaphore::new(MAX_SSH_CONNECTIONS));
@@ -121,13 +122,14 @@ pub async fn serve(
             continue;
         };
         let _ = socket.set_nodelay(true);
-        let (config, edge, stop) = (config.clone(), edge.clone(), stop.clone());
+        let (config, edge, disconnect) = (config.clone(), edge.clone(), disconnect.clone());
         connections.spawn(async move {
-            run_connection(config, edge, socket, peer, stop).await;
+            run_connection(config, edge, socket, peer, disconnect).await;
             drop(slot);
         });
     }
     drop(listener);
+    disconnect.stopped().await;
     let closing = async { while connections.join_next().await.is_some() {} };
     if tokio::time::timeout(SHUTDOWN_GRACE, closing).await.is_err() {
         tracing::warn!("ssh sessions still open after {SHUTDOWN_GRACE:?}; dropping them");
@@ -139,7 +141,7 @@ async fn run_connection(
     edge: Arc<SshEdge>,
     socket: tokio::net::TcpStream,
     peer: SocketAddr,
-    mut stop: Stop,
+    mut disconnect: Stop,
 ) {
     let authenticated = Arc::new(AtomicBool::new(false));
     let handler = Connection::new(edge, peer, authenticated.clone());
@@ -176,7 +178,7 @@ async fn run_connection(
                         .await;
                 }
             }
-            _ = stop.stopped() => {
+            _ = disconnect.stopped() => {
                 let _ = handle
                     .disconnect(
                         russh::Disconnect::ByApplication,

@@ -169,3 +169,143 @@ impl TunnelService {
         self.registry.all()
     }
 }
+
+/// The service in-process: a real JSON store in a temp dir, policies written inline, and a
+/// link that is never opened (routing and naming decisions only; the e2e suite drives the
+/// edges with OpenSSH).
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::policy::{BuiltinPolicy, NameChoice};
+    use crate::store::json::JsonStore;
+
+    struct NoLink;
+
+    #[async_trait]
+    impl TunnelLink for NoLink {
+        async fn open_stream(&self, _peer: SocketAddr) -> Result<Box<dyn UpstreamIo>, LinkError> {
+            Err(LinkError("not in these tests".into()))
+        }
+    }
+
+    /// Names every key `fixed`, and refuses the label `nope`.
+    struct Fixed(&'static str);
+
+    #[async_trait]
+    impl NamingPolicy for Fixed {
+        async fn choose_name(&self, _input: &NamingInput) -> NameChoice {
+            NameChoice::Name(self.0.into())
+        }
+        async fn approve_label(&self, input: &NamingInput) -> LabelApproval {
+            match input.requested_label.as_deref() {
+                Some("nope") => LabelApproval::Refused("not this one".into()),
+                _ => LabelApproval::Approved,
+            }
+        }
+    }
+
+    fn key(id: &str) -> KeyIdentity {
+        KeyIdentity {
+            hash: KeyHash::from_stored(format!("{id:0>64}")),
+            fingerprint: format!("SHA256:{id}"),
+        }
+    }
+
+    fn service(dir: &tempfile::TempDir, naming: Arc<dyn NamingPolicy>) -> TunnelService {
+        TunnelService::new(JsonStore::open(dir.path()).unwrap(), naming)
+    }
+
+    fn open(
+        service: &TunnelService,
+        key: &KeyIdentity,
+        session: SessionId,
+        name: &TunnelName,
+    ) -> Result<Opened, TunnelError> {
+        let (output, _sink) = SessionOutput::new();
+        service.open(key, session, name.clone(), Arc::new(NoLink), output)
+    }
+
+    #[tokio::test]
+    async fn names_are_stable_per_key_and_never_shared() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = service(&dir, Arc::new(BuiltinPolicy));
+        let (alice, bob) = (key("a"), key("b"));
+        let first = service.main_name(&alice, 1).await.unwrap();
+        assert_eq!(service.main_name(&alice, 2).await.unwrap(), first);
+        assert_ne!(service.main_name(&bob, 3).await.unwrap(), first);
+    }
+
+    #[tokio::test]
+    async fn a_policy_name_taken_by_another_key_falls_to_the_builtin_namer() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = service(&dir, Arc::new(Fixed("same-for-all")));
+        let alice = service.main_name(&key("a"), 1).await.unwrap();
+        assert_eq!(alice.as_str(), "same-for-all");
+        let bob = service.main_name(&key("b"), 1).await.unwrap();
+        assert_eq!(bob, crate::names::builtin_name(&key("b").hash, 0));
+    }
+
+    #[tokio::test]
+    async fn subnames_need_the_policy_and_never_shadow_another_keys_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = service(&dir, Arc::new(Fixed("base")));
+        let (alice, bob) = (key("a"), key("b"));
+        let base = service.main_name(&alice, 1).await.unwrap();
+        let api = Label::from_bind_address("api").unwrap().unwrap();
+        let sub = service.forward_name(&alice, &base, Some(&api)).await.unwrap();
+        assert_eq!(sub.as_str(), "api-base");
+        let nope = Label::from_bind_address("nope").unwrap().unwrap();
+        assert!(matches!(
+            service.forward_name(&alice, &base, Some(&nope)).await,
+            Err(TunnelError::LabelRefused(_))
+        ));
+        // When Bob owns "api-base" as his main name, Alice's sub-name of that spelling is refused.
+        let store = JsonStore::open(tempfile::tempdir().unwrap().path()).unwrap();
+        let service = TunnelService::new(store.clone(), Arc::new(Fixed("base")));
+        let base = service.main_name(&alice, 1).await.unwrap();
+        store.claim(bob.hash.as_str(), "api-base", 1).await.unwrap();
+        assert!(matches!(
+            service.forward_name(&alice, &base, Some(&api)).await,
+            Err(TunnelError::NameOfAnotherKey(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn reconnect_takes_over_but_another_key_never_displaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = service(&dir, Arc::new(BuiltinPolicy));
+        let (alice, bob) = (key("a"), key("b"));
+        let name = service.main_name(&alice, 1).await.unwrap();
+        let (old, new) = (SessionId::next(), SessionId::next());
+        assert!(open(&service, &alice, old, &name).unwrap().displaced.is_none());
+        let opened = open(&service, &alice, new, &name).unwrap();
+        assert_eq!(opened.displaced.map(|t| t.session), Some(old));
+        assert!(matches!(
+            open(&service, &bob, SessionId::next(), &name),
+            Err(TunnelError::ServedByAnotherKey(_))
+        ));
+        // The old session's late cleanup leaves the new tunnel alone.
+        assert!(!service.close(&name, old));
+        assert!(matches!(service.resolve(name.as_str()).await, Resolution::Live(t) if t.session == new));
+        assert!(service.close(&name, new));
+    }
+
+    #[tokio::test]
+    async fn resolve_tells_live_offline_and_unknown_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = service(&dir, Arc::new(BuiltinPolicy));
+        let alice = key("a");
+        let name = service.main_name(&alice, 1).await.unwrap();
+        assert!(matches!(service.resolve(name.as_str()).await, Resolution::Offline));
+        let sub = format!("shop-{name}");
+        assert!(matches!(service.resolve(&sub).await, Resolution::Offline));
+        assert!(matches!(service.resolve("nobody-here").await, Resolution::Unknown));
+        assert!(matches!(service.resolve("Not A Label").await, Resolution::Unknown));
+        open(&service, &alice, SessionId::next(), &name).unwrap();
+        assert!(matches!(service.resolve(name.as_str()).await, Resolution::Live(_)));
+    }
+}
