@@ -155,14 +155,14 @@ fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) 
 }
 
 /// What the phases of one request share.
-pub struct RequestCtx {
-    pub peer: SocketAddr,
-    pub started: Instant,
-    pub method: Method,
+struct RequestCtx {
+    peer: SocketAddr,
+    started: Instant,
+    method: Method,
     /// Path and query as sent: the backend's request target, and what the log shows.
-    pub path: String,
+    path: String,
     /// The live tunnel the request was routed to, once known.
-    pub tunnel: Option<Arc<Tunnel>>,
+    tunnel: Option<Arc<Tunnel>>,
 }
 
 async fn handle(req: Request<Incoming>, peer: SocketAddr, edge: Arc<HttpEdge>) -> Response<Body> {
@@ -220,16 +220,13 @@ fn log(ctx: &RequestCtx, result: &Result<Response<Body>, EdgeError>) {
         .take(LOGGED_PATH_CHARS)
         .filter(|c| !c.is_control())
         .collect();
-    let (status, outcome) = match result {
-        Ok(response) => (
-            response.status(),
-            format!("{}ms", ctx.started.elapsed().as_millis()),
-        ),
-        Err(e @ EdgeError::Denied { .. }) => (e.status(), "(rate limited)".to_string()),
-        Err(e) => (
-            e.status(),
-            format!("{}ms", ctx.started.elapsed().as_millis()),
-        ),
+    let status = match result {
+        Ok(response) => response.status(),
+        Err(e) => e.status(),
+    };
+    let outcome = match result {
+        Err(EdgeError::Denied { .. }) => "(rate limited)".to_string(),
+        _ => format!("{}ms", ctx.started.elapsed().as_millis()),
     };
     tunnel.output.line(format!(
         "{} {shown} {} {outcome}",
