@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use crate::cache::Cache;
 use crate::config::{Config, SettingsError, StorageKind};
 use crate::http::HttpEdge;
+use crate::http::upstream::{UPSTREAM_IDLE_TIMEOUT, UpstreamPool};
 use crate::plugins::{PluginOptions, PolicyPlugins};
 use crate::ssh::{KeyAccess, SshEdge};
 use crate::store::open::{connect_redis, open_store};
@@ -95,6 +96,7 @@ pub async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<
     let http = Arc::new(HttpEdge {
         tunnels,
         requests: plugins.clone(),
+        upstreams: UpstreamPool::new(UPSTREAM_IDLE_TIMEOUT),
         store: store.clone(),
         cache,
         domain: config.domain.clone(),

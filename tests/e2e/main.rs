@@ -7,6 +7,7 @@ mod backend;
 mod support;
 
 mod edge_errors;
+mod edge_review;
 mod flow_control;
 mod names;
 mod plugins;

@@ -14,9 +14,7 @@ use std::sync::Arc;
 
 pub use naming::{MAX_NAME_ATTEMPTS, NamingError};
 pub use output::{SESSION_OUTPUT_QUEUE, SessionOutput, SessionOutputSink};
-pub use registry::{
-    LinkError, MAX_IDLE_UPSTREAMS_PER_TUNNEL, Registry, SessionId, Tunnel, TunnelLink, UpstreamIo,
-};
+pub use registry::{LinkError, Registry, SessionId, Tunnel, TunnelLink, UpstreamIo};
 
 use crate::names::{KeyHash, Label, TunnelName};
 use crate::policy::{LabelApproval, NamingInput, NamingPolicy};

@@ -8,18 +8,13 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
-use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::output::SessionOutput;
 use crate::names::{KeyHash, TunnelName};
-
-/// Idle upstream HTTP connections kept per tunnel for reuse across requests.
-pub const MAX_IDLE_UPSTREAMS_PER_TUNNEL: usize = 32;
 
 /// Identifies one SSH connection for the lifetime of the process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -59,7 +54,6 @@ pub struct Tunnel {
     pub owner: KeyHash,
     pub link: Arc<dyn TunnelLink>,
     pub output: SessionOutput,
-    idle: Mutex<Vec<SendRequest<Incoming>>>,
 }
 
 impl Tunnel {
@@ -76,24 +70,6 @@ impl Tunnel {
             owner,
             link,
             output,
-            idle: Mutex::new(Vec::new()),
-        }
-    }
-
-    /// An upstream connection ready for a request, if one is idle.
-    pub fn take_idle(&self) -> Option<SendRequest<Incoming>> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.retain(|s| !s.is_closed());
-        let ready = idle.iter().position(|s| s.is_ready())?;
-        Some(idle.swap_remove(ready))
-    }
-
-    /// Returns an upstream connection for reuse. A connection still streaming its last
-    /// response is kept too: it becomes ready once that response ends.
-    pub fn put_idle(&self, sender: SendRequest<Incoming>) {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < MAX_IDLE_UPSTREAMS_PER_TUNNEL && !sender.is_closed() {
-            idle.push(sender);
         }
     }
 }

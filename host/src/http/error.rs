@@ -1,0 +1,140 @@
+//! The one error of the HTTP edge. Each variant knows whose fault it is, its status and its
+//! page; the page is the variant's fixed text, so nothing from the request is ever reflected.
+
+use http::header::{self, HeaderValue};
+use http::{Response, StatusCode};
+
+use super::upstream::UpstreamError;
+use super::{Body, full};
+use crate::store::StoreError;
+
+/// Whose fault a failed request is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// The client sent something the edge does not serve (4xx).
+    Client,
+    /// The tunnel's client or its local service failed (502).
+    Tunnel,
+    /// The name exists but its owner is not connected (503).
+    Offline,
+    /// The host itself failed (503).
+    Host,
+}
+
+/// Why the edge answered a request itself. The `Display` text is the page's sentence.
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    #[error("the Host header is missing")]
+    HostMissing,
+    #[error("more than one Host header")]
+    HostDuplicated,
+    #[error("the Host header is malformed")]
+    HostMalformed,
+    #[error("the request target's host differs from the Host header")]
+    TargetDisagrees,
+    #[error("CONNECT is not served: p0rt is not a forward proxy")]
+    Connect,
+    #[error("the request body is malformed (check its chunked framing or Content-Length)")]
+    RequestBody(#[source] hyper::Error),
+    #[error("no tunnel has this name.")]
+    UnknownName,
+    #[error("{0} is served to loopback clients or with the admin token.")]
+    AdminOnly(&'static str),
+    /// The request policy refused it; the message is the operator's policy's, not the client's.
+    #[error("{message}")]
+    Denied {
+        status: StatusCode,
+        retry_after_seconds: Option<u32>,
+        message: String,
+    },
+    #[error("tunnel offline. Its owner is not connected right now.")]
+    Offline,
+    #[error("the tunnel's local service did not accept the connection.")]
+    Unreachable(#[source] UpstreamError),
+    #[error("the tunnel's local service closed or reset the connection.")]
+    Reset(#[source] hyper::Error),
+    #[error("unexpected protocol switch")]
+    UnexpectedSwitch,
+    #[error("domain store unavailable")]
+    Store(#[source] StoreError),
+}
+
+/// What a 405 names as served: every method but CONNECT is forwarded.
+const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
+
+impl EdgeError {
+    pub fn fault(&self) -> Fault {
+        use EdgeError::*;
+        match self {
+            HostMissing
+            | HostDuplicated
+            | HostMalformed
+            | TargetDisagrees
+            | Connect
+            | RequestBody(_)
+            | UnknownName
+            | AdminOnly(_)
+            | Denied { .. } => Fault::Client,
+            Unreachable(_) | Reset(_) | UnexpectedSwitch => Fault::Tunnel,
+            Offline => Fault::Offline,
+            Store(_) => Fault::Host,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        use EdgeError::*;
+        match self {
+            Connect => StatusCode::METHOD_NOT_ALLOWED,
+            UnknownName => StatusCode::NOT_FOUND,
+            AdminOnly(_) => StatusCode::FORBIDDEN,
+            Denied { status, .. } => *status,
+            _ => match self.fault() {
+                Fault::Client => StatusCode::BAD_REQUEST,
+                Fault::Tunnel => StatusCode::BAD_GATEWAY,
+                Fault::Offline | Fault::Host => StatusCode::SERVICE_UNAVAILABLE,
+            },
+        }
+    }
+
+    /// The plain-text page: status, reason and this error's fixed sentence.
+    pub fn response(&self) -> Response<Body> {
+        let status = self.status();
+        let text = match self {
+            EdgeError::Denied { message, .. } => format!("{} {message}\n", status.as_u16()),
+            _ => format!(
+                "{} {}: {self}\n",
+                status.as_u16(),
+                status.canonical_reason().unwrap_or("Error")
+            ),
+        };
+        let mut response = full(status, "text/plain; charset=utf-8", text);
+        let headers = response.headers_mut();
+        match self {
+            EdgeError::Connect => {
+                headers.insert(header::ALLOW, HeaderValue::from_static(ALLOWED_METHODS));
+            }
+            EdgeError::Denied {
+                retry_after_seconds: Some(seconds),
+                ..
+            } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(*seconds));
+            }
+            _ => {}
+        }
+        response
+    }
+
+    /// Logs the error with its causes: host faults loudly, the rest for debugging.
+    pub fn log(&self, tunnel: Option<&str>) {
+        let mut text = format!("{}: {self}", tunnel.unwrap_or("-"));
+        let mut source = std::error::Error::source(self);
+        while let Some(cause) = source {
+            text.push_str(&format!(": {cause}"));
+            source = cause.source();
+        }
+        match self.fault() {
+            Fault::Host => tracing::warn!("{text}"),
+            _ => tracing::debug!("{text}"),
+        }
+    }
+}

@@ -1,0 +1,301 @@
+//! Phases 2 to 5 for a request to a live tunnel: admit, pick upstream, rewrite the request,
+//! filter the response. Bodies stream both ways without buffering; an `Upgrade` request
+//! (WebSocket) is piped byte for byte only after the backend's `101`.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+
+use super::error::EdgeError;
+use super::upstream::UpstreamPool;
+use super::{Body, RequestCtx};
+use crate::policy::{RateDecision, RequestFacts, RequestPolicy};
+use crate::tunnels::Tunnel;
+
+/// Headers that describe one hop and are never forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Request headers shown to the rate-limit policy.
+const RATE_LIMIT_HEADERS: [HeaderName; 4] = [
+    header::USER_AGENT,
+    header::REFERER,
+    header::CONTENT_LENGTH,
+    header::UPGRADE,
+];
+
+/// Phase 2, admit: asks the request policy whether this request may go on.
+pub async fn admit(
+    req: &Request<Incoming>,
+    ctx: &RequestCtx,
+    tunnel: &Tunnel,
+    policy: &dyn RequestPolicy,
+) -> Result<(), EdgeError> {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(|h| h.rsplit_once(':').map_or(h, |(host, _)| host).to_string())
+        .unwrap_or_default();
+    let facts = RequestFacts {
+        client_ip: ctx.peer.ip().to_string(),
+        host,
+        name: tunnel.name.to_string(),
+        owner_key_hash: tunnel.owner.to_string(),
+        method: ctx.method.to_string(),
+        path: req.uri().path().to_string(),
+        headers: RATE_LIMIT_HEADERS
+            .iter()
+            .filter_map(|name| {
+                let value = req.headers().get(name)?.to_str().ok()?;
+                Some((name.as_str().to_string(), value.to_string()))
+            })
+            .collect(),
+    };
+    match policy.check_request(facts).await {
+        RateDecision::Allow => Ok(()),
+        RateDecision::Deny {
+            status,
+            retry_after_seconds,
+            message,
+        } => Err(EdgeError::Denied {
+            status: StatusCode::from_u16(status).unwrap_or(StatusCode::TOO_MANY_REQUESTS),
+            retry_after_seconds,
+            message,
+        }),
+    }
+}
+
+/// Phases 3 to 5: sends the rewritten request on an upstream connection of `tunnel` and
+/// returns the filtered response (or, for an upgrade, the `101` and a spawned pipe).
+pub async fn forward(
+    mut req: Request<Incoming>,
+    ctx: &RequestCtx,
+    tunnel: &Tunnel,
+    pool: &UpstreamPool,
+) -> Result<Response<Body>, EdgeError> {
+    let client_upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
+    let upgrade = client_upgrade.is_some();
+    let (mut parts, body) = req.into_parts();
+    rewrite_headers(&mut parts.headers, ctx.peer.ip(), upgrade);
+    parts.uri = ctx.path.parse().unwrap_or_else(|_| Uri::from_static("/"));
+    parts.version = http::Version::HTTP_11;
+    // The request body is the client's: if reading it fails (broken chunked framing, an
+    // upload cut short), the failed exchange is the client's fault, not the backend's.
+    let body_failed = Arc::new(AtomicBool::new(false));
+    let body = body
+        .map_err({
+            let body_failed = body_failed.clone();
+            move |e| {
+                body_failed.store(true, Ordering::Relaxed);
+                e
+            }
+        })
+        .boxed();
+
+    // Upgrades get a connection of their own: it becomes the pipe and is never reused.
+    let mut sender = pool
+        .checkout(tunnel, ctx.peer, !upgrade)
+        .await
+        .map_err(EdgeError::Unreachable)?;
+    let response = sender
+        .send_request(Request::from_parts(parts, body))
+        .await
+        .map_err(|e| {
+            if body_failed.load(Ordering::Relaxed) {
+                EdgeError::RequestBody(e)
+            } else {
+                EdgeError::Reset(e)
+            }
+        })?;
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let client = client_upgrade.ok_or(EdgeError::UnexpectedSwitch)?;
+        return Ok(switch_protocols(response, client, tunnel));
+    }
+    if !upgrade {
+        pool.put(tunnel, sender);
+    }
+    Ok(filter_response(response))
+}
+
+/// Phase 4, rewrite: hop-by-hop headers go; forwarded headers describe this hop only,
+/// never what the client claims (p0rt is the edge).
+pub fn rewrite_headers(headers: &mut HeaderMap, peer: IpAddr, upgrade: bool) {
+    let host = headers.get(header::HOST).cloned();
+    let upgrade_header = headers.get(header::UPGRADE).cloned();
+    strip_hop_by_hop(headers);
+    headers.remove(header::UPGRADE);
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        if let Some(value) = upgrade_header {
+            headers.insert(header::UPGRADE, value);
+        }
+    }
+    if let Ok(ip) = HeaderValue::from_str(&peer.to_string()) {
+        headers.insert("x-forwarded-for", ip);
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    match host {
+        Some(host) => headers.insert("x-forwarded-host", host),
+        None => headers.remove("x-forwarded-host"),
+    };
+}
+
+/// Phase 5, filter: the backend's response without its hop-by-hop headers.
+pub fn filter_response(response: Response<Incoming>) -> Response<Body> {
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, body.boxed())
+}
+
+/// Answers the client's upgrade with the backend's `101` and pipes the two upgraded
+/// connections into each other once both are ready.
+fn switch_protocols(
+    mut response: Response<Incoming>,
+    client: OnUpgrade,
+    tunnel: &Tunnel,
+) -> Response<Body> {
+    let backend = hyper::upgrade::on(&mut response);
+    let name = tunnel.name.clone();
+    tokio::spawn(async move {
+        match tokio::try_join!(client, backend) {
+            Ok((client, backend)) => {
+                let mut client = TokioIo::new(client);
+                let mut backend = TokioIo::new(backend);
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
+            }
+            Err(e) => tracing::debug!("{name}: upgrade failed: {e}"),
+        }
+    });
+    let (parts, _) = response.into_parts();
+    Response::from_parts(
+        parts,
+        http_body_util::Empty::new().map_err(|e| match e {}).boxed(),
+    )
+}
+
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE) && connection_tokens(headers).any(|t| t == "upgrade")
+}
+
+/// The lowercase tokens of every `Connection` header.
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = String> + '_ {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // A message framed by Transfer-Encoding has no length of its own: Transfer-Encoding
+    // overrides Content-Length, and a proxy must drop the stale length before forwarding
+    // (RFC 9112 §6.3). Kept, it would cut the re-framed body short.
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    // Headers named in Connection are hop-by-hop too.
+    let named: Vec<HeaderName> = connection_tokens(headers)
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in pairs {
+            map.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        map
+    }
+
+    fn get<'a>(headers: &'a HeaderMap, name: &str) -> Vec<&'a str> {
+        headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn forwarded_headers_describe_this_hop_only() {
+        let mut headers = map(&[
+            ("host", "a.localhost:8080"),
+            ("x-forwarded-for", "10.6.6.6"),
+            ("x-forwarded-for", "10.7.7.7"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "bank.example"),
+            ("connection", "keep-alive, X-Secret"),
+            ("x-secret", "hop"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("upgrade", "websocket"),
+            ("accept", "*/*"),
+        ]);
+        rewrite_headers(&mut headers, "192.0.2.7".parse().unwrap(), false);
+        assert_eq!(get(&headers, "x-forwarded-for"), ["192.0.2.7"]);
+        assert_eq!(get(&headers, "x-forwarded-proto"), ["http"]);
+        assert_eq!(get(&headers, "x-forwarded-host"), ["a.localhost:8080"]);
+        assert_eq!(get(&headers, "host"), ["a.localhost:8080"]);
+        assert_eq!(get(&headers, "accept"), ["*/*"]);
+        for gone in ["connection", "x-secret", "keep-alive", "te", "upgrade"] {
+            assert!(!headers.contains_key(gone), "{gone} forwarded: {headers:?}");
+        }
+    }
+
+    #[test]
+    fn an_upgrade_keeps_exactly_its_upgrade_headers() {
+        let mut headers = map(&[
+            ("host", "a.localhost"),
+            ("connection", "Upgrade, X-Secret"),
+            ("x-secret", "hop"),
+            ("upgrade", "websocket"),
+        ]);
+        assert!(is_upgrade(&headers));
+        rewrite_headers(&mut headers, "::1".parse().unwrap(), true);
+        assert_eq!(get(&headers, "connection"), ["upgrade"]);
+        assert_eq!(get(&headers, "upgrade"), ["websocket"]);
+        assert_eq!(get(&headers, "x-forwarded-for"), ["::1"]);
+        assert!(!headers.contains_key("x-secret"));
+    }
+
+    #[test]
+    fn a_stale_length_beside_chunked_is_dropped() {
+        let mut headers = map(&[
+            ("content-length", "2"),
+            ("transfer-encoding", "chunked"),
+            ("content-type", "text/plain"),
+        ]);
+        strip_hop_by_hop(&mut headers);
+        assert!(!headers.contains_key("content-length"), "{headers:?}");
+        assert!(!headers.contains_key("transfer-encoding"), "{headers:?}");
+        // A length on its own is the message's framing and stays.
+        let mut headers = map(&[("content-length", "58")]);
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(get(&headers, "content-length"), ["58"]);
+    }
+}

@@ -1,0 +1,161 @@
+//! Phase 3, pick upstream: an idle HTTP/1.1 connection to the tunnel's local service, or a
+//! new one over a fresh `forwarded-tcpip` channel.
+//!
+//! Idle connections are kept per tunnel *session*: a reconnect of the same name gets a new
+//! [`SessionId`], so it never reuses channels of the session it replaced.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::task::JoinHandle;
+
+use super::Body;
+use crate::names::TunnelName;
+use crate::tunnels::{LinkError, SessionId, Tunnel};
+
+/// Time allowed to open a channel through the SSH client to its local service.
+pub const CHANNEL_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Idle upstream HTTP connections kept per tunnel for reuse across requests.
+pub const MAX_IDLE_UPSTREAMS_PER_TUNNEL: usize = 32;
+/// An upstream connection unused this long is closed, so a quiet tunnel holds no channels.
+pub const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why no upstream connection could be had. The tunnel's side is at fault in every case.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("the tunnel client did not open a channel within {CHANNEL_OPEN_TIMEOUT:?}")]
+    Timeout,
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    #[error("HTTP/1.1 handshake with the local service failed")]
+    Handshake(#[source] hyper::Error),
+}
+
+type Key = (TunnelName, SessionId);
+
+struct Idle {
+    sender: SendRequest<Body>,
+    /// Since when it has had nothing to do.
+    since: Instant,
+}
+
+type IdleMap = Mutex<HashMap<Key, Vec<Idle>>>;
+
+/// Idle upstream connections of every live tunnel. A sweeper closes those idle longer than
+/// the pool's timeout; it stops when the pool is dropped.
+pub struct UpstreamPool {
+    idle: Arc<IdleMap>,
+    sweeper: JoinHandle<()>,
+}
+
+impl UpstreamPool {
+    /// A pool whose idle connections are closed after `idle_timeout`. Needs a tokio runtime.
+    pub fn new(idle_timeout: Duration) -> UpstreamPool {
+        let idle = Arc::new(IdleMap::default());
+        let sweeper = tokio::spawn({
+            let idle = idle.clone();
+            // Checking four times per timeout closes a connection within 1.25 × the timeout.
+            let mut ticks = tokio::time::interval(idle_timeout / 4);
+            async move {
+                loop {
+                    ticks.tick().await;
+                    sweep(&idle, idle_timeout, Instant::now());
+                }
+            }
+        });
+        UpstreamPool { idle, sweeper }
+    }
+
+    /// A connection ready for a request: an idle one of this tunnel session if `reuse`,
+    /// else a new one.
+    pub async fn checkout(
+        &self,
+        tunnel: &Tunnel,
+        peer: SocketAddr,
+        reuse: bool,
+    ) -> Result<SendRequest<Body>, UpstreamError> {
+        if reuse && let Some(sender) = self.take(tunnel) {
+            return Ok(sender);
+        }
+        connect(tunnel, peer).await
+    }
+
+    /// Keeps a connection for reuse. One still streaming its last response is kept too: it
+    /// becomes ready once that response ends.
+    pub fn put(&self, tunnel: &Tunnel, sender: SendRequest<Body>) {
+        let mut idle = lock(&self.idle);
+        let list = idle.entry(key(tunnel)).or_default();
+        if list.len() < MAX_IDLE_UPSTREAMS_PER_TUNNEL && !sender.is_closed() {
+            list.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Idle connections held for `tunnel` (tests).
+    #[cfg(test)]
+    pub fn idle_count(&self, tunnel: &Tunnel) -> usize {
+        lock(&self.idle).get(&key(tunnel)).map_or(0, Vec::len)
+    }
+
+    fn take(&self, tunnel: &Tunnel) -> Option<SendRequest<Body>> {
+        let mut idle = lock(&self.idle);
+        let list = idle.get_mut(&key(tunnel))?;
+        list.retain(|i| !i.sender.is_closed());
+        let ready = list.iter().position(|i| i.sender.is_ready())?;
+        Some(list.swap_remove(ready).sender)
+    }
+}
+
+impl Drop for UpstreamPool {
+    fn drop(&mut self) {
+        self.sweeper.abort();
+    }
+}
+
+fn key(tunnel: &Tunnel) -> Key {
+    (tunnel.name.clone(), tunnel.session)
+}
+
+fn lock(idle: &IdleMap) -> std::sync::MutexGuard<'_, HashMap<Key, Vec<Idle>>> {
+    idle.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Drops closed connections and those idle for `timeout`; dropping the last handle of a
+/// connection closes it (and its SSH channel). One still busy with a response restarts
+/// its idle clock.
+fn sweep(idle: &IdleMap, timeout: Duration, now: Instant) {
+    let mut idle = lock(idle);
+    idle.retain(|_, list| {
+        list.retain_mut(|i| {
+            if !i.sender.is_ready() {
+                i.since = now;
+            }
+            !i.sender.is_closed() && now.duration_since(i.since) < timeout
+        });
+        !list.is_empty()
+    });
+}
+
+/// Opens a fresh upstream HTTP/1.1 connection over a new `forwarded-tcpip` channel.
+async fn connect(tunnel: &Tunnel, peer: SocketAddr) -> Result<SendRequest<Body>, UpstreamError> {
+    let io = tokio::time::timeout(CHANNEL_OPEN_TIMEOUT, tunnel.link.open_stream(peer))
+        .await
+        .map_err(|_| UpstreamError::Timeout)??;
+    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(UpstreamError::Handshake)?;
+    let name = tunnel.name.clone();
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!("upstream connection of {name} ended: {e}");
+        }
+    });
+    Ok(sender)
+}
