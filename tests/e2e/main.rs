@@ -19,3 +19,4 @@ mod redis;
 mod redis_harness;
 mod redis_support;
 mod robustness;
+mod store_review;

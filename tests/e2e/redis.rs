@@ -281,13 +281,18 @@ async fn poisoned_keys_are_treated_as_missing_and_logged() {
     let host = Host::start_with(&sandbox, redis_host(&sandbox, &redis.url())).await;
     let mut client = redis.client().await;
 
-    // A string where a key's record hash belongs: the key still gets a name.
+    // A string where a key's record hash belongs: the key is refused, the string kept.
     let carol = sandbox.key("carol");
     let record_key = format!("p0rt:domain:{}", carol.key_hash());
     let _: () = client.set(&record_key, "not a hash").await.unwrap();
-    let name = host.info(&sandbox, &carol).await.name;
-    let record: HashMap<String, String> = client.hgetall(&record_key).await.unwrap();
-    assert_eq!(record.get("domain"), Some(&name));
+    let out = host.ssh(&sandbox, &carol).command("info").output().await;
+    assert!(
+        !out.status.success() && out.stdout.contains(&record_key),
+        "{}",
+        out.stdout
+    );
+    let kept: String = client.get(&record_key).await.unwrap();
+    assert_eq!(kept, "not a hash");
     assert!(
         host.log().contains(&record_key),
         "poisoned key not logged:\n{}",
@@ -296,7 +301,9 @@ async fn poisoned_keys_are_treated_as_missing_and_logged() {
 
     // A hash where the reverse key of dave's first-choice name belongs: that name is skipped.
     let dave = sandbox.key("dave");
-    let first_choice = p0rt::names::builtin_name(&p0rt::names::KeyHash::from_stored(dave.key_hash()), 0).to_string();
+    let first_choice =
+        p0rt::names::builtin_name(&p0rt::names::KeyHash::from_stored(dave.key_hash()), 0)
+            .to_string();
     let reverse = format!("p0rt:domain:reverse:{first_choice}");
     let _: () = client.hset(&reverse, "oops", "1").await.unwrap();
     let dave_name = host.info(&sandbox, &dave).await.name;

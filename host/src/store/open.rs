@@ -93,4 +93,3 @@ pub async fn open_store(
         }
     }
 }
-

@@ -43,7 +43,7 @@ pub enum TunnelError {
     ServedByAnotherKey(TunnelName),
     #[error("{0}")]
     InvalidName(String),
-    #[error("domain store unavailable ({0}); try again shortly")]
+    #[error("{0}")]
     Store(#[from] StoreError),
 }
 
