@@ -632,10 +632,11 @@ mod tests {
         }
         // The next writer says, the moment it holds the writer, whether the record is gone.
         let (report, reports) = std::sync::mpsc::channel();
-        let next = tokio::spawn({
+        // A thread of its own, so its wake-up cannot wait behind the claim's task.
+        let next = std::thread::spawn({
             let store = store.clone();
-            async move {
-                let _writing = store.writer.lock().await;
+            move || {
+                let _writing = store.writer.blocking_lock();
                 let seen = match store.indexes.try_lock() {
                     Ok(idx) => Ok(idx.by_key.contains_key("refused")),
                     Err(_) => Err("got the writer before the failed claim was undone"),
@@ -665,7 +666,7 @@ mod tests {
         .await
         .unwrap();
         assert!(matches!(refused.await.unwrap(), Err(StoreError::Io { .. })));
-        next.await.unwrap();
+        next.join().unwrap();
         assert_eq!(
             seen,
             Ok(false),
