@@ -415,14 +415,19 @@ impl RedisLink {
                 }
             }
         };
-        match attempt.wait_for(Option::is_some).await {
-            Ok(outcome) => outcome
+        if let Ok(outcome) = attempt.wait_for(Option::is_some).await {
+            return outcome
                 .clone()
-                .unwrap_or_else(|| unreachable!("waited for Some")),
-            Err(_) => Err(RedisOpError::Unreachable(
-                "the connection attempt was abandoned".into(),
-            )),
+                .unwrap_or_else(|| unreachable!("waited for Some"));
         }
+        // The attempt's task ended without a word (a panic): let the next caller start anew.
+        let mut state = self.state();
+        if (state.connecting.as_ref()).is_some_and(|a| a.same_channel(&attempt)) {
+            state.connecting = None;
+        }
+        Err(RedisOpError::Unreachable(
+            "the connection attempt was abandoned".into(),
+        ))
     }
 
     /// Runs one connection attempt in its own task, so a caller that gives up (its deadline)
