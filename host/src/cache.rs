@@ -2,7 +2,7 @@
 //! (default 3600 s), delete, exists, increment, expire.
 //!
 //! [`Cache`] is what callers use: Redis while Redis is healthy, falling back automatically to
-//! [`MemoryCache`] (moka, per-entry TTL, bounded size) when it is not, or when Redis is
+//! [`MemoryCache`] (moka, per-entry TTL, bounded in bytes) when it is not, or when Redis is
 //! disabled (`ENABLE_REDIS=false`). A health checker pings Redis and switches back only after
 //! several good pings in a row, so a flapping Redis does not flip the cache on every request.
 
@@ -18,8 +18,11 @@ use crate::redis_link::{RedisLink, RedisOpError};
 
 /// TTL applied by `set` when the caller gives none (the seed's default).
 pub const DEFAULT_TTL: Duration = Duration::from_secs(3600);
-/// Most entries the in-memory cache holds; the least used are evicted beyond this.
-pub const MEMORY_CACHE_MAX_ENTRIES: u64 = 1_000_000;
+/// Most bytes (keys, values and bookkeeping) the in-memory cache holds; the least used entries
+/// are evicted beyond this. Plugins write what outside input makes them write, so this bounds it.
+pub const MEMORY_CACHE_MAX_BYTES: u64 = 64 * 1024 * 1024;
+/// Bytes counted per entry on top of its key and value (moka's node, the expiry, `Bytes`).
+const ENTRY_OVERHEAD_BYTES: usize = 128;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CacheError {
@@ -71,7 +74,11 @@ impl Default for MemoryCache {
     fn default() -> Self {
         MemoryCache {
             entries: moka::sync::Cache::builder()
-                .max_capacity(MEMORY_CACHE_MAX_ENTRIES)
+                .max_capacity(MEMORY_CACHE_MAX_BYTES)
+                .weigher(|key: &String, entry: &Entry| {
+                    let bytes = ENTRY_OVERHEAD_BYTES + key.len() + entry.value.len();
+                    u32::try_from(bytes).unwrap_or(u32::MAX)
+                })
                 .expire_after(EntryExpiry)
                 .build(),
         }
@@ -465,6 +472,19 @@ mod tests {
             c.increment("big", 1, None),
             Err(CacheError::Overflow { .. })
         ));
+    }
+
+    #[test]
+    fn memory_is_bounded_by_bytes_not_entries() {
+        let c = MemoryCache::default();
+        // 100 MiB of values (one shared buffer, so the test itself stays small).
+        let mib = Bytes::from(vec![7u8; 1024 * 1024]);
+        for i in 0..100 {
+            c.set(&format!("big{i}"), mib.clone(), None);
+        }
+        c.entries.run_pending_tasks();
+        assert!(c.entries.weighted_size() <= MEMORY_CACHE_MAX_BYTES);
+        assert!(c.entries.entry_count() < 100, "{}", c.entries.entry_count());
     }
 
     #[test]

@@ -5,10 +5,12 @@
 //! and a comma-separated node list for Redis Cluster (`redis://n1:6379,n2:6379,n3:6379`).
 //! `REDIS_PASSWORD` and `REDIS_DB` apply on top of the URL.
 //!
-//! Every operation has a timeout, so a slow or hung Redis never stalls a caller for long.
-//! A broken connection is dropped and re-made on the next use, at most once per
-//! [`RECONNECT_BACKOFF`]; under Sentinel, re-making it asks the sentinels for the current
-//! master, which is how a failover is followed.
+//! Every operation has a timeout that covers everything, waiting for a connection included,
+//! so a slow, hung or unreachable Redis never stalls a caller for longer than it asked.
+//! A broken connection is dropped and re-made on the next use: one attempt at a time, in its
+//! own task, at most once per [`RECONNECT_BACKOFF`]; callers wait on it within their own
+//! deadline. Under Sentinel, re-making it asks the sentinels for the current master, which is
+//! how a failover is followed.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +21,8 @@ use redis::{Cmd, FromRedisValue, IntoConnectionInfo, Pipeline, RedisFuture, Valu
 
 /// Time allowed to open a connection (and, under Sentinel, to find the master).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
+/// Most time one connection attempt may take (under Sentinel: the sentinels, then the master).
+pub const CONNECT_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(2000);
 /// Pause between reconnection attempts while Redis is unreachable; callers fail fast meanwhile.
 pub const RECONNECT_BACKOFF: Duration = Duration::from_millis(250);
 /// Keys fetched per `SCAN` step.
@@ -217,9 +221,14 @@ impl ConnectionLike for Conn {
     }
 }
 
+/// A connection attempt in flight: `None` until it ends.
+type Attempt = tokio::sync::watch::Receiver<Option<Result<Conn, RedisOpError>>>;
+
 #[derive(Default)]
 struct LinkState {
     conn: Option<Conn>,
+    /// The one connection attempt in flight; everyone who needs a connection waits on it.
+    connecting: Option<Attempt>,
     retry_at: Option<Instant>,
     last_error: Option<RedisOpError>,
 }
@@ -231,20 +240,21 @@ pub struct RedisLink {
     ca_cert: Option<Vec<u8>>,
     /// The URL with its password masked, for messages.
     pub display: String,
-    state: tokio::sync::Mutex<LinkState>,
+    /// Held only for short, non-async updates: never across a connection attempt.
+    state: std::sync::Mutex<LinkState>,
 }
 
 fn classify(e: &redis::RedisError) -> RedisOpError {
     let text = e.to_string();
-    match e.code() {
-        Some("WRONGPASS") | Some("NOAUTH") => return RedisOpError::Auth(text),
-        Some("WRONGTYPE") => {
-            return RedisOpError::WrongType {
-                key: String::new(),
-                detail: text,
-            };
-        }
-        _ => {}
+    if matches!(e.code(), Some("WRONGPASS") | Some("NOAUTH")) {
+        return RedisOpError::Auth(text);
+    }
+    // Also inside a script, where older servers wrap the code in "ERR Error running script".
+    if e.code() == Some("WRONGTYPE") || text.contains("WRONGTYPE") {
+        return RedisOpError::WrongType {
+            key: String::new(),
+            detail: text,
+        };
     }
     if e.kind() == redis::ErrorKind::AuthenticationFailed {
         return RedisOpError::Auth(text);
@@ -279,7 +289,7 @@ impl RedisLink {
             target,
             ca_cert,
             display: mask_url(display_url),
-            state: tokio::sync::Mutex::new(LinkState::default()),
+            state: std::sync::Mutex::new(LinkState::default()),
         })
     }
 
@@ -290,26 +300,27 @@ impl RedisLink {
         })
     }
 
+    /// A client for one server, trusting REDIS_CA_CERT for `rediss://` if it is set.
+    fn client(&self, info: redis::ConnectionInfo) -> Result<redis::Client, RedisOpError> {
+        match self.certificates() {
+            Some(certs) => redis::Client::build_with_tls(info, certs),
+            None => redis::Client::open(info),
+        }
+        .map_err(|e| classify(&e))
+    }
+
     async fn connect(&self) -> Result<Conn, RedisOpError> {
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(CONNECT_TIMEOUT));
         let err = |e: redis::RedisError| classify(&e);
         match &self.target {
-            RedisTarget::Standalone(info) => {
-                let client = match self.certificates() {
-                    Some(certs) => {
-                        redis::Client::build_with_tls(info.clone(), certs).map_err(err)?
-                    }
-                    None => redis::Client::open(info.clone()).map_err(err)?,
-                };
-                Ok(Conn::Single(
-                    client
-                        .get_multiplexed_async_connection_with_config(&config)
-                        .await
-                        .map_err(err)?,
-                ))
-            }
+            RedisTarget::Standalone(info) => Ok(Conn::Single(
+                self.client(info.clone())?
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+                    .map_err(err)?,
+            )),
             RedisTarget::Sentinel {
                 sentinels,
                 master,
@@ -374,68 +385,121 @@ impl RedisLink {
         }
     }
 
-    /// The current connection, making one if needed (at most once per backoff period).
-    async fn connection(&self) -> Result<Conn, RedisOpError> {
-        let mut state = self.state.lock().await;
-        if let Some(conn) = &state.conn {
-            return Ok(conn.clone());
-        }
-        if let Some(retry_at) = state.retry_at
-            && Instant::now() < retry_at
-        {
-            return Err(state
-                .last_error
-                .clone()
-                .unwrap_or_else(|| RedisOpError::Unreachable("reconnecting".into())));
-        }
-        let result = match tokio::time::timeout(CONNECT_TIMEOUT * 2, self.connect()).await {
-            Ok(result) => result,
-            Err(_) => Err(RedisOpError::Timeout(CONNECT_TIMEOUT * 2)),
+    fn state(&self) -> std::sync::MutexGuard<'_, LinkState> {
+        // Every update is a plain assignment, so a poisoned lock still holds a sane state.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The current connection, or the outcome of the one attempt in flight (starting it if
+    /// there is none and the backoff since the last failure has passed; failing fast if not).
+    async fn connection(self: &Arc<Self>) -> Result<Conn, RedisOpError> {
+        let mut attempt = {
+            let mut state = self.state();
+            if let Some(conn) = &state.conn {
+                return Ok(conn.clone());
+            }
+            match &state.connecting {
+                Some(attempt) => attempt.clone(),
+                None => {
+                    if let Some(retry_at) = state.retry_at
+                        && Instant::now() < retry_at
+                    {
+                        return Err(state
+                            .last_error
+                            .clone()
+                            .unwrap_or_else(|| RedisOpError::Unreachable("reconnecting".into())));
+                    }
+                    let attempt = self.start_connecting();
+                    state.connecting = Some(attempt.clone());
+                    attempt
+                }
+            }
         };
-        match result {
-            Ok(conn) => {
-                state.conn = Some(conn.clone());
-                state.retry_at = None;
-                state.last_error = None;
-                Ok(conn)
-            }
-            Err(e) => {
-                state.retry_at = Some(Instant::now() + RECONNECT_BACKOFF);
-                state.last_error = Some(e.clone());
-                Err(e)
-            }
+        if let Ok(outcome) = attempt.wait_for(Option::is_some).await {
+            return outcome
+                .clone()
+                .unwrap_or_else(|| unreachable!("waited for Some"));
         }
+        // The attempt's task ended without a word (a panic): let the next caller start anew.
+        let mut state = self.state();
+        if (state.connecting.as_ref()).is_some_and(|a| a.same_channel(&attempt)) {
+            state.connecting = None;
+        }
+        Err(RedisOpError::Unreachable(
+            "the connection attempt was abandoned".into(),
+        ))
     }
 
-    async fn drop_connection(&self) {
-        let mut state = self.state.lock().await;
-        state.conn = None;
+    /// Runs one connection attempt in its own task, so a caller that gives up (its deadline)
+    /// never cancels the attempt the others are waiting on.
+    fn start_connecting(self: &Arc<Self>) -> Attempt {
+        let (done, attempt) = tokio::sync::watch::channel(None);
+        let link = self.clone();
+        tokio::spawn(async move {
+            let result = tokio::time::timeout(CONNECT_ATTEMPT_TIMEOUT, link.connect())
+                .await
+                .unwrap_or(Err(RedisOpError::Timeout(CONNECT_ATTEMPT_TIMEOUT)));
+            {
+                let mut state = link.state();
+                state.connecting = None;
+                match &result {
+                    Ok(conn) => {
+                        state.conn = Some(conn.clone());
+                        state.retry_at = None;
+                        state.last_error = None;
+                    }
+                    Err(e) => {
+                        state.retry_at = Some(Instant::now() + RECONNECT_BACKOFF);
+                        state.last_error = Some(e.clone());
+                    }
+                }
+            }
+            let _ = done.send(Some(result));
+        });
+        attempt
     }
 
-    /// Runs one command with a timeout.
+    /// The connection, waited for until `deadline` at most: a caller's budget covers the wait.
+    async fn connection_by(
+        self: &Arc<Self>,
+        deadline: tokio::time::Instant,
+        budget: Duration,
+    ) -> Result<Conn, RedisOpError> {
+        tokio::time::timeout_at(deadline, self.connection())
+            .await
+            .unwrap_or(Err(RedisOpError::Timeout(budget)))
+    }
+
+    fn drop_connection(&self) {
+        self.state().conn = None;
+    }
+
+    /// Runs one command; `timeout` covers everything, waiting for a connection included.
     pub async fn query<T: FromRedisValue>(
-        &self,
+        self: &Arc<Self>,
         cmd: &Cmd,
         timeout: Duration,
     ) -> Result<T, RedisOpError> {
-        let mut conn = self.connection().await?;
-        let outcome = tokio::time::timeout(timeout, cmd.query_async::<T>(&mut conn)).await;
-        self.settle(outcome, timeout).await
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut conn = self.connection_by(deadline, timeout).await?;
+        let outcome = tokio::time::timeout_at(deadline, cmd.query_async::<T>(&mut conn)).await;
+        self.settle(outcome, timeout)
     }
 
-    /// Runs a pipeline with a timeout. On Cluster all its keys must share a slot.
+    /// Runs a pipeline, like [`query`](Self::query). On Cluster all its keys must share a slot.
     pub async fn query_pipeline<T: FromRedisValue>(
-        &self,
+        self: &Arc<Self>,
         pipe: &Pipeline,
         timeout: Duration,
     ) -> Result<T, RedisOpError> {
-        let mut conn = self.connection().await?;
-        let outcome = tokio::time::timeout(timeout, pipe.query_async::<T>(&mut conn)).await;
-        self.settle(outcome, timeout).await
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut conn = self.connection_by(deadline, timeout).await?;
+        let outcome = tokio::time::timeout_at(deadline, pipe.query_async::<T>(&mut conn)).await;
+        self.settle(outcome, timeout)
     }
 
     /// Maps a command's outcome, dropping the connection when it is no longer usable.
-    async fn settle<T>(
+    fn settle<T>(
         &self,
         outcome: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
         timeout: Duration,
@@ -444,82 +508,95 @@ impl RedisLink {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => {
                 if needs_reconnect(&e) {
-                    self.drop_connection().await;
+                    self.drop_connection();
                 }
                 Err(classify(&e))
             }
             Err(_) => {
-                self.drop_connection().await;
+                self.drop_connection();
                 Err(RedisOpError::Timeout(timeout))
             }
         }
     }
 
     /// `PING`, returning the round-trip time.
-    pub async fn ping(&self, timeout: Duration) -> Result<Duration, RedisOpError> {
+    pub async fn ping(self: &Arc<Self>, timeout: Duration) -> Result<Duration, RedisOpError> {
         let started = Instant::now();
         let _: String = self.query(&redis::cmd("PING"), timeout).await?;
         Ok(started.elapsed())
     }
 
-    /// Every key matching `pattern` (all masters of a cluster), via `SCAN`.
+    /// Keys matching `pattern` (on every master of a cluster), via `SCAN`; stops as soon as
+    /// `limit` have been found. `timeout` applies to each step.
     pub async fn scan(
-        &self,
+        self: &Arc<Self>,
         pattern: &str,
+        limit: usize,
         timeout: Duration,
     ) -> Result<Vec<String>, RedisOpError> {
-        match &self.target {
-            RedisTarget::Cluster { password, .. } => {
-                let nodes: String = self
-                    .query(redis::cmd("CLUSTER").arg("NODES"), timeout)
-                    .await?;
-                let mut keys = Vec::new();
-                for line in nodes.lines() {
-                    let fields: Vec<&str> = line.split_whitespace().collect();
-                    if fields.len() < 3
-                        || !fields[2].split(',').any(|f| f == "master")
-                        || fields[2].contains("fail")
-                    {
-                        continue;
-                    }
-                    let addr = fields[1].split('@').next().unwrap_or("");
-                    let mut info = format!("redis://{addr}")
-                        .into_connection_info()
-                        .map_err(|e| RedisOpError::Other(e.to_string()))?;
-                    if let Some(password) = password {
-                        let settings = info.redis_settings().clone().set_password(password);
-                        info = info.set_redis_settings(settings);
-                    }
-                    let client = redis::Client::open(info).map_err(|e| classify(&e))?;
-                    let config = redis::AsyncConnectionConfig::new()
-                        .set_connection_timeout(Some(CONNECT_TIMEOUT))
-                        .set_response_timeout(Some(timeout));
-                    let mut conn = Conn::Single(
-                        client
-                            .get_multiplexed_async_connection_with_config(&config)
-                            .await
-                            .map_err(|e| classify(&e))?,
-                    );
-                    keys.extend(scan_one(&mut conn, pattern, timeout).await?);
-                }
-                Ok(keys)
+        let RedisTarget::Cluster { nodes, password } = &self.target else {
+            let deadline = tokio::time::Instant::now() + timeout;
+            let mut conn = self.connection_by(deadline, timeout).await?;
+            return scan_one(&mut conn, pattern, limit, timeout).await;
+        };
+        // SCAN is per node: ask every master, connecting to each the way the cluster is reached.
+        let scheme = if nodes.iter().any(|n| n.starts_with("rediss://")) {
+            "rediss"
+        } else {
+            "redis"
+        };
+        let listing: String = self
+            .query(redis::cmd("CLUSTER").arg("NODES"), timeout)
+            .await?;
+        let mut keys = Vec::new();
+        for line in listing.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 3 || !fields[2].split(',').any(|f| f == "master") {
+                continue;
             }
-            _ => {
-                let mut conn = self.connection().await?;
-                scan_one(&mut conn, pattern, timeout).await
+            let addr = fields[1].split('@').next().unwrap_or("");
+            if fields[2].contains("fail") {
+                // Its keys cannot be listed: an answer without them would be wrong.
+                return Err(RedisOpError::Unreachable(format!(
+                    "cluster master {addr} is failing ({})",
+                    fields[2]
+                )));
+            }
+            let mut info = format!("{scheme}://{addr}")
+                .into_connection_info()
+                .map_err(|e| RedisOpError::Other(e.to_string()))?;
+            if let Some(password) = password {
+                let settings = info.redis_settings().clone().set_password(password);
+                info = info.set_redis_settings(settings);
+            }
+            let config = redis::AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                .set_response_timeout(Some(timeout));
+            let mut conn = Conn::Single(
+                self.client(info)?
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+                    .map_err(|e| classify(&e))?,
+            );
+            keys.extend(scan_one(&mut conn, pattern, limit - keys.len(), timeout).await?);
+            if keys.len() >= limit {
+                break;
             }
         }
+        Ok(keys)
     }
 
     /// Opens a connection now, to report a bad URL or password at startup.
-    pub async fn check(&self) -> Result<Duration, RedisOpError> {
-        self.ping(CONNECT_TIMEOUT * 2).await
+    pub async fn check(self: &Arc<Self>) -> Result<Duration, RedisOpError> {
+        self.ping(CONNECT_ATTEMPT_TIMEOUT).await
     }
 }
 
+/// Up to `limit` keys matching `pattern` on one server.
 async fn scan_one(
     conn: &mut Conn,
     pattern: &str,
+    limit: usize,
     timeout: Duration,
 ) -> Result<Vec<String>, RedisOpError> {
     let mut keys = Vec::new();
@@ -538,6 +615,10 @@ async fn scan_one(
                 Err(_) => return Err(RedisOpError::Timeout(timeout)),
             };
         keys.extend(batch);
+        if keys.len() >= limit {
+            keys.truncate(limit);
+            return Ok(keys);
+        }
         if next == 0 {
             return Ok(keys);
         }
@@ -548,6 +629,45 @@ async fn scan_one(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Operations against a Redis that accepts connections and never answers, in waves over
+    /// several connection attempts: each returns within its own deadline, none queues
+    /// behind another's connection attempt.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_operation_waits_past_its_deadline_for_a_connection() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let target = parse_target(&format!("redis://{addr}"), None, None).unwrap();
+        let link = RedisLink::new(target, "redis://blackhole", None);
+        let deadline = Duration::from_millis(150);
+        let mut ops = Vec::new();
+        for _wave in 0..12 {
+            for _ in 0..10 {
+                let link = link.clone();
+                ops.push(tokio::spawn(async move {
+                    let started = Instant::now();
+                    let result = link.ping(deadline).await;
+                    (started.elapsed(), result)
+                }));
+            }
+            // Pacing, not waiting: the waves span more than one attempt and its backoff.
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        for op in ops {
+            let (took, result) = op.await.unwrap();
+            assert!(result.is_err(), "a black hole never answers");
+            assert!(
+                took < deadline + Duration::from_millis(150),
+                "took {took:?}"
+            );
+        }
+    }
 
     #[test]
     fn masks_passwords() {

@@ -21,3 +21,4 @@ mod redis_harness;
 mod redis_support;
 mod robustness;
 mod shutdown;
+mod store_review;

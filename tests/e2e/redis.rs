@@ -281,13 +281,18 @@ async fn poisoned_keys_are_treated_as_missing_and_logged() {
     let host = Host::start_with(&sandbox, redis_host(&sandbox, &redis.url())).await;
     let mut client = redis.client().await;
 
-    // A string where a key's record hash belongs: the key still gets a name.
+    // A string where a key's record hash belongs: the key is refused, the string kept.
     let carol = sandbox.key("carol");
     let record_key = format!("p0rt:domain:{}", carol.key_hash());
     let _: () = client.set(&record_key, "not a hash").await.unwrap();
-    let name = host.info(&sandbox, &carol).await.name;
-    let record: HashMap<String, String> = client.hgetall(&record_key).await.unwrap();
-    assert_eq!(record.get("domain"), Some(&name));
+    let out = host.ssh(&sandbox, &carol).command("info").output().await;
+    assert!(
+        !out.status.success() && out.stdout.contains(&record_key),
+        "{}",
+        out.stdout
+    );
+    let kept: String = client.get(&record_key).await.unwrap();
+    assert_eq!(kept, "not a hash");
     assert!(
         host.log().contains(&record_key),
         "poisoned key not logged:\n{}",

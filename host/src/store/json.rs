@@ -51,7 +51,7 @@ pub struct JsonStore {
 }
 
 /// A timestamp as found on disk: P0rt writes RFC 3339 strings; unix seconds are accepted too.
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(untagged)]
 enum RawTime {
     Unix(i64),
@@ -73,25 +73,52 @@ struct RawRecord {
 struct DiskRecord<'a> {
     domain: &'a str,
     ssh_key_hash: &'a str,
-    first_seen: String,
-    last_seen: String,
+    first_seen: RawTime,
+    last_seen: RawTime,
     use_count: u64,
 }
 
+/// A time as an RFC 3339 string, if it has one (years 0000 to 9999).
+fn format_time(secs: i64) -> Option<String> {
+    OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+}
+
+/// Unix seconds outside RFC 3339's years 0000–9999 are refused, not kept: no clock p0rt or
+/// P0rt ran on wrote them, so the record is damaged, and refusing means every time this store
+/// writes is in P0rt's RFC 3339 shape, unchanged (before, they were rewritten to 1970).
 fn parse_time(raw: RawTime, what: &str, key: &str) -> Result<i64, String> {
     match raw {
-        RawTime::Unix(secs) => Ok(secs),
+        RawTime::Unix(secs) => match format_time(secs) {
+            Some(_) => Ok(secs),
+            None => Err(format!(
+                "record {key}: {what} {secs} lies outside the years 0000 to 9999"
+            )),
+        },
         RawTime::Text(text) => OffsetDateTime::parse(&text, &Rfc3339)
             .map(|t| t.unix_timestamp())
             .map_err(|e| format!("record {key}: {what} {text:?} is not an RFC 3339 time ({e})")),
     }
 }
 
-fn format_time(secs: i64) -> String {
-    OffsetDateTime::from_unix_timestamp(secs)
-        .ok()
-        .and_then(|t| t.format(&Rfc3339).ok())
-        .unwrap_or_else(|| "1970-01-01T00:00:00Z".to_string())
+/// The time to write: RFC 3339, or the unix seconds as they are (only a clock outside the
+/// years 0000–9999 gets there): never silently another time.
+fn disk_time(secs: i64) -> RawTime {
+    format_time(secs).map_or(RawTime::Unix(secs), RawTime::Text)
+}
+
+/// The reason `record` cannot be held in `domains.json`, if any (read or imported alike).
+fn check_record(key: &str, record: RawRecord) -> Result<DomainRecord, String> {
+    crate::names::check_dns_label(&record.domain)
+        .map_err(|e| format!("record {key}: domain is not a DNS label ({e})"))?;
+    Ok(DomainRecord {
+        first_seen: parse_time(record.first_seen, "first_seen", key)?,
+        last_seen: parse_time(record.last_seen, "last_seen", key)?,
+        domain: record.domain,
+        ssh_key_hash: key.to_string(),
+        use_count: record.use_count,
+    })
 }
 
 /// Reads the records of a `domains.json` without opening it as a store (no lock, no writes).
@@ -153,28 +180,15 @@ fn parse_domains(text: &str) -> Result<Indexes, String> {
                 "record {key} carries a different ssh_key_hash {inner}"
             ));
         }
-        if record.domain.is_empty() {
-            return Err(format!("record {key} has an empty domain"));
-        }
+        let record = check_record(&key, record)?;
         if let Some(other) = indexes.by_domain.get(&record.domain) {
             return Err(format!(
                 "domain {} is bound to two keys ({other} and {key})",
                 record.domain
             ));
         }
-        let first_seen = parse_time(record.first_seen, "first_seen", &key)?;
-        let last_seen = parse_time(record.last_seen, "last_seen", &key)?;
         indexes.by_domain.insert(record.domain.clone(), key.clone());
-        indexes.by_key.insert(
-            key.clone(),
-            DomainRecord {
-                domain: record.domain,
-                ssh_key_hash: key,
-                first_seen,
-                last_seen,
-                use_count: record.use_count,
-            },
-        );
+        indexes.by_key.insert(key, record);
     }
     Ok(indexes)
 }
@@ -189,8 +203,8 @@ fn serialize_domains(indexes: &Indexes) -> Vec<u8> {
                 DiskRecord {
                     domain: &r.domain,
                     ssh_key_hash: &r.ssh_key_hash,
-                    first_seen: format_time(r.first_seen),
-                    last_seen: format_time(r.last_seen),
+                    first_seen: disk_time(r.first_seen),
+                    last_seen: disk_time(r.last_seen),
                     use_count: r.use_count,
                 },
             )
@@ -288,12 +302,18 @@ impl JsonStore {
     }
 
     async fn persist(&self) -> Result<(), StoreError> {
-        self.persist_through(u64::MAX).await
+        self.persist_through(u64::MAX, |_| {}).await
     }
 
     /// Makes sure change number `change` is on disk. Group commit: whoever holds the writer
     /// writes everything changed so far, so claims queued behind it return without a write.
-    async fn persist_through(&self, change: u64) -> Result<(), StoreError> {
+    /// If the write fails, `undo` runs before the writer is released, so no later write can
+    /// put on disk what the failed one was for.
+    async fn persist_through(
+        &self,
+        change: u64,
+        undo: impl FnOnce(&mut Indexes),
+    ) -> Result<(), StoreError> {
         let _writing = self.writer.lock().await;
         if change != u64::MAX && self.written.load(Ordering::Acquire) >= change {
             return Ok(());
@@ -316,6 +336,7 @@ impl JsonStore {
                 Ok(())
             }
             Err(source) => {
+                undo(&mut self.lock());
                 self.dirty.store(true, Ordering::Release);
                 Err(StoreError::Io {
                     path: self.path.clone(),
@@ -354,13 +375,12 @@ impl DomainStore for JsonStore {
             (record, change)
         };
         let (record, change) = record;
-        if let Err(e) = self.persist_through(change).await {
-            // Not durable, so not granted: undo, so memory and disk agree.
-            let mut idx = self.lock();
+        // Not durable, so not granted: undone, so memory and disk agree.
+        self.persist_through(change, |idx| {
             idx.by_key.remove(ssh_key_hash);
             idx.by_domain.remove(domain);
-            return Err(e);
-        }
+        })
+        .await?;
         Ok(Claim::Claimed(record))
     }
 
@@ -402,6 +422,16 @@ impl DomainStore for JsonStore {
     }
 
     async fn import(&self, record: &DomainRecord) -> Result<Import, StoreError> {
+        let raw = RawRecord {
+            domain: record.domain.clone(),
+            ssh_key_hash: None,
+            first_seen: RawTime::Unix(record.first_seen),
+            last_seen: RawTime::Unix(record.last_seen),
+            use_count: record.use_count,
+        };
+        if let Err(why) = check_record(&record.ssh_key_hash, raw) {
+            return Ok(Import::Conflict(why));
+        }
         {
             let mut idx = self.lock();
             if let Some(existing) = idx.by_key.get(&record.ssh_key_hash) {
@@ -515,6 +545,133 @@ mod tests {
             assert!(matches!(err, StoreError::Corrupt { .. }), "{bad}: {err}");
             assert_eq!(std::fs::read_to_string(&path).unwrap(), bad);
         }
+    }
+
+    #[tokio::test]
+    async fn records_that_are_not_names_or_times_are_refused_at_load() {
+        for (domain, time, needle) in [
+            ("", "1", "domain is not a DNS label"),
+            ("a.b", "1", "domain is not a DNS label"),
+            ("Evil Name/../x", "1", "domain is not a DNS label"),
+            ("ünï-cödé", "1", "domain is not a DNS label"),
+            (
+                "fine-name",
+                "-99999999999",
+                "outside the years 0000 to 9999",
+            ),
+            (
+                "fine-name",
+                "1000000000000000",
+                "outside the years 0000 to 9999",
+            ),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join(DOMAINS_FILE_NAME);
+            let text = format!(
+                r#"{{"k":{{"domain":{domain:?},"first_seen":1,"last_seen":{time},"use_count":1}}}}"#
+            );
+            std::fs::write(&path, &text).unwrap();
+            let err = JsonStore::open(dir.path()).err().expect(&text).to_string();
+            assert!(
+                err.contains("record k: ") && err.contains(needle),
+                "{text}: {err}"
+            );
+            assert_eq!(
+                std::fs::read_to_string(&path).unwrap(),
+                text,
+                "left untouched"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn records_that_cannot_be_written_back_are_not_imported() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = JsonStore::open(dir.path()).unwrap();
+        for record in [
+            DomainRecord::claimed("k1", "a.b", 1),
+            DomainRecord::claimed("k2", "fine-name", 1_000_000_000_000_000),
+        ] {
+            assert!(
+                matches!(store.import(&record).await.unwrap(), Import::Conflict(_)),
+                "{record:?}"
+            );
+        }
+        assert!(store.is_empty());
+    }
+
+    /// A claim whose write fails is undone before the writer is released, so a write queued
+    /// behind it can never put the refused record on disk.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_failed_claim_is_undone_before_the_next_write_starts() {
+        use std::io::Read;
+        let dir = tempfile::tempdir().unwrap();
+        let store = JsonStore::open(dir.path()).unwrap();
+        // Enough records that a write outgrows a pipe's buffer and waits for its reader.
+        for i in 0..2000 {
+            let record = DomainRecord::claimed(&format!("key{i}"), &format!("name{i}"), 1);
+            store.import(&record).await.unwrap();
+        }
+        // A FIFO where the temp file goes: a write blocks until the test reads it, then
+        // fails (fsync of a FIFO is EINVAL).
+        let fifo = store.path.with_extension("json.tmp");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.unwrap().success(), "mkfifo");
+
+        let refused = tokio::spawn({
+            let store = store.clone();
+            async move { store.claim("refused", "refused-name", 1).await }
+        });
+        let started = std::time::Instant::now();
+        while store.writer.try_lock().is_ok() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "claim never wrote"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The next writer says, the moment it holds the writer, whether the record is gone.
+        let (report, reports) = std::sync::mpsc::channel();
+        // A thread of its own, so its wake-up cannot wait behind the claim's task.
+        let next = std::thread::spawn({
+            let store = store.clone();
+            move || {
+                let _writing = store.writer.blocking_lock();
+                let seen = match store.indexes.try_lock() {
+                    Ok(idx) => Ok(idx.by_key.contains_key("refused")),
+                    Err(_) => Err("got the writer before the failed claim was undone"),
+                };
+                report.send(seen).unwrap();
+            }
+        });
+        let seen = tokio::task::spawn_blocking({
+            let store = store.clone();
+            move || {
+                let mut pipe = File::open(&fifo).unwrap();
+                // Held while the write fails, so the claim cannot undo before we let go.
+                let held = store.lock();
+                let mut attempted = String::new();
+                pipe.read_to_string(&mut attempted).unwrap();
+                assert!(
+                    attempted.contains("refused-name"),
+                    "the write was for the claim"
+                );
+                // A writer released before the undo shows itself now; a correct store keeps
+                // the next writer waiting, which this bounded wait cannot tell from slowness.
+                let early = reports.recv_timeout(Duration::from_millis(500));
+                drop(held);
+                early.or_else(|_| reports.recv()).unwrap()
+            }
+        })
+        .await
+        .unwrap();
+        assert!(matches!(refused.await.unwrap(), Err(StoreError::Io { .. })));
+        next.join().unwrap();
+        assert_eq!(
+            seen,
+            Ok(false),
+            "the next write would have stored the refused record"
+        );
     }
 
     #[tokio::test]

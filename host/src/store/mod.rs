@@ -55,7 +55,8 @@ pub enum Import {
     Imported,
     /// The same binding was already there.
     AlreadyPresent,
-    /// The key or the name is bound differently here; nothing was changed.
+    /// The key or the name is bound differently here, or the record cannot be stored here
+    /// as it is; nothing was changed.
     Conflict(String),
 }
 
@@ -99,8 +100,13 @@ pub enum StoreError {
          stop that process or choose another --data-dir"
     )]
     Locked { dir: PathBuf, lock: PathBuf },
-    #[error("domain store unavailable: {0}")]
+    #[error("domain store unavailable: {0}; try again shortly")]
     Unavailable(String),
+    #[error(
+        "redis key {key} {problem}. p0rt never overwrites or deletes data it did not write, so \
+         this key gets no name until an operator repairs or deletes that redis key"
+    )]
+    BadRecord { key: String, problem: String },
 }
 
 /// A backend for domain records. Implementations keep both lookups O(1) and make

@@ -75,7 +75,12 @@ pub async fn open_store(
             );
             // The seed promises domain data is preserved when switching from JSON to Redis.
             let file = config.data_dir.join(DOMAINS_FILE_NAME);
-            if file.exists() && matches!(store.is_empty().await, Ok(true)) {
+            let empty = file.exists()
+                && store.is_empty().await.unwrap_or_else(|e| {
+                    tracing::warn!("not importing {}: {e}", file.display());
+                    false
+                });
+            if empty {
                 match migrate::json_file_into(&config.data_dir, store.as_ref()).await {
                     Ok(report) => tracing::info!(
                         "redis had no domains; imported {}: {report}",
@@ -93,4 +98,3 @@ pub async fn open_store(
         }
     }
 }
-

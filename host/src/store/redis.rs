@@ -6,11 +6,17 @@
 //!
 //! A claim is atomic without multi-key transactions (so it works on Cluster, where the two
 //! keys live in different slots): `SET NX` on the reverse key decides who owns a name, and
-//! `HSETNX domain` on the record decides which name a key owns; the loser of a race on the
-//! same key releases its reverse key with a compare-and-delete.
+//! a script that writes the record only if its key does not exist yet decides which name a
+//! key owns; the loser of a race on the same key releases its reverse key with a
+//! compare-and-delete. A record is written whole by one command, so none is ever half-written.
 //!
-//! Every record read is kept in a local copy, so while Redis is away, keys seen before still
-//! get their names; a brand-new key is refused rather than risk a duplicate name.
+//! p0rt never overwrites or deletes data it did not write. A record key that is not a valid
+//! record (not a hash, a field missing or not a number, a `domain` that is not a DNS label,
+//! another key's hash or name) refuses its key with [`StoreError::BadRecord`], naming the
+//! key; a reverse key holding anything else makes its name unavailable.
+//!
+//! Records read for a key are kept in a bounded local copy, so while Redis is away, keys seen
+//! before still get their names; a brand-new key is refused rather than risk a duplicate name.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -19,16 +25,19 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use super::{Claim, DAY_SECS, DomainRecord, DomainStats, DomainStore, Import, StoreError};
+use crate::names::check_dns_label;
 use crate::redis_link::{RedisLink, RedisOpError};
 
 /// Timeout for one store operation.
 pub const STORE_OP_TIMEOUT: Duration = Duration::from_millis(1000);
-/// Timeout for a full keyspace scan (stats, export).
+/// Timeout for one step of a keyspace scan (stats, export).
 pub const SCAN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long `/domain-stats` figures are reused before scanning again.
 pub const STATS_CACHE_TTL: Duration = Duration::from_secs(10);
 /// Record TTL when none is configured (P0rt used 365 days).
 pub const DEFAULT_RECORD_TTL_DAYS: u64 = 365;
+/// Most records (a few hundred bytes each) the local copy keeps; the least used go first.
+pub const LOCAL_COPY_MAX_RECORDS: u64 = 100_000;
 
 /// Deletes KEYS[1] only if it still holds ARGV[1] (one key: safe on Cluster).
 const COMPARE_AND_DELETE: &str = r"
@@ -38,22 +47,57 @@ end
 return 0
 ";
 
+/// Takes the name (reverse key KEYS[1]) for key ARGV[1] if it is free, refreshes its TTL
+/// (ARGV[2]) if that key holds it; returns the holder (one key: safe on Cluster).
+const HOLD_NAME: &str = r"
+local owner = redis.call('GET', KEYS[1])
+if not owner then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  return ARGV[1]
+end
+if owner == ARGV[1] then
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+end
+return owner
+";
+
+/// Writes the whole record hash KEYS[1] with its TTL, only if that key does not exist:
+/// 1 if written, 0 if something (a record or foreign data) is there (one key: Cluster-safe).
+const CREATE_RECORD: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'domain', ARGV[1], 'ssh_key_hash', ARGV[2],
+  'first_seen', ARGV[3], 'last_seen', ARGV[4], 'use_count', ARGV[5])
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+return 1
+";
+
 pub struct RedisStore {
     link: Arc<RedisLink>,
     prefix: String,
     ttl_secs: u64,
-    local: Mutex<LocalCopy>,
+    local: LocalCopy,
     stats_cache: Mutex<Option<(Instant, DomainStats)>>,
 }
 
-#[derive(Default)]
+/// The last known record of keys that connected, both ways, for when Redis is away.
 struct LocalCopy {
-    by_key: HashMap<String, DomainRecord>,
-    by_domain: HashMap<String, String>,
+    by_key: moka::sync::Cache<String, DomainRecord>,
+    by_domain: moka::sync::Cache<String, String>,
+}
+
+impl Default for LocalCopy {
+    fn default() -> Self {
+        LocalCopy {
+            by_key: moka::sync::Cache::new(LOCAL_COPY_MAX_RECORDS),
+            by_domain: moka::sync::Cache::new(LOCAL_COPY_MAX_RECORDS),
+        }
+    }
 }
 
 impl LocalCopy {
-    fn remember(&mut self, record: &DomainRecord) {
+    fn remember(&self, record: &DomainRecord) {
         self.by_domain
             .insert(record.domain.clone(), record.ssh_key_hash.clone());
         self.by_key
@@ -65,22 +109,37 @@ fn unavailable(e: RedisOpError) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
-/// Parses a record hash; `None` (logged) if any field is missing or malformed.
-fn parse_record(key: &str, hash: &str, fields: &HashMap<String, String>) -> Option<DomainRecord> {
-    let get = |name: &str| fields.get(name).map(String::as_str);
-    let parsed = (|| {
-        Some(DomainRecord {
-            domain: get("domain").filter(|d| !d.is_empty())?.to_string(),
-            ssh_key_hash: get("ssh_key_hash").unwrap_or(hash).to_string(),
-            first_seen: get("first_seen")?.parse().ok()?,
-            last_seen: get("last_seen")?.parse().ok()?,
-            use_count: get("use_count").unwrap_or("0").parse().ok()?,
-        })
-    })();
-    if parsed.is_none() {
-        tracing::warn!("redis key {key} holds a malformed domain record; treating it as missing");
+/// A field of a record hash as a number; `default` if it is missing.
+fn number<T: std::str::FromStr>(
+    fields: &HashMap<String, String>,
+    name: &str,
+    default: Option<T>,
+) -> Result<T, String> {
+    match (fields.get(name), default) {
+        (Some(text), _) => text
+            .parse()
+            .map_err(|_| format!("has {name} {text:?}, which is not a whole number")),
+        (None, Some(default)) => Ok(default),
+        (None, None) => Err(format!("has no {name} field")),
     }
-    parsed
+}
+
+/// Parses the record hash of key `hash`, or says what is wrong with it.
+fn parse_record(hash: &str, fields: &HashMap<String, String>) -> Result<DomainRecord, String> {
+    let domain = fields.get("domain").ok_or("has no domain field")?;
+    check_dns_label(domain).map_err(|e| format!("has a domain that is not a DNS label ({e})"))?;
+    if let Some(owner) = fields.get("ssh_key_hash")
+        && owner != hash
+    {
+        return Err(format!("has ssh_key_hash {owner}, another key's"));
+    }
+    Ok(DomainRecord {
+        domain: domain.clone(),
+        ssh_key_hash: hash.to_string(),
+        first_seen: number(fields, "first_seen", None)?,
+        last_seen: number(fields, "last_seen", None)?,
+        use_count: number(fields, "use_count", Some(0))?,
+    })
 }
 
 impl RedisStore {
@@ -89,7 +148,7 @@ impl RedisStore {
             link,
             prefix: prefix.to_string(),
             ttl_secs: ttl_days.max(1).saturating_mul(DAY_SECS as u64),
-            local: Mutex::new(LocalCopy::default()),
+            local: LocalCopy::default(),
             stats_cache: Mutex::new(None),
         })
     }
@@ -102,12 +161,18 @@ impl RedisStore {
         format!("{}domain:reverse:{domain}", self.prefix)
     }
 
-    fn local(&self) -> std::sync::MutexGuard<'_, LocalCopy> {
-        self.local.lock().unwrap_or_else(|p| p.into_inner())
+    /// The refusal of a key whose record is not p0rt's, logged for the operator.
+    fn bad_record(&self, key: &str, problem: String) -> StoreError {
+        let error = StoreError::BadRecord {
+            key: key.to_string(),
+            problem,
+        };
+        tracing::warn!("malformed domain record: {error}");
+        error
     }
 
-    /// Reads a record from Redis: `Ok(None)` if missing or poisoned.
-    async fn fetch(&self, ssh_key_hash: &str) -> Result<Option<DomainRecord>, RedisOpError> {
+    /// Reads a key's record from Redis without keeping it (a scan must not fill the copy).
+    async fn read(&self, ssh_key_hash: &str) -> Result<Option<DomainRecord>, StoreError> {
         let key = self.record_key(ssh_key_hash);
         let fields: HashMap<String, String> = match self
             .link
@@ -115,90 +180,67 @@ impl RedisStore {
             .await
         {
             Ok(fields) => fields,
-            Err(RedisOpError::WrongType { detail, .. }) => {
-                tracing::warn!(
-                    "redis key {key} has the wrong type ({detail}); treating it as missing"
-                );
-                return Ok(None);
+            Err(RedisOpError::WrongType { .. }) => {
+                let kind: String = (self.link)
+                    .query(redis::cmd("TYPE").arg(&key), STORE_OP_TIMEOUT)
+                    .await
+                    .unwrap_or_else(|_| "value of another type".into());
+                return Err(self.bad_record(&key, format!("holds a {kind}, not a record hash")));
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(unavailable(e)),
         };
         if fields.is_empty() {
             return Ok(None);
         }
-        let record = parse_record(&key, ssh_key_hash, &fields);
+        parse_record(ssh_key_hash, &fields)
+            .map(Some)
+            .map_err(|problem| self.bad_record(&key, problem))
+    }
+
+    /// Reads a key's record and keeps it in the local copy.
+    async fn fetch(&self, ssh_key_hash: &str) -> Result<Option<DomainRecord>, StoreError> {
+        let record = self.read(ssh_key_hash).await?;
         if let Some(record) = &record {
-            self.local().remember(record);
+            self.local.remember(record);
         }
         Ok(record)
     }
 
-    /// Writes a full record and its reverse key with the store's TTL.
-    async fn write_record(&self, record: &DomainRecord) -> Result<(), RedisOpError> {
-        let key = self.record_key(&record.ssh_key_hash);
-        let mut pipe = redis::pipe();
-        pipe.cmd("HSET")
-            .arg(&key)
-            .arg("domain")
+    /// Writes a whole new record with the store's TTL, unless its key exists (false then).
+    async fn create_record(&self, record: &DomainRecord) -> Result<bool, StoreError> {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(CREATE_RECORD)
+            .arg(1)
+            .arg(self.record_key(&record.ssh_key_hash))
             .arg(&record.domain)
-            .arg("ssh_key_hash")
             .arg(&record.ssh_key_hash)
-            .arg("first_seen")
             .arg(record.first_seen)
-            .arg("last_seen")
             .arg(record.last_seen)
-            .arg("use_count")
             .arg(record.use_count)
-            .ignore()
-            .cmd("EXPIRE")
-            .arg(&key)
-            .arg(self.ttl_secs)
-            .ignore();
-        // One key per pipeline: on Cluster the record and its reverse key live in different slots.
-        self.link
-            .query_pipeline::<()>(&pipe, STORE_OP_TIMEOUT)
-            .await?;
-        self.refresh_reverse_ttl(&record.domain).await
-    }
-
-    async fn refresh_reverse_ttl(&self, domain: &str) -> Result<(), RedisOpError> {
-        let mut cmd = redis::cmd("EXPIRE");
-        cmd.arg(self.reverse_key(domain)).arg(self.ttl_secs);
-        self.link
-            .query::<i64>(&cmd, STORE_OP_TIMEOUT)
-            .await
-            .map(|_| ())
-    }
-
-    /// Takes `domain`'s reverse key for the key (`SET NX`). True if the key holds it now,
-    /// also when an earlier, interrupted claim of the same key left it behind.
-    async fn reserve_name(&self, domain: &str, ssh_key_hash: &str) -> Result<bool, StoreError> {
-        let reverse = self.reverse_key(domain);
-        let won: Option<String> = self
+            .arg(self.ttl_secs);
+        let written: i64 = self
             .link
-            .query(
-                redis::cmd("SET")
-                    .arg(&reverse)
-                    .arg(ssh_key_hash)
-                    .arg("NX")
-                    .arg("EX")
-                    .arg(self.ttl_secs),
-                STORE_OP_TIMEOUT,
-            )
+            .query(&cmd, STORE_OP_TIMEOUT)
             .await
             .map_err(unavailable)?;
-        if won.is_some() {
-            return Ok(true);
-        }
-        match self
-            .link
-            .query::<Option<String>>(redis::cmd("GET").arg(&reverse), STORE_OP_TIMEOUT)
-            .await
-        {
-            Ok(owner) => Ok(owner.as_deref() == Some(ssh_key_hash)),
+        Ok(written == 1)
+    }
+
+    /// Holds `domain`'s reverse key for the key: takes it if free, refreshes its TTL if the
+    /// key holds it already (also after an interrupted claim). True if the key holds it now.
+    async fn reserve_name(&self, domain: &str, ssh_key_hash: &str) -> Result<bool, StoreError> {
+        let reverse = self.reverse_key(domain);
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(HOLD_NAME)
+            .arg(1)
+            .arg(&reverse)
+            .arg(ssh_key_hash)
+            .arg(self.ttl_secs);
+        match self.link.query::<String>(&cmd, STORE_OP_TIMEOUT).await {
+            Ok(owner) => Ok(owner == ssh_key_hash),
             Err(RedisOpError::WrongType { .. }) => {
                 tracing::warn!(
-                    "redis key {reverse} has the wrong type; the name stays unavailable"
+                    "redis key {reverse} is not a string; the name {domain} stays unavailable"
                 );
                 Ok(false)
             }
@@ -220,38 +262,31 @@ impl RedisStore {
         }
     }
 
-    /// Every record (for stats and export).
-    pub async fn scan_records(&self) -> Result<Vec<DomainRecord>, StoreError> {
-        let pattern = format!("{}domain:*", self.prefix);
-        let reverse_prefix = format!("{}domain:reverse:", self.prefix);
+    /// The key hashes that have a record key.
+    async fn record_hashes(&self) -> Result<Vec<String>, StoreError> {
         let record_prefix = format!("{}domain:", self.prefix);
+        let reverse_prefix = format!("{}domain:reverse:", self.prefix);
         let keys = self
             .link
-            .scan(&pattern, SCAN_TIMEOUT)
+            .scan(&format!("{record_prefix}*"), usize::MAX, SCAN_TIMEOUT)
             .await
             .map_err(unavailable)?;
-        let mut records = Vec::new();
-        for key in keys {
-            if key.starts_with(&reverse_prefix) {
-                continue;
-            }
-            let hash = key.strip_prefix(&record_prefix).unwrap_or(&key).to_string();
-            if let Some(record) = self.fetch(&hash).await.map_err(unavailable)? {
-                records.push(record);
-            }
-        }
-        Ok(records)
+        Ok(keys
+            .into_iter()
+            .filter(|key| !key.starts_with(&reverse_prefix))
+            .filter_map(|key| key.strip_prefix(&record_prefix).map(str::to_string))
+            .collect())
     }
 
-    /// True if no domain keys exist under the prefix.
+    /// True if no domain keys exist under the prefix: stops at the first one found.
     pub async fn is_empty(&self) -> Result<bool, StoreError> {
         let pattern = format!("{}domain:*", self.prefix);
-        let keys = self
+        let found = self
             .link
-            .scan(&pattern, SCAN_TIMEOUT)
+            .scan(&pattern, 1, SCAN_TIMEOUT)
             .await
             .map_err(unavailable)?;
-        Ok(keys.is_empty())
+        Ok(found.is_empty())
     }
 }
 
@@ -259,11 +294,11 @@ impl RedisStore {
 impl DomainStore for RedisStore {
     async fn record_for_key(&self, ssh_key_hash: &str) -> Result<Option<DomainRecord>, StoreError> {
         match self.fetch(ssh_key_hash).await {
-            Ok(record) => Ok(record),
-            Err(e) => match self.local().by_key.get(ssh_key_hash) {
-                Some(record) => Ok(Some(record.clone())),
-                None => Err(unavailable(e)),
+            Err(StoreError::Unavailable(e)) => match self.local.by_key.get(ssh_key_hash) {
+                Some(record) => Ok(Some(record)),
+                None => Err(StoreError::Unavailable(e)),
             },
+            other => other,
         }
     }
 
@@ -276,84 +311,38 @@ impl DomainStore for RedisStore {
         {
             Ok(owner) => Ok(owner),
             Err(RedisOpError::WrongType { detail, .. }) => {
-                tracing::warn!(
-                    "redis key {key} has the wrong type ({detail}); treating it as missing"
-                );
+                tracing::warn!("redis key {key} is not a string ({detail}); nobody owns {domain}");
                 Ok(None)
             }
-            Err(e) => match self.local().by_domain.get(domain) {
-                Some(owner) => Ok(Some(owner.clone())),
+            Err(e) => match self.local.by_domain.get(domain) {
+                Some(owner) => Ok(Some(owner)),
                 None => Err(unavailable(e)),
             },
         }
     }
 
     async fn claim(&self, ssh_key_hash: &str, domain: &str, now: i64) -> Result<Claim, StoreError> {
-        if let Some(existing) = self.fetch(ssh_key_hash).await.map_err(unavailable)? {
+        if let Some(existing) = self.fetch(ssh_key_hash).await? {
             return Ok(Claim::AlreadyOwned(existing));
         }
         if !self.reserve_name(domain, ssh_key_hash).await? {
             return Ok(Claim::Taken);
         }
-        let record_key = self.record_key(ssh_key_hash);
-        let mut first: Result<i64, RedisOpError> = self
-            .link
-            .query(
-                redis::cmd("HSETNX")
-                    .arg(&record_key)
-                    .arg("domain")
-                    .arg(domain),
-                STORE_OP_TIMEOUT,
-            )
-            .await;
-        if let Err(RedisOpError::WrongType { detail, .. }) = &first {
-            // The record key is p0rt's by layout and unreadable as a record: treat it as
-            // missing. Replace it (logged), since this key's name must live exactly there.
-            tracing::warn!(
-                "redis key {record_key} has the wrong type ({detail}); replacing it with this key's record"
-            );
-            let _: Result<i64, _> = self
-                .link
-                .query(redis::cmd("DEL").arg(&record_key), STORE_OP_TIMEOUT)
-                .await;
-            first = self
-                .link
-                .query(
-                    redis::cmd("HSETNX")
-                        .arg(&record_key)
-                        .arg("domain")
-                        .arg(domain),
-                    STORE_OP_TIMEOUT,
-                )
-                .await;
-        }
-        match first {
-            Ok(1) => {}
-            Ok(_) => {
-                // Another host named this key at the same moment: keep its choice.
-                self.release_reverse(domain, ssh_key_hash).await;
-                return match self.fetch(ssh_key_hash).await.map_err(unavailable)? {
-                    Some(existing) => Ok(Claim::AlreadyOwned(existing)),
-                    None => Err(StoreError::Unavailable(format!(
-                        "record {record_key} vanished during a claim"
-                    ))),
-                };
-            }
-            Err(RedisOpError::WrongType { detail, .. }) => {
-                self.release_reverse(domain, ssh_key_hash).await;
-                tracing::error!(
-                    "redis key {record_key} has the wrong type ({detail}); not overwriting it"
-                );
-                return Err(StoreError::Unavailable(format!(
-                    "redis key {record_key} holds unexpected data; an operator must remove it"
-                )));
-            }
-            Err(e) => return Err(unavailable(e)),
-        }
+        // On an error the name stays reserved for this key: the record may have been written.
         let record = DomainRecord::claimed(ssh_key_hash, domain, now);
-        self.write_record(&record).await.map_err(unavailable)?;
-        self.local().remember(&record);
-        Ok(Claim::Claimed(record))
+        if self.create_record(&record).await? {
+            self.local.remember(&record);
+            return Ok(Claim::Claimed(record));
+        }
+        // Another host named this key at the same moment: keep its choice.
+        self.release_reverse(domain, ssh_key_hash).await;
+        match self.fetch(ssh_key_hash).await? {
+            Some(existing) => Ok(Claim::AlreadyOwned(existing)),
+            None => Err(StoreError::Unavailable(format!(
+                "record {} was deleted during a claim",
+                self.record_key(ssh_key_hash)
+            ))),
+        }
     }
 
     async fn touch(
@@ -364,20 +353,34 @@ impl DomainStore for RedisStore {
         let record = match self.fetch(ssh_key_hash).await {
             Ok(Some(record)) => record,
             Ok(None) => return Ok(None),
-            Err(e) => {
+            Err(StoreError::Unavailable(e)) => {
                 // Redis away: a key seen before keeps its name; the counters catch up later.
-                let mut local = self.local();
-                return match local.by_key.get_mut(ssh_key_hash) {
-                    Some(record) => {
-                        record.last_seen = record.last_seen.max(now);
-                        record.use_count = record.use_count.saturating_add(1);
-                        Ok(Some(record.clone()))
-                    }
-                    None => Err(unavailable(e)),
+                let Some(mut record) = self.local.by_key.get(ssh_key_hash) else {
+                    return Err(StoreError::Unavailable(e));
                 };
+                record.last_seen = record.last_seen.max(now);
+                record.use_count = record.use_count.saturating_add(1);
+                self.local.remember(&record);
+                return Ok(Some(record));
             }
+            Err(e) => return Err(e),
         };
         let key = self.record_key(ssh_key_hash);
+        // The name must be this key's (re-taken if its reverse key expired or was lost).
+        match self.reserve_name(&record.domain, ssh_key_hash).await {
+            Ok(true) => {}
+            Ok(false) => {
+                let reverse = self.reverse_key(&record.domain);
+                return Err(self.bad_record(
+                    &key,
+                    format!(
+                        "has domain {}, but {reverse} is not this key's",
+                        record.domain
+                    ),
+                ));
+            }
+            Err(e) => tracing::warn!("could not refresh the TTL of {key}'s name: {e}"),
+        }
         let mut pipe = redis::pipe();
         pipe.cmd("HSET")
             .arg(&key)
@@ -392,19 +395,11 @@ impl DomainStore for RedisStore {
             .arg(&key)
             .arg(self.ttl_secs)
             .ignore();
-        let counted = self
+        let updated = match self
             .link
             .query_pipeline::<(u64,)>(&pipe, STORE_OP_TIMEOUT)
-            .await;
-        if counted.is_ok()
-            && let Err(e) = self.refresh_reverse_ttl(&record.domain).await
+            .await
         {
-            tracing::warn!(
-                "could not refresh the TTL of {}: {e}",
-                self.reverse_key(&record.domain)
-            );
-        }
-        let updated = match counted {
             Ok((use_count,)) => DomainRecord {
                 last_seen: now.max(record.last_seen),
                 use_count,
@@ -415,7 +410,7 @@ impl DomainStore for RedisStore {
                 record
             }
         };
-        self.local().remember(&updated);
+        self.local.remember(&updated);
         Ok(Some(updated))
     }
 
@@ -425,10 +420,18 @@ impl DomainStore for RedisStore {
         {
             return Ok(stats.clone());
         }
-        let records = self.scan_records().await?;
-        let since = |secs: i64| records.iter().filter(|r| r.last_seen >= now - secs).count() as u64;
+        let mut last_seen = Vec::new();
+        for hash in self.record_hashes().await? {
+            match self.read(&hash).await {
+                Ok(Some(record)) => last_seen.push(record.last_seen),
+                // Logged by `read`; the figures cover the records that are p0rt's.
+                Ok(None) | Err(StoreError::BadRecord { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let since = |secs: i64| last_seen.iter().filter(|&&t| t >= now - secs).count() as u64;
         let stats = DomainStats {
-            total_domains: records.len() as u64,
+            total_domains: last_seen.len() as u64,
             active_last_24h: since(DAY_SECS),
             active_last_7d: since(7 * DAY_SECS),
             storage_type: "redis",
@@ -439,15 +442,15 @@ impl DomainStore for RedisStore {
     }
 
     async fn all_records(&self) -> Result<Vec<DomainRecord>, StoreError> {
-        self.scan_records().await
+        let mut records = Vec::new();
+        for hash in self.record_hashes().await? {
+            records.extend(self.read(&hash).await?);
+        }
+        Ok(records)
     }
 
     async fn import(&self, record: &DomainRecord) -> Result<Import, StoreError> {
-        if let Some(existing) = self
-            .fetch(&record.ssh_key_hash)
-            .await
-            .map_err(unavailable)?
-        {
+        if let Some(existing) = self.fetch(&record.ssh_key_hash).await? {
             return Ok(Import::against_existing(&existing, record));
         }
         if !self
@@ -460,8 +463,15 @@ impl DomainStore for RedisStore {
                 record.domain
             )));
         }
-        self.write_record(record).await.map_err(unavailable)?;
-        self.local().remember(record);
+        if !self.create_record(record).await? {
+            self.release_reverse(&record.domain, &record.ssh_key_hash)
+                .await;
+            return Ok(Import::Conflict(format!(
+                "key {} got a record here during the import",
+                record.ssh_key_hash
+            )));
+        }
+        self.local.remember(record);
         Ok(Import::Imported)
     }
 
@@ -471,5 +481,64 @@ impl DomainStore for RedisStore {
 
     fn kind(&self) -> &'static str {
         "redis"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn records_that_are_not_p0rt_records_say_what_is_wrong() {
+        let good = [
+            ("domain", "a-b-c"),
+            ("ssh_key_hash", "k"),
+            ("first_seen", "1"),
+            ("last_seen", "2"),
+        ];
+        assert_eq!(parse_record("k", &fields(&good)).unwrap().use_count, 0);
+        for (field, value, needle) in [
+            ("domain", "a.b", "not a DNS label"),
+            ("domain", "Evil Name/../x", "not a DNS label"),
+            ("domain", "ünï-cödé", "not a DNS label"),
+            ("domain", "", "not a DNS label"),
+            ("first_seen", "yesterday", "first_seen \"yesterday\""),
+            ("use_count", "-1", "use_count"),
+            ("ssh_key_hash", "other", "another key's"),
+        ] {
+            let mut record = fields(&good);
+            record.insert(field.into(), value.into());
+            let problem = parse_record("k", &record).unwrap_err();
+            assert!(problem.contains(needle), "{field}={value}: {problem}");
+        }
+        let mut half_written = fields(&good);
+        half_written.remove("last_seen");
+        assert_eq!(
+            parse_record("k", &half_written).unwrap_err(),
+            "has no last_seen field"
+        );
+    }
+
+    #[test]
+    fn the_local_copy_is_bounded() {
+        let local = LocalCopy::default();
+        for i in 0..LOCAL_COPY_MAX_RECORDS + 5_000 {
+            local.remember(&DomainRecord::claimed(
+                &format!("k{i}"),
+                &format!("n{i}"),
+                0,
+            ));
+        }
+        local.by_key.run_pending_tasks();
+        local.by_domain.run_pending_tasks();
+        assert!(local.by_key.entry_count() <= LOCAL_COPY_MAX_RECORDS);
+        assert!(local.by_domain.entry_count() <= LOCAL_COPY_MAX_RECORDS);
     }
 }

@@ -41,7 +41,7 @@ pub enum TunnelError {
     ServedByAnotherKey(TunnelName),
     #[error("{0}")]
     InvalidName(String),
-    #[error("domain store unavailable ({0}); try again shortly")]
+    #[error("{0}")]
     Store(#[from] StoreError),
 }
 

@@ -14,7 +14,7 @@ pub enum NamingError {
     Exhausted,
     #[error("the naming policy refused this key: {0}")]
     Refused(String),
-    #[error("no name can be given right now ({0}); try again shortly")]
+    #[error("no name can be given right now: {0}")]
     Store(#[from] StoreError),
 }
 
