@@ -308,15 +308,13 @@ impl Host {
             seed_plugin_cache(&self.config.data_dir).await;
         }
         self.runs += 1;
-        self.log_path =
-            self.workdir
-                .join(format!("p0rt-{}-run{}.log", std::process::id(), self.runs));
+        // Unique per start: another Host in the same sandbox must not share these files.
+        static STARTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let start = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.log_path = self.workdir.join(format!("p0rt-start{start}.log"));
         let log = std::fs::File::create(&self.log_path).expect("create host log");
-        let ready_path = self.workdir.join(format!(
-            "p0rt-{}-run{}.ready.json",
-            std::process::id(),
-            self.runs
-        ));
+        let ready_path = self.workdir.join(format!("p0rt-start{start}.ready.json"));
+        let _ = std::fs::remove_file(&ready_path);
         let mut cmd = host_command(&self.workdir, &self.config);
         cmd.arg("--ready-file").arg(&ready_path);
         cmd.stderr(Stdio::from(log));

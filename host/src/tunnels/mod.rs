@@ -262,7 +262,8 @@ mod tests {
             Err(TunnelError::LabelRefused(_))
         ));
         // When Bob owns "api-base" as his main name, Alice's sub-name of that spelling is refused.
-        let store = JsonStore::open(tempfile::tempdir().unwrap().path()).unwrap();
+        let other_dir = tempfile::tempdir().unwrap();
+        let store = JsonStore::open(other_dir.path()).unwrap();
         let service = TunnelService::new(store.clone(), Arc::new(Fixed("base")));
         let base = service.main_name(&alice, 1).await.unwrap();
         store.claim(bob.hash.as_str(), "api-base", 1).await.unwrap();
