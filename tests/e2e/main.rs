@@ -10,6 +10,7 @@ mod edge_errors;
 mod flow_control;
 mod names;
 mod plugins;
+mod plugins_review;
 mod refusals;
 mod startup;
 mod traffic;
