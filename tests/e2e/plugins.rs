@@ -191,7 +191,8 @@ pub(crate) async fn plugin_status(host: &Host) -> Vec<serde_json::Value> {
     let res = host.get_base("/status/plugins").await;
     assert_eq!(res.status().as_u16(), 200, "/status/plugins");
     let body = res.text().await.expect("/status/plugins body");
-    serde_json::from_str(&body).unwrap_or_else(|e| panic!("/status/plugins is not JSON ({e}): {body}"))
+    serde_json::from_str(&body)
+        .unwrap_or_else(|e| panic!("/status/plugins is not JSON ({e}): {body}"))
 }
 
 /// The hex sha256 of a file.

@@ -192,23 +192,14 @@ pub async fn check_request(
     facts: RequestFacts,
     fresh: bool,
 ) -> Result<RateDecision, super::PluginError> {
-    let RequestFacts {
-        client_ip,
-        host,
-        name,
-        owner_key_hash,
-        method,
-        path,
-        headers,
-    } = facts;
     let request = RequestInfo {
-        client_ip,
-        host,
-        name,
-        owner_key_hash,
-        method,
-        path,
-        headers,
+        client_ip: facts.client_ip,
+        host: facts.host,
+        name: facts.name,
+        owner_key_hash: facts.owner_key_hash,
+        method: facts.method,
+        path: facts.path,
+        headers: facts.headers,
     };
     plugin
         .decide(request, fresh, |answer| match answer {

@@ -9,7 +9,7 @@
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -319,13 +319,6 @@ impl Origin {
             Origin::File(path) => path.display().to_string(),
         }
     }
-
-    pub fn path(&self) -> Option<&Path> {
-        match self {
-            Origin::Bundled => None,
-            Origin::File(path) => Some(path),
-        }
-    }
 }
 
 /// What identifies a loaded plugin, whatever its role.
@@ -360,14 +353,6 @@ impl AnyPlugin {
             AnyPlugin::Naming(p) => &p.info,
             AnyPlugin::RateLimit(p) => &p.info,
             AnyPlugin::ScanAdmission(p) => &p.info,
-        }
-    }
-
-    pub fn benched(&self) -> Option<String> {
-        match self {
-            AnyPlugin::Naming(p) => p.benched(),
-            AnyPlugin::RateLimit(p) => p.benched(),
-            AnyPlugin::ScanAdmission(p) => p.benched(),
         }
     }
 }
