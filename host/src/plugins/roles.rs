@@ -52,12 +52,14 @@ pub enum RateLimit {}
 /// Admits or rejects scan jobs.
 pub enum ScanAdmission {}
 
+/// Binds the marker type `$role` (named like its `Role` variant and its bindgen world
+/// struct) to the world in module `$world`.
 macro_rules! binding {
-    ($role:ty, $variant:ident, $world:ident, $indices:ident, $exports:ident, $request:ty, $answer:ty, $iface:ident . $call:ident) => {
+    ($role:ident, $world:ident, $indices:ident, $request:ty, $answer:ty, $iface:ident . $call:ident) => {
         impl RoleBinding for $role {
-            const ROLE: Role = Role::$variant;
+            const ROLE: Role = Role::$role;
             type Indices = $world::$indices;
-            type Exports = $world::$exports;
+            type Exports = $world::$role;
             type Request = $request;
             type Answer = $answer;
 
@@ -88,30 +90,24 @@ use wit_scan::exports::p0rt::policy::scan_admission::{Decision as ScanAnswer, Sc
 
 binding!(
     Naming,
-    Naming,
     wit_naming,
     NamingIndices,
-    Naming,
     NamingRequest,
     NamingDecision,
     p0rt_policy_naming.call_choose_name
 );
 binding!(
     RateLimit,
-    RateLimit,
     wit_rate,
     RateLimitIndices,
-    RateLimit,
     RequestInfo,
     RateAnswer,
     p0rt_policy_rate_limit.call_check
 );
 binding!(
     ScanAdmission,
-    ScanAdmission,
     wit_scan,
     ScanAdmissionIndices,
-    ScanAdmission,
     WitJob,
     ScanAnswer,
     p0rt_policy_scan_admission.call_admit
