@@ -1,13 +1,18 @@
-//! Builds the reference plugins in `../plugins` for `wasm32-wasip2` and exposes them to the
-//! crate: `P0RT_BUNDLED_PLUGINS` (embedded in the binary) and `P0RT_FIXTURE_PLUGINS` (hostile
-//! test fixtures, used only by tests). The nested build uses its own target directory, so it
-//! never waits on the outer build's lock.
+//! Builds the bundled reference plugins in `../plugins` (words, ratelimit, scan-guard) for
+//! `wasm32-wasip2` and exposes them to the crate as `P0RT_BUNDLED_PLUGINS` (embedded in the
+//! binary). The nested build uses its own target directory under `OUT_DIR`, so it writes
+//! nothing into the source tree and never waits on the outer build's lock. The hostile test
+//! fixtures are not built here: the e2e tests build them (tests/e2e/plugins.rs).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
-const BUNDLED: [&str; 3] = ["words", "ratelimit", "scan_guard"];
-const FIXTURES: [&str; 2] = ["fixture_hostile", "fixture_old_version"];
+/// Packages of the plugin workspace that ship inside the binary, and their wasm file stems.
+const BUNDLED: [(&str, &str); 3] = [
+    ("words", "words"),
+    ("ratelimit", "ratelimit"),
+    ("scan-guard", "scan_guard"),
+];
 
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
@@ -20,14 +25,13 @@ fn main() {
         "plugins/words",
         "plugins/ratelimit",
         "plugins/scan-guard",
-        "plugins/fixtures/hostile",
-        "plugins/fixtures/old-version",
         "host/src/words.txt",
     ] {
         println!("cargo:rerun-if-changed={}", repo.join(path).display());
     }
 
-    let target_dir = plugins.join("target");
+    let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
+    let target_dir = out.join("plugins-target");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut command = Command::new(cargo);
     command
@@ -41,6 +45,9 @@ fn main() {
         ])
         .arg("--target-dir")
         .arg(&target_dir);
+    for (package, _) in BUNDLED {
+        command.args(["-p", package]);
+    }
     // The outer build's settings are for the host, not for wasm.
     for var in [
         "CARGO_ENCODED_RUSTFLAGS",
@@ -68,23 +75,12 @@ fn main() {
         );
     }
     let built = target_dir.join("wasm32-wasip2").join("release");
-    let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
     let bundled = out.join("bundled");
-    let fixtures = out.join("fixtures");
-    copy_all(&built, &bundled, &BUNDLED);
-    copy_all(&built, &fixtures, &FIXTURES);
-    println!("cargo:rustc-env=P0RT_BUNDLED_PLUGINS={}", bundled.display());
-    println!(
-        "cargo:rustc-env=P0RT_FIXTURE_PLUGINS={}",
-        fixtures.display()
-    );
-}
-
-fn copy_all(from: &Path, to: &Path, names: &[&str]) {
-    std::fs::create_dir_all(to).unwrap();
-    for name in names {
-        let file = format!("{name}.wasm");
-        std::fs::copy(from.join(&file), to.join(&file))
+    std::fs::create_dir_all(&bundled).unwrap();
+    for (_, stem) in BUNDLED {
+        let file = format!("{stem}.wasm");
+        std::fs::copy(built.join(&file), bundled.join(&file))
             .unwrap_or_else(|e| panic!("plugin {file} was not built: {e}"));
     }
+    println!("cargo:rustc-env=P0RT_BUNDLED_PLUGINS={}", bundled.display());
 }

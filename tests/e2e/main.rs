@@ -11,6 +11,7 @@ mod edge_review;
 mod flow_control;
 mod names;
 mod plugins;
+mod plugins_review;
 mod refusals;
 mod startup;
 mod traffic;

@@ -5,8 +5,8 @@
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -17,23 +17,74 @@ use crate::support::*;
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
+/// The fixture crates of the plugin workspace; built by the tests, never by build.rs.
+const FIXTURE_PACKAGES: [&str; 2] = ["fixture-hostile", "fixture-old-version"];
+
+/// Builds the test fixture plugins once per test run (into the cargo target directory, not
+/// the source tree); returns where the `.wasm` files are.
+fn fixtures_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins");
+        let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("plugin-fixtures");
+        let mut cmd = std::process::Command::new(env!("CARGO"));
+        cmd.current_dir(&workspace)
+            .args([
+                "build",
+                "--release",
+                "--locked",
+                "--target",
+                "wasm32-wasip2",
+            ])
+            .arg("--target-dir")
+            .arg(&target);
+        for package in FIXTURE_PACKAGES {
+            cmd.args(["-p", package]);
+        }
+        // The test build's settings are for the host, not for wasm.
+        for var in [
+            "RUSTFLAGS",
+            "CARGO_ENCODED_RUSTFLAGS",
+            "CARGO_BUILD_TARGET",
+            "CARGO_TARGET_DIR",
+        ] {
+            cmd.env_remove(var);
+        }
+        let out = cmd
+            .output()
+            .expect("run cargo to build the fixture plugins");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "building the fixture plugins in {} failed{}:\n{stderr}",
+            workspace.display(),
+            if stderr.contains("wasm32-wasip2") && stderr.contains("target") {
+                " (the wasm32-wasip2 target is missing: run `rustup target add wasm32-wasip2`)"
+            } else {
+                ""
+            }
+        );
+        target.join("wasm32-wasip2/release")
+    })
+}
+
 /// A test fixture plugin (`fixture_hostile.wasm`, `fixture_old_version.wasm`).
-fn fixture(file: &str) -> PathBuf {
-    Path::new(env!("P0RT_FIXTURE_PLUGINS")).join(file)
+pub(crate) fn fixture(file: &str) -> PathBuf {
+    fixtures_dir().join(file)
 }
 
 /// A bundled reference plugin (`words.wasm`, `ratelimit.wasm`, `scan_guard.wasm`).
-fn bundled(file: &str) -> PathBuf {
+pub(crate) fn bundled(file: &str) -> PathBuf {
     Path::new(env!("P0RT_BUNDLED_PLUGINS")).join(file)
 }
 
-fn read(path: &Path) -> Vec<u8> {
+pub(crate) fn read(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
 }
 
 /// Writes a file atomically (temporary name, then rename), as an operator deploying should.
 /// The temporary name has no `.wasm`/`.json` extension, so the host never loads it half-written.
-fn write_atomic(path: &Path, bytes: &[u8]) {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) {
     let tmp = path.with_file_name(format!(
         ".{}.tmp",
         path.file_name().unwrap().to_string_lossy()
@@ -44,14 +95,19 @@ fn write_atomic(path: &Path, bytes: &[u8]) {
 
 /// An (empty) plugins directory inside the sandbox. Not `./plugins`, which is the host's
 /// default and would be picked up without the flag.
-fn plugins_dir(sb: &Sandbox) -> PathBuf {
+pub(crate) fn plugins_dir(sb: &Sandbox) -> PathBuf {
     let dir = sb.join("policy");
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
 
 /// Puts `<dir>/<stem>.wasm` (and `<stem>.json` if given) in place; returns the wasm path.
-fn install(dir: &Path, stem: &str, wasm: &[u8], sidecar: Option<serde_json::Value>) -> PathBuf {
+pub(crate) fn install(
+    dir: &Path,
+    stem: &str,
+    wasm: &[u8],
+    sidecar: Option<serde_json::Value>,
+) -> PathBuf {
     if let Some(sidecar) = sidecar {
         write_atomic(
             &dir.join(format!("{stem}.json")),
@@ -64,7 +120,7 @@ fn install(dir: &Path, stem: &str, wasm: &[u8], sidecar: Option<serde_json::Valu
 }
 
 /// The hostile fixture in a given role and mode.
-fn install_hostile(dir: &Path, role: &str, mode: &str) -> PathBuf {
+pub(crate) fn install_hostile(dir: &Path, role: &str, mode: &str) -> PathBuf {
     install(
         dir,
         "hostile",
@@ -74,7 +130,7 @@ fn install_hostile(dir: &Path, role: &str, mode: &str) -> PathBuf {
 }
 
 /// Starts a host serving the plugins in `dir` (`--plugins-dir`).
-async fn host_with_plugins(sb: &Sandbox, dir: &Path) -> Host {
+pub(crate) async fn host_with_plugins(sb: &Sandbox, dir: &Path) -> Host {
     let config = HostConfig::flags(&sb.data_dir())
         .arg("--plugins-dir")
         .arg(dir.to_string_lossy());
@@ -82,12 +138,12 @@ async fn host_with_plugins(sb: &Sandbox, dir: &Path) -> Host {
 }
 
 /// The name the host's built-in namer (and the bundled `words` plugin) gives a key.
-fn builtin_name(key: &Key) -> String {
+pub(crate) fn builtin_name(key: &Key) -> String {
     p0rt::names::builtin_name(&p0rt::names::KeyHash::from_stored(key.key_hash()), 0).to_string()
 }
 
 /// Waits until the host log contains `needle`; returns the log.
-async fn wait_log(host: &Host, needle: &str) -> String {
+pub(crate) async fn wait_log(host: &Host, needle: &str) -> String {
     let deadline = Instant::now() + WAIT;
     loop {
         let log = host.log();
@@ -116,14 +172,10 @@ async fn wait_log_count(host: &Host, needle: &str, n: usize) -> String {
     }
 }
 
-/// The log line a successful load prints, up to the role.
+/// The log line a successful load prints, up to the role (for counting reloads of the same
+/// content under a new configuration, which `/status/plugins` cannot tell apart).
 fn loaded_line(path: &Path, role: &str) -> String {
     format!("loaded from {} as {role} (p0rt:policy@", path.display())
-}
-
-/// The log line a refused load prints, up to the reason.
-fn failed_line(path: &Path) -> String {
-    format!("plugin {} failed to load: ", path.display())
 }
 
 /// The (first) log line containing `needle`.
@@ -131,6 +183,62 @@ fn log_line<'a>(log: &'a str, needle: &str) -> &'a str {
     log.lines()
         .find(|l| l.contains(needle))
         .unwrap_or_else(|| panic!("no log line with {needle:?}; log:\n{log}"))
+}
+
+/// `GET /status/plugins` on the base domain (from loopback): one entry per active plugin
+/// and per file that failed to load.
+pub(crate) async fn plugin_status(host: &Host) -> Vec<serde_json::Value> {
+    let res = host.get_base("/status/plugins").await;
+    assert_eq!(res.status().as_u16(), 200, "/status/plugins");
+    let body = res.text().await.expect("/status/plugins body");
+    serde_json::from_str(&body)
+        .unwrap_or_else(|e| panic!("/status/plugins is not JSON ({e}): {body}"))
+}
+
+/// The hex sha256 of a file.
+pub(crate) fn sha256_of(path: &Path) -> String {
+    hex::encode(<sha2::Sha256 as sha2::Digest>::digest(read(path)))
+}
+
+/// Waits until `/status/plugins` has an entry for `origin` (a path, or `bundled`) that
+/// satisfies `pred`; returns it.
+pub(crate) async fn wait_plugin(
+    host: &Host,
+    origin: &str,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    eventually(WAIT, what, || async {
+        let status = plugin_status(host).await;
+        status
+            .into_iter()
+            .find(|p| p["origin"] == origin && pred(p))
+    })
+    .await
+}
+
+/// Waits until the plugin in `path` (its current content) actively serves `role`.
+pub(crate) async fn wait_active(host: &Host, role: &str, path: &Path) -> serde_json::Value {
+    let sha = sha256_of(path);
+    wait_plugin(
+        host,
+        &path.display().to_string(),
+        &format!("{} to serve {role}", path.display()),
+        |p| p["active"] == true && p["role"] == role && p["sha256"] == sha.as_str(),
+    )
+    .await
+}
+
+/// Waits until `path` is listed as failing to load; returns its error.
+pub(crate) async fn wait_refused(host: &Host, path: &Path) -> String {
+    let entry = wait_plugin(
+        host,
+        &path.display().to_string(),
+        &format!("{} to be refused", path.display()),
+        |p| p["active"] == false,
+    )
+    .await;
+    entry["error"].as_str().unwrap_or_default().to_string()
 }
 
 struct CliOutput {
@@ -186,7 +294,7 @@ async fn p0rt_cli(cwd: &Path, args: &[&str]) -> CliOutput {
     }
 }
 
-fn path_str(path: &Path) -> &str {
+pub(crate) fn path_str(path: &Path) -> &str {
     path.to_str().expect("utf-8 path")
 }
 
@@ -330,11 +438,7 @@ async fn hostile_naming_falls_back(mode: &str, reason: &str) {
     let key = sb.key("victim");
     let backend = Backend::start("hostile-naming-backend").await;
     let mut host = host_with_plugins(&sb, &dir).await;
-    assert!(
-        host.log().contains(&loaded_line(&wasm, "naming")),
-        "hostile fixture not loaded as naming plugin:\n{}",
-        host.log()
-    );
+    wait_active(&host, "naming", &wasm).await;
 
     let info = host.info(&sb, &key).await;
     assert_eq!(
@@ -436,11 +540,6 @@ async fn naming_plugin_cannot_steal_another_keys_name() {
         Backend::start("bob-backend").await,
     );
     let host = host_with_plugins(&sb, &dir).await;
-    wait_log(
-        &host,
-        &format!("watching {} for plugin changes", dir.display()),
-    )
-    .await;
 
     // Alice gets her name from the bundled words plugin and keeps a tunnel open.
     let (_a, alice_name) = host.tunnel(&sb, &alice, &ba).await;
@@ -448,7 +547,7 @@ async fn naming_plugin_cannot_steal_another_keys_name() {
 
     // Now a naming plugin that hands every key Alice's name.
     let wasm = install_hostile(&dir, "naming", &format!("name:{alice_name}"));
-    wait_log(&host, &loaded_line(&wasm, "naming")).await;
+    wait_active(&host, "naming", &wasm).await;
 
     let bob_info = host.info(&sb, &bob).await;
     assert_ne!(bob_info.name, alice_name, "bob was given alice's name");
@@ -492,11 +591,6 @@ async fn naming_plugin_cannot_take_over_another_keys_subname() {
         Backend::start("bob-backend").await,
     );
     let host = host_with_plugins(&sb, &dir).await;
-    wait_log(
-        &host,
-        &format!("watching {} for plugin changes", dir.display()),
-    )
-    .await;
 
     // Alice serves her `api` sub-name.
     let alice_name = host.info(&sb, &alice).await.name;
@@ -509,7 +603,7 @@ async fn naming_plugin_cannot_take_over_another_keys_subname() {
 
     // A naming plugin that hands every new key exactly that sub-name.
     let wasm = install_hostile(&dir, "naming", &format!("name:{sub}"));
-    wait_log(&host, &loaded_line(&wasm, "naming")).await;
+    wait_active(&host, "naming", &wasm).await;
 
     let bob_name = host.info(&sb, &bob).await.name;
     let mut b = host
@@ -563,7 +657,12 @@ async fn broken_plugin_files_are_refused_and_bundled_plugins_keep_serving() {
     let key = sb.key("k");
     let backend = Backend::start("bundled-serves").await;
     let mut host = host_with_plugins(&sb, &dir).await;
-    let log = host.log();
+    let status = plugin_status(&host).await;
+    let entry = |origin: &str| {
+        let entries: Vec<_> = status.iter().filter(|p| p["origin"] == origin).collect();
+        assert_eq!(entries.len(), 1, "{origin} in {status:#?}");
+        entries[0].clone()
+    };
 
     for (path, reasons) in [
         (&garbage_path, &["cannot be compiled"][..]),
@@ -579,27 +678,30 @@ async fn broken_plugin_files_are_refused_and_bundled_plugins_keep_serving() {
         ),
         (&bad_sidecar, &["sidecar", "badsidecar.json"][..]),
     ] {
-        let marker = failed_line(path);
-        let line = log_line(&log, &marker);
-        let reason = &line[line.find(&marker).unwrap() + marker.len()..];
+        // Refused (not active), with a reason that says why.
+        let refused = entry(&path.display().to_string());
+        assert_eq!(refused["active"], false, "{refused}");
+        let reason = refused["error"].as_str().unwrap_or_default();
         for word in reasons {
             assert!(
                 reason.contains(word),
-                "refusal of {} does not say {word:?}: {line}",
+                "refusal of {} does not say {word:?}: {reason}",
                 path.display()
             );
         }
-        assert!(
-            !log.contains(&format!("loaded from {}", path.display())),
-            "{} was loaded:\n{log}",
-            path.display()
-        );
     }
-    for bundled in ["words", "ratelimit", "scan-guard"] {
+    for (bundled, role) in [
+        ("words", "naming"),
+        ("ratelimit", "rate-limit"),
+        ("scan-guard", "scan-admission"),
+    ] {
         assert!(
-            log.lines()
-                .any(|l| l.contains(&format!("plugin {bundled} (")) && l.contains("[bundled]")),
-            "bundled {bundled} not serving:\n{log}"
+            status.iter().any(|p| p["name"] == bundled
+                && p["role"] == role
+                && p["origin"] == "bundled"
+                && p["active"] == true
+                && p["error"].is_null()),
+            "bundled {bundled} not serving {role}: {status:#?}"
         );
     }
 
@@ -814,11 +916,7 @@ async fn rate_limit_plugin_deny_answers_429_without_reaching_backend() {
     let key = sb.key("denied");
     let backend = Backend::start("never-reached").await;
     let host = host_with_plugins(&sb, &dir).await;
-    assert!(
-        host.log().contains(&loaded_line(&wasm, "rate-limit")),
-        "{}",
-        host.log()
-    );
+    wait_active(&host, "rate-limit", &wasm).await;
 
     let name = host.info(&sb, &key).await.name;
     assert_eq!(
@@ -864,11 +962,7 @@ async fn trapping_rate_limit_plugin_falls_back_and_traffic_flows() {
     let key = sb.key("k");
     let backend = Backend::start("still-served").await;
     let mut host = host_with_plugins(&sb, &dir).await;
-    assert!(
-        host.log().contains(&loaded_line(&wasm, "rate-limit")),
-        "{}",
-        host.log()
-    );
+    wait_active(&host, "rate-limit", &wasm).await;
 
     let (_client, name) = host.tunnel(&sb, &key, &backend).await;
     let before = backend.hits();
@@ -887,6 +981,7 @@ async fn trapping_rate_limit_plugin_falls_back_and_traffic_flows() {
     .await;
     assert!(log.contains("trapped (panic or abort)"), "{log}");
     // It keeps failing, so it is benched (and the built-in limiter keeps serving meanwhile).
+    // (The log, not /status/plugins: the first bench lasts only a second.)
     assert!(log.contains("benched for"), "{log}");
     assert!(host.is_running());
 }
@@ -909,11 +1004,7 @@ async fn ratelimit_plugin_config_limits_requests_per_ip() {
     let key = sb.key("limited");
     let backend = Backend::start("limited-backend").await;
     let host = host_with_plugins(&sb, &dir).await;
-    assert!(
-        host.log().contains(&loaded_line(&wasm, "rate-limit")),
-        "{}",
-        host.log()
-    );
+    wait_active(&host, "rate-limit", &wasm).await;
     // (The tunnel check below spends one request of 127.0.0.1's budget.)
     let (_client, name) = host.tunnel(&sb, &key, &backend).await;
 
@@ -991,11 +1082,6 @@ async fn hot_reload_under_traffic_never_fails_a_request() {
     let host = Arc::new(host_with_plugins(&sb, &dir).await);
     let loaded = loaded_line(&wasm, "rate-limit");
     assert_eq!(host.log().matches(&loaded).count(), 1, "{}", host.log());
-    wait_log(
-        &host,
-        &format!("watching {} for plugin changes", dir.display()),
-    )
-    .await;
     let (_client, name) = host.tunnel(&sb, &key, &backend).await;
 
     // Sequential requests until told to stop (and at least REQUESTS), bounded in time.
@@ -1051,9 +1137,24 @@ async fn hot_reload_under_traffic_never_fails_a_request() {
 
     // A garbage file over the plugin: refused, the previous version keeps serving.
     write_atomic(&wasm, &garbage());
-    let log = wait_log(&host, &failed_line(&wasm)).await;
-    let line = log_line(&log, &failed_line(&wasm));
-    assert!(line.contains("keeps serving"), "{line}");
+    let refusal = wait_refused(&host, &wasm).await;
+    assert!(refusal.contains("cannot be compiled"), "{refusal}");
+    let log = wait_log(
+        &host,
+        &format!("plugin {} failed to load: ", wasm.display()),
+    )
+    .await;
+    assert!(
+        log_line(&log, "failed to load").contains("keeps serving"),
+        "{log}"
+    );
+    let still = plugin_status(&host).await;
+    assert!(
+        still
+            .iter()
+            .any(|p| p["active"] == true && p["origin"] == path_str(&wasm)),
+        "the previous version stopped serving: {still:#?}"
+    );
     let after_garbage = done.load(Ordering::SeqCst);
     wait_requests(after_garbage + 20).await;
 

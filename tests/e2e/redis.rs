@@ -229,7 +229,7 @@ async fn two_hosts_claiming_one_name_never_share_it() {
         let dir = sandbox.join("plugins");
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::copy(
-            concat!(env!("P0RT_FIXTURE_PLUGINS"), "/fixture_hostile.wasm"),
+            crate::plugins::fixture("fixture_hostile.wasm"),
             dir.join("contested.wasm"),
         )
         .unwrap();

@@ -1,11 +1,15 @@
 //! What a plugin can reach: its own cache namespace, read-only domain lookups, a log and a
 //! clock. WASI is linked with a context that grants nothing (no files, sockets, environment,
 //! arguments); stdout and stderr become host log lines tagged with the plugin's name.
+//!
+//! Host operations that may wait (the cache, the domain store) are timed on the call's
+//! [`CallClock`], and a store failure is recorded as a host fault there, so the invoke path
+//! can tell the host's trouble from the plugin's own misbehaviour.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::io::AsyncWrite;
@@ -32,6 +36,57 @@ pub const MAX_INSTANCES: usize = 32;
 pub const MAX_MEMORIES: usize = 8;
 pub const MAX_TABLES: usize = 16;
 
+/// Where the time of one call goes, and whether the host failed it.
+#[derive(Debug, Default)]
+pub struct CallClock {
+    started: Option<Instant>,
+    /// Time spent in finished host operations.
+    in_host: Duration,
+    /// Start of the host operation under way, if any.
+    host_since: Option<Instant>,
+    /// Set when a host operation failed for reasons of the host's own (store, Redis).
+    pub fault: Option<String>,
+}
+
+impl CallClock {
+    /// Starts timing a new call (instantiation, `init` or a decision).
+    pub fn start(&mut self) {
+        *self = CallClock {
+            started: Some(Instant::now()),
+            ..CallClock::default()
+        };
+    }
+
+    /// Time spent in host operations so far, including one under way.
+    pub fn host_time(&self) -> Duration {
+        self.in_host + self.host_since.map_or(Duration::ZERO, |s| s.elapsed())
+    }
+
+    /// The plugin's own share of the call so far: wall time minus host operations.
+    pub fn own_time(&self) -> Duration {
+        self.started
+            .map_or(Duration::ZERO, |s| s.elapsed())
+            .saturating_sub(self.host_time())
+    }
+
+    /// Records a host fault; the returned error ends the call (it is not the plugin's).
+    fn fault(&mut self, what: String) -> wasmtime::Error {
+        let error = wasmtime::Error::msg(what.clone());
+        self.fault = Some(what);
+        error
+    }
+}
+
+/// Runs a host operation with its time kept off the plugin's clock.
+async fn timed<T>(clock: &mut CallClock, op: impl Future<Output = T>) -> T {
+    let since = Instant::now();
+    clock.host_since = Some(since);
+    let out = op.await;
+    clock.host_since = None;
+    clock.in_host += since.elapsed();
+    out
+}
+
 /// Per-store state: everything a plugin's imports can touch.
 pub struct PluginState {
     plugin: Arc<str>,
@@ -40,6 +95,7 @@ pub struct PluginState {
     cache: Cache,
     domains: Option<Arc<dyn DomainStore>>,
     pub(super) limits: StoreLimits,
+    pub(super) clock: CallClock,
     wasi: WasiCtx,
     table: ResourceTable,
 }
@@ -68,6 +124,7 @@ impl PluginState {
                 .memories(MAX_MEMORIES)
                 .tables(MAX_TABLES)
                 .build(),
+            clock: CallClock::default(),
             wasi,
             table: ResourceTable::new(),
         }
@@ -100,16 +157,14 @@ fn ttl(seconds: Option<u32>) -> Option<Duration> {
 impl cache::Host for PluginState {
     async fn get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {
         let key = self.key(&key)?;
-        Ok(self.cache.get(&key).await.map(|b| b.to_vec()))
+        let value = timed(&mut self.clock, self.cache.get(&key)).await;
+        Ok(value.map(|b| b.to_vec()))
     }
 
     async fn get_string(&mut self, key: String) -> wasmtime::Result<Option<String>> {
         let key = self.key(&key)?;
-        Ok(self
-            .cache
-            .get(&key)
-            .await
-            .and_then(|b| String::from_utf8(b.to_vec()).ok()))
+        let value = timed(&mut self.clock, self.cache.get(&key)).await;
+        Ok(value.and_then(|b| String::from_utf8(b.to_vec()).ok()))
     }
 
     async fn set(
@@ -125,9 +180,8 @@ impl cache::Host for PluginState {
             );
         }
         let key = self.key(&key)?;
-        self.cache
-            .set(&key, Bytes::from(value), ttl(ttl_seconds))
-            .await;
+        let op = self.cache.set(&key, Bytes::from(value), ttl(ttl_seconds));
+        timed(&mut self.clock, op).await;
         Ok(())
     }
 
@@ -142,12 +196,12 @@ impl cache::Host for PluginState {
 
     async fn delete(&mut self, key: String) -> wasmtime::Result<bool> {
         let key = self.key(&key)?;
-        Ok(self.cache.delete(&key).await)
+        Ok(timed(&mut self.clock, self.cache.delete(&key)).await)
     }
 
     async fn exists(&mut self, key: String) -> wasmtime::Result<bool> {
         let key = self.key(&key)?;
-        Ok(self.cache.exists(&key).await)
+        Ok(timed(&mut self.clock, self.cache.exists(&key)).await)
     }
 
     async fn increment(
@@ -157,24 +211,28 @@ impl cache::Host for PluginState {
         ttl_seconds: Option<u32>,
     ) -> wasmtime::Result<i64> {
         let key = self.key(&key)?;
-        Ok(self.cache.increment(&key, amount, ttl(ttl_seconds)).await?)
+        let op = self.cache.increment(&key, amount, ttl(ttl_seconds));
+        // A counter that is not an integer (or overflows) is the plugin's own data.
+        Ok(timed(&mut self.clock, op).await?)
     }
 
     async fn expire(&mut self, key: String, ttl_seconds: u32) -> wasmtime::Result<bool> {
         let key = self.key(&key)?;
-        Ok(self
+        let op = self
             .cache
-            .expire(&key, Duration::from_secs(u64::from(ttl_seconds)))
-            .await)
+            .expire(&key, Duration::from_secs(u64::from(ttl_seconds)));
+        Ok(timed(&mut self.clock, op).await)
     }
 }
 
 impl domains::Host for PluginState {
     async fn owner_of(&mut self, name: String) -> wasmtime::Result<Option<String>> {
-        match &self.domains {
-            Some(store) => Ok(store.owner_of(&name).await?),
-            None => Ok(None),
-        }
+        let Some(store) = &self.domains else {
+            return Ok(None);
+        };
+        timed(&mut self.clock, store.owner_of(&name))
+            .await
+            .map_err(|e| self.clock.fault(format!("domain store: {e}")))
     }
 
     async fn record_for_key(
@@ -184,16 +242,16 @@ impl domains::Host for PluginState {
         let Some(store) = &self.domains else {
             return Ok(None);
         };
-        Ok(store
-            .record_for_key(&ssh_key_hash)
-            .await?
-            .map(|r| domains::DomainRecord {
-                domain: r.domain,
-                ssh_key_hash: r.ssh_key_hash,
-                first_seen: r.first_seen,
-                last_seen: r.last_seen,
-                use_count: r.use_count,
-            }))
+        let record = timed(&mut self.clock, store.record_for_key(&ssh_key_hash))
+            .await
+            .map_err(|e| self.clock.fault(format!("domain store: {e}")))?;
+        Ok(record.map(|r| domains::DomainRecord {
+            domain: r.domain,
+            ssh_key_hash: r.ssh_key_hash,
+            first_seen: r.first_seen,
+            last_seen: r.last_seen,
+            use_count: r.use_count,
+        }))
     }
 
     async fn is_reserved(&mut self, name: String) -> wasmtime::Result<bool> {

@@ -1,20 +1,27 @@
 //! The wasmtime side: one engine for all plugins, compiled components cached on disk by
 //! content hash and engine, per-call limits (fuel, epoch deadline, timeout, memory and table
 //! caps), a small pool of warm instances per plugin, and benching of plugins that keep failing.
+//!
+//! One invoke-and-validate path ([`Plugin::decide`]) serves every role. It tells the plugin's
+//! own misbehaviour (trap, fuel, its own deadline, bad output), which counts toward benching,
+//! from host faults (a store error in a host import, host waits that use up the call's time),
+//! which never do.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
+use tokio::time::timeout;
 use wasmtime::component::{Component, HasSelf, InstancePre, Linker};
-use wasmtime::{Engine, Store};
+use wasmtime::{Engine, Store, UpdateDeadline};
 
-use super::bindings::{host, init, naming, rate_limit, scan_admission};
+use super::bindings::{host, init};
 use super::host_api::{MAX_MEMORY_BYTES, MAX_TABLE_ELEMENTS, PluginState};
+use super::roles::{Naming, RateLimit, RoleBinding, ScanAdmission};
 use super::{PluginError, Role};
 use crate::cache::Cache;
 use crate::store::DomainStore;
@@ -23,11 +30,13 @@ use crate::store::DomainStore;
 pub const MAX_PLUGIN_BYTES: usize = 16 * 1024 * 1024;
 /// Fuel (roughly, wasm instructions) one call may burn before it is stopped.
 pub const FUEL_PER_CALL: u64 = 20_000_000;
-/// Period of the epoch clock behind the wall-clock deadline.
+/// Period of the epoch clock behind the plugin's deadline.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
-/// Epoch ticks a call may run: with [`EPOCH_TICK`], a 100 ms backstop for fuel.
-pub const DEADLINE_TICKS: u64 = 20;
-/// Whole-call timeout, including host calls the plugin makes (cache, domain lookups).
+/// The plugin's own running time per call (wall time minus host operations): a backstop
+/// for fuel. Time spent waiting in host imports does not count.
+pub const PLUGIN_DEADLINE: Duration = Duration::from_millis(100);
+/// Longest the host waits for one call, host operations included. When it runs out while
+/// the plugin's own time is under [`PLUGIN_DEADLINE`], the host was slow: a host fault.
 pub const CALL_TIMEOUT: Duration = Duration::from_millis(250);
 /// Wasm stack a plugin may use; deeper recursion traps.
 pub const MAX_WASM_STACK: usize = 512 * 1024;
@@ -166,15 +175,16 @@ impl Runtime {
         Ok(component)
     }
 
-    /// Validates and prepares a plugin: size cap, compile, link against what the host
-    /// provides, role from the world it implements (or `role`), then one test instantiation
-    /// (which runs `init`), so a plugin that cannot serve is refused at load.
+    /// Validates and prepares a plugin: size cap, compile (off the async runtime), link
+    /// against what the host provides, role from the world it implements (or `spec.role`),
+    /// then one test instantiation (which runs `init`), so a plugin that cannot serve is
+    /// refused at load.
     pub async fn load(
         self: &Arc<Self>,
         spec: PluginSpec,
         cache: Cache,
         domains: Option<Arc<dyn DomainStore>>,
-    ) -> Result<Arc<Plugin>, PluginError> {
+    ) -> Result<AnyPlugin, PluginError> {
         if spec.bytes.len() > MAX_PLUGIN_BYTES {
             return Err(PluginError::TooLarge {
                 size: spec.bytes.len(),
@@ -197,71 +207,83 @@ impl Runtime {
             .imports(&self.engine)
             .map(|(name, _)| name.to_string())
             .collect();
-        let instance_pre = self
+        let pre = self
             .linker
             .instantiate_pre(&component)
             .map_err(|e| PluginError::Link(wasm_error(e)))?;
 
-        let mut found = Vec::new();
-        if let Ok(i) = naming::NamingIndices::new(&instance_pre) {
-            found.push(RoleIndices::Naming(i));
-        }
-        if let Ok(i) = rate_limit::RateLimitIndices::new(&instance_pre) {
-            found.push(RoleIndices::RateLimit(i));
-        }
-        if let Ok(i) = scan_admission::ScanAdmissionIndices::new(&instance_pre) {
-            found.push(RoleIndices::ScanAdmission(i));
-        }
-        let indices = match spec.role {
-            Some(role) => found
-                .into_iter()
-                .find(|i| i.role() == role)
-                .ok_or_else(|| PluginError::WrongWorld {
-                    expected: Some(role),
-                    exports: exports.clone(),
-                })?,
-            None if found.len() == 1 => found.remove(0),
-            None if found.is_empty() => {
+        let found: Vec<Role> = [
+            (Role::Naming, Naming::indices(&pre).is_ok()),
+            (Role::RateLimit, RateLimit::indices(&pre).is_ok()),
+            (Role::ScanAdmission, ScanAdmission::indices(&pre).is_ok()),
+        ]
+        .into_iter()
+        .filter_map(|(role, ok)| ok.then_some(role))
+        .collect();
+        let role = match (spec.role, found.as_slice()) {
+            (Some(role), found) if found.contains(&role) => role,
+            (None, [role]) => *role,
+            (None, []) | (Some(_), _) => {
                 return Err(PluginError::WrongWorld {
-                    expected: None,
+                    expected: spec.role,
                     exports,
                 });
             }
-            None => {
-                return Err(PluginError::Ambiguous {
-                    roles: found.iter().map(|i| i.role()).collect(),
-                });
-            }
+            (None, _) => return Err(PluginError::Ambiguous { roles: found }),
         };
-        let role = indices.role();
-        let has_init_export = exports.iter().any(|e| e.starts_with("p0rt:policy/init@"));
-        let init = if has_init_export {
-            Some(
-                init::InitIndices::new(&instance_pre)
-                    .map_err(|e| PluginError::Link(wasm_error(e)))?,
-            )
+        let init = if exports.iter().any(|e| e.starts_with("p0rt:policy/init@")) {
+            Some(init::InitIndices::new(&pre).map_err(|e| PluginError::Link(wasm_error(e)))?)
         } else {
             None
         };
         let interface = format!("p0rt:policy/{}@", role.interface());
-        let wit_version = exports
-            .iter()
-            .find_map(|e| e.strip_prefix(&interface).map(str::to_string));
-
-        let plugin = Arc::new(Plugin {
+        let info = PluginInfo {
             name: spec.name.into(),
             sha256,
             role,
-            wit_version,
+            wit_version: exports
+                .iter()
+                .find_map(|e| e.strip_prefix(&interface).map(str::to_string)),
             imports,
             origin: spec.origin,
+        };
+        let parts = Parts {
+            info,
             config: spec.config,
-            instance_pre,
-            indices,
+            pre,
             init,
-            engine: self.engine.clone(),
             cache,
             domains,
+        };
+        Ok(match role {
+            Role::Naming => AnyPlugin::Naming(parts.prepare().await?),
+            Role::RateLimit => AnyPlugin::RateLimit(parts.prepare().await?),
+            Role::ScanAdmission => AnyPlugin::ScanAdmission(parts.prepare().await?),
+        })
+    }
+}
+
+/// A linked component whose role is known, before it is typed by that role.
+struct Parts {
+    info: PluginInfo,
+    config: String,
+    pre: InstancePre<PluginState>,
+    init: Option<init::InitIndices>,
+    cache: Cache,
+    domains: Option<Arc<dyn DomainStore>>,
+}
+
+impl Parts {
+    async fn prepare<B: RoleBinding>(self) -> Result<Arc<Plugin<B>>, PluginError> {
+        let indices = B::indices(&self.pre).map_err(|e| PluginError::Link(wasm_error(e)))?;
+        let plugin = Arc::new(Plugin {
+            info: self.info,
+            config: self.config,
+            pre: self.pre,
+            indices,
+            init: self.init,
+            cache: self.cache,
+            domains: self.domains,
             warm: Mutex::new(Vec::new()),
             health: Mutex::new(Health::default()),
         });
@@ -297,41 +319,47 @@ impl Origin {
             Origin::File(path) => path.display().to_string(),
         }
     }
+}
 
-    pub fn path(&self) -> Option<&Path> {
+/// What identifies a loaded plugin, whatever its role.
+pub struct PluginInfo {
+    pub name: Arc<str>,
+    pub sha256: String,
+    pub role: Role,
+    /// Version of `p0rt:policy` the plugin was built against, from its export name.
+    pub wit_version: Option<String>,
+    pub imports: Vec<String>,
+    pub origin: Origin,
+}
+
+impl PluginInfo {
+    /// Short id for logs: name and the first 12 hex digits of the sha256.
+    pub fn id(&self) -> String {
+        format!("{} ({})", self.name, &self.sha256[..12])
+    }
+}
+
+/// A loaded plugin of any role (what a file in the plugins directory turns out to be).
+#[derive(Clone)]
+pub enum AnyPlugin {
+    Naming(Arc<Plugin<Naming>>),
+    RateLimit(Arc<Plugin<RateLimit>>),
+    ScanAdmission(Arc<Plugin<ScanAdmission>>),
+}
+
+impl AnyPlugin {
+    pub fn info(&self) -> &PluginInfo {
         match self {
-            Origin::Bundled => None,
-            Origin::File(path) => Some(path),
+            AnyPlugin::Naming(p) => &p.info,
+            AnyPlugin::RateLimit(p) => &p.info,
+            AnyPlugin::ScanAdmission(p) => &p.info,
         }
     }
 }
 
-enum RoleIndices {
-    Naming(naming::NamingIndices),
-    RateLimit(rate_limit::RateLimitIndices),
-    ScanAdmission(scan_admission::ScanAdmissionIndices),
-}
-
-impl RoleIndices {
-    fn role(&self) -> Role {
-        match self {
-            RoleIndices::Naming(_) => Role::Naming,
-            RoleIndices::RateLimit(_) => Role::RateLimit,
-            RoleIndices::ScanAdmission(_) => Role::ScanAdmission,
-        }
-    }
-}
-
-/// A live instance of a plugin, typed by role.
-pub enum RoleInstance {
-    Naming(naming::Naming),
-    RateLimit(rate_limit::RateLimit),
-    ScanAdmission(scan_admission::ScanAdmission),
-}
-
-struct Warm {
+struct Warm<B: RoleBinding> {
     store: Store<PluginState>,
-    instance: RoleInstance,
+    exports: B::Exports,
     calls: u32,
 }
 
@@ -341,25 +369,20 @@ struct Health {
     times_benched: u32,
     benched_until: Option<Instant>,
     last_error: Option<String>,
+    /// A host fault was reported since the last good call (reported once per episode).
+    host_faulted: bool,
 }
 
-/// A loaded plugin, ready to be called.
-pub struct Plugin {
-    pub name: Arc<str>,
-    pub sha256: String,
-    pub role: Role,
-    /// Version of `p0rt:policy` the plugin was built against, from its export name.
-    pub wit_version: Option<String>,
-    pub imports: Vec<String>,
-    pub origin: Origin,
+/// A loaded plugin of role `B`, ready to be called.
+pub struct Plugin<B: RoleBinding> {
+    pub info: PluginInfo,
     config: String,
-    instance_pre: InstancePre<PluginState>,
-    indices: RoleIndices,
+    pre: InstancePre<PluginState>,
+    indices: B::Indices,
     init: Option<init::InitIndices>,
-    engine: Engine,
     cache: Cache,
     domains: Option<Arc<dyn DomainStore>>,
-    warm: Mutex<Vec<Warm>>,
+    warm: Mutex<Vec<Warm<B>>>,
     health: Mutex<Health>,
 }
 
@@ -370,7 +393,7 @@ fn describe_trap(e: &wasmtime::Error) -> String {
     if let Some(trap) = e.downcast_ref::<wasmtime::Trap>() {
         let what = match trap {
             wasmtime::Trap::OutOfFuel => "ran out of fuel (too much work for one decision)",
-            wasmtime::Trap::Interrupt => "passed its wall-clock deadline",
+            wasmtime::Trap::Interrupt => "passed its deadline",
             wasmtime::Trap::StackOverflow => "overflowed its stack",
             wasmtime::Trap::UnreachableCodeReached => "trapped (panic or abort)",
             wasmtime::Trap::MemoryOutOfBounds => "accessed memory out of bounds",
@@ -387,10 +410,49 @@ fn describe_trap(e: &wasmtime::Error) -> String {
         .collect()
 }
 
-impl Plugin {
-    /// Short id for logs: name and the first 12 hex digits of the sha256.
+/// Epoch ticks covering `left` (at least one).
+fn ticks(left: Duration) -> u64 {
+    (left.as_nanos() / EPOCH_TICK.as_nanos()).max(1) as u64
+}
+
+/// Arms the store for one call: fresh fuel, deadline and clock.
+fn arm(store: &mut Store<PluginState>) -> Result<(), PluginError> {
+    store.data_mut().clock.start();
+    store
+        .set_fuel(FUEL_PER_CALL)
+        .map_err(|e| PluginError::Instantiate(wasm_error(e)))?;
+    store.set_epoch_deadline(ticks(PLUGIN_DEADLINE));
+    Ok(())
+}
+
+/// The outcome of one armed call, bounded by [`CALL_TIMEOUT`].
+type Outcome<R> = Result<wasmtime::Result<R>, tokio::time::error::Elapsed>;
+
+/// Says whose fault a failed call is. `plugin_error` describes a failure of the plugin's own.
+fn settle<R>(
+    outcome: Outcome<R>,
+    store: &mut Store<PluginState>,
+    plugin_error: fn(String) -> PluginError,
+) -> Result<R, PluginError> {
+    let clock = &mut store.data_mut().clock;
+    match outcome {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(_)) if clock.fault.is_some() => Err(PluginError::HostFault(
+            clock.fault.take().unwrap_or_default(),
+        )),
+        Ok(Err(e)) => Err(plugin_error(describe_trap(&e))),
+        Err(_) if clock.own_time() < PLUGIN_DEADLINE => Err(PluginError::HostFault(format!(
+            "host operations took {} ms of the call's {} ms",
+            clock.host_time().as_millis(),
+            CALL_TIMEOUT.as_millis()
+        ))),
+        Err(_) => Err(PluginError::Timeout),
+    }
+}
+
+impl<B: RoleBinding> Plugin<B> {
     pub fn id(&self) -> String {
-        format!("{} ({})", self.name, &self.sha256[..12])
+        self.info.id()
     }
 
     /// Why the plugin is benched, if it is.
@@ -410,10 +472,21 @@ impl Plugin {
         let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
         health.consecutive_failures = 0;
         health.times_benched = 0;
+        health.host_faulted = false;
     }
 
+    /// Counts a failure toward benching, unless the host caused it.
     fn record_failure(&self, error: &PluginError) {
         let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        if let PluginError::HostFault(_) = error {
+            if !std::mem::replace(&mut health.host_faulted, true) {
+                tracing::warn!(
+                    "plugin {}: {error}; its fallback answers until the host recovers",
+                    self.id()
+                );
+            }
+            return;
+        }
         health.consecutive_failures += 1;
         health.last_error = Some(error.to_string());
         if health.consecutive_failures >= BENCH_AFTER_FAILURES {
@@ -432,58 +505,50 @@ impl Plugin {
         }
     }
 
-    async fn instantiate(&self) -> Result<Warm, PluginError> {
-        let state = PluginState::new(self.name.clone(), self.cache.clone(), self.domains.clone());
-        let mut store = Store::new(&self.engine, state);
+    async fn instantiate(&self) -> Result<Warm<B>, PluginError> {
+        let state = PluginState::new(
+            self.info.name.clone(),
+            self.cache.clone(),
+            self.domains.clone(),
+        );
+        let mut store = Store::new(self.pre.engine(), state);
         store.limiter(|s| &mut s.limits);
-        store
-            .set_fuel(FUEL_PER_CALL)
+        // At the deadline, extend it by what the plugin has left of its own time: waits in
+        // host imports are the host's, not the plugin's.
+        store.epoch_deadline_callback(|ctx| {
+            let own = ctx.data().clock.own_time();
+            Ok(match PLUGIN_DEADLINE.checked_sub(own) {
+                Some(left) if !left.is_zero() => UpdateDeadline::Continue(ticks(left)),
+                _ => UpdateDeadline::Interrupt,
+            })
+        });
+        arm(&mut store)?;
+        let outcome = timeout(CALL_TIMEOUT, self.pre.instantiate_async(&mut store)).await;
+        let instance = settle(outcome, &mut store, PluginError::Instantiate)?;
+        let exports = B::load(&self.indices, &mut store, &instance)
             .map_err(|e| PluginError::Instantiate(wasm_error(e)))?;
-        store.set_epoch_deadline(DEADLINE_TICKS);
-        let instance = tokio::time::timeout(
-            CALL_TIMEOUT,
-            self.instance_pre.instantiate_async(&mut store),
-        )
-        .await
-        .map_err(|_| PluginError::Timeout)?
-        .map_err(|e| PluginError::Instantiate(describe_trap(&e)))?;
-        let loaded = match &self.indices {
-            RoleIndices::Naming(i) => i.load(&mut store, &instance).map(RoleInstance::Naming),
-            RoleIndices::RateLimit(i) => i.load(&mut store, &instance).map(RoleInstance::RateLimit),
-            RoleIndices::ScanAdmission(i) => i
-                .load(&mut store, &instance)
-                .map(RoleInstance::ScanAdmission),
-        }
-        .map_err(|e| PluginError::Instantiate(wasm_error(e)))?;
         if let Some(init) = &self.init {
             let init = init
                 .load(&mut store, &instance)
                 .map_err(|e| PluginError::Instantiate(wasm_error(e)))?;
-            store
-                .set_fuel(FUEL_PER_CALL)
-                .map_err(|e| PluginError::Instantiate(wasm_error(e)))?;
-            store.set_epoch_deadline(DEADLINE_TICKS);
-            let result = tokio::time::timeout(
-                CALL_TIMEOUT,
-                init.p0rt_policy_init().call_init(&mut store, &self.config),
-            )
-            .await
-            .map_err(|_| PluginError::Timeout)?
-            .map_err(|e| PluginError::Trap(describe_trap(&e)))?;
+            arm(&mut store)?;
+            let call = init.p0rt_policy_init().call_init(&mut store, &self.config);
+            let outcome = timeout(CALL_TIMEOUT, call).await;
+            let result = settle(outcome, &mut store, PluginError::Trap)?;
             result.map_err(PluginError::InitRefused)?;
         }
         Ok(Warm {
             store,
-            instance: loaded,
+            exports,
             calls: 0,
         })
     }
 
-    fn take_warm(&self) -> Option<Warm> {
+    fn take_warm(&self) -> Option<Warm<B>> {
         self.warm.lock().unwrap_or_else(|p| p.into_inner()).pop()
     }
 
-    fn return_warm(&self, warm: Warm) {
+    fn return_warm(&self, warm: Warm<B>) {
         if warm.calls >= CALLS_PER_WARM_INSTANCE {
             return;
         }
@@ -493,61 +558,49 @@ impl Plugin {
         }
     }
 
-    /// Runs one call under the per-call limits. `fresh` forces a new instance (and does
-    /// not keep it), which is what the benchmark compares against warm reuse.
-    pub async fn invoke<R: Send>(
+    /// Asks the plugin one question under the per-call limits and validates its answer.
+    /// `validate` turns the answer into the host's decision or says why it is invalid (the
+    /// plugin's bad output). Every failure of the plugin's own counts toward benching; host
+    /// faults do not. `fresh` forces a new instance (and does not keep it), which is what
+    /// the benchmark compares against warm reuse.
+    pub async fn decide<D>(
         &self,
+        request: B::Request,
         fresh: bool,
-        call: impl for<'a> FnOnce(&'a RoleInstance, &'a mut Store<PluginState>) -> CallFuture<'a, R>
-        + Send,
-    ) -> Result<R, PluginError> {
+        validate: impl FnOnce(B::Answer) -> Result<D, String>,
+    ) -> Result<D, PluginError> {
         if let Some(reason) = self.benched() {
             return Err(PluginError::Benched(reason));
         }
+        let outcome = self
+            .call(&request, fresh)
+            .await
+            .and_then(|answer| validate(answer).map_err(PluginError::BadOutput));
+        match &outcome {
+            Ok(_) => self.record_success(),
+            Err(e) => self.record_failure(e),
+        }
+        outcome
+    }
+
+    async fn call(&self, request: &B::Request, fresh: bool) -> Result<B::Answer, PluginError> {
         let warm = if fresh { None } else { self.take_warm() };
         let mut warm = match warm {
             Some(warm) => warm,
-            None => match self.instantiate().await {
-                Ok(warm) => warm,
-                Err(e) => {
-                    self.record_failure(&e);
-                    return Err(e);
-                }
-            },
+            None => self.instantiate().await?,
         };
-        let reset = warm.store.set_fuel(FUEL_PER_CALL);
-        if let Err(e) = reset {
-            return Err(PluginError::Trap(wasm_error(e)));
+        arm(&mut warm.store)?;
+        let outcome = timeout(
+            CALL_TIMEOUT,
+            B::call(&warm.exports, &mut warm.store, request),
+        )
+        .await;
+        // A failed instance is never reused.
+        let answer = settle(outcome, &mut warm.store, PluginError::Trap)?;
+        warm.calls += 1;
+        if !fresh {
+            self.return_warm(warm);
         }
-        warm.store.set_epoch_deadline(DEADLINE_TICKS);
-        let outcome =
-            tokio::time::timeout(CALL_TIMEOUT, call(&warm.instance, &mut warm.store)).await;
-        match outcome {
-            Ok(Ok(result)) => {
-                warm.calls += 1;
-                if !fresh {
-                    self.return_warm(warm);
-                }
-                self.record_success();
-                Ok(result)
-            }
-            Ok(Err(e)) => {
-                // A trapped instance is never reused.
-                let error = PluginError::Trap(describe_trap(&e));
-                self.record_failure(&error);
-                Err(error)
-            }
-            Err(_) => {
-                self.record_failure(&PluginError::Timeout);
-                Err(PluginError::Timeout)
-            }
-        }
-    }
-
-    /// Reports a decision the host rejected as invalid, so bad outputs count toward benching.
-    pub fn report_bad_output(&self, problem: String) -> PluginError {
-        let error = PluginError::BadOutput(problem);
-        self.record_failure(&error);
-        error
+        Ok(answer)
     }
 }

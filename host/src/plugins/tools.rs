@@ -6,15 +6,15 @@
 //! - `bench FILE --input JSON`: decision latency with a warm and with a fresh instance.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
 
-use super::runtime::{Plugin, PluginSpec, Runtime};
+use super::fallback::{name_fallback, scan_fallback};
+use super::runtime::{AnyPlugin, PluginSpec, Runtime};
 use super::{
-    NamingInput, PluginOptions, PolicyPlugins, RequestFacts, Role, ScanJob, decide_name,
-    decide_rate, decide_scan, read_plugin_file,
+    LabelApproval, NamingInput, PluginOptions, PolicyPlugins, RequestFacts, Role, ScanJob,
+    read_plugin_file, roles,
 };
 use crate::cache::Cache;
 
@@ -22,7 +22,7 @@ async fn load(
     path: &Path,
     role: Option<Role>,
     config: Option<String>,
-) -> anyhow::Result<Arc<Plugin>> {
+) -> anyhow::Result<AnyPlugin> {
     let mut spec: PluginSpec =
         read_plugin_file(path).with_context(|| format!("plugin {}", path.display()))?;
     if role.is_some() {
@@ -42,6 +42,7 @@ async fn load(
 /// `p0rt plugin check FILE`
 pub async fn check(path: &Path, role: Option<Role>) -> anyhow::Result<String> {
     let plugin = load(path, role, None).await?;
+    let plugin = plugin.info();
     let mut out = format!(
         "{}: ok\n  role:      {}\n  world:     p0rt:policy@{} ({})\n  sha256:    {}\n  imports:\n",
         path.display(),
@@ -56,27 +57,42 @@ pub async fn check(path: &Path, role: Option<Role>) -> anyhow::Result<String> {
     Ok(out)
 }
 
-/// One decision for `input` (JSON shaped like the role's request record, snake_case).
+/// One decision for `input` (JSON shaped like the role's request record, snake_case), with
+/// the host's fallback when the plugin gives none.
 pub async fn decide(
-    plugin: &Plugin,
+    plugin: &AnyPlugin,
     input: &str,
     fresh: bool,
 ) -> anyhow::Result<serde_json::Value> {
-    let value = match plugin.role {
-        Role::Naming => {
+    let value = match plugin {
+        AnyPlugin::Naming(plugin) => {
             let input: NamingInput = serde_json::from_str(input).context("--input for a naming plugin: {\"ssh_key_hash\": \"…\", \"fingerprint\": \"…\", \"requested_label\": null, \"attempt\": 0}")?;
-            serde_json::to_value(decide_name(plugin, &input, fresh).await)?
+            if input.requested_label.is_some() {
+                match roles::approve_label(plugin, &input, fresh).await {
+                    Ok(LabelApproval::Refused(reason)) => {
+                        serde_json::json!({ "decision": "refused", "value": reason })
+                    }
+                    Ok(LabelApproval::Approved) => serde_json::json!({ "decision": "approved" }),
+                    Err(e) => {
+                        serde_json::json!({ "decision": "approved", "fallback": e.to_string() })
+                    }
+                }
+            } else {
+                let choice = roles::choose_name(plugin, &input, fresh).await;
+                serde_json::to_value(choice.unwrap_or_else(|e| name_fallback(&plugin.info, &e)))?
+            }
         }
-        Role::RateLimit => {
+        AnyPlugin::RateLimit(plugin) => {
             let input: RequestFacts = serde_json::from_str(input).context("--input for a rate-limit plugin: {\"client_ip\": \"…\", \"name\": \"…\", \"method\": \"GET\", \"path\": \"/\", …}")?;
-            match decide_rate(plugin, input, fresh).await {
+            match roles::check_request(plugin, input, fresh).await {
                 Ok(decision) => serde_json::to_value(decision)?,
                 Err(e) => serde_json::json!({ "decision": "fallback", "reason": e.to_string() }),
             }
         }
-        Role::ScanAdmission => {
+        AnyPlugin::ScanAdmission(plugin) => {
             let input: ScanJob = serde_json::from_str(input).context("--input for a scan-admission plugin: {\"requester_key_hash\": \"…\", \"target\": \"…\", \"ports\": [443], \"checks\": [\"tls\"], …}")?;
-            serde_json::to_value(decide_scan(plugin, &input, fresh).await)?
+            let decision = roles::admit_scan(plugin, &input, fresh).await;
+            serde_json::to_value(decision.unwrap_or_else(|e| scan_fallback(&e)))?
         }
     };
     Ok(value)
@@ -149,7 +165,8 @@ pub async fn bench(
     let plugin = load(path, role, None).await?;
     let mut out = format!(
         "plugin {} ({}), {iterations} decisions each\n",
-        plugin.name, plugin.role
+        plugin.info().name,
+        plugin.info().role
     );
     for (label, fresh) in [("warm instance ", false), ("fresh instance", true)] {
         // Warm-up, so one-time costs (first instantiation, page faults) are not counted.
