@@ -792,7 +792,10 @@ mod tests {
     #[test]
     fn public_url_omits_default_port() {
         let mut c = Config::default();
-        assert_eq!(c.public_urls(8080).of("a-b-c"), "http://a-b-c.localhost:8080");
+        assert_eq!(
+            c.public_urls(8080).of("a-b-c"),
+            "http://a-b-c.localhost:8080"
+        );
         c.public_port = Some(80);
         assert_eq!(c.public_urls(8080).of("a-b-c"), "http://a-b-c.localhost");
     }

@@ -24,10 +24,46 @@ pub const MAX_OWNER_CANDIDATES: usize = 8;
 
 /// Names never handed out to a key: they belong to the host or invite confusion.
 pub const RESERVED_NAMES: &[&str] = &[
-    "www", "api", "admin", "administrator", "mail", "smtp", "imap", "pop", "ftp", "ssh", "root",
-    "host", "localhost", "ns", "ns1", "ns2", "mx", "dns", "health", "stats", "status", "static",
-    "assets", "cdn", "app", "dashboard", "login", "auth", "oauth", "account", "billing",
-    "support", "help", "docs", "blog", "p0rt", "tunnel", "tunnels", "proxy", "internal",
+    "www",
+    "api",
+    "admin",
+    "administrator",
+    "mail",
+    "smtp",
+    "imap",
+    "pop",
+    "ftp",
+    "ssh",
+    "root",
+    "host",
+    "localhost",
+    "ns",
+    "ns1",
+    "ns2",
+    "mx",
+    "dns",
+    "health",
+    "stats",
+    "status",
+    "static",
+    "assets",
+    "cdn",
+    "app",
+    "dashboard",
+    "login",
+    "auth",
+    "oauth",
+    "account",
+    "billing",
+    "support",
+    "help",
+    "docs",
+    "blog",
+    "p0rt",
+    "tunnel",
+    "tunnels",
+    "proxy",
+    "internal",
     "metrics",
 ];
 
@@ -39,7 +75,9 @@ pub fn is_reserved(name: &str) -> bool {
 /// Checks one DNS label: 1–63 characters of `a-z`, `0-9`, `-`, not starting or ending with `-`.
 pub fn check_dns_label(label: &str) -> Result<(), String> {
     if label.is_empty() || label.len() > MAX_LABEL_LEN {
-        return Err(format!("label {label:?} must be 1 to {MAX_LABEL_LEN} characters"));
+        return Err(format!(
+            "label {label:?} must be 1 to {MAX_LABEL_LEN} characters"
+        ));
     }
     if !label
         .bytes()
@@ -254,9 +292,15 @@ mod tests {
         let all: Vec<&str> = name.owner_candidates().collect();
         assert_eq!(
             all,
-            ["my-app-eager-pixel-ant", "app-eager-pixel-ant", "eager-pixel-ant", "pixel-ant", "ant"]
+            [
+                "my-app-eager-pixel-ant",
+                "app-eager-pixel-ant",
+                "eager-pixel-ant",
+                "pixel-ant",
+                "ant"
+            ]
         );
-        let long = TunnelName::parse(&"a-".repeat(30).trim_end_matches('-').to_string()).unwrap();
+        let long = TunnelName::parse("a-".repeat(30).trim_end_matches('-')).unwrap();
         assert_eq!(long.owner_candidates().count(), MAX_OWNER_CANDIDATES);
     }
 

@@ -222,13 +222,13 @@ fn bytes_response(n: u64, st: Arc<State>) -> Response<Body> {
     let stream = futures_util::stream::unfold(0u64, move |off| {
         let st = st.clone();
         async move {
-        if off >= n {
-            return None;
-        }
-        let len = (n - off).min(CHUNK as u64) as usize;
-        st.produced.fetch_add(len as u64, Ordering::SeqCst);
-        let frame = Frame::data(Bytes::from(pattern(off, len)));
-        Some((Ok::<_, Infallible>(frame), off + len as u64))
+            if off >= n {
+                return None;
+            }
+            let len = (n - off).min(CHUNK as u64) as usize;
+            st.produced.fetch_add(len as u64, Ordering::SeqCst);
+            let frame = Frame::data(Bytes::from(pattern(off, len)));
+            Some((Ok::<_, Infallible>(frame), off + len as u64))
         }
     });
     // No content-length: hyper sends the body chunked.

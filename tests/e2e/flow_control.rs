@@ -136,7 +136,10 @@ async fn a_visitor_that_stops_reading_stalls_only_its_own_download() {
             hasher.update(&chunk);
             received += chunk.len() as u64;
         }
-        assert_eq!(received, STALLED, "every byte of the stalled download arrived");
+        assert_eq!(
+            received, STALLED,
+            "every byte of the stalled download arrived"
+        );
         assert_eq!(hex::encode(hasher.finalize()), pattern_sha256(STALLED));
     }
 }
@@ -172,9 +175,11 @@ async fn a_backend_that_stops_reading_an_upload_stalls_only_that_upload() {
             .timeout(Duration::from_secs(120));
         tokio::spawn(async move { request.send().await })
     };
-    eventually(Duration::from_secs(10), "upload reaches the backend", || async {
-        (backend.gated() == 1).then_some(())
-    })
+    eventually(
+        Duration::from_secs(10),
+        "upload reaches the backend",
+        || async { (backend.gated() == 1).then_some(()) },
+    )
     .await;
     let sent_when_stalled = wait_stalled("upload", STALLED, || sent.load(Ordering::SeqCst)).await;
 
@@ -191,13 +196,13 @@ async fn a_backend_that_stops_reading_an_upload_stalls_only_that_upload() {
 
     // The backend reads again: the upload completes, byte for byte.
     backend.open_gate();
-    let res = upload
-        .await
-        .unwrap()
-        .expect("stalled upload completes");
+    let res = upload.await.unwrap().expect("stalled upload completes");
     assert_eq!(res.status(), 200);
     let answer: serde_json::Value = serde_json::from_str(&res.text().await.unwrap()).unwrap();
-    assert_eq!(answer["len"], STALLED, "every byte of the stalled upload arrived");
+    assert_eq!(
+        answer["len"], STALLED,
+        "every byte of the stalled upload arrived"
+    );
     let mut expected = Sha256::new();
     for _ in 0..chunks {
         expected.update([0x5au8; 64 * 1024]);

@@ -266,7 +266,7 @@ async fn two_hosts_claiming_one_name_never_share_it() {
         }
         // Clear the contested name so the next round races for it again.
         let _: () = client
-            .del(format!("p0rt:domain:reverse:contested"))
+            .del("p0rt:domain:reverse:contested")
             .await
             .unwrap();
     }
@@ -301,7 +301,9 @@ async fn poisoned_keys_are_treated_as_missing_and_logged() {
 
     // A hash where the reverse key of dave's first-choice name belongs: that name is skipped.
     let dave = sandbox.key("dave");
-    let first_choice = p0rt::names::builtin_name(&p0rt::names::KeyHash::from_stored(dave.key_hash()), 0).to_string();
+    let first_choice =
+        p0rt::names::builtin_name(&p0rt::names::KeyHash::from_stored(dave.key_hash()), 0)
+            .to_string();
     let reverse = format!("p0rt:domain:reverse:{first_choice}");
     let _: () = client.hset(&reverse, "oops", "1").await.unwrap();
     let dave_name = host.info(&sandbox, &dave).await.name;

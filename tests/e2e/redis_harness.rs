@@ -92,7 +92,7 @@ async fn password_server_rejects_no_auth_and_accepts_the_password() {
 
     // A wrong password fails the handshake.
     let wrong = connect(server.addr(), Some("wrong"), REDIS_CLIENT_TIMEOUT).await;
-    let err = wrong.err().expect("a wrong password must be refused");
+    let err = wrong.expect_err("a wrong password must be refused");
     assert_eq!(err.kind(), redis::ErrorKind::AuthenticationFailed, "{err}");
 
     // The harness client authenticates.

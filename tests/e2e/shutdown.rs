@@ -24,9 +24,11 @@ async fn sigterm_drains_in_flight_requests_and_exits_0() {
             .timeout(Duration::from_secs(30));
         tokio::spawn(async move { request.send().await })
     };
-    eventually(Duration::from_secs(10), "request reaches the backend", || async {
-        (backend.gated() == 1).then_some(())
-    })
+    eventually(
+        Duration::from_secs(10),
+        "request reaches the backend",
+        || async { (backend.gated() == 1).then_some(()) },
+    )
     .await;
 
     let pid = host.pid();
@@ -35,9 +37,16 @@ async fn sigterm_drains_in_flight_requests_and_exits_0() {
         .status();
     // No new connections once it is stopping.
     let http = host.http_addr();
-    eventually(Duration::from_secs(5), "the HTTP listener to close", || async {
-        tokio::net::TcpStream::connect(http).await.is_err().then_some(())
-    })
+    eventually(
+        Duration::from_secs(5),
+        "the HTTP listener to close",
+        || async {
+            tokio::net::TcpStream::connect(http)
+                .await
+                .is_err()
+                .then_some(())
+        },
+    )
     .await;
     // The request in flight still completes through its tunnel.
     backend.open_gate();
@@ -55,7 +64,11 @@ async fn sigterm_drains_in_flight_requests_and_exits_0() {
     );
 
     let status = host.stop_waiting().await;
-    assert!(status.success(), "exit status {status}; log:\n{}", host.log());
+    assert!(
+        status.success(),
+        "exit status {status}; log:\n{}",
+        host.log()
+    );
     let log = host.log();
     assert!(log.contains("stopped"), "{log}");
     let stored = std::fs::read_to_string(host.data_dir().join("domains.json")).unwrap();

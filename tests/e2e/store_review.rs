@@ -58,7 +58,8 @@ async fn data_at_a_record_key_that_is_not_p0rts_is_refused_by_name_and_kept() {
 
     // Who, the fields that differ from a valid record (`None`: a list, not a hash), and
     // what the refusal says is wrong.
-    let cases: [(&str, Option<&[(&str, &str)]>, &str); 4] = [
+    type Case<'a> = (&'a str, Option<&'a [(&'a str, &'a str)]>, &'a str);
+    let cases: [Case; 4] = [
         ("list", None, "holds a list"),
         (
             "bad-number",

@@ -327,7 +327,10 @@ impl Host {
                 break;
             }
             if let Ok(Some(status)) = child.try_wait() {
-                panic!("p0rt exited during startup ({status}); stderr:\n{}", self.log());
+                panic!(
+                    "p0rt exited during startup ({status}); stderr:\n{}",
+                    self.log()
+                );
             }
             if Instant::now() >= deadline {
                 let _ = child.start_kill();

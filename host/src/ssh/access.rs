@@ -64,7 +64,10 @@ impl KeyAccess {
                 }
             }
             Err(e) => {
-                self.report_once(format!("cannot read authorized keys file {}: {e}", path.display()));
+                self.report_once(format!(
+                    "cannot read authorized keys file {}: {e}",
+                    path.display()
+                ));
                 return Err(());
             }
         };
@@ -75,18 +78,29 @@ impl KeyAccess {
         }
         let file = path.clone();
         let parsed = tokio::task::spawn_blocking(move || {
-            russh::keys::ssh_key::AuthorizedKeys::read_file(&file)
-                .map(|entries| entries.iter().map(|e| e.public_key().key_data().clone()).collect())
+            russh::keys::ssh_key::AuthorizedKeys::read_file(&file).map(|entries| {
+                entries
+                    .iter()
+                    .map(|e| e.public_key().key_data().clone())
+                    .collect()
+            })
         })
         .await;
         let keys = match parsed {
             Ok(Ok(keys)) => {
                 *self.last_problem.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                tracing::info!("authorized keys: {} keys from {}", Vec::len(&keys), path.display());
+                tracing::info!(
+                    "authorized keys: {} keys from {}",
+                    Vec::len(&keys),
+                    path.display()
+                );
                 Some(Arc::new(keys))
             }
             Ok(Err(e)) => {
-                self.report_once(format!("cannot read authorized keys file {}: {e}", path.display()));
+                self.report_once(format!(
+                    "cannot read authorized keys file {}: {e}",
+                    path.display()
+                ));
                 None
             }
             Err(e) => {

@@ -62,4 +62,3 @@ fn generate_host_key(path: &Path) -> Result<PrivateKey, HostKeyError> {
     );
     Ok(key)
 }
-

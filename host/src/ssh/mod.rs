@@ -28,8 +28,8 @@ use crate::config::PublicUrls;
 use crate::names::{KeyHash, Label, TunnelName, fingerprint};
 use crate::shutdown::Stop;
 use crate::tunnels::{
-    KeyIdentity, LinkError, SessionId, SessionOutput, SessionOutputSink, TunnelLink,
-    TunnelService, UpstreamIo,
+    KeyIdentity, LinkError, SessionId, SessionOutput, SessionOutputSink, TunnelLink, TunnelService,
+    UpstreamIo,
 };
 
 /// Keepalive probe interval; with [`KEEPALIVE_MAX`] a dead client is dropped within 30 s.
@@ -346,11 +346,9 @@ impl Connection {
         handle: russh::server::Handle,
     ) -> Result<TunnelName, String> {
         if !HTTP_FORWARD_PORTS.contains(&port) {
-            return Err(
-                "only remote ports 80 and 443 are served (HTTP tunnels); \
+            return Err("only remote ports 80 and 443 are served (HTTP tunnels); \
                  use -R 80:localhost:<your port>"
-                    .into(),
-            );
+                .into());
         }
         if self.forwards.len() >= MAX_FORWARDS_PER_CONNECTION {
             return Err(format!(

@@ -254,7 +254,10 @@ mod tests {
         let (alice, bob) = (key("a"), key("b"));
         let base = service.main_name(&alice, 1).await.unwrap();
         let api = Label::from_bind_address("api").unwrap().unwrap();
-        let sub = service.forward_name(&alice, &base, Some(&api)).await.unwrap();
+        let sub = service
+            .forward_name(&alice, &base, Some(&api))
+            .await
+            .unwrap();
         assert_eq!(sub.as_str(), "api-base");
         let nope = Label::from_bind_address("nope").unwrap().unwrap();
         assert!(matches!(
@@ -280,7 +283,12 @@ mod tests {
         let (alice, bob) = (key("a"), key("b"));
         let name = service.main_name(&alice, 1).await.unwrap();
         let (old, new) = (SessionId::next(), SessionId::next());
-        assert!(open(&service, &alice, old, &name).unwrap().displaced.is_none());
+        assert!(
+            open(&service, &alice, old, &name)
+                .unwrap()
+                .displaced
+                .is_none()
+        );
         let opened = open(&service, &alice, new, &name).unwrap();
         assert_eq!(opened.displaced.map(|t| t.session), Some(old));
         assert!(matches!(
@@ -289,7 +297,9 @@ mod tests {
         ));
         // The old session's late cleanup leaves the new tunnel alone.
         assert!(!service.close(&name, old));
-        assert!(matches!(service.resolve(name.as_str()).await, Resolution::Live(t) if t.session == new));
+        assert!(
+            matches!(service.resolve(name.as_str()).await, Resolution::Live(t) if t.session == new)
+        );
         assert!(service.close(&name, new));
     }
 
@@ -299,12 +309,24 @@ mod tests {
         let service = service(&dir, Arc::new(BuiltinPolicy));
         let alice = key("a");
         let name = service.main_name(&alice, 1).await.unwrap();
-        assert!(matches!(service.resolve(name.as_str()).await, Resolution::Offline));
+        assert!(matches!(
+            service.resolve(name.as_str()).await,
+            Resolution::Offline
+        ));
         let sub = format!("shop-{name}");
         assert!(matches!(service.resolve(&sub).await, Resolution::Offline));
-        assert!(matches!(service.resolve("nobody-here").await, Resolution::Unknown));
-        assert!(matches!(service.resolve("Not A Label").await, Resolution::Unknown));
+        assert!(matches!(
+            service.resolve("nobody-here").await,
+            Resolution::Unknown
+        ));
+        assert!(matches!(
+            service.resolve("Not A Label").await,
+            Resolution::Unknown
+        ));
         open(&service, &alice, SessionId::next(), &name).unwrap();
-        assert!(matches!(service.resolve(name.as_str()).await, Resolution::Live(_)));
+        assert!(matches!(
+            service.resolve(name.as_str()).await,
+            Resolution::Live(_)
+        ));
     }
 }
