@@ -265,10 +265,7 @@ async fn two_hosts_claiming_one_name_never_share_it() {
             );
         }
         // Clear the contested name so the next round races for it again.
-        let _: () = client
-            .del("p0rt:domain:reverse:contested")
-            .await
-            .unwrap();
+        let _: () = client.del("p0rt:domain:reverse:contested").await.unwrap();
     }
 }
 
