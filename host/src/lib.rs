@@ -30,6 +30,7 @@ pub mod names;
 pub mod plugins;
 pub mod policy;
 pub mod redis_link;
+pub mod scan;
 pub mod server;
 pub mod shutdown;
 pub mod ssh;
