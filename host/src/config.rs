@@ -8,6 +8,7 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use clap::Args;
 use serde::Deserialize;
@@ -133,6 +134,10 @@ pub struct Config {
     pub plugins_dir: PathBuf,
     /// `false`: built-in namer, no rate limiting, scan jobs denied.
     pub plugins_enabled: bool,
+    /// Scan jobs: workers, queue caps, budgets, the raw-target allowlist (`scan.*`).
+    pub scan: crate::scan::ScanSettings,
+    /// `scan.allowed_targets` as written, parsed into `scan` by validation.
+    scan_allowed_targets: Option<Vec<String>>,
 }
 
 impl Default for Config {
@@ -159,6 +164,8 @@ impl Default for Config {
             admin_token: None,
             plugins_dir: PathBuf::from(DEFAULT_PLUGINS_DIR),
             plugins_enabled: true,
+            scan: crate::scan::ScanSettings::default(),
+            scan_allowed_targets: None,
         }
     }
 }
@@ -194,6 +201,22 @@ pub struct Layer {
     pub storage: StorageLayer,
     pub admin: AdminLayer,
     pub plugins: PluginsLayer,
+    pub scan: ScanLayer,
+}
+
+/// `scan.*`: see docs/scans.md.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScanLayer {
+    pub workers: Option<usize>,
+    pub queue_max: Option<usize>,
+    pub max_active_per_key: Option<usize>,
+    pub cache_ttl_seconds: Option<u64>,
+    pub job_timeout_seconds: Option<u64>,
+    pub max_requests: Option<u32>,
+    pub visibility_timeout_seconds: Option<u64>,
+    /// Hosts, IPs and CIDRs TCP port checks may contact.
+    pub allowed_targets: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -352,6 +375,7 @@ impl ServeArgs {
                 dir: self.plugins_dir.clone(),
                 enabled: self.no_plugins.then_some(false),
             },
+            scan: ScanLayer::default(),
         }
     }
 }
@@ -379,6 +403,14 @@ pub const ENV_VARS: &[&str] = &[
     "REDIS_PREFIX",
     "REDIS_TTL_DAYS",
     "REDIS_CA_CERT",
+    "SCAN_WORKERS",
+    "SCAN_QUEUE_MAX",
+    "SCAN_MAX_ACTIVE_PER_KEY",
+    "SCAN_CACHE_TTL_SECONDS",
+    "SCAN_JOB_TIMEOUT_SECONDS",
+    "SCAN_MAX_REQUESTS",
+    "SCAN_VISIBILITY_TIMEOUT_SECONDS",
+    "SCAN_ALLOWED_TARGETS",
 ];
 
 fn parse_env<T: std::str::FromStr>(
@@ -481,6 +513,39 @@ pub fn env_layer(get: &dyn Fn(&str) -> Option<String>) -> Result<Layer, ConfigEr
     if let Some(v) = get("PLUGINS_ENABLED") {
         layer.plugins.enabled = Some(parse_env("PLUGINS_ENABLED", &v, "true or false")?);
     }
+    const COUNT: &str = "a whole number";
+    const SECS: &str = "a number of seconds";
+    if let Some(v) = get("SCAN_WORKERS") {
+        layer.scan.workers = Some(parse_env("SCAN_WORKERS", &v, COUNT)?);
+    }
+    if let Some(v) = get("SCAN_QUEUE_MAX") {
+        layer.scan.queue_max = Some(parse_env("SCAN_QUEUE_MAX", &v, COUNT)?);
+    }
+    if let Some(v) = get("SCAN_MAX_ACTIVE_PER_KEY") {
+        layer.scan.max_active_per_key = Some(parse_env("SCAN_MAX_ACTIVE_PER_KEY", &v, COUNT)?);
+    }
+    if let Some(v) = get("SCAN_CACHE_TTL_SECONDS") {
+        layer.scan.cache_ttl_seconds = Some(parse_env("SCAN_CACHE_TTL_SECONDS", &v, SECS)?);
+    }
+    if let Some(v) = get("SCAN_JOB_TIMEOUT_SECONDS") {
+        layer.scan.job_timeout_seconds = Some(parse_env("SCAN_JOB_TIMEOUT_SECONDS", &v, SECS)?);
+    }
+    if let Some(v) = get("SCAN_MAX_REQUESTS") {
+        layer.scan.max_requests = Some(parse_env("SCAN_MAX_REQUESTS", &v, COUNT)?);
+    }
+    if let Some(v) = get("SCAN_VISIBILITY_TIMEOUT_SECONDS") {
+        layer.scan.visibility_timeout_seconds =
+            Some(parse_env("SCAN_VISIBILITY_TIMEOUT_SECONDS", &v, SECS)?);
+    }
+    if let Some(v) = get("SCAN_ALLOWED_TARGETS") {
+        layer.scan.allowed_targets = Some(
+            v.split(',')
+                .map(str::trim)
+                .filter(|e| !e.is_empty())
+                .map(String::from)
+                .collect(),
+        );
+    }
     Ok(layer)
 }
 
@@ -541,6 +606,7 @@ impl Config {
             storage,
             admin,
             plugins,
+            scan,
         } = layer;
         set(&mut self.ssh_bind, ssh.bind);
         set(&mut self.ssh_port, ssh.port);
@@ -579,6 +645,20 @@ impl Config {
         }
         set(&mut self.plugins_dir, plugins.dir);
         set(&mut self.plugins_enabled, plugins.enabled);
+        let settings = &mut self.scan;
+        set(&mut settings.workers, scan.workers);
+        set(&mut settings.max_waiting, scan.queue_max);
+        set(&mut settings.max_active_per_key, scan.max_active_per_key);
+        set(&mut settings.cache_ttl, scan.cache_ttl_seconds.map(Duration::from_secs));
+        set(&mut settings.job_timeout, scan.job_timeout_seconds.map(Duration::from_secs));
+        set(&mut settings.max_requests, scan.max_requests);
+        set(
+            &mut settings.visibility_timeout,
+            scan.visibility_timeout_seconds.map(Duration::from_secs),
+        );
+        if scan.allowed_targets.is_some() {
+            self.scan_allowed_targets = scan.allowed_targets;
+        }
     }
 
     fn validate(&mut self) -> Result<(), ConfigError> {
@@ -632,6 +712,7 @@ impl Config {
                 problem: e.to_string(),
             })?;
         }
+        self.validate_scan()?;
         if let Some(token) = &self.admin_token
             && token.expose().len() < MIN_ADMIN_TOKEN_LEN
         {
@@ -639,6 +720,35 @@ impl Config {
                 key: "admin.token",
                 problem: format!("must be at least {MIN_ADMIN_TOKEN_LEN} characters long"),
             });
+        }
+        Ok(())
+    }
+
+    fn validate_scan(&mut self) -> Result<(), ConfigError> {
+        let s = &self.scan;
+        let checks: [(&'static str, u64, u64, u64); 7] = [
+            ("scan.workers", s.workers as u64, 0, 64),
+            ("scan.queue_max", s.max_waiting as u64, 1, 100_000),
+            ("scan.max_active_per_key", s.max_active_per_key as u64, 1, 1_000),
+            ("scan.cache_ttl_seconds", s.cache_ttl.as_secs(), 0, 7 * 86_400),
+            ("scan.job_timeout_seconds", s.job_timeout.as_secs(), 1, 3_600),
+            ("scan.max_requests", u64::from(s.max_requests), 1, 10_000),
+            ("scan.visibility_timeout_seconds", s.visibility_timeout.as_secs(), 2, 3_600),
+        ];
+        for (key, value, min, max) in checks {
+            if !(min..=max).contains(&value) {
+                return Err(ConfigError::Invalid {
+                    key,
+                    problem: format!("{value} is out of range: use {min} to {max}"),
+                });
+            }
+        }
+        if let Some(entries) = &self.scan_allowed_targets {
+            self.scan.allowed_targets = crate::scan::target::TargetAllowlist::parse(entries)
+                .map_err(|problem| ConfigError::Invalid {
+                    key: "scan.allowed_targets",
+                    problem,
+                })?;
         }
         Ok(())
     }
@@ -681,6 +791,14 @@ impl PublicUrls {
         match self.port {
             None => format!("{}://{name}.{}", self.scheme, self.domain),
             Some(port) => format!("{}://{name}.{}:{port}", self.scheme, self.domain),
+        }
+    }
+
+    /// The base domain's URL (front page, API).
+    pub fn base(&self) -> String {
+        match self.port {
+            None => format!("{}://{}", self.scheme, self.domain),
+            Some(port) => format!("{}://{}:{port}", self.scheme, self.domain),
         }
     }
 }

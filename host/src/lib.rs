@@ -7,6 +7,7 @@
 //! server (wiring, shutdown)
 //!   ├─► ssh   (SSH edge: auth, tcpip-forward, session output) ─┐
 //!   ├─► http  (HTTP edge: route by Host, admit, proxy)        ├─► tunnels ─► names, store, policy
+//!   ├─► scan  (jobs, queue, workers; used by both edges)       ┘
 //!   └─► plugins (PolicyPlugins: implements policy) ─► cache, store
 //! store, cache ─► redis_link           config ─► names
 //! ```
@@ -20,6 +21,8 @@
 //! - [`store`]: the domain store (JSON file or Redis), opening it, migration.
 //! - [`cache`]: the plugins' cache (Redis with in-memory fallback).
 //! - [`redis_link`]: one Redis connection (standalone, Sentinel, Cluster) with timeouts.
+//! - [`scan`]: scan jobs: admission, queue (memory or Redis Streams), workers, checks.
+//! - [`tokens`]: per-key API tokens (`ssh … token`), stored hashed.
 //! - [`config`]: layered configuration (defaults < YAML < environment < flags).
 //! - [`server`]: wires the pieces together, runs and stops them ([`shutdown`]: the stop signal).
 
@@ -35,6 +38,7 @@ pub mod server;
 pub mod shutdown;
 pub mod ssh;
 pub mod store;
+pub mod tokens;
 pub mod tunnels;
 
 /// Seconds since the Unix epoch, the unit of every timestamp in the domain store.

@@ -14,6 +14,10 @@ use crate::http::upstream::{UPSTREAM_IDLE_TIMEOUT, UpstreamPool};
 use crate::plugins::{PluginOptions, PolicyPlugins};
 use crate::ssh::{KeyAccess, SshEdge};
 use crate::store::open::{connect_redis, open_store};
+use crate::scan::queue::{JobBackend, MemoryJobs};
+use crate::scan::redis_queue::RedisJobs;
+use crate::scan::{EdgeAddress, ScanService};
+use crate::tokens::TokenStore;
 use crate::tunnels::TunnelService;
 
 /// Subdirectory of the data directory holding compiled plugins.
@@ -86,12 +90,15 @@ pub async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<
     tracing::info!("tunnels will be served as {}", urls.of("<name>"));
 
     let tunnels = Arc::new(TunnelService::new(store.clone(), plugins.clone()));
+    let (scans, tokens) = scan_service(&config, link.as_ref(), &tunnels, &plugins, &http_listener)?;
     let ssh = Arc::new(SshEdge {
         tunnels: tunnels.clone(),
         access: KeyAccess::new(config.authorized_keys.clone()),
         urls,
         ssh_port,
         domain: config.domain.clone(),
+        scans: scans.clone(),
+        tokens: tokens.clone(),
     });
     let http = Arc::new(HttpEdge {
         tunnels,
@@ -106,6 +113,8 @@ pub async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<
             let plugins = plugins.clone();
             Arc::new(move || serde_json::to_value(plugins.status()).unwrap_or_default())
         },
+        scans: scans.clone(),
+        tokens,
     });
 
     let (stop_tx, stop) = crate::shutdown::channel();
@@ -117,6 +126,7 @@ pub async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<
         stop.clone(),
         disconnect,
     ));
+    scans.spawn_workers(stop.clone());
     let mut http_task = tokio::spawn(crate::http::serve(http_listener, http, stop));
     if let Some(path) = &ready_file {
         let ready = Ready {
@@ -144,6 +154,52 @@ pub async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<
         .context("writing the domain store on shutdown")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The scan service (its queue in Redis when the host uses Redis, else in memory) and the
+/// API token store (Redis, else a file in the data directory).
+fn scan_service(
+    config: &Config,
+    link: Option<&Arc<crate::redis_link::RedisLink>>,
+    tunnels: &Arc<TunnelService>,
+    plugins: &Arc<PolicyPlugins>,
+    http_listener: &TcpListener,
+) -> anyhow::Result<(Arc<ScanService>, Arc<TokenStore>)> {
+    let (backend, tokens): (Arc<dyn JobBackend>, TokenStore) = match link {
+        Some(link) => (
+            Arc::new(RedisJobs::new(link.clone(), &config.redis_prefix, config.scan.record_ttl)),
+            TokenStore::redis(link.clone(), &config.redis_prefix),
+        ),
+        None => (
+            Arc::new(MemoryJobs::new(config.scan.record_ttl)),
+            TokenStore::open_file(&config.data_dir).map_err(|e| SettingsError(e.to_string()))?,
+        ),
+    };
+    // Scans reach tunnels through this host's own edge, like any visitor.
+    let mut addr = http_listener.local_addr()?;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr.ip() {
+            std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    tracing::info!(
+        "scans: {} queue, {} workers, allowlisted raw targets: {}",
+        backend.kind(),
+        config.scan.workers,
+        if config.scan.allowed_targets.is_empty() { "none" } else { "some (scan.allowed_targets)" }
+    );
+    let scans = ScanService::new(
+        backend,
+        plugins.clone(),
+        tunnels.clone(),
+        config.scan.clone(),
+        EdgeAddress {
+            addr,
+            domain: config.domain.clone(),
+        },
+    );
+    Ok((scans, Arc::new(tokens)))
 }
 
 /// Writes the file whole or not at all (temp file + rename), so a reader never sees half.

@@ -1252,13 +1252,13 @@ async fn scan_admission_via_plugin_run() {
             "run",
             path_str(&guard),
             "--input",
-            &scan_input(true, &["tls", "open-ports", "headers"]),
+            &scan_input(true, &["tls", "paths", "open-ports", "headers"]),
         ],
     )
     .await;
     assert_eq!(
         out.json(),
-        json!({ "decision": "accept", "priority": 7, "allowed_checks": ["tls", "headers"] })
+        json!({ "decision": "accept", "priority": 7, "allowed_checks": ["paths", "headers"] })
     );
 
     // A trapping scan policy fails closed.

@@ -127,6 +127,6 @@ fn admin_allowed(headers: &HeaderMap, peer: SocketAddr, edge: &HttpEdge) -> bool
     constant_time_eq(presented.as_bytes(), token.expose().as_bytes())
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(super) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

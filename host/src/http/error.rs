@@ -1,7 +1,7 @@
 //! The one error of the HTTP edge. Each variant knows whose fault it is, its status and its
 //! page; the page is the variant's fixed text, so nothing from the request is ever reflected.
 
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 
 use super::upstream::UpstreamError;
@@ -19,6 +19,17 @@ pub enum Fault {
     Offline,
     /// The host itself failed (503).
     Host,
+}
+
+impl Fault {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fault::Client => "client",
+            Fault::Tunnel => "tunnel",
+            Fault::Offline => "offline",
+            Fault::Host => "host",
+        }
+    }
 }
 
 /// Why the edge answered a request itself. The `Display` text is the page's sentence.
@@ -58,6 +69,9 @@ pub enum EdgeError {
     #[error("domain store unavailable")]
     Store(#[source] StoreError),
 }
+
+/// Header on every response the edge itself produced: `client`, `tunnel`, `offline` or `host`.
+pub const EDGE_ERROR_HEADER: &str = "x-p0rt-error";
 
 /// What a 405 names as served: every method but CONNECT is forwarded.
 const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
@@ -109,6 +123,11 @@ impl EdgeError {
         };
         let mut response = full(status, "text/plain; charset=utf-8", text);
         let headers = response.headers_mut();
+        // Tells a client (and p0rt's own scanner) that the edge answered, not the backend.
+        headers.insert(
+            HeaderName::from_static(EDGE_ERROR_HEADER),
+            HeaderValue::from_static(self.fault().as_str()),
+        );
         match self {
             EdgeError::Connect => {
                 headers.insert(header::ALLOW, HeaderValue::from_static(ALLOWED_METHODS));

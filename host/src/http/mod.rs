@@ -12,6 +12,7 @@
 //! name, 405 `CONNECT`, 503 known name whose tunnel is offline, 502 backend refused or
 //! reset, 431 oversized headers, 408 slow headers (connection closed).
 
+mod api;
 mod base;
 mod error;
 mod proxy;
@@ -40,6 +41,8 @@ use tokio::task::JoinSet;
 use crate::cache::Cache;
 use crate::config::Secret;
 use crate::policy::RequestPolicy;
+use crate::scan::ScanService;
+use crate::tokens::TokenStore;
 use crate::shutdown::Stop;
 use crate::store::DomainStore;
 use crate::tunnels::{Resolution, Tunnel, TunnelService};
@@ -76,6 +79,10 @@ pub struct HttpEdge {
     pub ssh_port: u16,
     /// For `/status/plugins`: the plugin set's state, as JSON.
     pub plugin_status: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
+    /// For `/api/scans`.
+    pub scans: Arc<ScanService>,
+    /// Per-key API tokens, for `/api/scans`.
+    pub tokens: Arc<TokenStore>,
 }
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -188,6 +195,9 @@ async fn phases(
     edge: &HttpEdge,
 ) -> Result<Response<Body>, EdgeError> {
     let label = match route::route(req.method(), req.headers(), req.uri(), &edge.domain)? {
+        Target::Base if req.uri().path().starts_with("/api/") => {
+            return api::handle(req, edge).await.ok_or(EdgeError::UnknownName);
+        }
         Target::Base => {
             return base::endpoint(req.uri().path(), req.headers(), ctx.peer, edge).await;
         }

@@ -104,6 +104,18 @@ impl Edge {
         let dir = tempfile::tempdir().unwrap();
         let store = JsonStore::open(dir.path()).unwrap();
         let tunnels = Arc::new(TunnelService::new(store.clone(), Arc::new(BuiltinPolicy)));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let scans = crate::scan::ScanService::new(
+            Arc::new(crate::scan::queue::MemoryJobs::new(Duration::from_secs(60))),
+            Arc::new(BuiltinPolicy),
+            tunnels.clone(),
+            crate::scan::ScanSettings::default(),
+            crate::scan::EdgeAddress {
+                addr,
+                domain: "localhost".into(),
+            },
+        );
         let edge = Arc::new(HttpEdge {
             tunnels: tunnels.clone(),
             requests: Arc::new(BuiltinPolicy),
@@ -114,9 +126,9 @@ impl Edge {
             admin_token: None,
             ssh_port: 2222,
             plugin_status: Arc::new(|| serde_json::json!({})),
+            scans,
+            tokens: Arc::new(crate::tokens::TokenStore::open_file(dir.path()).unwrap()),
         });
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let (stop_tx, stop) = crate::shutdown::channel();
         tokio::spawn(serve(listener, edge.clone(), stop));
         Edge {

@@ -90,7 +90,7 @@ pub async fn decide(
             }
         }
         AnyPlugin::ScanAdmission(plugin) => {
-            let input: ScanJob = serde_json::from_str(input).context("--input for a scan-admission plugin: {\"requester_key_hash\": \"…\", \"target\": \"…\", \"ports\": [443], \"checks\": [\"tls\"], …}")?;
+            let input: ScanJob = serde_json::from_str(input).context("--input for a scan-admission plugin: {\"requester_key_hash\": \"…\", \"target\": \"…\", \"ports\": [443], \"checks\": [\"headers\"], …}")?;
             let decision = roles::admit_scan(plugin, &input, fresh).await;
             serde_json::to_value(decision.unwrap_or_else(|e| scan_fallback(&e)))?
         }

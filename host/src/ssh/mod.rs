@@ -6,6 +6,7 @@
 //! serves `label-<name>`. `ssh … info` prints the key's name without forwarding anything.
 
 mod access;
+mod commands;
 mod host_key;
 
 use std::net::SocketAddr;
@@ -22,9 +23,12 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 pub use access::KeyAccess;
+use commands::Command;
 pub use host_key::{HostKeyError, load_or_create_host_key};
 
 use crate::config::PublicUrls;
+use crate::scan::ScanService;
+use crate::tokens::TokenStore;
 use crate::names::{KeyHash, Label, TunnelName, fingerprint};
 use crate::shutdown::Stop;
 use crate::tunnels::{
@@ -83,6 +87,10 @@ pub struct SshEdge {
     pub ssh_port: u16,
     /// The base domain, for the same hint.
     pub domain: String,
+    /// For `ssh … scan`.
+    pub scans: Arc<ScanService>,
+    /// For `ssh … token`.
+    pub tokens: Arc<TokenStore>,
 }
 
 /// Time sessions get to close after being told the host is going away.
@@ -304,6 +312,35 @@ impl Connection {
                 format!("p0rt: no name available for key {fingerprint}: {e}\n"),
                 false,
             ),
+        }
+    }
+
+    /// `token`: a new API token (replacing the key's previous one), or `--revoke`.
+    async fn token_command(&self, revoke: bool) -> (String, u32) {
+        let Some(key) = &self.key else {
+            return ("p0rt: not authenticated\n".into(), 1);
+        };
+        let tokens = &self.edge.tokens;
+        if revoke {
+            return match tokens.revoke(&key.hash).await {
+                Ok(true) => ("API token revoked.\n".into(), 0),
+                Ok(false) => ("This key has no API token.\n".into(), 0),
+                Err(e) => (format!("p0rt: {e}\n"), 1),
+            };
+        }
+        match tokens.issue(&key.hash).await {
+            Ok(token) => (
+                format!(
+                    "{}\n\nAPI token for key {} (shown once; a new `token` replaces it, \
+                     `token --revoke` removes it). Use it as\n  \
+                     curl -H 'Authorization: Bearer <token>' -X POST {}/api/scans\n",
+                    token.expose(),
+                    key.fingerprint,
+                    self.edge.urls.base()
+                ),
+                0,
+            ),
+            Err(e) => (format!("p0rt: {e}\n"), 1),
         }
     }
 
@@ -602,14 +639,39 @@ impl russh::server::Handler for Connection {
     ) -> Result<(), Self::Error> {
         session.channel_success(channel)?;
         let command = String::from_utf8_lossy(data);
-        match command.trim() {
-            "info" => {
+        let command = match commands::parse(&command) {
+            Ok(command) => command,
+            Err(problem) => {
+                return finish_command(session, channel, &format!("p0rt: {problem}\n"), 1, self.pty);
+            }
+        };
+        match command {
+            Command::Info => {
                 let (text, named) = self.info_text().await;
                 finish_command(session, channel, &text, if named { 0 } else { 1 }, self.pty)
             }
-            other => {
-                let text = format!("p0rt: unknown command {other:?}; the only command is `info`\n");
-                finish_command(session, channel, &text, 1, self.pty)
+            Command::Help => finish_command(session, channel, commands::HELP, 0, self.pty),
+            Command::Token { revoke } => {
+                let (text, status) = self.token_command(revoke).await;
+                finish_command(session, channel, &text, status, self.pty)
+            }
+            Command::Scan { request, json } => {
+                let (Some(key), Some(writer)) = (self.key.clone(), self.session_writer.take())
+                else {
+                    return finish_command(session, channel, "p0rt: not available here\n", 1, self.pty);
+                };
+                // Runs beside the session: a scan takes seconds, and the connection's other
+                // events (keepalives, forwards) must not wait for it.
+                tokio::spawn(commands::run_scan(
+                    self.edge.scans.clone(),
+                    self.edge.urls.clone(),
+                    key.hash,
+                    request,
+                    json,
+                    self.pty,
+                    writer,
+                ));
+                Ok(())
             }
         }
     }

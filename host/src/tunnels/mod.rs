@@ -166,6 +166,36 @@ impl TunnelService {
     pub fn live_tunnels(&self) -> Vec<Arc<Tunnel>> {
         self.registry.all()
     }
+
+    /// Names the key serves right now.
+    pub fn live_names_of(&self, key: &KeyHash) -> Vec<TunnelName> {
+        self.registry
+            .all()
+            .into_iter()
+            .filter(|t| t.owner == *key)
+            .map(|t| t.name.clone())
+            .collect()
+    }
+
+    /// The key a name (or sub-name) belongs to: its live tunnel's, else the stored owner of
+    /// its main name. `None` when nobody owns it or the store cannot say.
+    pub async fn owner(&self, label: &str) -> Option<KeyHash> {
+        if let Some(tunnel) = self.registry.get(label) {
+            return Some(tunnel.owner.clone());
+        }
+        let name = TunnelName::parse(label).ok()?;
+        for candidate in name.owner_candidates() {
+            match self.store.owner_of(candidate).await {
+                Ok(Some(owner)) => return Some(KeyHash::from_stored(owner)),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!("domain store lookup for {label} failed: {e}");
+                    return None;
+                }
+            }
+        }
+        None
+    }
 }
 
 /// The service in-process: a real JSON store in a temp dir, policies written inline, and a

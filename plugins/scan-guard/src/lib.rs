@@ -1,11 +1,14 @@
 //! `scan-guard`: admission rules for scan jobs.
 //!
 //! By default a key may scan only its own tunnels, at most 10 jobs an hour, at most 32 ports a
-//! job, with the checks `headers` and `tls`. Configuration (sidecar `scan-guard.json`):
+//! job, with every check the host offers. (Raw addresses are never the caller's own tunnel,
+//! so with the default `own_tunnels_only` port checks are refused even when the operator
+//! allowlists targets in the host: set it to `false` to allow them.) Configuration (sidecar
+//! `scan-guard.json`):
 //!
 //! ```json
 //! { "own_tunnels_only": true, "jobs_per_hour": 10, "max_ports": 32,
-//!   "allowed_checks": ["headers", "tls"] }
+//!   "allowed_checks": ["reachability", "headers", "paths", "cors", "cookies", "errors", "ports"] }
 //! ```
 
 use std::cell::RefCell;
@@ -32,7 +35,17 @@ impl Default for Config {
             own_tunnels_only: true,
             jobs_per_hour: 10,
             max_ports: 32,
-            allowed_checks: vec!["headers".into(), "tls".into()],
+            allowed_checks: [
+                "reachability",
+                "headers",
+                "paths",
+                "cors",
+                "cookies",
+                "errors",
+                "ports",
+            ]
+            .map(String::from)
+            .to_vec(),
         }
     }
 }
