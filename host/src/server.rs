@@ -183,12 +183,9 @@ fn scan_service(
             std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
         });
     }
-    tracing::info!(
-        "scans: {} queue, {} workers, allowlisted raw targets: {}",
-        backend.kind(),
-        config.scan.workers,
-        if config.scan.allowed_targets.is_empty() { "none" } else { "some (scan.allowed_targets)" }
-    );
+    if !config.scan.allowed_targets.is_empty() {
+        tracing::info!("scans may contact the raw targets in scan.allowed_targets (TCP ports only)");
+    }
     let scans = ScanService::new(
         backend,
         plugins.clone(),

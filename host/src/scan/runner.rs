@@ -29,6 +29,12 @@ enum Halt {
 impl ScanService {
     /// Starts this host's workers; they stop taking jobs once `stop` fires.
     pub fn spawn_workers(self: &Arc<Self>, stop: Stop) {
+        tracing::info!(
+            "scan workers: {} as {} on the {} queue",
+            self.settings.workers,
+            self.host_id,
+            self.backend.kind()
+        );
         for n in 0..self.settings.workers {
             let (service, stop) = (self.clone(), stop.clone());
             tokio::spawn(async move { service.work(n, stop).await });
