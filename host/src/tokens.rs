@@ -189,7 +189,14 @@ async fn write_file(path: &std::path::Path, tokens: &HashMap<String, String>) ->
     let (temp2, path2) = (temp.clone(), path.to_path_buf());
     tokio::task::spawn_blocking(move || -> std::io::Result<()> {
         use std::io::Write;
-        let mut file = std::fs::File::create(&temp2)?;
+        use std::os::unix::fs::OpenOptionsExt;
+        // Only hashes are stored, but nobody else needs to read them either.
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temp2)?;
         file.write_all(&text)?;
         file.sync_all()?;
         std::fs::rename(&temp2, &path2)
