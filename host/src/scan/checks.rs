@@ -1169,3 +1169,506 @@ pub async fn run_port_check(
         })
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// Longest request head the test backends read.
+    const MAX_TEST_HEAD: usize = 16 * 1024;
+
+    /// A request as the test backends see it.
+    struct Req {
+        method: String,
+        path: String,
+        /// Lowercased names.
+        headers: Vec<(String, String)>,
+    }
+
+    impl Req {
+        fn header(&self, name: &str) -> Option<&str> {
+            self.headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.as_str())
+        }
+    }
+
+    struct Reply {
+        status: u16,
+        headers: Vec<(&'static str, String)>,
+        body: Vec<u8>,
+    }
+
+    fn reply(status: u16, headers: &[(&'static str, &str)], body: &[u8]) -> Reply {
+        Reply {
+            status,
+            headers: headers.iter().map(|(n, v)| (*n, v.to_string())).collect(),
+            body: body.to_vec(),
+        }
+    }
+
+    /// Reads one request (head and Content-Length body), so closing never resets unread data.
+    async fn read_request(socket: &mut TcpStream) -> Option<Req> {
+        let mut buf = Vec::new();
+        let head_end = loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end;
+            }
+            if buf.len() > MAX_TEST_HEAD {
+                return None;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = socket.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        let mut lines = head.split("\r\n");
+        let mut request_line = lines.next()?.split(' ');
+        let method = request_line.next()?.to_string();
+        let path = request_line.next()?.to_string();
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        let req = Req {
+            method,
+            path,
+            headers,
+        };
+        let length: usize = req
+            .header("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let mut have = buf.len() - (head_end + 4);
+        while have < length {
+            let mut chunk = [0u8; 4096];
+            let n = socket.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                break;
+            }
+            have += n;
+        }
+        Some(req)
+    }
+
+    /// A backend on 127.0.0.1 answering each request with `handler`, one per connection.
+    async fn serve(handler: fn(&Req) -> Reply) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut socket, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let Some(req) = read_request(&mut socket).await else {
+                        return;
+                    };
+                    let r = handler(&req);
+                    let mut out = format!("HTTP/1.1 {} X\r\n", r.status);
+                    for (n, v) in &r.headers {
+                        out.push_str(&format!("{n}: {v}\r\n"));
+                    }
+                    out.push_str(&format!(
+                        "Content-Length: {}\r\nConnection: close\r\n\r\n",
+                        r.body.len()
+                    ));
+                    let mut bytes = out.into_bytes();
+                    bytes.extend_from_slice(&r.body);
+                    let _ = socket.write_all(&bytes).await;
+                    let _ = socket.shutdown().await;
+                });
+            }
+        });
+        addr
+    }
+
+    fn probe(edge: SocketAddr) -> HttpProbe {
+        HttpProbe {
+            edge,
+            host: "eager-pixel-ant.localhost".to_string(),
+            name: "eager-pixel-ant".to_string(),
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+
+    async fn all_http_findings(probe: &HttpProbe) -> Vec<Finding> {
+        let budget = RequestBudget::new(1000);
+        let mut out = Vec::new();
+        for check in Check::HTTP {
+            out.extend(run_http_check(check, probe, &budget).await.unwrap());
+        }
+        out
+    }
+
+    fn has(findings: &[Finding], check: Check, severity: Severity, title: &str) -> bool {
+        findings
+            .iter()
+            .any(|f| f.check == check && f.severity == severity && f.title.contains(title))
+    }
+
+    fn leaky(req: &Req) -> Reply {
+        let html = ("Content-Type", "text/html");
+        match (req.method.as_str(), req.path.as_str()) {
+            ("GET", "/") => {
+                let mut r = reply(
+                    200,
+                    &[
+                        html,
+                        ("Server", "nginx/1.25.3"),
+                        ("X-Powered-By", "PHP/8.1"),
+                        ("Set-Cookie", "session=abc"),
+                    ],
+                    b"<html><head><title>Index of /</title></head><body>files</body></html>",
+                );
+                if let Some(origin) = req.header("origin") {
+                    r.headers
+                        .push(("Access-Control-Allow-Origin", origin.to_string()));
+                    r.headers
+                        .push(("Access-Control-Allow-Credentials", "true".to_string()));
+                }
+                r
+            }
+            ("GET", "/.git/HEAD") => reply(
+                200,
+                &[("Content-Type", "text/plain")],
+                b"ref: refs/heads/main\n",
+            ),
+            ("GET", "/.env") => reply(
+                200,
+                &[("Content-Type", "application/octet-stream")],
+                b"DB_PASSWORD=hunter2\n",
+            ),
+            ("POST", "/") => reply(
+                500,
+                &[html],
+                b"<pre>Traceback (most recent call last):\n  File \"app.py\", line 3\nValueError</pre>",
+            ),
+            _ => reply(404, &[html], b"<h1>Not Found</h1>"),
+        }
+    }
+
+    #[tokio::test]
+    async fn leaky_backend_yields_each_expected_finding() {
+        let probe = probe(serve(leaky).await);
+        let findings = all_http_findings(&probe).await;
+        let expected = [
+            (Check::Headers, Severity::Medium, "Content-Security-Policy"),
+            (Check::Headers, Severity::Medium, "framed"),
+            (Check::Headers, Severity::Low, "nosniff"),
+            (Check::Headers, Severity::Low, "Referrer-Policy"),
+            (Check::Headers, Severity::Info, "Strict-Transport-Security"),
+            (Check::Headers, Severity::Low, "version banner"),
+            (Check::Headers, Severity::Low, "X-Powered-By"),
+            (Check::Paths, Severity::High, "/.git/"),
+            (Check::Paths, Severity::High, "/.env is publicly readable"),
+            (Check::Paths, Severity::Medium, "directory listing"),
+            (Check::Cors, Severity::High, "reflects any origin"),
+            (Check::Cookies, Severity::Medium, "cookie session lacks"),
+            (Check::Errors, Severity::Medium, "debug output"),
+        ];
+        for (check, severity, title) in expected {
+            assert!(
+                has(&findings, check, severity, title),
+                "missing {check:?} {severity:?} {title:?} in {findings:#?}"
+            );
+        }
+        assert_eq!(findings.len(), expected.len(), "{findings:#?}");
+        for f in &findings {
+            for text in [&f.seen, &f.title] {
+                assert!(!text.contains("abc"), "cookie value leaked: {f:?}");
+                assert!(!text.contains("hunter2"), ".env value leaked: {f:?}");
+                assert!(text.chars().count() <= MAX_SEEN_CHARS);
+            }
+            assert_eq!(f.target, "eager-pixel-ant");
+        }
+        let env = findings.iter().find(|f| f.title.contains(".env")).unwrap();
+        assert!(env.seen.contains("DB_PASSWORD"), "{env:?}");
+        let errors = findings.iter().find(|f| f.check == Check::Errors).unwrap();
+        assert!(errors.seen.contains("Traceback"), "{errors:?}");
+    }
+
+    fn clean(req: &Req) -> Reply {
+        match (req.method.as_str(), req.path.as_str()) {
+            ("GET", "/") => reply(
+                200,
+                &[
+                    ("Content-Type", "text/html; charset=utf-8"),
+                    (
+                        "Content-Security-Policy",
+                        "default-src 'self'; frame-ancestors 'none'",
+                    ),
+                    ("X-Content-Type-Options", "nosniff"),
+                    ("Referrer-Policy", "no-referrer"),
+                    ("Strict-Transport-Security", "max-age=31536000"),
+                    ("Server", "nginx"),
+                    (
+                        "Set-Cookie",
+                        "id=xyz; Secure; HttpOnly; SameSite=Lax; Path=/",
+                    ),
+                ],
+                b"<html><body>Welcome</body></html>",
+            ),
+            ("POST", "/") => reply(400, &[("Content-Type", "text/plain")], b"bad request"),
+            _ => reply(404, &[("Content-Type", "text/plain")], b"not found"),
+        }
+    }
+
+    #[tokio::test]
+    async fn clean_backend_yields_no_findings() {
+        let probe = probe(serve(clean).await);
+        let findings = all_http_findings(&probe).await;
+        assert!(findings.is_empty(), "{findings:#?}");
+    }
+
+    fn soft_404(_req: &Req) -> Reply {
+        reply(
+            200,
+            &[("Content-Type", "text/html")],
+            b"<html><body>Welcome to my app</body></html>",
+        )
+    }
+
+    /// A soft-404 page that is not HTML and echoes the path (a JSON API's catch-all).
+    fn soft_404_echo(req: &Req) -> Reply {
+        let body = format!("{{\"error\":\"no route\",\"path\":\"{}\"}}", req.path);
+        reply(
+            200,
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
+        )
+    }
+
+    #[tokio::test]
+    async fn soft_404_backends_yield_no_path_findings() {
+        for handler in [soft_404 as fn(&Req) -> Reply, soft_404_echo] {
+            let probe = probe(serve(handler).await);
+            let budget = RequestBudget::new(100);
+            let findings = run_http_check(Check::Paths, &probe, &budget).await.unwrap();
+            assert!(findings.is_empty(), "{findings:#?}");
+        }
+    }
+
+    fn not_found(_req: &Req) -> Reply {
+        reply(
+            404,
+            &[("Content-Type", "text/plain")],
+            b"ref: refs/heads/main\nA=1\n",
+        )
+    }
+
+    #[tokio::test]
+    async fn all_404_backend_yields_no_path_findings() {
+        let probe = probe(serve(not_found).await);
+        let budget = RequestBudget::new(100);
+        let findings = run_http_check(Check::Paths, &probe, &budget).await.unwrap();
+        assert!(findings.is_empty(), "{findings:#?}");
+    }
+
+    fn offline(_req: &Req) -> Reply {
+        reply(
+            503,
+            &[
+                ("Content-Type", "text/plain"),
+                (EDGE_ERROR_HEADER, "offline"),
+            ],
+            b"eager-pixel-ant is offline\nconnect it with ssh -R\n",
+        )
+    }
+
+    #[tokio::test]
+    async fn offline_tunnel_is_a_high_reachability_finding() {
+        let probe = probe(serve(offline).await);
+        let budget = RequestBudget::new(10);
+        let findings = run_http_check(Check::Reachability, &probe, &budget)
+            .await
+            .unwrap();
+        assert_eq!(findings.len(), 1, "{findings:#?}");
+        let f = &findings[0];
+        assert_eq!((f.check, f.severity), (Check::Reachability, Severity::High));
+        assert_eq!(f.title, "eager-pixel-ant does not answer");
+        assert!(
+            f.seen.contains("503") && f.seen.contains("is offline"),
+            "{f:?}"
+        );
+        assert!(!f.seen.contains("ssh -R"), "only the first line: {f:?}");
+        // The other checks never judge the edge's own page.
+        let budget = RequestBudget::new(100);
+        for check in Check::HTTP {
+            if check != Check::Reachability {
+                let findings = run_http_check(check, &probe, &budget).await.unwrap();
+                assert!(findings.is_empty(), "{check:?}: {findings:#?}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn refused_connection_is_unreachable() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let budget = RequestBudget::new(10);
+        let result = run_http_check(Check::Reachability, &probe(addr), &budget).await;
+        assert!(
+            matches!(result, Err(CheckError::Unreachable(ref name, _)) if name == "eager-pixel-ant"),
+            "{result:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn budget_runs_out_on_the_third_request() {
+        let probe = probe(serve(clean).await);
+        let budget = RequestBudget::new(2);
+        for _ in 0..2 {
+            run_http_check(Check::Reachability, &probe, &budget)
+                .await
+                .unwrap();
+        }
+        assert_eq!(budget.remaining(), 0);
+        let third = run_http_check(Check::Reachability, &probe, &budget).await;
+        assert!(
+            matches!(third, Err(CheckError::BudgetExhausted)),
+            "{third:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn port_check_reports_only_open_ports() {
+        let open = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let open_port = open.local_addr().unwrap().port();
+        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let closed_port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let budget = RequestBudget::new(10);
+        let findings = run_port_check(
+            "127.0.0.1",
+            "127.0.0.1".parse().unwrap(),
+            &[open_port, closed_port, open_port],
+            Duration::from_millis(500),
+            &budget,
+        )
+        .await
+        .unwrap();
+        assert_eq!(findings.len(), 1, "{findings:#?}");
+        assert_eq!(findings[0].title, format!("port {open_port} is open"));
+        assert_eq!(findings[0].severity, Severity::Medium);
+        assert_eq!(findings[0].check, Check::Ports);
+        assert_eq!(budget.remaining(), 8, "one unit per distinct port");
+        let short = RequestBudget::new(1);
+        let result = run_port_check(
+            "127.0.0.1",
+            "127.0.0.1".parse().unwrap(),
+            &[open_port, closed_port],
+            Duration::from_millis(500),
+            &short,
+        )
+        .await;
+        assert!(
+            matches!(result, Err(CheckError::BudgetExhausted)),
+            "{result:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn silent_backend_times_out_instead_of_hanging() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let _ = read_request(&mut socket).await;
+                held.push(socket);
+            }
+        });
+        let mut probe = probe(addr);
+        probe.request_timeout = Duration::from_millis(300);
+        let budget = RequestBudget::new(10);
+        let started = Instant::now();
+        let result = run_http_check(Check::Reachability, &probe, &budget).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(
+            matches!(result, Err(CheckError::Unreachable(..))),
+            "{result:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn endless_body_is_read_only_up_to_the_bound() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let _ = read_request(&mut socket).await;
+                    let head =
+                        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n";
+                    if socket.write_all(head).await.is_err() {
+                        return;
+                    }
+                    let chunk = [b'a'; 8192];
+                    while socket.write_all(&chunk).await.is_ok() {}
+                });
+            }
+        });
+        let probe = probe(addr);
+        let budget = RequestBudget::new(10);
+        let response = get(&probe, &budget, "/").await.unwrap();
+        assert_eq!(response.body.len(), MAX_PROBE_BODY_BYTES);
+        // The checks handle it like any other response.
+        let findings = run_http_check(Check::Errors, &probe, &budget)
+            .await
+            .unwrap();
+        assert!(findings.is_empty(), "{findings:#?}");
+    }
+
+    #[test]
+    fn seen_is_bounded_and_clean() {
+        let long = format!("a\u{0}b\r\n\u{1b}[31m{}", "x".repeat(500));
+        let out = bounded(&long, MAX_SEEN_CHARS);
+        assert_eq!(out.chars().count(), MAX_SEEN_CHARS);
+        assert!(!out.chars().any(char::is_control));
+        assert!(out.starts_with("ab[31m"));
+        assert_eq!(excerpt(b"\xff\xferef"), "\u{fffd}\u{fffd}ref");
+    }
+
+    #[test]
+    fn check_names_round_trip() {
+        for check in Check::ALL {
+            assert_eq!(Check::parse(check.as_str()), Some(check));
+            assert!(!check.describe().is_empty());
+        }
+        assert_eq!(Check::parse("nope"), None);
+        assert_eq!(Check::HTTP[0], Check::Reachability);
+        assert_eq!(serde_json::to_string(&Check::Cors).unwrap(), "\"cors\"");
+        assert!(Severity::High > Severity::Medium && Severity::Low > Severity::Info);
+        assert_eq!(Severity::Medium.as_str(), "medium");
+    }
+
+    #[test]
+    fn cookie_attributes_are_parsed_by_name() {
+        let c = parse_set_cookie("sid=a=b; path=/; secure; HTTPONLY; SameSite=Strict");
+        assert_eq!(c.name, "sid");
+        assert!(c.secure && c.http_only && c.same_site);
+        let c = parse_set_cookie("sid=secure; Path=/httponly");
+        assert!(!c.secure && !c.http_only && !c.same_site);
+    }
+
+    #[test]
+    fn env_names_need_the_name_equals_shape() {
+        assert_eq!(
+            env_names(b"# comment\nDB_PASSWORD=x\nlower=y\n_A1=z\n=no\nA B=no\n"),
+            vec!["DB_PASSWORD".to_string(), "_A1".to_string()]
+        );
+    }
+}
