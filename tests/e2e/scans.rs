@@ -302,7 +302,7 @@ async fn a_leaky_site_gets_its_findings_a_clean_one_none_and_repeats_come_from_t
         ("paths", "medium", "listing"),
         ("headers", "medium", "Content-Security-Policy"),
         ("headers", "low", "X-Content-Type-Options"),
-        ("headers", "low", "nginx"),
+        ("headers", "low", "version banner"),
         ("headers", "low", "X-Powered-By"),
         ("cors", "high", ""),
         ("cookies", "medium", "session"),
