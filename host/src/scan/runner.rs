@@ -43,6 +43,8 @@ impl ScanService {
 
     async fn work(self: Arc<Self>, n: usize, mut stop: Stop) {
         let worker = format!("{}-{n}", self.host_id);
+        // Logged once per outage, not on every retry.
+        let mut failing = false;
         loop {
             let pause = match self
                 .backend
@@ -50,15 +52,23 @@ impl ScanService {
                 .await
             {
                 Ok(Some(lease)) => {
+                    failing = false;
                     tokio::select! {
                         _ = self.run_leased(&worker, lease) => continue,
                         // The lease lapses and another worker (or host) runs the job again.
                         _ = stop.stopped() => return,
                     }
                 }
-                Ok(None) => IDLE_POLL,
+                Ok(None) => {
+                    if std::mem::take(&mut failing) {
+                        tracing::info!("scan worker {worker}: the queue answers again");
+                    }
+                    IDLE_POLL
+                }
                 Err(e) => {
-                    tracing::warn!("scan worker {worker}: {e}");
+                    if !std::mem::replace(&mut failing, true) {
+                        tracing::warn!("scan worker {worker}: {e}; retrying every {ERROR_BACKOFF:?}");
+                    }
                     ERROR_BACKOFF
                 }
             };
