@@ -649,8 +649,14 @@ impl Config {
         set(&mut settings.workers, scan.workers);
         set(&mut settings.max_waiting, scan.queue_max);
         set(&mut settings.max_active_per_key, scan.max_active_per_key);
-        set(&mut settings.cache_ttl, scan.cache_ttl_seconds.map(Duration::from_secs));
-        set(&mut settings.job_timeout, scan.job_timeout_seconds.map(Duration::from_secs));
+        set(
+            &mut settings.cache_ttl,
+            scan.cache_ttl_seconds.map(Duration::from_secs),
+        );
+        set(
+            &mut settings.job_timeout,
+            scan.job_timeout_seconds.map(Duration::from_secs),
+        );
         set(&mut settings.max_requests, scan.max_requests);
         set(
             &mut settings.visibility_timeout,
@@ -729,11 +735,31 @@ impl Config {
         let checks: [(&'static str, u64, u64, u64); 7] = [
             ("scan.workers", s.workers as u64, 0, 64),
             ("scan.queue_max", s.max_waiting as u64, 1, 100_000),
-            ("scan.max_active_per_key", s.max_active_per_key as u64, 1, 1_000),
-            ("scan.cache_ttl_seconds", s.cache_ttl.as_secs(), 0, 7 * 86_400),
-            ("scan.job_timeout_seconds", s.job_timeout.as_secs(), 1, 3_600),
+            (
+                "scan.max_active_per_key",
+                s.max_active_per_key as u64,
+                1,
+                1_000,
+            ),
+            (
+                "scan.cache_ttl_seconds",
+                s.cache_ttl.as_secs(),
+                0,
+                7 * 86_400,
+            ),
+            (
+                "scan.job_timeout_seconds",
+                s.job_timeout.as_secs(),
+                1,
+                3_600,
+            ),
             ("scan.max_requests", u64::from(s.max_requests), 1, 10_000),
-            ("scan.visibility_timeout_seconds", s.visibility_timeout.as_secs(), 2, 3_600),
+            (
+                "scan.visibility_timeout_seconds",
+                s.visibility_timeout.as_secs(),
+                2,
+                3_600,
+            ),
         ];
         for (key, value, min, max) in checks {
             if !(min..=max).contains(&value) {

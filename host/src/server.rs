@@ -12,11 +12,11 @@ use crate::config::{Config, SettingsError, StorageKind};
 use crate::http::HttpEdge;
 use crate::http::upstream::{UPSTREAM_IDLE_TIMEOUT, UpstreamPool};
 use crate::plugins::{PluginOptions, PolicyPlugins};
-use crate::ssh::{KeyAccess, SshEdge};
-use crate::store::open::{connect_redis, open_store};
 use crate::scan::queue::{JobBackend, MemoryJobs};
 use crate::scan::redis_queue::RedisJobs;
 use crate::scan::{EdgeAddress, ScanService};
+use crate::ssh::{KeyAccess, SshEdge};
+use crate::store::open::{connect_redis, open_store};
 use crate::tokens::TokenStore;
 use crate::tunnels::TunnelService;
 
@@ -167,7 +167,11 @@ fn scan_service(
 ) -> anyhow::Result<(Arc<ScanService>, Arc<TokenStore>)> {
     let (backend, tokens): (Arc<dyn JobBackend>, TokenStore) = match link {
         Some(link) => (
-            Arc::new(RedisJobs::new(link.clone(), &config.redis_prefix, config.scan.record_ttl)),
+            Arc::new(RedisJobs::new(
+                link.clone(),
+                &config.redis_prefix,
+                config.scan.record_ttl,
+            )),
             TokenStore::redis(link.clone(), &config.redis_prefix),
         ),
         None => (
@@ -184,7 +188,9 @@ fn scan_service(
         });
     }
     if !config.scan.allowed_targets.is_empty() {
-        tracing::info!("scans may contact the raw targets in scan.allowed_targets (TCP ports only)");
+        tracing::info!(
+            "scans may contact the raw targets in scan.allowed_targets (TCP ports only)"
+        );
     }
     let scans = ScanService::new(
         backend,

@@ -157,9 +157,12 @@ impl TokenStore {
         }
         let hash = digest(token);
         match &self.backend {
-            Backend::File { tokens, .. } => {
-                Ok(tokens.lock().await.get(&hash).cloned().map(KeyHash::from_stored))
-            }
+            Backend::File { tokens, .. } => Ok(tokens
+                .lock()
+                .await
+                .get(&hash)
+                .cloned()
+                .map(KeyHash::from_stored)),
             Backend::Redis { link, prefix } => {
                 let owner: Option<String> =
                     query(link, redis::cmd("GET").arg(format!("{prefix}token:{hash}"))).await?;
@@ -179,7 +182,10 @@ async fn query<T: redis::FromRedisValue>(
 }
 
 /// Temp file + fsync + rename, so the file is whole or as before.
-async fn write_file(path: &std::path::Path, tokens: &HashMap<String, String>) -> Result<(), TokenError> {
+async fn write_file(
+    path: &std::path::Path,
+    tokens: &HashMap<String, String>,
+) -> Result<(), TokenError> {
     let fail = |e: std::io::Error| TokenError::File {
         path: path.to_path_buf(),
         detail: e.to_string(),
@@ -216,14 +222,20 @@ mod tests {
         let store = TokenStore::open_file(dir.path()).unwrap();
         let key = KeyHash::from_stored("a".repeat(64));
         let first = store.issue(&key).await.unwrap();
-        assert_eq!(store.key_for(first.expose()).await.unwrap(), Some(key.clone()));
+        assert_eq!(
+            store.key_for(first.expose()).await.unwrap(),
+            Some(key.clone())
+        );
         let second = store.issue(&key).await.unwrap();
         assert_eq!(store.key_for(first.expose()).await.unwrap(), None);
         // Survives a restart; only the hash is on disk.
         let text = std::fs::read_to_string(dir.path().join(TOKEN_FILE_NAME)).unwrap();
         assert!(!text.contains(second.expose()));
         let reopened = TokenStore::open_file(dir.path()).unwrap();
-        assert_eq!(reopened.key_for(second.expose()).await.unwrap(), Some(key.clone()));
+        assert_eq!(
+            reopened.key_for(second.expose()).await.unwrap(),
+            Some(key.clone())
+        );
         assert!(reopened.revoke(&key).await.unwrap());
         assert!(!reopened.revoke(&key).await.unwrap());
         assert_eq!(reopened.key_for(second.expose()).await.unwrap(), None);
@@ -235,6 +247,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(TOKEN_FILE_NAME), b"{not json").unwrap();
         assert!(TokenStore::open_file(dir.path()).is_err());
-        assert_eq!(std::fs::read(dir.path().join(TOKEN_FILE_NAME)).unwrap(), b"{not json");
+        assert_eq!(
+            std::fs::read(dir.path().join(TOKEN_FILE_NAME)).unwrap(),
+            b"{not json"
+        );
     }
 }

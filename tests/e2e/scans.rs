@@ -132,7 +132,11 @@ fn leaky(method: &Method, path: &str, origin: Option<&str>) -> Reply {
             }
             r
         }
-        ("GET", "/.git/HEAD") => reply(200, &[("content-type", "text/plain")], "ref: refs/heads/main\n"),
+        ("GET", "/.git/HEAD") => reply(
+            200,
+            &[("content-type", "text/plain")],
+            "ref: refs/heads/main\n",
+        ),
         ("GET", "/.env") => reply(
             200,
             &[("content-type", "text/plain")],
@@ -150,7 +154,10 @@ fn leaky(method: &Method, path: &str, origin: Option<&str>) -> Reply {
 
 const GOOD_HEADERS: [(&str, &str); 6] = [
     ("content-type", "text/html"),
-    ("content-security-policy", "default-src 'self'; frame-ancestors 'none'"),
+    (
+        "content-security-policy",
+        "default-src 'self'; frame-ancestors 'none'",
+    ),
     ("x-frame-options", "DENY"),
     ("x-content-type-options", "nosniff"),
     ("referrer-policy", "no-referrer"),
@@ -168,7 +175,11 @@ fn clean(method: &Method, path: &str, _origin: Option<&str>) -> Reply {
 
 /// A single-page app: 200 and the same page for every path, `/.env` included.
 fn soft_404(_method: &Method, _path: &str, _origin: Option<&str>) -> Reply {
-    reply(200, &GOOD_HEADERS, "<html><body><div id=app></div></body></html>")
+    reply(
+        200,
+        &GOOD_HEADERS,
+        "<html><body><div id=app></div></body></html>",
+    )
 }
 
 /// `ssh -N -R 80:127.0.0.1:<site>` for `key`, once the name serves the site.
@@ -179,11 +190,15 @@ async fn tunnel(host: &Host, sb: &Sandbox, key: &Key, site: &Site) -> (SshClient
         .args(["-N", "-R", &format!("80:127.0.0.1:{}", site.port)])
         .spawn();
     let want = site.id.clone();
-    eventually(Duration::from_secs(15), "the tunnel to serve its site", || {
-        let want = want.clone();
-        let name = name.clone();
-        async move { (host.whoami(&name).await.1 == want).then_some(()) }
-    })
+    eventually(
+        Duration::from_secs(15),
+        "the tunnel to serve its site",
+        || {
+            let want = want.clone();
+            let name = name.clone();
+            async move { (host.whoami(&name).await.1 == want).then_some(()) }
+        },
+    )
     .await;
     (client, name)
 }
@@ -198,7 +213,10 @@ async fn ssh_command(host: &Host, sb: &Sandbox, key: &Key, command: &str) -> (i3
 async fn scan_json(host: &Host, sb: &Sandbox, key: &Key, args: &str) -> (i32, Vec<Value>) {
     let (code, stdout) = ssh_command(host, sb, key, &format!("scan --json {args}")).await;
     let report: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-        panic!("scan --json printed no JSON ({e}): {stdout:?}; p0rt log:\n{}", host.log())
+        panic!(
+            "scan --json printed no JSON ({e}): {stdout:?}; p0rt log:\n{}",
+            host.log()
+        )
     });
     (code, report["jobs"].as_array().cloned().unwrap_or_default())
 }
@@ -225,10 +243,16 @@ fn has(found: &[(String, String, String)], check: &str, severity: &str, title: &
 }
 
 /// A request to the base domain's API.
-fn api(host: &Host, method: reqwest::Method, path: &str, token: Option<&str>) -> reqwest::RequestBuilder {
-    let mut req = http_client()
-        .request(method, host.url(path))
-        .header(reqwest::header::HOST, format!("localhost:{}", host.http_port));
+fn api(
+    host: &Host,
+    method: reqwest::Method,
+    path: &str,
+    token: Option<&str>,
+) -> reqwest::RequestBuilder {
+    let mut req = http_client().request(method, host.url(path)).header(
+        reqwest::header::HOST,
+        format!("localhost:{}", host.http_port),
+    );
     if let Some(token) = token {
         req = req.bearer_auth(token);
     }
@@ -245,12 +269,23 @@ async fn token(host: &Host, sb: &Sandbox, key: &Key) -> String {
 }
 
 /// Polls `GET /api/scans/{id}` until `done(job)`.
-async fn wait_job(host: &Host, token: &str, id: &str, what: &str, done: fn(&Value) -> bool) -> Value {
+async fn wait_job(
+    host: &Host,
+    token: &str,
+    id: &str,
+    what: &str,
+    done: fn(&Value) -> bool,
+) -> Value {
     eventually(Duration::from_secs(60), what, || async move {
-        let res = api(host, reqwest::Method::GET, &format!("/api/scans/{id}"), Some(token))
-            .send()
-            .await
-            .ok()?;
+        let res = api(
+            host,
+            reqwest::Method::GET,
+            &format!("/api/scans/{id}"),
+            Some(token),
+        )
+        .send()
+        .await
+        .ok()?;
         let job = res.json_value().await;
         done(&job).then_some(job)
     })
@@ -279,12 +314,21 @@ async fn a_leaky_site_gets_its_findings_a_clean_one_none_and_repeats_come_from_t
         .await;
     let text = crate::support::strip_ansi(&out.stdout);
     assert!(out.status.success(), "{text}\n{}", host.log());
-    assert!(text.contains("[#") && text.contains("headers"), "no progress bar: {text}");
+    assert!(
+        text.contains("[#") && text.contains("headers"),
+        "no progress bar: {text}"
+    );
     for expected in ["HIGH", "/.env", ".git", "seen:", "why:", "fix:", "job s"] {
-        assert!(text.contains(expected), "{expected:?} missing from the report:\n{text}");
+        assert!(
+            text.contains(expected),
+            "{expected:?} missing from the report:\n{text}"
+        );
     }
     for secret in ["hunter2secret", "sk_live_zzz", "abc123secret"] {
-        assert!(!text.contains(secret), "the report shows the secret {secret}:\n{text}");
+        assert!(
+            !text.contains(secret),
+            "the report shows the secret {secret}:\n{text}"
+        );
     }
 
     // The same as JSON: every expected finding, from the cache this time.
@@ -293,7 +337,10 @@ async fn a_leaky_site_gets_its_findings_a_clean_one_none_and_repeats_come_from_t
     assert_eq!(jobs.len(), 1, "{jobs:?}");
     let job = &jobs[0];
     assert_eq!(job["state"], "done", "{job}");
-    assert_eq!(job["from_cache"], true, "a repeat within the TTL is the cached report: {job}");
+    assert_eq!(
+        job["from_cache"], true,
+        "a repeat within the TTL is the cached report: {job}"
+    );
     assert_eq!(job["target"]["name"], leaky_name.as_str());
     let found = findings(job);
     for (check, severity, title) in [
@@ -308,20 +355,45 @@ async fn a_leaky_site_gets_its_findings_a_clean_one_none_and_repeats_come_from_t
         ("cookies", "medium", "session"),
         ("errors", "medium", ""),
     ] {
-        assert!(has(&found, check, severity, title), "no {severity} {check} finding {title:?} in {found:#?}");
+        assert!(
+            has(&found, check, severity, title),
+            "no {severity} {check} finding {title:?} in {found:#?}"
+        );
     }
     let hits_before = leaky_site.hits();
     let (_, again) = scan_json(&host, &sb, &alice, &leaky_name).await;
     assert_eq!(again[0]["id"], job["id"]);
-    assert_eq!(leaky_site.hits(), hits_before, "a cached report sends no request");
+    assert_eq!(
+        leaky_site.hits(),
+        hits_before,
+        "a cached report sends no request"
+    );
 
     // Bob's careful site: nothing to report; without a terminal, one line per check.
     let out = host.ssh(&sb, &bob).command("scan").output().await;
     assert!(out.status.success(), "{}", out.stdout);
     assert!(out.stdout.contains("no findings"), "{}", out.stdout);
-    assert!(!out.stdout.contains('#'), "no progress bar without a terminal: {}", out.stdout);
-    for check in ["reachability", "headers", "paths", "cors", "cookies", "errors"] {
-        assert!(out.stdout.lines().any(|l| l.starts_with(check) || l.contains(&format!("{check} on"))) || out.stdout.contains(check), "{check}: {}", out.stdout);
+    assert!(
+        !out.stdout.contains('#'),
+        "no progress bar without a terminal: {}",
+        out.stdout
+    );
+    for check in [
+        "reachability",
+        "headers",
+        "paths",
+        "cors",
+        "cookies",
+        "errors",
+    ] {
+        assert!(
+            out.stdout
+                .lines()
+                .any(|l| l.starts_with(check) || l.contains(&format!("{check} on")))
+                || out.stdout.contains(check),
+            "{check}: {}",
+            out.stdout
+        );
     }
     let (_, jobs) = scan_json(&host, &sb, &bob, "").await;
     assert_eq!(findings(&jobs[0]), vec![], "a clean site has no findings");
@@ -338,8 +410,15 @@ async fn a_soft_404_site_gets_no_path_findings() {
     let (code, jobs) = scan_json(&host, &sb, &key, "").await;
     assert_eq!(code, 0, "{jobs:?}");
     let found = findings(&jobs[0]);
-    assert!(found.iter().all(|(check, ..)| check != "paths"), "{found:#?}");
-    assert!(site.hits() > 5, "the scan did probe the site ({} requests)", site.hits());
+    assert!(
+        found.iter().all(|(check, ..)| check != "paths"),
+        "{found:#?}"
+    );
+    assert!(
+        site.hits() > 5,
+        "the scan did probe the site ({} requests)",
+        site.hits()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -355,7 +434,13 @@ async fn scans_of_anything_but_your_own_tunnels_are_refused_and_the_quota_holds(
     let (code, jobs) = scan_json(&host, &sb, &mallory, &name).await;
     assert_eq!(code, 1);
     assert_eq!(jobs[0]["state"], "rejected", "{jobs:?}");
-    assert!(jobs[0]["error"].as_str().unwrap().contains("not one of your tunnels"), "{jobs:?}");
+    assert!(
+        jobs[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("not one of your tunnels"),
+        "{jobs:?}"
+    );
     assert_eq!(site.hits(), 0);
     // A key with no live tunnel is told how to start one.
     let (code, stdout) = ssh_command(&host, &sb, &mallory, "scan").await;
@@ -367,17 +452,27 @@ async fn scans_of_anything_but_your_own_tunnels_are_refused_and_the_quota_holds(
         let (code, jobs) = scan_json(&host, &sb, &alice, &format!("--ports 80 {target}")).await;
         assert_eq!(code, 1, "{target}: {jobs:?}");
         assert_eq!(jobs[0]["state"], "rejected", "{target}: {jobs:?}");
-        assert!(jobs[0]["error"].as_str().unwrap().contains("allowlist"), "{jobs:?}");
+        assert!(
+            jobs[0]["error"].as_str().unwrap().contains("allowlist"),
+            "{jobs:?}"
+        );
     }
 
     // scan-guard's quota: 10 admitted jobs an hour (cached answers count too).
     for n in 0..10 {
         let (code, jobs) = scan_json(&host, &sb, &alice, "").await;
-        assert_eq!((code, jobs[0]["state"].as_str()), (0, Some("done")), "scan {n}: {jobs:?}");
+        assert_eq!(
+            (code, jobs[0]["state"].as_str()),
+            (0, Some("done")),
+            "scan {n}: {jobs:?}"
+        );
     }
     let (code, jobs) = scan_json(&host, &sb, &alice, "").await;
     assert_eq!(code, 1);
-    assert!(jobs[0]["error"].as_str().unwrap().contains("quota"), "{jobs:?}");
+    assert!(
+        jobs[0]["error"].as_str().unwrap().contains("quota"),
+        "{jobs:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -414,22 +509,46 @@ async fn allowlisted_targets_are_pinned_and_private_answers_are_refused() {
     let host = Host::start_with(&sb, config).await;
     let key = sb.key("ops");
 
-    let (code, jobs) = scan_json(&host, &sb, &key, &format!("--ports {forbidden_port} localhost")).await;
+    let (code, jobs) = scan_json(
+        &host,
+        &sb,
+        &key,
+        &format!("--ports {forbidden_port} localhost"),
+    )
+    .await;
     assert_eq!(code, 1, "{jobs:?}");
-    assert!(jobs[0]["error"].as_str().unwrap().contains("loopback"), "{jobs:?}");
+    assert!(
+        jobs[0]["error"].as_str().unwrap().contains("loopback"),
+        "{jobs:?}"
+    );
     for target in ["169.254.169.254", "10.0.0.1", "127.0.0.1"] {
-        let (code, jobs) = scan_json(&host, &sb, &key, &format!("--ports {forbidden_port} {target}")).await;
+        let (code, jobs) = scan_json(
+            &host,
+            &sb,
+            &key,
+            &format!("--ports {forbidden_port} {target}"),
+        )
+        .await;
         assert_eq!(code, 1, "{target}: {jobs:?}");
         assert_eq!(jobs[0]["state"], "rejected");
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(contacted.load(Ordering::SeqCst), 0, "a refused target was contacted");
+    assert_eq!(
+        contacted.load(Ordering::SeqCst),
+        0,
+        "a refused target was contacted"
+    );
     watcher.abort();
 
     // The explicitly allowlisted address: one open port found, one closed port not.
     let closed = crate::support::free_port();
-    let (code, jobs) =
-        scan_json(&host, &sb, &key, &format!("--ports {open_port},{closed} 127.0.0.2")).await;
+    let (code, jobs) = scan_json(
+        &host,
+        &sb,
+        &key,
+        &format!("--ports {open_port},{closed} 127.0.0.2"),
+    )
+    .await;
     assert_eq!(code, 0, "{jobs:?}\n{}", host.log());
     let found = findings(&jobs[0]);
     assert_eq!(found.len(), 1, "{found:?}");
@@ -472,7 +591,10 @@ async fn the_api_serves_owners_their_jobs_and_the_operator_every_job() {
 
     // No token, a wrong token: 401 with a hint.
     for token in [None, Some("p0rt_0000"), Some("garbage")] {
-        let res = api(&host, reqwest::Method::GET, "/api/scans", token).send().await.unwrap();
+        let res = api(&host, reqwest::Method::GET, "/api/scans", token)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(res.status(), 401, "{token:?}");
         assert!(res.headers().contains_key("www-authenticate"));
     }
@@ -486,46 +608,136 @@ async fn the_api_serves_owners_their_jobs_and_the_operator_every_job() {
         .unwrap();
     assert_ne!(res.status(), 202, "the API answered on a tunnel's name");
 
-    let res = api(&host, reqwest::Method::POST, "/api/scans", Some(&alice_token))
-        .body(json!({ "target": name }).to_string())
-        .send()
-        .await
-        .unwrap();
+    let res = api(
+        &host,
+        reqwest::Method::POST,
+        "/api/scans",
+        Some(&alice_token),
+    )
+    .body(json!({ "target": name }).to_string())
+    .send()
+    .await
+    .unwrap();
     assert_eq!(res.status(), 202);
     let body = res.json_value().await;
     let id = body["jobs"][0]["id"].as_str().unwrap().to_string();
-    assert!(matches!(body["jobs"][0]["state"].as_str(), Some("queued" | "running")), "{body}");
+    assert!(
+        matches!(
+            body["jobs"][0]["state"].as_str(),
+            Some("queued" | "running")
+        ),
+        "{body}"
+    );
 
     // Bob cannot see it; the operator can, in the list too.
-    let res = api(&host, reqwest::Method::GET, &format!("/api/scans/{id}"), Some(&bob_token)).send().await.unwrap();
+    let res = api(
+        &host,
+        reqwest::Method::GET,
+        &format!("/api/scans/{id}"),
+        Some(&bob_token),
+    )
+    .send()
+    .await
+    .unwrap();
     assert_eq!(res.status(), 404);
-    let all = api(&host, reqwest::Method::GET, "/api/scans", Some(admin)).send().await.unwrap().json_value().await;
-    assert!(all["jobs"].as_array().unwrap().iter().any(|j| j["id"] == id.as_str()), "{all}");
-    let res = api(&host, reqwest::Method::POST, "/api/scans", Some(admin)).body(json!({}).to_string()).send().await.unwrap();
+    let all = api(&host, reqwest::Method::GET, "/api/scans", Some(admin))
+        .send()
+        .await
+        .unwrap()
+        .json_value()
+        .await;
+    assert!(
+        all["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|j| j["id"] == id.as_str()),
+        "{all}"
+    );
+    let res = api(&host, reqwest::Method::POST, "/api/scans", Some(admin))
+        .body(json!({}).to_string())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 403, "the operator does not submit scans");
     // Bad bodies: 400 / 413.
-    let res = api(&host, reqwest::Method::POST, "/api/scans", Some(&alice_token)).body("{\"target\": 5").send().await.unwrap();
+    let res = api(
+        &host,
+        reqwest::Method::POST,
+        "/api/scans",
+        Some(&alice_token),
+    )
+    .body("{\"target\": 5")
+    .send()
+    .await
+    .unwrap();
     assert_eq!(res.status(), 400);
-    let res = api(&host, reqwest::Method::POST, "/api/scans", Some(&alice_token)).body(vec![b' '; 100_000]).send().await.unwrap();
+    let res = api(
+        &host,
+        reqwest::Method::POST,
+        "/api/scans",
+        Some(&alice_token),
+    )
+    .body(vec![b' '; 100_000])
+    .send()
+    .await
+    .unwrap();
     assert_eq!(res.status(), 413);
-    let res = api(&host, reqwest::Method::POST, "/api/scans", Some(&alice_token)).body(json!({"target": name, "checks": ["telnet"]}).to_string()).send().await.unwrap();
+    let res = api(
+        &host,
+        reqwest::Method::POST,
+        "/api/scans",
+        Some(&alice_token),
+    )
+    .body(json!({"target": name, "checks": ["telnet"]}).to_string())
+    .send()
+    .await
+    .unwrap();
     assert_eq!(res.status(), 400);
 
     // Running (the slow site answers each request after 400 ms): the operator cancels it.
-    let running = wait_job(&host, &alice_token, &id, "the job to run", |j| j["state"] == "running" && j["progress"]["done"].as_u64() >= Some(1)).await;
-    assert!(running["progress"]["lines"].as_array().unwrap().len() >= 1, "{running}");
-    let res = api(&host, reqwest::Method::DELETE, &format!("/api/scans/{id}"), Some(admin)).send().await.unwrap();
+    let running = wait_job(&host, &alice_token, &id, "the job to run", |j| {
+        j["state"] == "running" && j["progress"]["done"].as_u64() >= Some(1)
+    })
+    .await;
+    assert!(
+        running["progress"]["lines"].as_array().unwrap().len() >= 1,
+        "{running}"
+    );
+    let res = api(
+        &host,
+        reqwest::Method::DELETE,
+        &format!("/api/scans/{id}"),
+        Some(admin),
+    )
+    .send()
+    .await
+    .unwrap();
     assert_eq!(res.status(), 200);
-    let cancelled = wait_job(&host, &alice_token, &id, "the job to stop", |j| j["state"] != "running").await;
+    let cancelled = wait_job(&host, &alice_token, &id, "the job to stop", |j| {
+        j["state"] != "running"
+    })
+    .await;
     assert_eq!(cancelled["state"], "cancelled", "{cancelled}");
     let hits = slow.hits();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(slow.hits() <= hits + 1, "a cancelled job kept sending requests");
+    assert!(
+        slow.hits() <= hits + 1,
+        "a cancelled job kept sending requests"
+    );
 
     // A revoked token stops working.
     let (code, stdout) = ssh_command(&host, &sb, &alice, "token --revoke").await;
     assert_eq!(code, 0, "{stdout}");
-    let res = api(&host, reqwest::Method::GET, "/api/scans", Some(&alice_token)).send().await.unwrap();
+    let res = api(
+        &host,
+        reqwest::Method::GET,
+        "/api/scans",
+        Some(&alice_token),
+    )
+    .send()
+    .await
+    .unwrap();
     assert_eq!(res.status(), 401);
 }
 
@@ -563,11 +775,17 @@ async fn a_full_queue_and_a_busy_key_get_clear_rejections() {
     assert_eq!(submit(tokens[0].clone()).await["state"], "queued");
     let busy = submit(tokens[0].clone()).await;
     assert_eq!(busy["state"], "rejected");
-    assert!(busy["error"].as_str().unwrap().contains("already have 1"), "{busy}");
+    assert!(
+        busy["error"].as_str().unwrap().contains("already have 1"),
+        "{busy}"
+    );
     assert_eq!(submit(tokens[1].clone()).await["state"], "queued");
     let full = submit(tokens[2].clone()).await;
     assert_eq!(full["state"], "rejected");
-    assert!(full["error"].as_str().unwrap().contains("queue is full"), "{full}");
+    assert!(
+        full["error"].as_str().unwrap().contains("queue is full"),
+        "{full}"
+    );
     assert_eq!(site.hits(), 0);
 }
 
@@ -600,14 +818,24 @@ async fn a_host_killed_mid_job_loses_nothing_another_host_completes_it() {
         .await
         .unwrap();
     assert_eq!(res.status(), 202);
-    let id = res.json_value().await["jobs"][0]["id"].as_str().unwrap().to_string();
+    let id = res.json_value().await["jobs"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let running = wait_job(&a, &token, &id, "the job to run", |j| {
         j["state"] == "running" && j["progress"]["done"].as_u64() >= Some(1)
     })
     .await;
     let first_worker = running["worker"].as_str().unwrap().to_string();
     // Kill -9 whichever host runs it; the other must finish it.
-    let a_runs = a.log().contains(first_worker.split('-').take(2).collect::<Vec<_>>().join("-").as_str());
+    let a_runs = a.log().contains(
+        first_worker
+            .split('-')
+            .take(2)
+            .collect::<Vec<_>>()
+            .join("-")
+            .as_str(),
+    );
     let survivor = if a_runs {
         a.kill().await;
         &b
@@ -615,14 +843,20 @@ async fn a_host_killed_mid_job_loses_nothing_another_host_completes_it() {
         b.kill().await;
         &a
     };
-    let done = wait_job(survivor, &token, &id, "the other host to complete the job", |j| {
-        j["state"] == "done"
-    })
+    let done = wait_job(
+        survivor,
+        &token,
+        &id,
+        "the other host to complete the job",
+        |j| j["state"] == "done",
+    )
     .await;
     assert_eq!(done["attempts"], 2, "{done}");
     assert_ne!(done["worker"].as_str().unwrap(), first_worker, "{done}");
     assert!(
-        findings(&done).iter().all(|(check, ..)| check != "reachability"),
+        findings(&done)
+            .iter()
+            .all(|(check, ..)| check != "reachability"),
         "the survivor scanned through its own edge: {done}"
     );
     // The seed's key for the cached report.

@@ -66,7 +66,11 @@ pub async fn handle(req: Request<Incoming>, edge: &HttpEdge) -> Option<Response<
             (Method::DELETE, Some(id)) => show(&id, &caller, edge, true).await,
             _ => {
                 let mut response = problem(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
-                let allow = if rest.len() > 1 { "GET, DELETE" } else { "GET, POST" };
+                let allow = if rest.len() > 1 {
+                    "GET, DELETE"
+                } else {
+                    "GET, POST"
+                };
                 response
                     .headers_mut()
                     .insert(header::ALLOW, HeaderValue::from_static(allow));
@@ -101,7 +105,9 @@ async fn authenticate(req: &Request<Incoming>, edge: &HttpEdge) -> Result<Caller
     }
     match edge.tokens.key_for(presented).await {
         Ok(Some(key)) => Ok(Caller::Key(key)),
-        Ok(None) => Err(unauthorized("unknown or revoked token; `ssh … token` prints a new one")),
+        Ok(None) => Err(unauthorized(
+            "unknown or revoked token; `ssh … token` prints a new one",
+        )),
         Err(e) => Err(problem(StatusCode::SERVICE_UNAVAILABLE, e)),
     }
 }
@@ -122,7 +128,12 @@ async fn submit(req: Request<Incoming>, caller: &Caller, edge: &HttpEdge) -> Res
                 format!("the body must be JSON of at most {MAX_API_BODY_BYTES} bytes"),
             );
         }
-        Err(_) => return problem(StatusCode::REQUEST_TIMEOUT, "the body did not arrive in time"),
+        Err(_) => {
+            return problem(
+                StatusCode::REQUEST_TIMEOUT,
+                "the body did not arrive in time",
+            );
+        }
     };
     let request: ScanRequest = if bytes.iter().all(u8::is_ascii_whitespace) {
         ScanRequest::default()
@@ -166,7 +177,10 @@ async fn show(id: &str, caller: &Caller, edge: &HttpEdge, cancel: bool) -> Respo
         edge.scans.get(&id, caller.viewer()).await
     };
     match found {
-        Ok(Some(job)) => json(StatusCode::OK, serde_json::to_value(job).unwrap_or_default()),
+        Ok(Some(job)) => json(
+            StatusCode::OK,
+            serde_json::to_value(job).unwrap_or_default(),
+        ),
         Ok(None) => not_found(),
         Err(e) => scan_error(e),
     }

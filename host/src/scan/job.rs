@@ -27,8 +27,11 @@ impl JobId {
 
     pub fn parse(text: &str) -> Option<JobId> {
         let digits = text.strip_prefix('s')?;
-        (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
-            .then(|| JobId(text.to_string()))
+        (digits.len() == 20
+            && digits
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
+        .then(|| JobId(text.to_string()))
     }
 
     pub fn as_str(&self) -> &str {
@@ -194,8 +197,17 @@ impl JobRecord {
     /// Findings per severity, most severe first: `[(High, 1), (Low, 3)]`.
     pub fn severity_counts(&self) -> Vec<(Severity, usize)> {
         let mut counts = Vec::new();
-        for severity in [Severity::High, Severity::Medium, Severity::Low, Severity::Info] {
-            let n = self.findings.iter().filter(|f| f.severity == severity).count();
+        for severity in [
+            Severity::High,
+            Severity::Medium,
+            Severity::Low,
+            Severity::Info,
+        ] {
+            let n = self
+                .findings
+                .iter()
+                .filter(|f| f.severity == severity)
+                .count();
             if n > 0 {
                 counts.push((severity, n));
             }
@@ -220,7 +232,14 @@ mod tests {
     fn job_ids_are_strict() {
         let id = JobId::random();
         assert_eq!(JobId::parse(id.as_str()), Some(id.clone()));
-        for bad in ["", "s", "x0123456789abcdef0123", "s0123456789ABCDEF0123", "s0123:*", "s0123456789abcdef01234"] {
+        for bad in [
+            "",
+            "s",
+            "x0123456789abcdef0123",
+            "s0123456789ABCDEF0123",
+            "s0123:*",
+            "s0123456789abcdef01234",
+        ] {
             assert_eq!(JobId::parse(bad), None, "{bad}");
         }
     }
@@ -229,7 +248,9 @@ mod tests {
     fn records_round_trip_as_json() {
         let mut job = JobRecord::new(
             "ab",
-            ScanTarget::Tunnel { name: "eager-pixel-ant".into() },
+            ScanTarget::Tunnel {
+                name: "eager-pixel-ant".into(),
+            },
             Check::HTTP.to_vec(),
             vec![],
         );

@@ -200,7 +200,11 @@ impl ScanService {
             names.truncate(MAX_TARGETS_PER_REQUEST);
             return Ok(names
                 .into_iter()
-                .map(|name| Ok(ScanTarget::Tunnel { name: name.to_string() }))
+                .map(|name| {
+                    Ok(ScanTarget::Tunnel {
+                        name: name.to_string(),
+                    })
+                })
                 .collect());
         };
         let target = target.trim().trim_end_matches('.').to_ascii_lowercase();
@@ -209,7 +213,9 @@ impl ScanService {
                 .strip_suffix(&format!(".{}", self.edge.domain))
                 .unwrap_or(&target);
             if let Ok(name) = TunnelName::parse(label) {
-                return Ok(vec![Ok(ScanTarget::Tunnel { name: name.to_string() })]);
+                return Ok(vec![Ok(ScanTarget::Tunnel {
+                    name: name.to_string(),
+                })]);
             }
         }
         // Not a tunnel name: only operator-allowlisted addresses, TCP ports only, and never
@@ -274,7 +280,9 @@ impl ScanService {
             Err(reason) => {
                 let label = request.target.clone().unwrap_or_default();
                 let placeholder = ScanTarget::Tunnel { name: label };
-                return self.reject(requester, placeholder, vec![], request, reason).await;
+                return self
+                    .reject(requester, placeholder, vec![], request, reason)
+                    .await;
             }
         };
         let checks = Self::requested_checks(request, &target).map_err(ScanError::BadRequest)?;
@@ -301,7 +309,9 @@ impl ScanService {
             .await;
         let (priority, allowed) = match decision {
             ScanDecision::Reject { reason } => {
-                return self.reject(requester, target, checks, request, reason).await;
+                return self
+                    .reject(requester, target, checks, request, reason)
+                    .await;
             }
             ScanDecision::Accept {
                 priority,
@@ -323,7 +333,9 @@ impl ScanService {
             let reason = format!(
                 "you already have {active} scans queued or running; wait for them to finish"
             );
-            return self.reject(requester, target, allowed, request, reason).await;
+            return self
+                .reject(requester, target, allowed, request, reason)
+                .await;
         }
         let mut job = JobRecord::new(requester.as_str(), target, allowed, ports);
         job.priority = priority;
@@ -335,7 +347,9 @@ impl ScanService {
             Err(QueueError::Full(n)) => {
                 let reason = QueueError::Full(n).to_string();
                 let (target, checks) = (job.target.clone(), job.checks.clone());
-                return self.reject(requester, target, checks, request, reason).await;
+                return self
+                    .reject(requester, target, checks, request, reason)
+                    .await;
             }
             Err(e) => return Err(e.into()),
         }
@@ -349,7 +363,12 @@ impl ScanService {
     }
 
     /// A report of the target still in the cache that covers these checks and ports.
-    async fn cached(&self, target: &ScanTarget, checks: &[Check], ports: &[u16]) -> Option<JobView> {
+    async fn cached(
+        &self,
+        target: &ScanTarget,
+        checks: &[Check],
+        ports: &[u16],
+    ) -> Option<JobView> {
         let id = self.backend.cached(target.label()).await.ok()??;
         let record = self.backend.load(&id).await.ok()??;
         let covers = record.state == JobState::Done

@@ -173,7 +173,9 @@ impl JobBackend for MemoryJobs {
             .insert(job.id.clone(), (job.clone(), now + self.record_ttl));
         let seq = state.next_seq;
         state.next_seq += 1;
-        state.waiting.push((job.priority, Reverse(seq), job.id.clone()));
+        state
+            .waiting
+            .push((job.priority, Reverse(seq), job.id.clone()));
         Ok(())
     }
 
@@ -302,7 +304,10 @@ mod tests {
         for j in [&low, &high, &high2] {
             jobs.enqueue(j, 10).await.unwrap();
         }
-        assert!(matches!(jobs.enqueue(&job(1), 3).await, Err(QueueError::Full(3))));
+        assert!(matches!(
+            jobs.enqueue(&job(1), 3).await,
+            Err(QueueError::Full(3))
+        ));
         let visibility = Duration::from_millis(50);
         let first = jobs.take("a", visibility).await.unwrap().unwrap();
         assert_eq!(first.job, high.id);

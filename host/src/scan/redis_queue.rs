@@ -210,19 +210,25 @@ impl JobBackend for RedisJobs {
 
     async fn load(&self, id: &JobId) -> Result<Option<JobRecord>, QueueError> {
         let key = self.key(&format!("job:scans:id:{id}"));
-        let text: Option<String> = match self.link.query(redis::cmd("GET").arg(&key), QUEUE_OP_TIMEOUT).await {
+        let text: Option<String> = match self
+            .link
+            .query(redis::cmd("GET").arg(&key), QUEUE_OP_TIMEOUT)
+            .await
+        {
             Ok(text) => text,
             // Another type at our key: treat as missing, never overwrite blindly here.
             Err(RedisOpError::WrongType { .. }) => None,
             Err(e) => return Err(unavailable(e)),
         };
-        Ok(text.and_then(|t| match serde_json::from_str::<JobRecord>(&t) {
-            Ok(record) if record.id == *id => Some(record),
-            _ => {
-                tracing::warn!("redis key {key} does not hold a scan job record; ignored");
-                None
-            }
-        }))
+        Ok(
+            text.and_then(|t| match serde_json::from_str::<JobRecord>(&t) {
+                Ok(record) if record.id == *id => Some(record),
+                _ => {
+                    tracing::warn!("redis key {key} does not hold a scan job record; ignored");
+                    None
+                }
+            }),
+        )
     }
 
     async fn enqueue(&self, job: &JobRecord, max_waiting: usize) -> Result<(), QueueError> {
@@ -249,14 +255,28 @@ impl JobBackend for RedisJobs {
         let recent = self.key("job:scans:recent");
         self.run::<()>(redis::cmd("LPUSH").arg(&mine).arg(job.id.as_str()))
             .await?;
-        self.run::<()>(redis::cmd("LTRIM").arg(&mine).arg(0).arg(RECENT_PER_KEY - 1))
-            .await?;
-        self.run::<()>(redis::cmd("EXPIRE").arg(&mine).arg(ttl_secs(self.record_ttl)))
-            .await?;
+        self.run::<()>(
+            redis::cmd("LTRIM")
+                .arg(&mine)
+                .arg(0)
+                .arg(RECENT_PER_KEY - 1),
+        )
+        .await?;
+        self.run::<()>(
+            redis::cmd("EXPIRE")
+                .arg(&mine)
+                .arg(ttl_secs(self.record_ttl)),
+        )
+        .await?;
         self.run::<()>(redis::cmd("LPUSH").arg(&recent).arg(job.id.as_str()))
             .await?;
-        self.run::<()>(redis::cmd("LTRIM").arg(&recent).arg(0).arg(RECENT_OVERALL - 1))
-            .await
+        self.run::<()>(
+            redis::cmd("LTRIM")
+                .arg(&recent)
+                .arg(0)
+                .arg(RECENT_OVERALL - 1),
+        )
+        .await
     }
 
     async fn take(&self, worker: &str, visibility: Duration) -> Result<Option<Lease>, QueueError> {
@@ -282,8 +302,13 @@ impl JobBackend for RedisJobs {
 
     async fn complete(&self, lease: &Lease) -> Result<(), QueueError> {
         let stream = self.stream(lease.band);
-        self.run::<i64>(redis::cmd("XACK").arg(&stream).arg(CONSUMER_GROUP).arg(&lease.entry))
-            .await?;
+        self.run::<i64>(
+            redis::cmd("XACK")
+                .arg(&stream)
+                .arg(CONSUMER_GROUP)
+                .arg(&lease.entry),
+        )
+        .await?;
         self.run::<i64>(redis::cmd("XDEL").arg(&stream).arg(&lease.entry))
             .await
             .map(drop)
@@ -291,7 +316,11 @@ impl JobBackend for RedisJobs {
 
     async fn cached(&self, target: &str) -> Result<Option<JobId>, QueueError> {
         let key = self.key(&format!("job:scan:{target}"));
-        match self.link.query::<Option<String>>(redis::cmd("GET").arg(&key), QUEUE_OP_TIMEOUT).await {
+        match self
+            .link
+            .query::<Option<String>>(redis::cmd("GET").arg(&key), QUEUE_OP_TIMEOUT)
+            .await
+        {
             Ok(id) => Ok(id.as_deref().and_then(JobId::parse)),
             Err(RedisOpError::WrongType { .. }) => Ok(None),
             Err(e) => Err(unavailable(e)),
@@ -317,7 +346,12 @@ impl JobBackend for RedisJobs {
 
     async fn recent(&self) -> Result<Vec<JobId>, QueueError> {
         let ids: Vec<String> = self
-            .run(redis::cmd("LRANGE").arg(self.key("job:scans:recent")).arg(0).arg(RECENT_OVERALL - 1))
+            .run(
+                redis::cmd("LRANGE")
+                    .arg(self.key("job:scans:recent"))
+                    .arg(0)
+                    .arg(RECENT_OVERALL - 1),
+            )
             .await?;
         Ok(ids.iter().filter_map(|id| JobId::parse(id)).collect())
     }
@@ -351,16 +385,25 @@ mod tests {
 
     #[test]
     fn entries_are_found_in_both_reply_shapes() {
-        let entry = Value::Array(vec![bulk("1-0"), Value::Array(vec![bulk("job"), bulk("sabc")])]);
+        let entry = Value::Array(vec![
+            bulk("1-0"),
+            Value::Array(vec![bulk("job"), bulk("sabc")]),
+        ]);
         // XAUTOCLAIM: [cursor, [entries], [deleted]]
         let claim = Value::Array(vec![
             bulk("0-0"),
-            Value::Array(vec![entry.clone(), Value::Array(vec![bulk("2-5"), Value::Nil])]),
+            Value::Array(vec![
+                entry.clone(),
+                Value::Array(vec![bulk("2-5"), Value::Nil]),
+            ]),
             Value::Array(vec![]),
         ]);
         let mut out = Vec::new();
         stream_entries(&claim, &mut out);
-        assert_eq!(out, [("1-0".into(), Some("sabc".into())), ("2-5".into(), None)]);
+        assert_eq!(
+            out,
+            [("1-0".into(), Some("sabc".into())), ("2-5".into(), None)]
+        );
         // XREADGROUP in RESP3: {stream: [entries]}
         let read = Value::Map(vec![(bulk("p0rt:q"), Value::Array(vec![entry]))]);
         let mut out = Vec::new();

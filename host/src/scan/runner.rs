@@ -4,10 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::ScanService;
 use super::checks::{self, Check, CheckError, HttpProbe, RequestBudget, Severity};
 use super::job::{JobRecord, JobState, ScanTarget, now_ms};
 use super::queue::Lease;
-use super::ScanService;
 use crate::shutdown::Stop;
 
 /// How often an idle worker asks the queue for work (Redis: other hosts' jobs).
@@ -67,7 +67,9 @@ impl ScanService {
                 }
                 Err(e) => {
                     if !std::mem::replace(&mut failing, true) {
-                        tracing::warn!("scan worker {worker}: {e}; retrying every {ERROR_BACKOFF:?}");
+                        tracing::warn!(
+                            "scan worker {worker}: {e}; retrying every {ERROR_BACKOFF:?}"
+                        );
                     }
                     ERROR_BACKOFF
                 }
@@ -93,7 +95,11 @@ impl ScanService {
                 return;
             }
         };
-        let cancelled = self.backend.cancel_requested(&job.id).await.unwrap_or(false);
+        let cancelled = self
+            .backend
+            .cancel_requested(&job.id)
+            .await
+            .unwrap_or(false);
         if job.state.is_final() || cancelled {
             if !job.state.is_final() {
                 job.finish(JobState::Cancelled, Some("cancelled".into()));
@@ -125,7 +131,8 @@ impl ScanService {
         tracing::info!(job = %job.id, target = job.target.label(), attempt = job.attempts, "scan started");
 
         let heartbeat = {
-            let (backend, worker, lease) = (self.backend.clone(), worker.to_string(), lease.clone());
+            let (backend, worker, lease) =
+                (self.backend.clone(), worker.to_string(), lease.clone());
             let every = self.settings.visibility_timeout / 3;
             tokio::spawn(async move {
                 loop {
@@ -183,7 +190,12 @@ impl ScanService {
                 };
                 let mut skip: Option<String> = None;
                 for check in job.checks.clone() {
-                    if self.backend.cancel_requested(&job.id).await.unwrap_or(false) {
+                    if self
+                        .backend
+                        .cancel_requested(&job.id)
+                        .await
+                        .unwrap_or(false)
+                    {
                         return Err(Halt::Cancelled);
                     }
                     let line = match &skip {
@@ -201,10 +213,20 @@ impl ScanService {
                             }
                             Err(CheckError::BudgetExhausted) => {
                                 skip = Some("request budget used up".into());
-                                format!("{} on {name}: skipped (request budget used up)", check.describe())
+                                format!(
+                                    "{} on {name}: skipped (request budget used up)",
+                                    check.describe()
+                                )
                             }
-                            Err(e @ CheckError::Unreachable(..)) => {
+                            // The edge itself did not answer: nothing else can work.
+                            Err(e @ CheckError::Unreachable(..))
+                                if check == Check::Reachability =>
+                            {
                                 return Err(Halt::Failed(e.to_string()));
+                            }
+                            // One slow or broken path spoils only its own check.
+                            Err(e @ CheckError::Unreachable(..)) => {
+                                format!("{} on {name}: incomplete ({e})", check.describe())
                             }
                         },
                     };

@@ -42,6 +42,12 @@ pub enum TargetError {
     Malformed(String),
 }
 
+/// Shortest IPv4 prefix an allowlist entry may have: `0.0.0.0/0` would quietly open every
+/// special range (cloud metadata included) to port checks.
+pub const MIN_IPV4_PREFIX: u8 = 8;
+/// Shortest IPv6 prefix an allowlist entry may have.
+pub const MIN_IPV6_PREFIX: u8 = 32;
+
 /// The operator's allowlist of raw scan targets: IPs, CIDRs (ipnet::IpNet) and exact host names.
 #[derive(Clone, Debug, Default)]
 pub struct TargetAllowlist {
@@ -60,6 +66,16 @@ impl TargetAllowlist {
             if let Some(ip) = parse_ip_literal(trimmed) {
                 list.nets.push(IpNet::from(ip));
             } else if let Ok(net) = trimmed.parse::<IpNet>() {
+                let shortest = match net {
+                    IpNet::V4(_) => MIN_IPV4_PREFIX,
+                    IpNet::V6(_) => MIN_IPV6_PREFIX,
+                };
+                if net.prefix_len() < shortest {
+                    return Err(format!(
+                        "scan.allowed_targets entry {entry:?} covers too much (shorter than \
+                         /{shortest}); list the networks you mean"
+                    ));
+                }
                 // "192.0.2.7/24" means the network; drop the host bits so it reads as meant.
                 list.nets.push(net.trunc());
             } else if let Some(name) = normalize_host_name(trimmed) {
@@ -444,6 +460,9 @@ mod tests {
         for bad in [
             "",
             "10.0.0.0/33",
+            "0.0.0.0/0",
+            "::/0",
+            "10.0.0.0/7",
             "a b",
             "http://x",
             "300.1.1.1",

@@ -67,8 +67,15 @@ fn parse_scan(words: &[&str]) -> Result<Command, String> {
         match *word {
             "--json" => json = true,
             "--checks" => {
-                let list = words.next().ok_or("--checks needs a list: --checks headers,paths")?;
-                request.checks = Some(list.split(',').filter(|c| !c.is_empty()).map(String::from).collect());
+                let list = words
+                    .next()
+                    .ok_or("--checks needs a list: --checks headers,paths")?;
+                request.checks = Some(
+                    list.split(',')
+                        .filter(|c| !c.is_empty())
+                        .map(String::from)
+                        .collect(),
+                );
             }
             "--ports" => {
                 let list = words.next().ok_or("--ports needs a list: --ports 22,80")?;
@@ -81,7 +88,9 @@ fn parse_scan(words: &[&str]) -> Result<Command, String> {
                     request.ports.push(port);
                 }
             }
-            flag if flag.starts_with('-') => return Err(format!("unknown option {flag:?}\n{HELP}")),
+            flag if flag.starts_with('-') => {
+                return Err(format!("unknown option {flag:?}\n{HELP}"));
+            }
             target if request.target.is_none() => request.target = Some(target.to_string()),
             _ => return Err("scan takes one target".into()),
         }
@@ -133,7 +142,11 @@ pub async fn run_scan(
                     out.text(&report_text(view, &urls)).await;
                 }
             }
-            if finished.iter().all(|v| v.record.state == JobState::Done) { 0 } else { 1 }
+            if finished.iter().all(|v| v.record.state == JobState::Done) {
+                0
+            } else {
+                1
+            }
         }
     };
     out.finish(status).await;
@@ -177,7 +190,10 @@ async fn follow(
         if !json {
             if record.state == JobState::Running && !shown_running {
                 shown_running = true;
-                if !out.text(&format!("running (attempt {})\n", record.attempts)).await {
+                if !out
+                    .text(&format!("running (attempt {})\n", record.attempts))
+                    .await
+                {
                     return None;
                 }
             }
@@ -221,7 +237,8 @@ async fn follow(
         match scans.get(&record.id, Some(key)).await {
             Ok(Some(next)) => record = next,
             Ok(None) => {
-                out.text("p0rt: the job's record is gone (expired or removed)\n").await;
+                out.text("p0rt: the job's record is gone (expired or removed)\n")
+                    .await;
                 return Some(record);
             }
             Err(e) => tracing::debug!("following scan {}: {e}", record.id),
@@ -241,7 +258,10 @@ fn job_header(view: &JobView, urls: &PublicUrls) -> String {
     let job = &view.record;
     let what = target_text(&job.target, urls);
     match job.state {
-        JobState::Rejected => format!("scan of {what} rejected: {}\n", job.error.as_deref().unwrap_or("")),
+        JobState::Rejected => format!(
+            "scan of {what} rejected: {}\n",
+            job.error.as_deref().unwrap_or("")
+        ),
         _ if view.from_cache => format!("scan of {what}: cached report (job {})\n", job.id),
         state => format!("scan of {what}: job {} {}\n", job.id, state.as_str()),
     }
@@ -280,13 +300,21 @@ pub fn report_text(view: &JobView, urls: &PublicUrls) -> String {
     text.push_str(&format!(
         "\nReport for {what} (job {}, {source}, checks: {})\n",
         job.id,
-        job.checks.iter().map(|c| c.as_str()).collect::<Vec<_>>().join(", ")
+        job.checks
+            .iter()
+            .map(|c| c.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
     ));
     if job.findings.is_empty() {
         text.push_str("  no findings\n");
         return text;
     }
-    text.push_str(&format!("{} findings: {}\n", job.findings.len(), counts.join(", ")));
+    text.push_str(&format!(
+        "{} findings: {}\n",
+        job.findings.len(),
+        counts.join(", ")
+    ));
     for f in &job.findings {
         let label = match f.severity {
             Severity::High => "HIGH",
@@ -317,8 +345,12 @@ mod tests {
     #[test]
     fn commands_parse_and_bad_ones_say_why() {
         assert_eq!(parse("info"), Ok(Command::Info));
-        assert_eq!(parse(" token --revoke "), Ok(Command::Token { revoke: true }));
-        let Ok(Command::Scan { request, json }) = parse("scan --json --checks headers,paths shop-x")
+        assert_eq!(
+            parse(" token --revoke "),
+            Ok(Command::Token { revoke: true })
+        );
+        let Ok(Command::Scan { request, json }) =
+            parse("scan --json --checks headers,paths shop-x")
         else {
             panic!("scan did not parse");
         };
@@ -329,7 +361,14 @@ mod tests {
             panic!("ports did not parse");
         };
         assert_eq!(request.ports, [22, 80]);
-        for bad in ["scan --ports 0", "scan --ports x", "scan a b", "scan --frobnicate", "rm -rf /", "token please"] {
+        for bad in [
+            "scan --ports 0",
+            "scan --ports x",
+            "scan a b",
+            "scan --frobnicate",
+            "rm -rf /",
+            "token please",
+        ] {
             assert!(parse(bad).is_err(), "{bad}");
         }
     }

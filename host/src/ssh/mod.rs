@@ -27,10 +27,10 @@ use commands::Command;
 pub use host_key::{HostKeyError, load_or_create_host_key};
 
 use crate::config::PublicUrls;
-use crate::scan::ScanService;
-use crate::tokens::TokenStore;
 use crate::names::{KeyHash, Label, TunnelName, fingerprint};
+use crate::scan::ScanService;
 use crate::shutdown::Stop;
+use crate::tokens::TokenStore;
 use crate::tunnels::{
     KeyIdentity, LinkError, SessionId, SessionOutput, SessionOutputSink, TunnelLink, TunnelService,
     UpstreamIo,
@@ -642,7 +642,13 @@ impl russh::server::Handler for Connection {
         let command = match commands::parse(&command) {
             Ok(command) => command,
             Err(problem) => {
-                return finish_command(session, channel, &format!("p0rt: {problem}\n"), 1, self.pty);
+                return finish_command(
+                    session,
+                    channel,
+                    &format!("p0rt: {problem}\n"),
+                    1,
+                    self.pty,
+                );
             }
         };
         match command {
@@ -658,7 +664,13 @@ impl russh::server::Handler for Connection {
             Command::Scan { request, json } => {
                 let (Some(key), Some(writer)) = (self.key.clone(), self.session_writer.take())
                 else {
-                    return finish_command(session, channel, "p0rt: not available here\n", 1, self.pty);
+                    return finish_command(
+                        session,
+                        channel,
+                        "p0rt: not available here\n",
+                        1,
+                        self.pty,
+                    );
                 };
                 // Runs beside the session: a scan takes seconds, and the connection's other
                 // events (keepalives, forwards) must not wait for it.
