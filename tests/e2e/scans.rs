@@ -701,7 +701,7 @@ async fn the_api_serves_owners_their_jobs_and_the_operator_every_job() {
     })
     .await;
     assert!(
-        running["progress"]["lines"].as_array().unwrap().len() >= 1,
+        !running["progress"]["lines"].as_array().unwrap().is_empty(),
         "{running}"
     );
     let res = api(

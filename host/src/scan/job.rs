@@ -191,7 +191,7 @@ impl JobRecord {
         let room = MAX_FINDINGS.saturating_sub(self.findings.len());
         self.findings.extend(findings.into_iter().take(room));
         // Most severe first, stable within a severity (check order).
-        self.findings.sort_by(|a, b| b.severity.cmp(&a.severity));
+        self.findings.sort_by_key(|f| std::cmp::Reverse(f.severity));
     }
 
     /// Findings per severity, most severe first: `[(High, 1), (Low, 3)]`.
