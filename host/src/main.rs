@@ -68,6 +68,18 @@ enum PluginCommand {
         #[arg(long)]
         plugins_dir: Option<PathBuf>,
     },
+    /// Create a plugin crate to start from (builds with `cargo component build --release`
+    /// or plain cargo for wasm32-wasip2; `test.sh` runs it through `p0rt plugin run`)
+    New {
+        /// Crate and plugin name (a DNS label: a-z, 0-9, -)
+        name: String,
+        /// The policy role it fills
+        #[arg(long)]
+        role: Role,
+        /// Directory to create the crate in [default: .]
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// Measure decision latency (p50/p99) with a warm and with a fresh instance
     Bench {
         file: PathBuf,
@@ -150,6 +162,16 @@ fn run_plugin_command(command: PluginCommand) -> ExitCode {
                 role,
                 iterations,
             } => tools::bench(&file, role, &input, iterations).await,
+            PluginCommand::New { name, role, dir } => {
+                let parent = dir.unwrap_or_else(|| PathBuf::from("."));
+                p0rt::plugins::scaffold::new_plugin(&parent, &name, role).map(|path| {
+                    format!(
+                        "created {}: cd there and run `cargo component build --release` \
+                         (or ./test.sh)\n",
+                        path.display()
+                    )
+                })
+            }
         }
     });
     match result {

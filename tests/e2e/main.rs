@@ -13,6 +13,7 @@ mod names;
 mod plugins;
 mod plugins_review;
 mod refusals;
+mod scaffold;
 mod scans;
 mod startup;
 mod traffic;

@@ -8,7 +8,8 @@
 //!   file from the plugins directory, reloaded atomically when the directory changes;
 //! - [`fallback`]: what the host answers when a plugin cannot, and the policy traits;
 //! - [`files`]: reading plugin files and sidecars (blocking; run off the async runtime);
-//! - [`host_api`]: what a plugin can reach; [`tools`]: `p0rt plugin …`.
+//! - [`host_api`]: what a plugin can reach; [`tools`]: `p0rt plugin …`;
+//!   [`scaffold`]: `p0rt plugin new`.
 
 pub mod bindings;
 pub mod fallback;
@@ -16,6 +17,7 @@ pub mod files;
 pub mod host_api;
 pub mod roles;
 pub mod runtime;
+pub mod scaffold;
 pub mod set;
 pub mod tools;
 
