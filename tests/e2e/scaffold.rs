@@ -25,7 +25,9 @@ fn require_cargo_component() {
 /// A cargo command for the scaffold, without the host test build's settings.
 fn cargo(dir: &Path, args: &[&str], target_dir: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO"));
-    cmd.current_dir(dir).args(args).env("CARGO_TARGET_DIR", target_dir);
+    cmd.current_dir(dir)
+        .args(args)
+        .env("CARGO_TARGET_DIR", target_dir);
     for var in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_BUILD_TARGET"] {
         cmd.env_remove(var);
     }
@@ -52,16 +54,25 @@ async fn a_scaffolded_plugin_builds_with_cargo_component_and_serves_in_a_host() 
     let target_dir: PathBuf = Path::new(env!("CARGO_TARGET_TMPDIR")).join("scaffolded-plugins");
 
     let mut new = Command::new(BIN);
-    new.args(["plugin", "new", "devnames", "--role", "naming", "--dir"]).arg(sb.path());
+    new.args(["plugin", "new", "devnames", "--role", "naming", "--dir"])
+        .arg(sb.path());
     let said = run(new, "p0rt plugin new");
     assert!(said.contains("cargo component build"), "{said}");
     let crate_dir = sb.join("devnames");
-    for file in ["Cargo.toml", "wit/policy.wit", "src/lib.rs", "test.sh", "README.md"] {
+    for file in [
+        "Cargo.toml",
+        "wit/policy.wit",
+        "src/lib.rs",
+        "test.sh",
+        "README.md",
+    ] {
         assert!(crate_dir.join(file).is_file(), "{file} missing");
     }
     // Again: refused, nothing overwritten.
     let mut again = Command::new(BIN);
-    again.args(["plugin", "new", "devnames", "--role", "naming", "--dir"]).arg(sb.path());
+    again
+        .args(["plugin", "new", "devnames", "--role", "naming", "--dir"])
+        .arg(sb.path());
     assert!(!again.output().unwrap().status.success());
     // The bundled plugins' lock file pins the same wit-bindgen release they are built with.
     std::fs::copy(
@@ -82,7 +93,11 @@ async fn a_scaffolded_plugin_builds_with_cargo_component_and_serves_in_a_host() 
     assert!(said.contains("ok: devnames answers as expected"), "{said}");
     // And with plain cargo.
     let plain = run(
-        cargo(&crate_dir, &["build", "--release", "--target", "wasm32-wasip2"], &target_dir),
+        cargo(
+            &crate_dir,
+            &["build", "--release", "--target", "wasm32-wasip2"],
+            &target_dir,
+        ),
         "cargo build --target wasm32-wasip2",
     );
     let plain_wasm = target_dir.join("wasm32-wasip2/release/devnames.wasm");
@@ -101,5 +116,10 @@ async fn a_scaffolded_plugin_builds_with_cargo_component_and_serves_in_a_host() 
     let host = Host::start_with(&sb, config).await;
     let key = sb.key("author");
     let info = host.info(&sb, &key).await;
-    assert_eq!(info.name, format!("dev-{}", &key.key_hash()[..8]), "{}", host.log());
+    assert_eq!(
+        info.name,
+        format!("dev-{}", &key.key_hash()[..8]),
+        "{}",
+        host.log()
+    );
 }

@@ -21,7 +21,10 @@ pub fn new_plugin(parent: &Path, name: &str, role: Role) -> anyhow::Result<PathB
         .map_err(|problem| anyhow::anyhow!("plugin name {name:?}: {problem}"))?;
     let dir = parent.join(name);
     if dir.exists() {
-        bail!("{} already exists; choose another name or directory", dir.display());
+        bail!(
+            "{} already exists; choose another name or directory",
+            dir.display()
+        );
     }
     let files = [
         ("Cargo.toml", cargo_toml(name, role)),
@@ -29,7 +32,8 @@ pub fn new_plugin(parent: &Path, name: &str, role: Role) -> anyhow::Result<PathB
         ("src/lib.rs", lib_rs(role)),
         ("test.sh", test_sh(name, role)),
         ("README.md", readme(name, role)),
-        (".gitignore", "target/\n".to_string()),
+        // cargo-component writes src/bindings.rs on every build; this crate does not use it.
+        (".gitignore", "target/\nsrc/bindings.rs\n".to_string()),
     ];
     for (file, text) in files {
         let path = dir.join(file);
