@@ -378,20 +378,32 @@ async fn a_leaky_site_gets_its_findings_a_clean_one_none_and_repeats_come_from_t
         "no progress bar without a terminal: {}",
         out.stdout
     );
+    // One progress line per check, each saying how it went.
+    let progress: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| {
+            l.contains(" on ")
+                && (l.ends_with(": ok") || l.ends_with("finding") || l.ends_with("findings"))
+        })
+        .collect();
+    assert_eq!(
+        progress.len(),
+        6,
+        "one line per check expected: {}",
+        out.stdout
+    );
     for check in [
         "reachability",
         "headers",
         "paths",
-        "cors",
-        "cookies",
-        "errors",
+        "CORS",
+        "cookie",
+        "error",
     ] {
         assert!(
-            out.stdout
-                .lines()
-                .any(|l| l.starts_with(check) || l.contains(&format!("{check} on")))
-                || out.stdout.contains(check),
-            "{check}: {}",
+            progress.iter().any(|l| l.contains(check)),
+            "no progress line for {check}: {}",
             out.stdout
         );
     }

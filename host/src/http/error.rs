@@ -70,8 +70,9 @@ pub enum EdgeError {
     Store(#[source] StoreError),
 }
 
-/// Header on every response the edge itself produced: `client`, `tunnel`, `offline` or `host`.
-pub const EDGE_ERROR_HEADER: &str = "x-p0rt-error";
+/// Header on every response the edge itself produced: `client`, `tunnel`, `offline` or
+/// `host`. Defined beside the scanner that reads it (the edge depends on `scan`, not back).
+pub use crate::scan::checks::EDGE_ERROR_HEADER;
 
 /// What a 405 names as served: every method but CONNECT is forwarded.
 const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";

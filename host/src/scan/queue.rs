@@ -118,6 +118,15 @@ impl MemoryState {
     fn sweep(&mut self, now: Instant) {
         self.records.retain(|_, (_, expires)| *expires > now);
         self.cache.retain(|_, (_, expires)| *expires > now);
+        // Keys whose jobs have all expired are forgotten, so the map does not grow with
+        // every key that ever scanned.
+        let records = &self.records;
+        self.by_key.retain(|_, ids| {
+            ids.retain(|id| records.contains_key(id));
+            !ids.is_empty()
+        });
+        self.recent.retain(|id| records.contains_key(id));
+        self.cancels.retain(|id| records.contains_key(id));
         if self.records.len() > MEMORY_MAX_RECORDS {
             let mut finished: Vec<(i64, JobId)> = self
                 .records
@@ -321,5 +330,21 @@ mod tests {
         let last = jobs.take("b", visibility).await.unwrap().unwrap();
         assert_eq!(last.job, low.id);
         assert!(jobs.take("b", visibility).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn keys_whose_jobs_expired_are_forgotten() {
+        let jobs = MemoryJobs::new(Duration::from_millis(30));
+        let old = job(1);
+        jobs.save(&old).await.unwrap();
+        jobs.remember(&old).await.unwrap();
+        assert_eq!(jobs.jobs_of("k").await.unwrap(), std::slice::from_ref(&old.id));
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let mut other = job(1);
+        other.requester = "other".into();
+        jobs.save(&other).await.unwrap();
+        assert!(jobs.jobs_of("k").await.unwrap().is_empty());
+        assert!(!jobs.state().by_key.contains_key("k"));
+        assert!(jobs.recent().await.unwrap().is_empty());
     }
 }
