@@ -2,19 +2,89 @@
 //!
 //! For the same key it yields exactly the host's built-in name (same word list, same
 //! derivation), so switching between this plugin and the fallback renames nobody.
+//!
+//! Requested names (`ssh -R myapp:80:…`) are served as sub-names `myapp-<main name>` by
+//! default. The operator may let keys own requested names outright (sidecar `words.json`):
+//!
+//! ```json
+//! { "grant_requested": true, "max_requested_names_per_key": 3 }
+//! ```
+//! With `grant_requested`, a label is granted if the key already owns it (a reconnect) or if
+//! the key owns fewer granted names than the cap; otherwise it is refused.
 
+// Natively (unit tests) the component glue is left out, so its callees look unused.
+#![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
+
+use std::cell::Cell;
+
+use serde::Deserialize;
 use sha2::{Digest, Sha256};
-
-wit_bindgen::generate!({ path: "../../wit", world: "naming-plugin" });
-
-use exports::p0rt::policy::naming::{Guest as Naming, NamingDecision, NamingRequest};
 
 /// The host's word list, shared through the repository.
 const WORD_LIST: &str = include_str!("../../../host/src/words.txt");
 /// Words per name.
 const WORDS_PER_NAME: usize = 3;
+/// Requested names a key may own when the sidecar does not say.
+const DEFAULT_MAX_REQUESTED_NAMES: u32 = 3;
 
-struct Words;
+/// The sidecar configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct Config {
+    /// Grant requested labels as names of their own instead of `label-<main>` sub-names.
+    grant_requested: bool,
+    /// Granted names per key (the main name does not count).
+    max_requested_names_per_key: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            grant_requested: false,
+            max_requested_names_per_key: DEFAULT_MAX_REQUESTED_NAMES,
+        }
+    }
+}
+
+fn parse_config(text: &str) -> Result<Config, String> {
+    serde_json::from_str(text).map_err(|e| format!("words config: {e}"))
+}
+
+/// What to do with a requested label; the plain-Rust twin of the WIT decision, so the rule
+/// is testable natively.
+#[derive(Debug, PartialEq, Eq)]
+enum LabelDecision {
+    /// Serve `label-<main>` (0.1's behaviour).
+    SubName,
+    /// Grant the label as a name of the key's own.
+    Grant,
+    Refuse(String),
+}
+
+/// Judges a requested label. `owned` lists the key's names, its main name first.
+fn judge_label(config: Config, label: &str, owned: &[String]) -> LabelDecision {
+    if !config.grant_requested {
+        // Sub-names are always `label-<own name>`, so they cannot collide with another
+        // key's three-word name: approve any label the host accepted.
+        return LabelDecision::SubName;
+    }
+    // A reconnect asks again for a name the key already holds: grant it again, whatever the
+    // cap is now (lowering the cap must not take names away from a connected owner).
+    if owned.iter().any(|name| name == label) {
+        return LabelDecision::Grant;
+    }
+    let granted = owned.len().saturating_sub(1);
+    let cap = config.max_requested_names_per_key as usize;
+    if granted < cap {
+        LabelDecision::Grant
+    } else {
+        LabelDecision::Refuse(format!(
+            "this key already owns {granted} requested name{} (the cap is {cap}); ask the \
+             operator to raise it or to release one",
+            if granted == 1 { "" } else { "s" }
+        ))
+    }
+}
 
 /// Parsed once per instance; warm instances reuse it across calls.
 fn words() -> &'static [&'static str] {
@@ -45,21 +115,112 @@ fn derive(ssh_key_hash: &str, attempt: u32) -> String {
         .join("-")
 }
 
-impl Naming for Words {
-    fn choose_name(request: NamingRequest) -> NamingDecision {
-        if let Some(label) = request.requested_label {
-            // Sub-names are always `label-<own name>`, so they cannot collide with another
-            // key's three-word name: approve any label the host accepted.
-            return NamingDecision::Name(label);
+thread_local! {
+    static CONFIG: Cell<Config> = Cell::new(Config::default());
+}
+
+/// The component glue. Only built for wasm, so the rule above can be unit-tested natively.
+#[cfg(target_arch = "wasm32")]
+mod component {
+    use super::*;
+
+    wit_bindgen::generate!({ path: "../../wit/v0.2", world: "naming-plugin" });
+
+    use exports::p0rt::policy::naming::{Guest as Naming, NamingDecision, NamingRequest};
+
+    struct Words;
+
+    impl Naming for Words {
+        fn choose_name(request: NamingRequest) -> NamingDecision {
+            let Some(label) = request.requested_label else {
+                return NamingDecision::Name(derive(&request.ssh_key_hash, request.attempt));
+            };
+            match judge_label(CONFIG.get(), &label, &request.owned_names) {
+                LabelDecision::SubName => NamingDecision::Name(label),
+                LabelDecision::Grant => NamingDecision::GrantRequested,
+                LabelDecision::Refuse(reason) => NamingDecision::Refuse(reason),
+            }
         }
-        NamingDecision::Name(derive(&request.ssh_key_hash, request.attempt))
     }
+
+    impl exports::p0rt::policy::init::Guest for Words {
+        fn init(config: String) -> Result<(), String> {
+            CONFIG.set(parse_config(&config)?);
+            Ok(())
+        }
+    }
+
+    export!(Words);
 }
 
-impl exports::p0rt::policy::init::Guest for Words {
-    fn init(_config: String) -> Result<(), String> {
-        Ok(())
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn granting(cap: u32) -> Config {
+        Config {
+            grant_requested: true,
+            max_requested_names_per_key: cap,
+        }
+    }
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn config_defaults_and_rejects_unknown_fields() {
+        assert_eq!(parse_config("{}").unwrap(), Config::default());
+        let c = parse_config(r#"{"grant_requested": true, "max_requested_names_per_key": 1}"#)
+            .unwrap();
+        assert_eq!(c, granting(1));
+        let err = parse_config(r#"{"grant": true}"#).unwrap_err();
+        assert!(err.contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn default_serves_sub_names() {
+        let owned = names(&["whale-guitar-fox", "a", "b", "c", "d"]);
+        assert_eq!(
+            judge_label(Config::default(), "myapp", &owned),
+            LabelDecision::SubName
+        );
+    }
+
+    #[test]
+    fn grants_below_the_cap() {
+        let c = granting(2);
+        assert_eq!(judge_label(c, "x", &[]), LabelDecision::Grant);
+        assert_eq!(judge_label(c, "x", &names(&["main"])), LabelDecision::Grant);
+        assert_eq!(
+            judge_label(c, "x", &names(&["main", "a"])),
+            LabelDecision::Grant
+        );
+        let LabelDecision::Refuse(reason) = judge_label(c, "x", &names(&["main", "a", "b"]))
+        else {
+            panic!("expected a refusal");
+        };
+        assert!(reason.contains("owns 2 requested names (the cap is 2)"), "{reason}");
+    }
+
+    #[test]
+    fn regrants_owned_names_over_the_cap() {
+        let c = granting(0);
+        assert_eq!(
+            judge_label(c, "a", &names(&["main", "a", "b"])),
+            LabelDecision::Grant
+        );
+        assert!(matches!(
+            judge_label(c, "new", &names(&["main"])),
+            LabelDecision::Refuse(_)
+        ));
+    }
+
+    #[test]
+    fn main_name_is_stable() {
+        let a = derive("abc", 0);
+        assert_eq!(a, derive("abc", 0));
+        assert_ne!(a, derive("abc", 1));
+        assert_eq!(a.split('-').count(), WORDS_PER_NAME);
     }
 }
-
-export!(Words);
