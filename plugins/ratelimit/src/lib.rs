@@ -1,6 +1,6 @@
 //! `ratelimit`: fixed-window request limits per client IP, per tunnel and per owner key.
 //!
-//! Counters live in the host cache (`increment` with a TTL of one window), so they are
+//! Counters live in the host cache (`increment-many` with a TTL of one window), so they are
 //! shared by every host when the cache is Redis. Configuration (sidecar `ratelimit.json`):
 //!
 //! ```json
@@ -9,24 +9,32 @@
 //!   "per_key":    { "limit": 6000, "window_seconds": 60 } }
 //! ```
 //! A limit of 0 turns that bucket off.
+//!
+//! Every bucket is counted in one batched host call per request (one Redis round trip), so a
+//! request counts in all its buckets even when an earlier one already denies it; the first
+//! bucket over its limit (ip, then tunnel, then key) picks the answer.
 
-use std::cell::RefCell;
+// Natively (unit tests) the component glue is left out, so its callees look unused.
+#![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
+
+use std::cell::Cell;
 
 use serde::Deserialize;
 
-wit_bindgen::generate!({ path: "../../wit", world: "rate-limit-plugin" });
-
-use exports::p0rt::policy::rate_limit::{Decision, Denial, Guest as RateLimit, RequestInfo};
-use p0rt::policy::{cache, clock};
-
-#[derive(Clone, Copy, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Bucket {
     limit: u32,
     window_seconds: u32,
 }
 
-#[derive(Clone, Copy, Deserialize)]
+impl Bucket {
+    fn enabled(self) -> bool {
+        self.limit != 0 && self.window_seconds != 0
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct Config {
     per_ip: Bucket,
@@ -53,73 +61,171 @@ impl Default for Config {
     }
 }
 
+fn parse_config(text: &str) -> Result<Config, String> {
+    serde_json::from_str(text).map_err(|e| format!("ratelimit config: {e}"))
+}
+
+/// One bucket a request counts in.
+#[derive(Debug, PartialEq, Eq)]
+struct Count {
+    /// The cache key of the current window's counter.
+    key: String,
+    limit: u32,
+    window_seconds: u32,
+    /// Seconds until the current window ends (at least 1).
+    retry_after: u32,
+    /// Shown to the client when this bucket denies.
+    message: &'static str,
+}
+
+/// The counters a request increments: the enabled buckets, in the order they are judged.
+fn counts(
+    config: Config,
+    client_ip: &str,
+    name: &str,
+    owner_key_hash: &str,
+    now: i64,
+) -> Vec<Count> {
+    let buckets = [
+        (
+            "ip",
+            client_ip,
+            config.per_ip,
+            "too many requests from your address",
+        ),
+        (
+            "tunnel",
+            name,
+            config.per_tunnel,
+            "this tunnel is receiving too many requests",
+        ),
+        (
+            "key",
+            owner_key_hash,
+            config.per_key,
+            "this tunnel owner's request budget is used up",
+        ),
+    ];
+    buckets
+        .into_iter()
+        .filter(|(_, _, bucket, _)| bucket.enabled())
+        .map(|(kind, subject, bucket, message)| {
+            let window = i64::from(bucket.window_seconds);
+            let index = now.div_euclid(window);
+            Count {
+                key: format!("{kind}:{subject}:{index}"),
+                limit: bucket.limit,
+                window_seconds: bucket.window_seconds,
+                retry_after: ((index + 1) * window - now).max(1) as u32,
+                message,
+            }
+        })
+        .collect()
+}
+
+/// The first bucket whose new count is over its limit, if any: `(retry_after, message)`.
+fn first_over_limit(counts: &[Count], values: &[i64]) -> Option<(u32, &'static str)> {
+    counts
+        .iter()
+        .zip(values)
+        .find(|(count, value)| **value > i64::from(count.limit))
+        .map(|(count, _)| (count.retry_after, count.message))
+}
+
 thread_local! {
-    static CONFIG: RefCell<Config> = RefCell::new(Config::default());
+    static CONFIG: Cell<Config> = Cell::new(Config::default());
 }
 
-struct RateLimiter;
+/// The component glue. Only built for wasm, so the logic above can be unit-tested natively.
+#[cfg(target_arch = "wasm32")]
+mod component {
+    use super::*;
 
-/// Counts one request in `bucket` for `subject`; returns the seconds until the window ends
-/// if the limit is exceeded.
-fn over_limit(kind: &str, subject: &str, bucket: Bucket, now: i64) -> Option<u32> {
-    if bucket.limit == 0 || bucket.window_seconds == 0 {
-        return None;
-    }
-    let window = i64::from(bucket.window_seconds);
-    let index = now.div_euclid(window);
-    let key = format!("{kind}:{subject}:{index}");
-    let count = cache::increment(&key, 1, Some(bucket.window_seconds));
-    if count > i64::from(bucket.limit) {
-        Some(((index + 1) * window - now).max(1) as u32)
-    } else {
-        None
-    }
-}
+    wit_bindgen::generate!({ path: "../../wit/v0.2", world: "rate-limit-plugin" });
 
-impl RateLimit for RateLimiter {
-    fn check(request: RequestInfo) -> Decision {
-        let config = CONFIG.with(|c| *c.borrow());
-        let now = clock::now_unix_seconds();
-        let checks = [
-            (
-                "ip",
-                request.client_ip.as_str(),
-                config.per_ip,
-                "too many requests from your address",
-            ),
-            (
-                "tunnel",
-                request.name.as_str(),
-                config.per_tunnel,
-                "this tunnel is receiving too many requests",
-            ),
-            (
-                "key",
-                request.owner_key_hash.as_str(),
-                config.per_key,
-                "this tunnel owner's request budget is used up",
-            ),
-        ];
-        for (kind, subject, bucket, message) in checks {
-            if let Some(retry) = over_limit(kind, subject, bucket, now) {
-                return Decision::Deny(Denial {
+    use exports::p0rt::policy::rate_limit::{Decision, Denial, Guest as RateLimit, RequestFacts};
+    use p0rt::policy::{cache, clock};
+
+    struct RateLimiter;
+
+    impl RateLimit for RateLimiter {
+        fn check(request: RequestFacts) -> Decision {
+            let now = clock::now_unix_seconds();
+            let counts = counts(
+                CONFIG.get(),
+                &request.client_ip,
+                &request.name,
+                &request.owner_key_hash,
+                now,
+            );
+            if counts.is_empty() {
+                return Decision::Allow;
+            }
+            let ops: Vec<cache::IncrementOp> = counts
+                .iter()
+                .map(|count| cache::IncrementOp {
+                    key: count.key.clone(),
+                    amount: 1,
+                    ttl_seconds: Some(count.window_seconds),
+                })
+                .collect();
+            let values = cache::increment_many(&ops);
+            match first_over_limit(&counts, &values) {
+                Some((retry, message)) => Decision::Deny(Denial {
                     status: 429,
                     retry_after_seconds: Some(retry),
                     message: message.to_string(),
-                });
+                }),
+                None => Decision::Allow,
             }
         }
-        Decision::Allow
     }
+
+    impl exports::p0rt::policy::init::Guest for RateLimiter {
+        fn init(config: String) -> Result<(), String> {
+            CONFIG.set(parse_config(&config)?);
+            Ok(())
+        }
+    }
+
+    export!(RateLimiter);
 }
 
-impl exports::p0rt::policy::init::Guest for RateLimiter {
-    fn init(config: String) -> Result<(), String> {
-        let parsed: Config =
-            serde_json::from_str(&config).map_err(|e| format!("ratelimit config: {e}"))?;
-        CONFIG.with(|c| *c.borrow_mut() = parsed);
-        Ok(())
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_and_retry_after() {
+        let c = counts(Config::default(), "192.0.2.1", "app", "k", 125);
+        let keys: Vec<&str> = c.iter().map(|c| c.key.as_str()).collect();
+        assert_eq!(keys, ["ip:192.0.2.1:2", "tunnel:app:2", "key:k:2"]);
+        assert!(
+            c.iter()
+                .all(|c| c.retry_after == 55 && c.window_seconds == 60)
+        );
+    }
+
+    #[test]
+    fn disabled_buckets_are_not_counted() {
+        let config = parse_config(r#"{"per_ip": {"limit": 0, "window_seconds": 60}}"#).unwrap();
+        let c = counts(config, "ip", "app", "k", 0);
+        assert_eq!(c.len(), 2);
+        assert!(c[0].key.starts_with("tunnel:"));
+        assert!(parse_config(r#"{"per_host": {}}"#).is_err());
+    }
+
+    #[test]
+    fn first_bucket_over_its_limit_answers() {
+        let c = counts(Config::default(), "ip", "app", "k", 0);
+        assert_eq!(first_over_limit(&c, &[600, 3000, 6000]), None);
+        assert_eq!(
+            first_over_limit(&c, &[601, 3001, 1]).map(|d| d.1),
+            Some("too many requests from your address")
+        );
+        assert_eq!(
+            first_over_limit(&c, &[1, 1, 6001]).map(|d| d.1),
+            Some("this tunnel owner's request budget is used up")
+        );
     }
 }
-
-export!(RateLimiter);

@@ -15,7 +15,7 @@ use std::cell::RefCell;
 
 use serde::Deserialize;
 
-wit_bindgen::generate!({ path: "../../wit", world: "scan-admission-plugin" });
+wit_bindgen::generate!({ path: "../../wit/v0.2", world: "scan-admission-plugin" });
 
 use exports::p0rt::policy::scan_admission::{Admission, Decision, Guest as ScanAdmission, ScanJob};
 use p0rt::policy::{cache, clock};

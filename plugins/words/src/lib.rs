@@ -171,8 +171,8 @@ mod tests {
     #[test]
     fn config_defaults_and_rejects_unknown_fields() {
         assert_eq!(parse_config("{}").unwrap(), Config::default());
-        let c = parse_config(r#"{"grant_requested": true, "max_requested_names_per_key": 1}"#)
-            .unwrap();
+        let c =
+            parse_config(r#"{"grant_requested": true, "max_requested_names_per_key": 1}"#).unwrap();
         assert_eq!(c, granting(1));
         let err = parse_config(r#"{"grant": true}"#).unwrap_err();
         assert!(err.contains("unknown field"), "{err}");
@@ -196,11 +196,13 @@ mod tests {
             judge_label(c, "x", &names(&["main", "a"])),
             LabelDecision::Grant
         );
-        let LabelDecision::Refuse(reason) = judge_label(c, "x", &names(&["main", "a", "b"]))
-        else {
+        let LabelDecision::Refuse(reason) = judge_label(c, "x", &names(&["main", "a", "b"])) else {
             panic!("expected a refusal");
         };
-        assert!(reason.contains("owns 2 requested names (the cap is 2)"), "{reason}");
+        assert!(
+            reason.contains("owns 2 requested names (the cap is 2)"),
+            "{reason}"
+        );
     }
 
     #[test]
