@@ -1,17 +1,19 @@
-//! Builds the bundled reference plugins in `../plugins` (words, ratelimit, scan-guard) for
-//! `wasm32-wasip2` and exposes them to the crate as `P0RT_BUNDLED_PLUGINS` (embedded in the
-//! binary). The nested build uses its own target directory under `OUT_DIR`, so it writes
-//! nothing into the source tree and never waits on the outer build's lock. The hostile test
-//! fixtures are not built here: the e2e tests build them (tests/e2e/plugins.rs).
+//! Builds the bundled reference plugins in `../plugins` (words, ratelimit, scan-guard,
+//! access) for `wasm32-wasip2` and exposes them to the crate as `P0RT_BUNDLED_PLUGINS`
+//! (embedded in the binary). The nested build uses its own target directory under `OUT_DIR`,
+//! so it writes nothing into the source tree and never waits on the outer build's lock. The
+//! test fixtures (hostile, old-version, hostile-policy) are not built here: the e2e tests
+//! build them (tests/e2e/plugins.rs).
 
 use std::path::PathBuf;
 use std::process::Command;
 
 /// Packages of the plugin workspace that ship inside the binary, and their wasm file stems.
-const BUNDLED: [(&str, &str); 3] = [
+const BUNDLED: [(&str, &str); 4] = [
     ("words", "words"),
     ("ratelimit", "ratelimit"),
     ("scan-guard", "scan_guard"),
+    ("access", "access"),
 ];
 
 fn main() {
@@ -25,6 +27,7 @@ fn main() {
         "plugins/words",
         "plugins/ratelimit",
         "plugins/scan-guard",
+        "plugins/access",
         "host/src/words.txt",
     ] {
         println!("cargo:rerun-if-changed={}", repo.join(path).display());
