@@ -87,12 +87,16 @@ impl Config {
         for entry in &raw.allow {
             allow.push(Cidr::parse(entry).map_err(|why| config_entry("allow", entry, &why))?);
         }
+        // It is sent quoted in `WWW-Authenticate`, and the host takes no escapes there.
         if let Some(bad) = raw
             .realm
             .chars()
-            .find(|c| c.is_control() || *c == '"' || *c == '\\')
+            .find(|c| !(' '..='~').contains(c) || *c == '"' || *c == '\\')
         {
-            return Err(format!("access config: realm may not contain {bad:?}"));
+            return Err(format!(
+                "access config: the realm must be printable ASCII without '\"' or '\\' \
+                 (found {bad:?})"
+            ));
         }
         let mut response_headers = Vec::new();
         for (name, value) in raw.response_headers {
@@ -438,6 +442,7 @@ mod tests {
             r#"{"deny": ["192.0.2.0/33"]}"#,
             r#"{"allow": ["nope"]}"#,
             r#"{"realm": "a\"b"}"#,
+            r#"{"realm": "caf\u00e9"}"#,
             r#"{"response_headers": {"bad name": "x"}}"#,
             r#"{"response_headers": {"x": "a\r\nb"}}"#,
             r#"{"response_headers": {"Content-Length": "1"}}"#,
