@@ -1,5 +1,5 @@
 //! `p0rt plugin new NAME --role ROLE`: a plugin crate to start from. It carries the host's
-//! WIT (`wit/policy.wit`, the same file the host was built with), builds with
+//! newest WIT (`wit/v0.2/policy.wit`, the same file the host was built with), builds with
 //! `cargo component build --release` and with plain `cargo build --release --target
 //! wasm32-wasip2`, and has a `test.sh` that builds it and asks it for one decision through
 //! `p0rt plugin run`.
@@ -10,8 +10,9 @@ use anyhow::{Context, bail};
 
 use super::Role;
 
-/// The WIT the host was built with; scaffolds vendor it so they build offline and match.
-const POLICY_WIT: &str = include_str!("../../../wit/policy.wit");
+/// The newest WIT the host was built with (p0rt:policy@0.2.0); scaffolds vendor it so they
+/// build offline and match.
+const POLICY_WIT: &str = include_str!("../../../wit/v0.2/policy.wit");
 /// wit-bindgen release the scaffolds use (the one the bundled plugins are built with).
 const WIT_BINDGEN_VERSION: &str = "0.63";
 
@@ -57,6 +58,7 @@ fn world(role: Role) -> &'static str {
     match role {
         Role::Naming => "naming-plugin",
         Role::RateLimit => "rate-limit-plugin",
+        Role::RequestPolicy => "request-policy-plugin",
         Role::ScanAdmission => "scan-admission-plugin",
     }
 }
@@ -107,14 +109,17 @@ fn lib_rs(role: Role) -> String {
     let body = match role {
         Role::Naming => NAMING_TEMPLATE,
         Role::RateLimit => RATE_LIMIT_TEMPLATE,
+        Role::RequestPolicy => REQUEST_POLICY_TEMPLATE,
         Role::ScanAdmission => SCAN_TEMPLATE,
     };
     body.replace("__WORLD__", world(role))
 }
 
 const NAMING_TEMPLATE: &str = r#"//! A naming plugin: names each key `dev-<first 8 hex digits of its key hash>`
-//! (`-<attempt>` appended when the host asks again because a name was taken), and approves
-//! every sub-name label except `admin`. Change `choose_name` to your rule.
+//! (`-<attempt>` appended when the host asks again because a name was taken), and serves
+//! every requested label except `admin` as the sub-name `label-<main name>`. Change
+//! `choose_name` to your rule (`NamingDecision::GrantRequested` gives the key the label
+//! itself as a name; `request.owned_names` lists the names it already owns).
 
 wit_bindgen::generate!({ path: "wit", world: "__WORLD__" });
 
@@ -125,7 +130,7 @@ struct Plugin;
 impl Guest for Plugin {
     fn choose_name(request: NamingRequest) -> NamingDecision {
         if let Some(label) = request.requested_label {
-            // A `-R label:80:…` sub-name: approve or refuse the label.
+            // A `-R label:80:…` request: serve `label-<main name>`, or refuse the label.
             return if label == "admin" {
                 NamingDecision::Refuse("the label `admin` is not for tunnels".into())
             } else {
@@ -149,12 +154,13 @@ impl exports::p0rt::policy::init::Guest for Plugin {
 export!(Plugin);
 "#;
 
-const RATE_LIMIT_TEMPLATE: &str = r#"//! A request policy: at most 100 requests per client IP per minute, counted in the host's
-//! cache (shared between hosts when the cache is Redis). Change `check` to your rule.
+const RATE_LIMIT_TEMPLATE: &str = r#"//! A rate limiter: at most 100 requests per client IP per minute, counted in the host's
+//! cache (shared between hosts when the cache is Redis). Change `check` to your rule
+//! (`cache::increment_many` counts several buckets in one host call).
 
 wit_bindgen::generate!({ path: "wit", world: "__WORLD__" });
 
-use exports::p0rt::policy::rate_limit::{Decision, Denial, Guest, RequestInfo};
+use exports::p0rt::policy::rate_limit::{Decision, Denial, Guest, RequestFacts};
 use p0rt::policy::{cache, clock};
 
 /// Requests one client IP may send per window.
@@ -165,7 +171,7 @@ const WINDOW: i64 = 60;
 struct Plugin;
 
 impl Guest for Plugin {
-    fn check(request: RequestInfo) -> Decision {
+    fn check(request: RequestFacts) -> Decision {
         let window = clock::now_unix_seconds().div_euclid(WINDOW);
         let key = format!("ip:{}:{window}", request.client_ip);
         if cache::increment(&key, 1, Some(WINDOW as u32)) > LIMIT {
@@ -176,6 +182,50 @@ impl Guest for Plugin {
             });
         }
         Decision::Allow
+    }
+}
+
+impl exports::p0rt::policy::init::Guest for Plugin {
+    fn init(_config: String) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+export!(Plugin);
+"#;
+
+const REQUEST_POLICY_TEMPLATE: &str = r#"//! A request policy: answers 403 to every path under `/internal/`, and adds
+//! `x-served-by: p0rt` to the responses of the requests it admits. Change `check` to your
+//! rule (it can also redirect, ask for a login, and edit request headers;
+//! `request.options` holds the tunnel owner's `ssh … -- key=value` options).
+
+wit_bindgen::generate!({ path: "wit", world: "__WORLD__" });
+
+use exports::p0rt::policy::request_policy::{
+    Answer, Edits, Guest, HeaderEdit, RequestFacts, Verdict,
+};
+
+/// Requests under this path never reach the tunnel.
+const BLOCKED_PREFIX: &str = "/internal/";
+
+struct Plugin;
+
+impl Guest for Plugin {
+    fn check(request: RequestFacts) -> Verdict {
+        if request.path.starts_with(BLOCKED_PREFIX) {
+            return Verdict::Deny(Answer {
+                status: 403,
+                headers: Vec::new(),
+                body: format!("403 forbidden: {BLOCKED_PREFIX} is not served here\n"),
+            });
+        }
+        Verdict::Admit(Edits {
+            request: Vec::new(),
+            response: vec![HeaderEdit {
+                name: "x-served-by".into(),
+                value: Some("p0rt".into()),
+            }],
+        })
     }
 }
 
@@ -226,8 +276,12 @@ fn sample(role: Role) -> (&'static str, &'static str) {
             r#""dev-01234567""#,
         ),
         Role::RateLimit => (
-            r#"{"client_ip":"192.0.2.1","host":"x.localhost","name":"x","method":"GET","path":"/"}"#,
+            r#"{"client_ip":"192.0.2.1","host":"x.localhost","name":"x","method":"GET","path":"/","scheme":"http"}"#,
             r#""allow""#,
+        ),
+        Role::RequestPolicy => (
+            r#"{"client_ip":"192.0.2.1","host":"x.localhost","name":"x","method":"GET","path":"/","scheme":"http"}"#,
+            r#""admit""#,
         ),
         Role::ScanAdmission => (
             r#"{"requester_key_hash":"ab","target":"x","checks":["headers"],"target_is_own_tunnel":true}"#,
@@ -271,7 +325,7 @@ fn readme(name: &str, role: Role) -> String {
     format!(
         r#"# {name}
 
-A p0rt {role} plugin (WIT world `{world}` of `p0rt:policy`, vendored in `wit/`).
+A p0rt {role} plugin (WIT world `{world}` of `p0rt:policy@0.2.0`, vendored in `wit/`).
 
 Build it with cargo-component (`cargo install --locked cargo-component`):
 
