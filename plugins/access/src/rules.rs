@@ -13,8 +13,9 @@ pub const DEFAULT_REALM: &str = "p0rt";
 const FORBIDDEN: u16 = 403;
 /// Status of the `https-only` redirect (keeps the method and body, unlike 301/302).
 const HTTPS_REDIRECT: u16 = 308;
-/// Headers no edit may touch: they frame the message or the connection, which the host owns
-/// (an edit to them would be refused by the host and count against the plugin).
+/// Headers no edit may touch: they frame the message or the connection, which the host
+/// manages; an edit to them could break the exchange, or be refused by the host as a bad
+/// verdict and count against the plugin (on every tunnel, for one owner's option).
 const RESERVED_HEADERS: [&str; 8] = [
     "connection",
     "content-length",
@@ -64,14 +65,9 @@ pub struct Config {
 }
 
 impl Default for Config {
+    /// What `{}` means (the sidecar's defaults live in one place, [`RawConfig`]).
     fn default() -> Self {
-        Config {
-            deny: Vec::new(),
-            allow: Vec::new(),
-            realm: DEFAULT_REALM.to_string(),
-            response_headers: Vec::new(),
-            owner_options: true,
-        }
+        Config::parse("{}").expect("the default configuration is valid")
     }
 }
 
@@ -174,7 +170,7 @@ struct OwnerRules {
     allow: Vec<Cidr>,
     https_only: bool,
     users: Vec<(String, String)>,
-    /// In the order given; the last `host=` is the only host edit.
+    /// In the order given, then the last `host=` (the only host edit).
     request: Vec<Edit>,
     response: Vec<Edit>,
 }
