@@ -408,6 +408,47 @@ impl Cache {
         self.memory.increment(key, amount, ttl)
     }
 
+    /// Several increments in one call: one pipelined round trip on a single Redis server;
+    /// on Cluster (keys in different slots) the increments run concurrently. Each result is
+    /// what [`increment`](Self::increment) would have returned.
+    pub async fn increment_many(
+        &self,
+        ops: &[(String, i64, Option<Duration>)],
+    ) -> Vec<Result<i64, CacheError>> {
+        if let Some(redis) = self.live_redis()
+            && !redis.link.is_cluster()
+            && ops.len() > 1
+        {
+            let mut pipe = redis::pipe();
+            for (key, amount, ttl) in ops {
+                pipe.cmd("EVAL")
+                    .arg(INCREMENT_WITH_TTL)
+                    .arg(1)
+                    .arg(redis.key(key))
+                    .arg(*amount)
+                    .arg(ttl.map_or(0, |t| t.as_secs().max(1)));
+            }
+            match redis
+                .link
+                .query_pipeline::<Vec<i64>>(&pipe, REDIS_CACHE_OP_TIMEOUT)
+                .await
+            {
+                Ok(values) if values.len() == ops.len() => return values.into_iter().map(Ok).collect(),
+                // A counter holding a non-integer fails the whole pipeline; the one-by-one
+                // path below says which key it was.
+                Err(RedisOpError::Other(text))
+                    if text.contains("not an integer") || text.contains("overflow") => {}
+                Ok(_) => {}
+                Err(e) => redis.mark_unhealthy(&e),
+            }
+        }
+        futures_util::future::join_all(
+            ops.iter()
+                .map(|(key, amount, ttl)| self.increment(key, *amount, *ttl)),
+        )
+        .await
+    }
+
     pub async fn expire(&self, key: &str, ttl: Duration) -> bool {
         if let Some(redis) = self.live_redis()
             && let Some(n) = self

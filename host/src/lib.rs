@@ -14,6 +14,7 @@
 //!
 //! - [`names`]: key hashes, tunnel names and labels (newtypes), the DNS-label rule, reserved
 //!   words, the built-in namer. A leaf.
+//! - [`password`]: salted password hashes for basic auth in front of tunnels. A leaf.
 //! - [`policy`]: the traits the host asks its policies through, and their decisions.
 //! - [`tunnels`]: the tunnel service: naming, sub-names, ownership, takeover, the live registry.
 //! - [`ssh`], [`http`]: the two edges.
@@ -30,6 +31,7 @@ pub mod cache;
 pub mod config;
 pub mod http;
 pub mod names;
+pub mod password;
 pub mod plugins;
 pub mod policy;
 pub mod redis_link;

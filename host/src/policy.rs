@@ -4,7 +4,10 @@
 //! fallbacks, and tests can implement them in a few lines.
 
 use async_trait::async_trait;
+use http::{HeaderName, HeaderValue, StatusCode};
 use serde::{Deserialize, Serialize};
+
+use crate::password::PasswordHash;
 
 /// Input for a naming decision.
 #[derive(Clone, Debug, Deserialize)]
@@ -18,6 +21,9 @@ pub struct NamingInput {
     pub requested_label: Option<String>,
     #[serde(default)]
     pub attempt: u32,
+    /// Names the key owns already: main name first, then granted requested names.
+    #[serde(default)]
+    pub owned_names: Vec<String>,
 }
 
 /// What the naming policy decided.
@@ -33,11 +39,14 @@ pub enum NameChoice {
 /// What the naming policy says of a requested sub-name label.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LabelApproval {
+    /// Serve it as the sub-name `label-<main name>`.
     Approved,
+    /// Grant the label itself as a name the key owns (naming 0.2's `grant-requested`).
+    GrantRequested,
     Refused(String),
 }
 
-/// Input for a rate-limit decision.
+/// What the request policies see of one HTTP request.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RequestFacts {
@@ -45,9 +54,14 @@ pub struct RequestFacts {
     pub host: String,
     pub name: String,
     pub owner_key_hash: String,
+    pub owner_tier: Option<String>,
     pub method: String,
     pub path: String,
     pub headers: Vec<(String, String)>,
+    /// The tunnel owner's accepted options (`auth` passwords already hashed).
+    pub options: Vec<(String, String)>,
+    /// `http` or `https`.
+    pub scheme: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -59,6 +73,69 @@ pub enum RateDecision {
         retry_after_seconds: Option<u32>,
         message: String,
     },
+}
+
+/// Sets (value `Some`) or removes (`None`) one header. Checked by the host: a valid name,
+/// a value without control characters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeaderEdit {
+    pub name: HeaderName,
+    pub value: Option<HeaderValue>,
+}
+
+/// Header edits for an admitted request.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HeaderEdits {
+    /// Applied to the request before it enters the tunnel (`host` rewrites Host).
+    pub request: Vec<HeaderEdit>,
+    /// Applied to the backend's response.
+    pub response: Vec<HeaderEdit>,
+}
+
+impl HeaderEdits {
+    pub fn is_empty(&self) -> bool {
+        self.request.is_empty() && self.response.is_empty()
+    }
+}
+
+/// HTTP basic auth the host checks before forwarding.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BasicAuth {
+    /// Printable ASCII without `"` or `\\` (checked).
+    pub realm: String,
+    pub users: Vec<(String, PasswordHash)>,
+    /// Applied once the credentials are accepted.
+    pub edits: HeaderEdits,
+}
+
+/// What the request policies decided for one request (validated).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RequestVerdict {
+    Admit(HeaderEdits),
+    /// Answered by the host without forwarding.
+    Deny {
+        status: StatusCode,
+        headers: Vec<(HeaderName, HeaderValue)>,
+        body: String,
+    },
+    /// The rate limiter's refusal (today's page, with `Retry-After`).
+    Limited {
+        status: StatusCode,
+        retry_after_seconds: Option<u32>,
+        message: String,
+    },
+    Redirect {
+        status: StatusCode,
+        location: HeaderValue,
+    },
+    RequireAuth(BasicAuth),
+}
+
+impl RequestVerdict {
+    /// Admit, unchanged.
+    pub fn admit() -> RequestVerdict {
+        RequestVerdict::Admit(HeaderEdits::default())
+    }
 }
 
 /// Input for a scan-admission decision.
@@ -96,10 +173,11 @@ pub trait NamingPolicy: Send + Sync {
     async fn approve_label(&self, input: &NamingInput) -> LabelApproval;
 }
 
-/// Admits or denies each HTTP request before it enters a tunnel.
+/// Decides each HTTP request before a channel to its tunnel is opened: the rate limiter,
+/// then the request policy.
 #[async_trait]
 pub trait RequestPolicy: Send + Sync {
-    async fn check_request(&self, facts: RequestFacts) -> RateDecision;
+    async fn check_request(&self, facts: RequestFacts) -> RequestVerdict;
 }
 
 /// Admits or rejects scan jobs. Fails closed.
@@ -124,8 +202,8 @@ impl NamingPolicy for BuiltinPolicy {
 
 #[async_trait]
 impl RequestPolicy for BuiltinPolicy {
-    async fn check_request(&self, _facts: RequestFacts) -> RateDecision {
-        RateDecision::Allow
+    async fn check_request(&self, _facts: RequestFacts) -> RequestVerdict {
+        RequestVerdict::admit()
     }
 }
 

@@ -293,6 +293,11 @@ impl RedisLink {
         })
     }
 
+    /// True for Redis Cluster, where a pipeline's keys must share a slot.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.target, RedisTarget::Cluster { .. })
+    }
+
     fn certificates(&self) -> Option<redis::TlsCertificates> {
         self.ca_cert.as_ref().map(|pem| redis::TlsCertificates {
             client_tls: None,

@@ -58,6 +58,22 @@ pub enum EdgeError {
         retry_after_seconds: Option<u32>,
         message: String,
     },
+    /// The request policy answered it (status, headers and body are the policy's, checked).
+    #[error("{body}")]
+    PolicyAnswer {
+        status: StatusCode,
+        headers: Vec<(HeaderName, HeaderValue)>,
+        body: String,
+    },
+    /// The request policy redirected it.
+    #[error("redirected by the tunnel's access policy")]
+    Redirect {
+        status: StatusCode,
+        location: HeaderValue,
+    },
+    /// The request policy asked for basic auth and the request had no valid credentials.
+    #[error("this tunnel needs a user name and password.")]
+    AuthRequired { realm: String },
     #[error("tunnel offline. Its owner is not connected right now.")]
     Offline,
     #[error("the tunnel's local service did not accept the connection.")]
@@ -89,7 +105,10 @@ impl EdgeError {
             | RequestBody(_)
             | UnknownName
             | AdminOnly(_)
-            | Denied { .. } => Fault::Client,
+            | Denied { .. }
+            | PolicyAnswer { .. }
+            | Redirect { .. }
+            | AuthRequired { .. } => Fault::Client,
             Unreachable(_) | Reset(_) | UnexpectedSwitch => Fault::Tunnel,
             Offline => Fault::Offline,
             Store(_) => Fault::Host,
@@ -102,7 +121,10 @@ impl EdgeError {
             Connect => StatusCode::METHOD_NOT_ALLOWED,
             UnknownName => StatusCode::NOT_FOUND,
             AdminOnly(_) => StatusCode::FORBIDDEN,
-            Denied { status, .. } => *status,
+            Denied { status, .. } | PolicyAnswer { status, .. } | Redirect { status, .. } => {
+                *status
+            }
+            AuthRequired { .. } => StatusCode::UNAUTHORIZED,
             _ => match self.fault() {
                 Fault::Client => StatusCode::BAD_REQUEST,
                 Fault::Tunnel => StatusCode::BAD_GATEWAY,
@@ -114,6 +136,17 @@ impl EdgeError {
     /// The plain-text page: status, reason and this error's fixed sentence.
     pub fn response(&self) -> Response<Body> {
         let status = self.status();
+        if let EdgeError::PolicyAnswer { headers, body, .. } = self {
+            let mut response = full(status, "text/plain; charset=utf-8", body.clone());
+            for (name, value) in headers {
+                response.headers_mut().insert(name.clone(), value.clone());
+            }
+            response.headers_mut().insert(
+                HeaderName::from_static(EDGE_ERROR_HEADER),
+                HeaderValue::from_static(self.fault().as_str()),
+            );
+            return response;
+        }
         let text = match self {
             EdgeError::Denied { message, .. } => format!("{} {message}\n", status.as_u16()),
             _ => format!(
@@ -138,6 +171,17 @@ impl EdgeError {
                 ..
             } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*seconds));
+            }
+            EdgeError::Redirect { location, .. } => {
+                headers.insert(header::LOCATION, location.clone());
+            }
+            EdgeError::AuthRequired { realm } => {
+                // The realm was checked (printable, no quotes) when the verdict was.
+                if let Ok(value) =
+                    HeaderValue::from_str(&format!("Basic realm=\"{realm}\", charset=\"UTF-8\""))
+                {
+                    headers.insert(header::WWW_AUTHENTICATE, value);
+                }
             }
             _ => {}
         }

@@ -210,8 +210,8 @@ async fn phases(
         Resolution::Unknown => return Err(EdgeError::UnknownName),
     };
     ctx.tunnel = Some(tunnel.clone());
-    proxy::admit(&req, ctx, &tunnel, edge.requests.as_ref()).await?;
-    proxy::forward(req, ctx, &tunnel, &edge.upstreams).await
+    let edits = proxy::admit(&req, ctx, &tunnel, edge.requests.as_ref()).await?;
+    proxy::forward(req, ctx, &tunnel, &edge.upstreams, edits).await
 }
 
 /// Phase 6, log: a line on the tunnel owner's terminal for every request that reached a
@@ -236,6 +236,9 @@ fn log(ctx: &RequestCtx, result: &Result<Response<Body>, EdgeError>) {
     };
     let outcome = match result {
         Err(EdgeError::Denied { .. }) => "(rate limited)".to_string(),
+        Err(EdgeError::PolicyAnswer { .. }) => "(denied by the access policy)".to_string(),
+        Err(EdgeError::Redirect { .. }) => "(redirected by the access policy)".to_string(),
+        Err(EdgeError::AuthRequired { .. }) => "(credentials required)".to_string(),
         _ => format!("{}ms", ctx.started.elapsed().as_millis()),
     };
     tunnel.output.line(format!(

@@ -16,7 +16,9 @@ use hyper_util::rt::TokioIo;
 use super::error::EdgeError;
 use super::upstream::UpstreamPool;
 use super::{Body, RequestCtx};
-use crate::policy::{RateDecision, RequestFacts, RequestPolicy};
+use base64::Engine as _;
+
+use crate::policy::{BasicAuth, HeaderEdit, HeaderEdits, RequestFacts, RequestPolicy, RequestVerdict};
 use crate::tunnels::Tunnel;
 
 /// Headers that describe one hop and are never forwarded (RFC 9110 §7.6.1).
@@ -30,53 +32,130 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::TRANSFER_ENCODING,
 ];
 
-/// Request headers shown to the rate-limit policy.
-const RATE_LIMIT_HEADERS: [HeaderName; 4] = [
+/// Request headers shown to the request policies as they are.
+const POLICY_HEADERS: [HeaderName; 6] = [
     header::USER_AGENT,
     header::REFERER,
     header::CONTENT_LENGTH,
     header::UPGRADE,
+    header::ORIGIN,
+    header::ACCEPT,
 ];
 
-/// Phase 2, admit: asks the request policy whether this request may go on.
+/// Longest `Authorization` header the edge decodes for basic auth.
+const MAX_AUTHORIZATION_BYTES: usize = 1024;
+
+/// Phase 2, admit: asks the request policies what happens to this request. `Ok` carries
+/// the header edits to apply when forwarding; every other verdict is an answer of the
+/// edge's own.
 pub async fn admit(
     req: &Request<Incoming>,
     ctx: &RequestCtx,
     tunnel: &Tunnel,
     policy: &dyn RequestPolicy,
-) -> Result<(), EdgeError> {
+) -> Result<HeaderEdits, EdgeError> {
     let host = req
         .headers()
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .map(|h| h.rsplit_once(':').map_or(h, |(host, _)| host).to_string())
         .unwrap_or_default();
+    let mut headers: Vec<(String, String)> = POLICY_HEADERS
+        .iter()
+        .filter_map(|name| {
+            let value = req.headers().get(name)?.to_str().ok()?;
+            Some((name.as_str().to_string(), value.to_string()))
+        })
+        .collect();
+    if req.headers().contains_key(header::AUTHORIZATION) {
+        headers.push(("authorization".into(), "present".into()));
+    }
+    let options = tunnel.options.current(tunnel.opened).await;
     let facts = RequestFacts {
         client_ip: ctx.peer.ip().to_string(),
         host,
         name: tunnel.name.to_string(),
         owner_key_hash: tunnel.owner.to_string(),
+        owner_tier: None,
         method: ctx.method.to_string(),
-        path: req.uri().path().to_string(),
-        headers: RATE_LIMIT_HEADERS
-            .iter()
-            .filter_map(|name| {
-                let value = req.headers().get(name)?.to_str().ok()?;
-                Some((name.as_str().to_string(), value.to_string()))
-            })
-            .collect(),
+        path: ctx.path.clone(),
+        headers,
+        options: options.to_vec(),
+        scheme: "http".into(),
     };
     match policy.check_request(facts).await {
-        RateDecision::Allow => Ok(()),
-        RateDecision::Deny {
+        RequestVerdict::Admit(edits) => Ok(edits),
+        RequestVerdict::Limited {
             status,
             retry_after_seconds,
             message,
         } => Err(EdgeError::Denied {
-            status: StatusCode::from_u16(status).unwrap_or(StatusCode::TOO_MANY_REQUESTS),
+            status,
             retry_after_seconds,
             message,
         }),
+        RequestVerdict::Deny {
+            status,
+            headers,
+            body,
+        } => Err(EdgeError::PolicyAnswer {
+            status,
+            headers,
+            body,
+        }),
+        RequestVerdict::Redirect { status, location } => {
+            Err(EdgeError::Redirect { status, location })
+        }
+        RequestVerdict::RequireAuth(auth) => check_basic_auth(req.headers(), auth),
+    }
+}
+
+/// Admits a request whose `Authorization: Basic` credentials match one of `auth.users`;
+/// the credentials are then removed, so the backend never sees the tunnel's password.
+fn check_basic_auth(headers: &HeaderMap, auth: BasicAuth) -> Result<HeaderEdits, EdgeError> {
+    let credentials = headers
+        .get(header::AUTHORIZATION)
+        .filter(|v| v.len() <= MAX_AUTHORIZATION_BYTES)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("basic").then_some(token.trim())
+        })
+        .and_then(|token| base64::engine::general_purpose::STANDARD.decode(token).ok());
+    let accepted = credentials.as_deref().and_then(|decoded| {
+        let colon = decoded.iter().position(|b| *b == b':')?;
+        let (user, password) = (&decoded[..colon], &decoded[colon + 1..]);
+        // Every user's hash is checked, so timing does not tell which user names exist.
+        let mut matched = false;
+        for (name, hash) in &auth.users {
+            matched |= name.as_bytes() == user && hash.verify(password);
+        }
+        matched.then_some(())
+    });
+    match accepted {
+        Some(()) => {
+            let mut edits = auth.edits;
+            edits.request.push(HeaderEdit {
+                name: header::AUTHORIZATION,
+                value: None,
+            });
+            Ok(edits)
+        }
+        None => Err(EdgeError::AuthRequired { realm: auth.realm }),
+    }
+}
+
+/// Applies a policy's header edits: a value sets (replacing every earlier one), none removes.
+pub fn apply_edits(headers: &mut HeaderMap, edits: &[HeaderEdit]) {
+    for edit in edits {
+        match &edit.value {
+            Some(value) => {
+                headers.insert(edit.name.clone(), value.clone());
+            }
+            None => {
+                headers.remove(&edit.name);
+            }
+        }
     }
 }
 
@@ -87,11 +166,15 @@ pub async fn forward(
     ctx: &RequestCtx,
     tunnel: &Tunnel,
     pool: &UpstreamPool,
+    edits: HeaderEdits,
 ) -> Result<Response<Body>, EdgeError> {
     let client_upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
     let upgrade = client_upgrade.is_some();
     let (mut parts, body) = req.into_parts();
     rewrite_headers(&mut parts.headers, ctx.peer.ip(), upgrade);
+    // After the host's own rewrite, so `x-forwarded-host` still names what the client asked
+    // for when a policy rewrites `host`.
+    apply_edits(&mut parts.headers, &edits.request);
     parts.uri = ctx.path.parse().unwrap_or_else(|_| Uri::from_static("/"));
     parts.version = http::Version::HTTP_11;
     // The request body is the client's: if reading it fails (broken chunked framing, an
@@ -129,7 +212,9 @@ pub async fn forward(
     if !upgrade {
         pool.put(tunnel, sender);
     }
-    Ok(filter_response(response))
+    let mut response = filter_response(response);
+    apply_edits(response.headers_mut(), &edits.response);
+    Ok(response)
 }
 
 /// Phase 4, rewrite: hop-by-hop headers go; forwarded headers describe this hop only,

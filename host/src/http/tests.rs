@@ -167,6 +167,7 @@ impl Edge {
                 TunnelName::parse(name).unwrap(),
                 Arc::new(TcpLink(backend)),
                 output,
+                Arc::new(crate::tunnels::SessionOptions::default()),
             )
             .unwrap_or_else(|e| panic!("open {name}: {e}"));
         (opened.tunnel, BufReader::new(log).lines())

@@ -4,15 +4,21 @@
 //! - naming → the host's built-in namer (still stable per key); a sub-name label the plugin
 //!   could not judge is approved (the built-in rule: any valid label under the key's name);
 //! - rate limiting → a built-in conservative limiter (fail open, never unlimited);
+//! - request policy → for a tunnel whose owner set options (`allow=`, `auth=`…), deny with
+//!   503: those options may be what keeps the tunnel private, so a request the policy could
+//!   not judge never reaches it; for a tunnel without options, admit unchanged (as the rate
+//!   limiter's fallback, the host keeps serving);
 //! - scan admission → deny (fail closed).
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use super::runtime::PluginInfo;
+use super::roles::RateLimit;
+use super::runtime::{Plugin, PluginInfo};
 use super::{PluginError, PolicyPlugins, roles};
 use crate::policy::{
     LabelApproval, NameChoice, NamingInput, NamingPolicy, RateDecision, RequestFacts,
-    RequestPolicy, ScanDecision, ScanJob, ScanPolicy,
+    RequestPolicy, RequestVerdict, ScanDecision, ScanJob, ScanPolicy,
 };
 
 /// Requests per minute per client IP allowed by the built-in limiter that stands in for a
@@ -93,16 +99,20 @@ impl NamingPolicy for PolicyPlugins {
     }
 }
 
-#[async_trait::async_trait]
-impl RequestPolicy for PolicyPlugins {
-    async fn check_request(&self, facts: RequestFacts) -> RateDecision {
-        if !self.enabled() {
-            return RateDecision::Allow;
-        }
-        // Kept for the fallback; the facts themselves move into the plugin call.
-        let client_ip = facts.client_ip.clone();
-        if let Some(plugin) = self.active().rate_limit {
-            match roles::check_request(&plugin, facts, false).await {
+/// The request-policy answer when the plugin gave none for a tunnel with options: 503.
+pub fn request_policy_fallback() -> RequestVerdict {
+    RequestVerdict::Deny {
+        status: http::StatusCode::SERVICE_UNAVAILABLE,
+        headers: vec![(http::header::RETRY_AFTER, http::HeaderValue::from_static("5"))],
+        body: "the tunnel's access policy is unavailable right now; try again shortly".into(),
+    }
+}
+
+impl PolicyPlugins {
+    /// The rate limiter's answer (its plugin, or the built-in limiter when it fails).
+    async fn rate(&self, plugin: Option<&Arc<Plugin<RateLimit>>>, facts: &RequestFacts) -> RateDecision {
+        if let Some(plugin) = plugin {
+            match roles::check_request(plugin, facts.clone(), false).await {
                 Ok(decision) => return decision,
                 Err(e) => note(
                     "rate limiting falls back to the built-in limiter",
@@ -111,7 +121,45 @@ impl RequestPolicy for PolicyPlugins {
                 ),
             }
         }
-        self.fallback_rate(&client_ip)
+        self.fallback_rate(&facts.client_ip)
+    }
+}
+
+#[async_trait::async_trait]
+impl RequestPolicy for PolicyPlugins {
+    async fn check_request(&self, facts: RequestFacts) -> RequestVerdict {
+        if !self.enabled() {
+            return RequestVerdict::admit();
+        }
+        let active = self.active();
+        if let RateDecision::Deny {
+            status,
+            retry_after_seconds,
+            message,
+        } = self.rate(active.rate_limit.as_ref(), &facts).await
+        {
+            return RequestVerdict::Limited {
+                status: http::StatusCode::from_u16(status)
+                    .unwrap_or(http::StatusCode::TOO_MANY_REQUESTS),
+                retry_after_seconds,
+                message,
+            };
+        }
+        let Some(plugin) = active.request_policy else {
+            return RequestVerdict::admit();
+        };
+        let owner_restricted = !facts.options.is_empty();
+        roles::decide_request(&plugin, facts, false)
+            .await
+            .unwrap_or_else(|e| {
+                if owner_restricted {
+                    note("request policy fails closed (503, the owner set options)", &plugin.info, &e);
+                    request_policy_fallback()
+                } else {
+                    note("request policy falls back to admitting", &plugin.info, &e);
+                    RequestVerdict::admit()
+                }
+            })
     }
 }
 

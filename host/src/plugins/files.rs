@@ -24,7 +24,7 @@ pub struct Sidecar {
 }
 
 /// The reference plugins, built from `plugins/` and embedded at build time.
-pub fn bundled() -> [(&'static str, &'static [u8]); 3] {
+pub fn bundled() -> [(&'static str, &'static [u8]); 4] {
     [
         (
             "words",
@@ -33,6 +33,10 @@ pub fn bundled() -> [(&'static str, &'static [u8]); 3] {
         (
             "ratelimit",
             include_bytes!(concat!(env!("P0RT_BUNDLED_PLUGINS"), "/ratelimit.wasm")),
+        ),
+        (
+            "access",
+            include_bytes!(concat!(env!("P0RT_BUNDLED_PLUGINS"), "/access.wasm")),
         ),
         (
             "scan-guard",

@@ -372,3 +372,129 @@ impl AsyncWrite for LineLogger {
         Poll::Ready(Ok(()))
     }
 }
+
+/// Most operations in one `cache.increment-many` call (0.2).
+pub const MAX_BATCH_OPS: usize = 16;
+/// Most names `domains.names-of-key` returns (0.2).
+pub const MAX_NAMES_OF_KEY: usize = 64;
+
+/// The 0.2 imports: the 0.1 ones (same behaviour, converted types) plus the batch and the
+/// names-of-key lookup.
+mod v2 {
+    use super::super::bindings::host::p0rt::policy as v1;
+    use super::super::bindings::host_v2::p0rt::policy::{cache, clock, domains, log};
+    use super::{MAX_BATCH_OPS, MAX_NAMES_OF_KEY, PluginState, timed, ttl};
+
+    impl cache::Host for PluginState {
+        async fn get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {
+            <Self as v1::cache::Host>::get(self, key).await
+        }
+        async fn get_string(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+            <Self as v1::cache::Host>::get_string(self, key).await
+        }
+        async fn set(
+            &mut self,
+            key: String,
+            value: Vec<u8>,
+            ttl_seconds: Option<u32>,
+        ) -> wasmtime::Result<()> {
+            <Self as v1::cache::Host>::set(self, key, value, ttl_seconds).await
+        }
+        async fn set_string(
+            &mut self,
+            key: String,
+            value: String,
+            ttl_seconds: Option<u32>,
+        ) -> wasmtime::Result<()> {
+            <Self as v1::cache::Host>::set_string(self, key, value, ttl_seconds).await
+        }
+        async fn delete(&mut self, key: String) -> wasmtime::Result<bool> {
+            <Self as v1::cache::Host>::delete(self, key).await
+        }
+        async fn exists(&mut self, key: String) -> wasmtime::Result<bool> {
+            <Self as v1::cache::Host>::exists(self, key).await
+        }
+        async fn increment(
+            &mut self,
+            key: String,
+            amount: i64,
+            ttl_seconds: Option<u32>,
+        ) -> wasmtime::Result<i64> {
+            <Self as v1::cache::Host>::increment(self, key, amount, ttl_seconds).await
+        }
+        async fn expire(&mut self, key: String, ttl_seconds: u32) -> wasmtime::Result<bool> {
+            <Self as v1::cache::Host>::expire(self, key, ttl_seconds).await
+        }
+        async fn increment_many(
+            &mut self,
+            ops: Vec<cache::IncrementOp>,
+        ) -> wasmtime::Result<Vec<i64>> {
+            if ops.len() > MAX_BATCH_OPS {
+                wasmtime::bail!(
+                    "increment-many got {} operations; at most {MAX_BATCH_OPS} per call",
+                    ops.len()
+                );
+            }
+            let mut batch = Vec::with_capacity(ops.len());
+            for op in ops {
+                batch.push((self.key(&op.key)?, op.amount, ttl(op.ttl_seconds)));
+            }
+            let results = timed(&mut self.clock, self.cache.increment_many(&batch)).await;
+            // A counter that is not an integer (or overflows) is the plugin's own data.
+            Ok(results.into_iter().collect::<Result<Vec<_>, _>>()?)
+        }
+    }
+
+    impl domains::Host for PluginState {
+        async fn owner_of(&mut self, name: String) -> wasmtime::Result<Option<String>> {
+            <Self as v1::domains::Host>::owner_of(self, name).await
+        }
+        async fn record_for_key(
+            &mut self,
+            ssh_key_hash: String,
+        ) -> wasmtime::Result<Option<domains::DomainRecord>> {
+            let record = <Self as v1::domains::Host>::record_for_key(self, ssh_key_hash).await?;
+            Ok(record.map(|r| domains::DomainRecord {
+                domain: r.domain,
+                ssh_key_hash: r.ssh_key_hash,
+                first_seen: r.first_seen,
+                last_seen: r.last_seen,
+                use_count: r.use_count,
+            }))
+        }
+        async fn is_reserved(&mut self, name: String) -> wasmtime::Result<bool> {
+            <Self as v1::domains::Host>::is_reserved(self, name).await
+        }
+        async fn names_of_key(&mut self, ssh_key_hash: String) -> wasmtime::Result<Vec<String>> {
+            let Some(store) = &self.domains else {
+                return Ok(Vec::new());
+            };
+            let mut names = timed(&mut self.clock, store.names_of(&ssh_key_hash))
+                .await
+                .map_err(|e| self.clock.fault(format!("domain store: {e}")))?;
+            names.truncate(MAX_NAMES_OF_KEY);
+            Ok(names)
+        }
+    }
+
+    impl log::Host for PluginState {
+        async fn log(&mut self, level: log::Level, message: String) -> wasmtime::Result<()> {
+            let level = match level {
+                log::Level::Debug => v1::log::Level::Debug,
+                log::Level::Info => v1::log::Level::Info,
+                log::Level::Warn => v1::log::Level::Warn,
+                log::Level::Error => v1::log::Level::Error,
+            };
+            <Self as v1::log::Host>::log(self, level, message).await
+        }
+    }
+
+    impl clock::Host for PluginState {
+        async fn now_unix_seconds(&mut self) -> wasmtime::Result<i64> {
+            <Self as v1::clock::Host>::now_unix_seconds(self).await
+        }
+        async fn now_unix_millis(&mut self) -> wasmtime::Result<u64> {
+            <Self as v1::clock::Host>::now_unix_millis(self).await
+        }
+    }
+}

@@ -1,4 +1,5 @@
-//! Policy plugins: WebAssembly components that decide names, rate limits and scan admission.
+//! Policy plugins: WebAssembly components that decide names, rate limits, what happens to
+//! each request, and scan admission.
 //!
 //! By job:
 //! - [`roles`]: the three roles as types (bindgen worlds) and what a valid answer is;
@@ -30,10 +31,11 @@ pub use self::files::{Sidecar, bundled, plugin_files, read_plugin_file};
 pub use self::runtime::{AnyPlugin, Origin, Plugin, PluginInfo, PluginSpec, Runtime};
 pub use self::set::{PluginOptions, PluginStatus, PolicyPlugins, RELOAD_DEBOUNCE};
 pub use crate::policy::{
-    LabelApproval, NameChoice, NamingInput, RateDecision, RequestFacts, ScanDecision, ScanJob,
+    LabelApproval, NameChoice, NamingInput, RateDecision, RequestFacts, RequestVerdict,
+    ScanDecision, ScanJob,
 };
 
-/// The three kinds of policy.
+/// The kinds of policy. Each request meets the rate limiter first, then the request policy.
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum,
 )]
@@ -41,17 +43,24 @@ pub use crate::policy::{
 pub enum Role {
     Naming,
     RateLimit,
+    RequestPolicy,
     ScanAdmission,
 }
 
 impl Role {
-    pub const ALL: [Role; 3] = [Role::Naming, Role::RateLimit, Role::ScanAdmission];
+    pub const ALL: [Role; 4] = [
+        Role::Naming,
+        Role::RateLimit,
+        Role::RequestPolicy,
+        Role::ScanAdmission,
+    ];
 
     /// The WIT interface the role's world exports.
     pub fn interface(self) -> &'static str {
         match self {
             Role::Naming => "naming",
             Role::RateLimit => "rate-limit",
+            Role::RequestPolicy => "request-policy",
             Role::ScanAdmission => "scan-admission",
         }
     }

@@ -19,9 +19,9 @@ use tokio::time::timeout;
 use wasmtime::component::{Component, HasSelf, InstancePre, Linker};
 use wasmtime::{Engine, Store, UpdateDeadline};
 
-use super::bindings::{host, init};
+use super::bindings::{host, host_v2, init, init_v2};
 use super::host_api::{MAX_MEMORY_BYTES, MAX_TABLE_ELEMENTS, PluginState};
-use super::roles::{Naming, RateLimit, RoleBinding, ScanAdmission};
+use super::roles::{Naming, RateLimit, RequestPolicy, RoleBinding, ScanAdmission, Versioned};
 use super::{PluginError, Role};
 use crate::cache::Cache;
 use crate::store::DomainStore;
@@ -108,6 +108,8 @@ impl Runtime {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(|e| PluginError::Engine(wasm_error(e)))?;
         host::Host_::add_to_linker::<PluginState, HasSelf<PluginState>>(&mut linker, |s| s)
+            .map_err(|e| PluginError::Engine(wasm_error(e)))?;
+        host_v2::Host_::add_to_linker::<PluginState, HasSelf<PluginState>>(&mut linker, |s| s)
             .map_err(|e| PluginError::Engine(wasm_error(e)))?;
         let weak = engine.weak();
         std::thread::Builder::new()
@@ -215,6 +217,7 @@ impl Runtime {
         let found: Vec<Role> = [
             (Role::Naming, Naming::indices(&pre).is_ok()),
             (Role::RateLimit, RateLimit::indices(&pre).is_ok()),
+            (Role::RequestPolicy, RequestPolicy::indices(&pre).is_ok()),
             (Role::ScanAdmission, ScanAdmission::indices(&pre).is_ok()),
         ]
         .into_iter()
@@ -231,8 +234,12 @@ impl Runtime {
             }
             (None, _) => return Err(PluginError::Ambiguous { roles: found }),
         };
-        let init = if exports.iter().any(|e| e.starts_with("p0rt:policy/init@")) {
-            Some(init::InitIndices::new(&pre).map_err(|e| PluginError::Link(wasm_error(e)))?)
+        let init = if exports.iter().any(|e| e.starts_with("p0rt:policy/init@0.2.")) {
+            let indices = init_v2::InitIndices::new(&pre);
+            Some(Versioned::V2(indices.map_err(|e| PluginError::Link(wasm_error(e)))?))
+        } else if exports.iter().any(|e| e.starts_with("p0rt:policy/init@")) {
+            let indices = init::InitIndices::new(&pre);
+            Some(Versioned::V1(indices.map_err(|e| PluginError::Link(wasm_error(e)))?))
         } else {
             None
         };
@@ -258,6 +265,7 @@ impl Runtime {
         Ok(match role {
             Role::Naming => AnyPlugin::Naming(parts.prepare().await?),
             Role::RateLimit => AnyPlugin::RateLimit(parts.prepare().await?),
+            Role::RequestPolicy => AnyPlugin::RequestPolicy(parts.prepare().await?),
             Role::ScanAdmission => AnyPlugin::ScanAdmission(parts.prepare().await?),
         })
     }
@@ -268,10 +276,13 @@ struct Parts {
     info: PluginInfo,
     config: String,
     pre: InstancePre<PluginState>,
-    init: Option<init::InitIndices>,
+    init: Option<InitIndices>,
     cache: Cache,
     domains: Option<Arc<dyn DomainStore>>,
 }
+
+/// The optional `init` export, of either version.
+type InitIndices = Versioned<init::InitIndices, init_v2::InitIndices>;
 
 impl Parts {
     async fn prepare<B: RoleBinding>(self) -> Result<Arc<Plugin<B>>, PluginError> {
@@ -344,6 +355,7 @@ impl PluginInfo {
 pub enum AnyPlugin {
     Naming(Arc<Plugin<Naming>>),
     RateLimit(Arc<Plugin<RateLimit>>),
+    RequestPolicy(Arc<Plugin<RequestPolicy>>),
     ScanAdmission(Arc<Plugin<ScanAdmission>>),
 }
 
@@ -352,6 +364,7 @@ impl AnyPlugin {
         match self {
             AnyPlugin::Naming(p) => &p.info,
             AnyPlugin::RateLimit(p) => &p.info,
+            AnyPlugin::RequestPolicy(p) => &p.info,
             AnyPlugin::ScanAdmission(p) => &p.info,
         }
     }
@@ -379,7 +392,7 @@ pub struct Plugin<B: RoleBinding> {
     config: String,
     pre: InstancePre<PluginState>,
     indices: B::Indices,
-    init: Option<init::InitIndices>,
+    init: Option<InitIndices>,
     cache: Cache,
     domains: Option<Arc<dyn DomainStore>>,
     warm: Mutex<Vec<Warm<B>>>,
@@ -528,12 +541,24 @@ impl<B: RoleBinding> Plugin<B> {
         let exports = B::load(&self.indices, &mut store, &instance)
             .map_err(|e| PluginError::Instantiate(wasm_error(e)))?;
         if let Some(init) = &self.init {
-            let init = init
-                .load(&mut store, &instance)
-                .map_err(|e| PluginError::Instantiate(wasm_error(e)))?;
-            arm(&mut store)?;
-            let call = init.p0rt_policy_init().call_init(&mut store, &self.config);
-            let outcome = timeout(CALL_TIMEOUT, call).await;
+            let outcome = match init {
+                Versioned::V1(init) => {
+                    let init = init
+                        .load(&mut store, &instance)
+                        .map_err(|e| PluginError::Instantiate(wasm_error(e)))?;
+                    arm(&mut store)?;
+                    let call = init.p0rt_policy_init().call_init(&mut store, &self.config);
+                    timeout(CALL_TIMEOUT, call).await
+                }
+                Versioned::V2(init) => {
+                    let init = init
+                        .load(&mut store, &instance)
+                        .map_err(|e| PluginError::Instantiate(wasm_error(e)))?;
+                    arm(&mut store)?;
+                    let call = init.p0rt_policy_init().call_init(&mut store, &self.config);
+                    timeout(CALL_TIMEOUT, call).await
+                }
+            };
             let result = settle(outcome, &mut store, PluginError::Trap)?;
             result.map_err(PluginError::InitRefused)?;
         }

@@ -10,7 +10,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::files::{self, FileStamp};
-use super::roles::{Naming, RateLimit, ScanAdmission};
+use super::roles::{Naming, RateLimit, RequestPolicy, ScanAdmission};
 use super::runtime::{AnyPlugin, Origin, Plugin, PluginInfo, PluginSpec, Runtime};
 use super::{PluginError, Role};
 use crate::cache::{Cache, MemoryCache};
@@ -24,6 +24,7 @@ pub const RELOAD_DEBOUNCE: Duration = Duration::from_millis(300);
 pub(super) struct Active {
     pub naming: Option<Arc<Plugin<Naming>>>,
     pub rate_limit: Option<Arc<Plugin<RateLimit>>>,
+    pub request_policy: Option<Arc<Plugin<RequestPolicy>>>,
     pub scan_admission: Option<Arc<Plugin<ScanAdmission>>>,
 }
 
@@ -32,6 +33,7 @@ impl Active {
         match plugin {
             AnyPlugin::Naming(p) => self.naming = Some(p),
             AnyPlugin::RateLimit(p) => self.rate_limit = Some(p),
+            AnyPlugin::RequestPolicy(p) => self.request_policy = Some(p),
             AnyPlugin::ScanAdmission(p) => self.scan_admission = Some(p),
         }
     }
@@ -42,6 +44,9 @@ impl Active {
             out.push((&p.info, p.benched()));
         }
         if let Some(p) = &self.rate_limit {
+            out.push((&p.info, p.benched()));
+        }
+        if let Some(p) = &self.request_policy {
             out.push((&p.info, p.benched()));
         }
         if let Some(p) = &self.scan_admission {

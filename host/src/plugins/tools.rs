@@ -17,6 +17,7 @@ use super::{
     read_plugin_file, roles,
 };
 use crate::cache::Cache;
+use crate::policy::{HeaderEdit, RequestVerdict};
 
 async fn load(
     path: &Path,
@@ -73,6 +74,9 @@ pub async fn decide(
                         serde_json::json!({ "decision": "refused", "value": reason })
                     }
                     Ok(LabelApproval::Approved) => serde_json::json!({ "decision": "approved" }),
+                    Ok(LabelApproval::GrantRequested) => {
+                        serde_json::json!({ "decision": "grant-requested" })
+                    }
                     Err(e) => {
                         serde_json::json!({ "decision": "approved", "fallback": e.to_string() })
                     }
@@ -89,6 +93,13 @@ pub async fn decide(
                 Err(e) => serde_json::json!({ "decision": "fallback", "reason": e.to_string() }),
             }
         }
+        AnyPlugin::RequestPolicy(plugin) => {
+            let input: RequestFacts = serde_json::from_str(input).context("--input for a request-policy plugin: {\"client_ip\": \"…\", \"name\": \"…\", \"method\": \"GET\", \"path\": \"/\", \"scheme\": \"http\", \"options\": [[\"allow\", \"10.0.0.0/8\"]], …}")?;
+            match roles::decide_request(plugin, input, fresh).await {
+                Ok(verdict) => verdict_json(&verdict),
+                Err(e) => serde_json::json!({ "decision": "fallback", "reason": e.to_string() }),
+            }
+        }
         AnyPlugin::ScanAdmission(plugin) => {
             let input: ScanJob = serde_json::from_str(input).context("--input for a scan-admission plugin: {\"requester_key_hash\": \"…\", \"target\": \"…\", \"ports\": [443], \"checks\": [\"headers\"], …}")?;
             let decision = roles::admit_scan(plugin, &input, fresh).await;
@@ -96,6 +107,52 @@ pub async fn decide(
         }
     };
     Ok(value)
+}
+
+fn edits_json(edits: &[HeaderEdit]) -> serde_json::Value {
+    edits
+        .iter()
+        .map(|e| {
+            let value = e.value.as_ref().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+            serde_json::json!({ "name": e.name.as_str(), "value": value })
+        })
+        .collect()
+}
+
+/// A request verdict as `p0rt plugin run` prints it.
+fn verdict_json(verdict: &RequestVerdict) -> serde_json::Value {
+    let text = |v: &http::HeaderValue| String::from_utf8_lossy(v.as_bytes()).into_owned();
+    match verdict {
+        RequestVerdict::Admit(edits) => serde_json::json!({
+            "decision": "admit",
+            "request_edits": edits_json(&edits.request),
+            "response_edits": edits_json(&edits.response),
+        }),
+        RequestVerdict::Deny { status, headers, body } => serde_json::json!({
+            "decision": "deny",
+            "status": status.as_u16(),
+            "headers": headers.iter().map(|(n, v)| (n.as_str().to_string(), text(v))).collect::<Vec<_>>(),
+            "body": body,
+        }),
+        RequestVerdict::Limited { status, retry_after_seconds, message } => serde_json::json!({
+            "decision": "deny",
+            "status": status.as_u16(),
+            "retry_after_seconds": retry_after_seconds,
+            "message": message,
+        }),
+        RequestVerdict::Redirect { status, location } => serde_json::json!({
+            "decision": "redirect",
+            "status": status.as_u16(),
+            "location": text(location),
+        }),
+        RequestVerdict::RequireAuth(auth) => serde_json::json!({
+            "decision": "require-auth",
+            "realm": auth.realm,
+            "users": auth.users.iter().map(|(u, _)| u.clone()).collect::<Vec<_>>(),
+            "request_edits": edits_json(&auth.edits.request),
+            "response_edits": edits_json(&auth.edits.response),
+        }),
+    }
 }
 
 /// `p0rt plugin run FILE --input JSON`

@@ -31,6 +31,7 @@ use crate::names::{KeyHash, Label, TunnelName, fingerprint};
 use crate::scan::ScanService;
 use crate::shutdown::Stop;
 use crate::tokens::TokenStore;
+use crate::tunnels::options::{self, SessionOptions};
 use crate::tunnels::{
     KeyIdentity, LinkError, SessionId, SessionOutput, SessionOutputSink, TunnelLink, TunnelService,
     UpstreamIo,
@@ -251,6 +252,8 @@ struct Connection {
     session_writer: Option<russh::ChannelWriteHalf<Msg>>,
     /// A terminal was requested, so output lines end in CRLF.
     pty: bool,
+    /// The owner's options (`ssh … -- allow=…`), shared with this connection's tunnels.
+    options: Arc<SessionOptions>,
 }
 
 impl Connection {
@@ -269,6 +272,7 @@ impl Connection {
             session_channel: None,
             session_writer: None,
             pty: false,
+            options: Arc::new(SessionOptions::default()),
         }
     }
 
@@ -344,6 +348,40 @@ impl Connection {
         }
     }
 
+    /// `ssh -R … host -- allow=… auth=…`: applies the options to this connection's tunnels,
+    /// echoes what was accepted and refused, and then serves like a shell (the session stays
+    /// open, showing the request log), since the command is the owner's way of configuring
+    /// the tunnels, not a command that ends.
+    fn set_options(
+        &mut self,
+        line: &str,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), russh::Error> {
+        let parsed = options::parse(line);
+        for echo in parsed.echo() {
+            self.output.line(format!("p0rt: {echo}"));
+        }
+        if !parsed.refused.is_empty() {
+            tracing::info!(peer = %self.peer, "refused tunnel options: {:?}", parsed.refused);
+        }
+        self.options.set(parsed.accepted);
+        if self.forwards.is_empty() {
+            return finish_command(
+                session,
+                channel,
+                "p0rt: options apply to this connection's tunnels, and it has none;                  add -R 80:localhost:<port>\n",
+                1,
+                self.pty,
+            );
+        }
+        if let (Some(sink), Some(writer)) = (self.output_sink.take(), &self.session_writer) {
+            self.output.line("Press Ctrl-C to close the tunnel.");
+            tokio::spawn(sink.run(writer.make_writer(), self.pty));
+        }
+        Ok(())
+    }
+
     fn refuse(&self, message: String) {
         tracing::info!(peer = %self.peer, "{message}");
         self.output.line(format!("p0rt: {message}"));
@@ -408,7 +446,14 @@ impl Connection {
             bind_port: port,
         });
         let opened = tunnels
-            .open(&key, self.id, name.clone(), link, self.output.clone())
+            .open(
+                &key,
+                self.id,
+                name.clone(),
+                link,
+                self.output.clone(),
+                self.options.clone(),
+            )
             .map_err(|e| {
                 tracing::warn!("{name}: refused for {}: {e}", self.peer);
                 e.to_string()
@@ -612,6 +657,7 @@ impl russh::server::Handler for Connection {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         session.channel_success(channel)?;
+        self.options.settle();
         if self.forwards.is_empty() {
             // Nothing to keep open for: show who the key is and how to start a tunnel.
             let (mut text, named) = self.info_text().await;
@@ -639,6 +685,10 @@ impl russh::server::Handler for Connection {
     ) -> Result<(), Self::Error> {
         session.channel_success(channel)?;
         let command = String::from_utf8_lossy(data);
+        if options::looks_like_options(&command) {
+            return self.set_options(&command, channel, session);
+        }
+        self.options.settle();
         let command = match commands::parse(&command) {
             Ok(command) => command,
             Err(problem) => {

@@ -5,6 +5,10 @@
 //! returns; `last_seen`/`use_count` updates are batched and written every
 //! [`TOUCH_FLUSH_INTERVAL`]. Every write is temp file + fsync + rename + fsync(dir), so a crash
 //! leaves either the old or the new file. A file that cannot be read is never replaced.
+//!
+//! Requested names granted by the naming policy (p0rt's own, P0rt has none) live beside it in
+//! `granted-names.json` (name → owner key hash and time), so `domains.json` stays exactly
+//! P0rt's shape. That file is written only once a name has been granted.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
@@ -19,10 +23,14 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use super::{Claim, DAY_SECS, DomainRecord, DomainStats, DomainStore, Import, StoreError};
+use super::{
+    Claim, DAY_SECS, DomainRecord, DomainStats, DomainStore, Grant, Import, StoreError,
+};
 
 /// File name of the store inside the data directory (P0rt's name).
 pub const DOMAINS_FILE_NAME: &str = "domains.json";
+/// File of granted requested names, beside `domains.json`.
+pub const GRANTED_FILE_NAME: &str = "granted-names.json";
 /// Lock file that keeps a second process off the same data directory.
 pub const LOCK_FILE_NAME: &str = "p0rt.lock";
 /// How often batched `last_seen`/`use_count` updates reach the disk.
@@ -31,12 +39,24 @@ pub const TOUCH_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
 #[derive(Default)]
 struct Indexes {
     by_key: HashMap<String, DomainRecord>,
-    /// domain → key hash
+    /// domain → key hash, for main names and granted names alike
     by_domain: HashMap<String, String>,
+    /// granted name → its grant
+    granted: BTreeMap<String, GrantedName>,
+}
+
+/// One granted requested name, as in `granted-names.json`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct GrantedName {
+    ssh_key_hash: String,
+    /// Unix seconds.
+    granted_at: i64,
 }
 
 pub struct JsonStore {
     path: PathBuf,
+    granted_path: PathBuf,
     dir: PathBuf,
     /// Held for the life of the store; the OS releases the lock if the process dies.
     _lock: File,
@@ -215,6 +235,51 @@ fn serialize_domains(indexes: &Indexes) -> Vec<u8> {
     bytes
 }
 
+/// Adds the grants of `granted-names.json` to indexes read from `domains.json`.
+fn parse_granted(text: &str, indexes: &mut Indexes) -> Result<(), String> {
+    let raw: BTreeMap<String, GrantedName> = serde_json::from_str(text)
+        .map_err(|e| format!("not a JSON object of name → {{ssh_key_hash, granted_at}} ({e})"))?;
+    for (name, grant) in raw {
+        crate::names::check_dns_label(&name)
+            .map_err(|e| format!("granted name {name:?} is not a DNS label ({e})"))?;
+        if let Some(other) = indexes.by_domain.get(&name) {
+            return Err(format!(
+                "{name} is granted to {} but already belongs to {other}",
+                grant.ssh_key_hash
+            ));
+        }
+        indexes
+            .by_domain
+            .insert(name.clone(), grant.ssh_key_hash.clone());
+        indexes.granted.insert(name, grant);
+    }
+    Ok(())
+}
+
+fn serialize_granted(indexes: &Indexes) -> Vec<u8> {
+    let mut bytes =
+        serde_json::to_vec_pretty(&indexes.granted).unwrap_or_else(|_| b"{}".to_vec());
+    bytes.push(b'\n');
+    bytes
+}
+
+/// Reads a store file; a missing file is `None`, anything unreadable an error naming it.
+fn read_text(path: &Path) -> Result<Option<String>, StoreError> {
+    match std::fs::read(path) {
+        Ok(bytes) => String::from_utf8(bytes)
+            .map(Some)
+            .map_err(|_| StoreError::Corrupt {
+                path: path.to_path_buf(),
+                detail: "the file is not UTF-8 text".into(),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(StoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
 /// temp file + fsync + rename + fsync(dir): readers see the old file or the new one, never half.
 fn write_atomically(path: &Path, dir: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("json.tmp");
@@ -237,27 +302,23 @@ impl JsonStore {
     pub fn open(dir: &Path) -> Result<Arc<JsonStore>, StoreError> {
         let lock = lock_data_dir(dir)?;
         let path = dir.join(DOMAINS_FILE_NAME);
-        let indexes = match std::fs::read(&path) {
-            Ok(bytes) => {
-                let text = String::from_utf8(bytes).map_err(|_| StoreError::Corrupt {
-                    path: path.clone(),
-                    detail: "the file is not UTF-8 text".into(),
-                })?;
-                parse_domains(&text).map_err(|detail| StoreError::Corrupt {
-                    path: path.clone(),
-                    detail,
-                })?
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Indexes::default(),
-            Err(source) => {
-                return Err(StoreError::Io {
-                    path: path.clone(),
-                    source,
-                });
-            }
+        let mut indexes = match read_text(&path)? {
+            Some(text) => parse_domains(&text).map_err(|detail| StoreError::Corrupt {
+                path: path.clone(),
+                detail,
+            })?,
+            None => Indexes::default(),
         };
+        let granted_path = dir.join(GRANTED_FILE_NAME);
+        if let Some(text) = read_text(&granted_path)? {
+            parse_granted(&text, &mut indexes).map_err(|detail| StoreError::Corrupt {
+                path: granted_path.clone(),
+                detail,
+            })?;
+        }
         Ok(Arc::new(JsonStore {
             path,
+            granted_path,
             dir: dir.to_path_buf(),
             _lock: lock,
             indexes: Mutex::new(indexes),
@@ -319,17 +380,29 @@ impl JsonStore {
             return Ok(());
         }
         self.dirty.store(false, Ordering::Release);
-        let (bytes, included) = {
+        let (bytes, granted, included) = {
             let idx = self.lock();
             (
                 serialize_domains(&idx),
+                // Not written (not even created) until a name has been granted.
+                (!idx.granted.is_empty()).then(|| serialize_granted(&idx)),
                 self.changes.load(Ordering::Acquire),
             )
         };
-        let (path, dir) = (self.path.clone(), self.dir.clone());
-        let result = tokio::task::spawn_blocking(move || write_atomically(&path, &dir, &bytes))
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        let (path, granted_path, dir) = (
+            self.path.clone(),
+            self.granted_path.clone(),
+            self.dir.clone(),
+        );
+        let result = tokio::task::spawn_blocking(move || {
+            write_atomically(&path, &dir, &bytes)?;
+            match granted {
+                Some(granted) => write_atomically(&granted_path, &dir, &granted),
+                None => Ok(()),
+            }
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
         match result {
             Ok(()) => {
                 self.written.fetch_max(included, Ordering::AcqRel);
@@ -355,6 +428,44 @@ impl DomainStore for JsonStore {
 
     async fn owner_of(&self, domain: &str) -> Result<Option<String>, StoreError> {
         Ok(self.lock().by_domain.get(domain).cloned())
+    }
+
+    async fn grant(&self, ssh_key_hash: &str, name: &str, now: i64) -> Result<Grant, StoreError> {
+        let change = {
+            let mut idx = self.lock();
+            match idx.by_domain.get(name) {
+                Some(owner) if owner == ssh_key_hash => return Ok(Grant::AlreadyOwned),
+                Some(_) => return Ok(Grant::Taken),
+                None => {}
+            }
+            idx.by_domain
+                .insert(name.to_string(), ssh_key_hash.to_string());
+            idx.granted.insert(
+                name.to_string(),
+                GrantedName {
+                    ssh_key_hash: ssh_key_hash.to_string(),
+                    granted_at: now,
+                },
+            );
+            self.changes.fetch_add(1, Ordering::AcqRel) + 1
+        };
+        self.persist_through(change, |idx| {
+            idx.by_domain.remove(name);
+            idx.granted.remove(name);
+        })
+        .await?;
+        Ok(Grant::Granted)
+    }
+
+    async fn names_of(&self, ssh_key_hash: &str) -> Result<Vec<String>, StoreError> {
+        let idx = self.lock();
+        let main = idx.by_key.get(ssh_key_hash).map(|r| r.domain.clone());
+        let granted = idx
+            .granted
+            .iter()
+            .filter(|(_, g)| g.ssh_key_hash == ssh_key_hash)
+            .map(|(name, _)| name.clone());
+        Ok(main.into_iter().chain(granted).collect())
     }
 
     async fn claim(&self, ssh_key_hash: &str, domain: &str, now: i64) -> Result<Claim, StoreError> {

@@ -48,6 +48,17 @@ pub enum Claim {
     Taken,
 }
 
+/// Outcome of [`DomainStore::grant`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Grant {
+    /// The name is now the key's (durable when this returns).
+    Granted,
+    /// The key already had it; nothing was changed.
+    AlreadyOwned,
+    /// Another key owns it; nothing was changed.
+    Taken,
+}
+
 /// Outcome of [`DomainStore::import`] (migration).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Import {
@@ -115,8 +126,14 @@ pub enum StoreError {
 pub trait DomainStore: Send + Sync {
     /// The record of a key, if it has one.
     async fn record_for_key(&self, ssh_key_hash: &str) -> Result<Option<DomainRecord>, StoreError>;
-    /// The key hash owning a name, if any.
+    /// The key hash owning a name (a main name or a granted requested name), if any.
     async fn owner_of(&self, domain: &str) -> Result<Option<String>, StoreError>;
+    /// Gives the key `name` as an extra name of its own (a requested name granted by the
+    /// naming policy), first come, first served. The caller has checked the name.
+    async fn grant(&self, ssh_key_hash: &str, name: &str, now: i64) -> Result<Grant, StoreError>;
+    /// The names a key owns: its main name first (if it has one), then its granted names in
+    /// name order.
+    async fn names_of(&self, ssh_key_hash: &str) -> Result<Vec<String>, StoreError>;
     /// Binds `domain` to the key if the key has no record and the name is free.
     /// A new binding is durable when this returns.
     async fn claim(&self, ssh_key_hash: &str, domain: &str, now: i64) -> Result<Claim, StoreError>;

@@ -24,7 +24,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use super::{Claim, DAY_SECS, DomainRecord, DomainStats, DomainStore, Import, StoreError};
+use super::{
+    Claim, DAY_SECS, DomainRecord, DomainStats, DomainStore, Grant, Import, StoreError,
+};
 use crate::names::check_dns_label;
 use crate::redis_link::{RedisLink, RedisOpError};
 
@@ -159,6 +161,12 @@ impl RedisStore {
 
     pub fn reverse_key(&self, domain: &str) -> String {
         format!("{}domain:reverse:{domain}", self.prefix)
+    }
+
+    /// The set of requested names granted to a key (p0rt's own; outside `domain:*`, so
+    /// P0rt's scans never mistake it for a record). The reverse keys stay the authority.
+    pub fn granted_key(&self, ssh_key_hash: &str) -> String {
+        format!("{}names:{ssh_key_hash}", self.prefix)
     }
 
     /// The refusal of a key whose record is not p0rt's, logged for the operator.
@@ -319,6 +327,52 @@ impl DomainStore for RedisStore {
                 None => Err(unavailable(e)),
             },
         }
+    }
+
+    async fn grant(&self, ssh_key_hash: &str, name: &str, _now: i64) -> Result<Grant, StoreError> {
+        // The reverse key decides (SET NX semantics, TTL refreshed for the owner); the set
+        // only lists a key's grants. Separate keys, so this works on Cluster too.
+        if !self.reserve_name(name, ssh_key_hash).await? {
+            return Ok(Grant::Taken);
+        }
+        let set = self.granted_key(ssh_key_hash);
+        let mut pipe = redis::pipe();
+        pipe.cmd("SADD")
+            .arg(&set)
+            .arg(name)
+            .cmd("EXPIRE")
+            .arg(&set)
+            .arg(self.ttl_secs)
+            .ignore();
+        let (added,): (i64,) = self
+            .link
+            .query_pipeline(&pipe, STORE_OP_TIMEOUT)
+            .await
+            .map_err(unavailable)?;
+        Ok(if added == 1 {
+            Grant::Granted
+        } else {
+            Grant::AlreadyOwned
+        })
+    }
+
+    async fn names_of(&self, ssh_key_hash: &str) -> Result<Vec<String>, StoreError> {
+        let main = self.record_for_key(ssh_key_hash).await?.map(|r| r.domain);
+        let mut granted: Vec<String> = match self
+            .link
+            .query(
+                redis::cmd("SMEMBERS").arg(self.granted_key(ssh_key_hash)),
+                STORE_OP_TIMEOUT,
+            )
+            .await
+        {
+            Ok(names) => names,
+            Err(RedisOpError::WrongType { .. }) => Vec::new(),
+            Err(e) => return Err(unavailable(e)),
+        };
+        granted.sort();
+        granted.retain(|n| Some(n) != main.as_ref());
+        Ok(main.into_iter().chain(granted).collect())
     }
 
     async fn claim(&self, ssh_key_hash: &str, domain: &str, now: i64) -> Result<Claim, StoreError> {

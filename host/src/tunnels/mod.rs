@@ -7,18 +7,20 @@
 //! translates protocol events into calls here; the HTTP edge only asks it to resolve.
 
 mod naming;
+pub mod options;
 mod output;
 mod registry;
 
 use std::sync::Arc;
 
 pub use naming::{MAX_NAME_ATTEMPTS, NamingError};
+pub use options::SessionOptions;
 pub use output::{SESSION_OUTPUT_QUEUE, SessionOutput, SessionOutputSink};
 pub use registry::{LinkError, Registry, SessionId, Tunnel, TunnelLink, UpstreamIo};
 
 use crate::names::{KeyHash, Label, TunnelName};
 use crate::policy::{LabelApproval, NamingInput, NamingPolicy};
-use crate::store::{DomainStore, StoreError};
+use crate::store::{DomainStore, Grant, StoreError};
 
 /// An authenticated SSH key.
 #[derive(Clone, Debug)]
@@ -88,8 +90,9 @@ impl TunnelService {
         .await
     }
 
-    /// The name a forward serves: `main`, or `label-<main>` once the naming policy approves
-    /// the label and no other key owns that name.
+    /// The name a forward serves: `main`; for a requested label, `label-<main>` once the
+    /// naming policy approves it, or `label` itself when the policy grants it as a name of
+    /// the key's own (first come, first served). Never a name another key owns.
     pub async fn forward_name(
         &self,
         key: &KeyIdentity,
@@ -99,20 +102,49 @@ impl TunnelService {
         let Some(label) = label else {
             return Ok(main.clone());
         };
-        let name = main.subname(label).map_err(TunnelError::InvalidName)?;
         let input = NamingInput {
             ssh_key_hash: key.hash.to_string(),
             fingerprint: key.fingerprint.clone(),
             requested_label: Some(label.to_string()),
             attempt: 0,
+            owned_names: self.store.names_of(key.hash.as_str()).await?,
         };
-        if let LabelApproval::Refused(reason) = self.naming.approve_label(&input).await {
-            return Err(TunnelError::LabelRefused(reason));
-        }
+        let name = match self.naming.approve_label(&input).await {
+            LabelApproval::Refused(reason) => return Err(TunnelError::LabelRefused(reason)),
+            LabelApproval::GrantRequested => {
+                return self.grant_requested(key, label).await;
+            }
+            LabelApproval::Approved => main.subname(label).map_err(TunnelError::InvalidName)?,
+        };
         // A sub-name must never shadow another key's main name.
         match self.store.owner_of(name.as_str()).await? {
             Some(owner) if owner != key.hash.as_str() => Err(TunnelError::NameOfAnotherKey(name)),
             _ => Ok(name),
+        }
+    }
+
+    /// Gives the key the requested label as a name of its own, unless another key owns it
+    /// or it lies in another key's sub-name space (`api-<their name>`).
+    async fn grant_requested(
+        &self,
+        key: &KeyIdentity,
+        label: &Label,
+    ) -> Result<TunnelName, TunnelError> {
+        let name = TunnelName::parse(label.as_str()).map_err(TunnelError::InvalidName)?;
+        if naming::in_foreign_subname_space(self.store.as_ref(), &name, &key.hash).await? {
+            return Err(TunnelError::NameOfAnotherKey(name));
+        }
+        match self
+            .store
+            .grant(key.hash.as_str(), name.as_str(), crate::unix_now())
+            .await?
+        {
+            Grant::Granted => {
+                tracing::info!("{name}: granted to key {} as a requested name", key.fingerprint);
+                Ok(name)
+            }
+            Grant::AlreadyOwned => Ok(name),
+            Grant::Taken => Err(TunnelError::NameOfAnotherKey(name)),
         }
     }
 
@@ -125,8 +157,16 @@ impl TunnelService {
         name: TunnelName,
         link: Arc<dyn TunnelLink>,
         output: SessionOutput,
+        options: Arc<SessionOptions>,
     ) -> Result<Opened, TunnelError> {
-        let tunnel = Arc::new(Tunnel::new(name, session, key.hash.clone(), link, output));
+        let tunnel = Arc::new(Tunnel::new(
+            name,
+            session,
+            key.hash.clone(),
+            link,
+            output,
+            options,
+        ));
         match self.registry.register(tunnel.clone()) {
             Ok(displaced) => Ok(Opened {
                 tunnel,
@@ -254,7 +294,8 @@ mod tests {
         name: &TunnelName,
     ) -> Result<Opened, TunnelError> {
         let (output, _sink) = SessionOutput::new();
-        service.open(key, session, name.clone(), Arc::new(NoLink), output)
+        let options = Arc::new(SessionOptions::default());
+        service.open(key, session, name.clone(), Arc::new(NoLink), output, options)
     }
 
     #[tokio::test]

@@ -20,7 +20,7 @@ pub enum NamingError {
 
 /// True if `candidate` lies in another key's sub-name space: `label-<their name>` for some
 /// stored name of a different key. Such a name would shadow that key's sub-names.
-async fn in_foreign_subname_space(
+pub(super) async fn in_foreign_subname_space(
     store: &dyn DomainStore,
     candidate: &TunnelName,
     key: &KeyHash,
@@ -71,12 +71,15 @@ pub async fn assign_name(
             )))
         });
     }
+    // A key without a main name may still own granted requested names.
+    let owned = store.names_of(key.as_str()).await?;
     for attempt in 0..MAX_NAME_ATTEMPTS {
         let input = NamingInput {
             ssh_key_hash: key.to_string(),
             fingerprint: fingerprint.to_string(),
             requested_label: None,
             attempt,
+            owned_names: owned.clone(),
         };
         let candidate = match policy.choose_name(&input).await {
             NameChoice::Name(name) => name,

@@ -13,6 +13,7 @@ use std::sync::{Arc, RwLock};
 use async_trait::async_trait;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::options::SessionOptions;
 use super::output::SessionOutput;
 use crate::names::{KeyHash, TunnelName};
 
@@ -54,6 +55,9 @@ pub struct Tunnel {
     pub owner: KeyHash,
     pub link: Arc<dyn TunnelLink>,
     pub output: SessionOutput,
+    /// The owner's options for this connection's tunnels.
+    pub options: Arc<SessionOptions>,
+    pub opened: std::time::Instant,
 }
 
 impl Tunnel {
@@ -63,6 +67,7 @@ impl Tunnel {
         owner: KeyHash,
         link: Arc<dyn TunnelLink>,
         output: SessionOutput,
+        options: Arc<SessionOptions>,
     ) -> Tunnel {
         Tunnel {
             name,
@@ -70,6 +75,8 @@ impl Tunnel {
             owner,
             link,
             output,
+            options,
+            opened: std::time::Instant::now(),
         }
     }
 }
