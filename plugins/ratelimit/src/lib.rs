@@ -10,9 +10,10 @@
 //! ```
 //! A limit of 0 turns that bucket off.
 //!
-//! Every bucket is counted in one batched host call per request (one Redis round trip), so a
-//! request counts in all its buckets even when an earlier one already denies it; the first
-//! bucket over its limit (ip, then tunnel, then key) picks the answer.
+//! Every bucket is counted in one batched host call per request (one Redis round trip); the
+//! first bucket over its limit (ip, then tunnel, then key) picks the answer. A denied request
+//! is taken back out of the buckets after the denying one (a second call, on the deny path
+//! only), so one address over its own limit never uses up its tunnel's or owner's budget.
 
 // Natively (unit tests) the component glue is left out, so its callees look unused.
 #![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
@@ -123,13 +124,12 @@ fn counts(
         .collect()
 }
 
-/// The first bucket whose new count is over its limit, if any: `(retry_after, message)`.
-fn first_over_limit(counts: &[Count], values: &[i64]) -> Option<(u32, &'static str)> {
+/// The first bucket whose new count is over its limit, if any: its index.
+fn first_over_limit(counts: &[Count], values: &[i64]) -> Option<usize> {
     counts
         .iter()
         .zip(values)
-        .find(|(count, value)| **value > i64::from(count.limit))
-        .map(|(count, _)| (count.retry_after, count.message))
+        .position(|(count, value)| *value > i64::from(count.limit))
 }
 
 thread_local! {
@@ -170,14 +170,26 @@ mod component {
                 })
                 .collect();
             let values = cache::increment_many(&ops);
-            match first_over_limit(&counts, &values) {
-                Some((retry, message)) => Decision::Deny(Denial {
-                    status: 429,
-                    retry_after_seconds: Some(retry),
-                    message: message.to_string(),
-                }),
-                None => Decision::Allow,
+            let Some(denier) = first_over_limit(&counts, &values) else {
+                return Decision::Allow;
+            };
+            let refunds: Vec<cache::IncrementOp> = ops[denier + 1..]
+                .iter()
+                .map(|op| cache::IncrementOp {
+                    key: op.key.clone(),
+                    amount: -1,
+                    ttl_seconds: op.ttl_seconds,
+                })
+                .collect();
+            if !refunds.is_empty() {
+                cache::increment_many(&refunds);
             }
+            let count = &counts[denier];
+            Decision::Deny(Denial {
+                status: 429,
+                retry_after_seconds: Some(count.retry_after),
+                message: count.message.to_string(),
+            })
         }
     }
 
@@ -219,12 +231,13 @@ mod tests {
     fn first_bucket_over_its_limit_answers() {
         let c = counts(Config::default(), "ip", "app", "k", 0);
         assert_eq!(first_over_limit(&c, &[600, 3000, 6000]), None);
+        let message = |values: &[i64]| first_over_limit(&c, values).map(|i| c[i].message);
         assert_eq!(
-            first_over_limit(&c, &[601, 3001, 1]).map(|d| d.1),
+            message(&[601, 3001, 1]),
             Some("too many requests from your address")
         );
         assert_eq!(
-            first_over_limit(&c, &[1, 1, 6001]).map(|d| d.1),
+            message(&[1, 1, 6001]),
             Some("this tunnel owner's request budget is used up")
         );
     }
