@@ -45,22 +45,47 @@ pub fn bundled() -> [(&'static str, &'static [u8]); 4] {
     ]
 }
 
-/// Reads `<dir>/<stem>.wasm` and its optional sidecar into a load spec.
+/// The bundled plugin of this name, if any.
+fn bundled_bytes(name: &str) -> Option<&'static [u8]> {
+    bundled()
+        .into_iter()
+        .find_map(|(bundled, bytes)| (bundled == name).then_some(bytes))
+}
+
+/// True for `<dir>/<bundled name>.wasm` when only its sidecar exists: the operator
+/// configures a bundled plugin with `<name>.json` alone (no copy of the wasm needed).
+fn configures_bundled(path: &Path) -> bool {
+    let bundled = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .is_some_and(|stem| bundled_bytes(stem).is_some());
+    bundled && !path.exists() && path.with_extension("json").is_file()
+}
+
+/// Reads `<dir>/<stem>.wasm` and its optional sidecar into a load spec. A sidecar named
+/// like a bundled plugin without a `.wasm` beside it configures that bundled plugin.
 pub fn read_plugin_file(path: &Path) -> Result<PluginSpec, PluginError> {
     let read_err = |detail: String| PluginError::Read {
         path: path.to_path_buf(),
         detail,
     };
-    let size = std::fs::metadata(path)
-        .map_err(|e| read_err(e.to_string()))?
-        .len();
-    if size > runtime::MAX_PLUGIN_BYTES as u64 {
-        return Err(PluginError::TooLarge {
-            size: size as usize,
-        });
-    }
-    let bytes = std::fs::read(path).map_err(|e| read_err(e.to_string()))?;
     let sidecar_path = path.with_extension("json");
+    let (bytes, origin) = if configures_bundled(path) {
+        let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+        let bytes = bundled_bytes(stem).unwrap_or_default().to_vec();
+        (bytes, Origin::File(sidecar_path.clone()))
+    } else {
+        let size = std::fs::metadata(path)
+            .map_err(|e| read_err(e.to_string()))?
+            .len();
+        if size > runtime::MAX_PLUGIN_BYTES as u64 {
+            return Err(PluginError::TooLarge {
+                size: size as usize,
+            });
+        }
+        let bytes = std::fs::read(path).map_err(|e| read_err(e.to_string()))?;
+        (bytes, Origin::File(path.to_path_buf()))
+    };
     let sidecar = match std::fs::read_to_string(&sidecar_path) {
         Ok(text) => serde_json::from_str::<Sidecar>(&text).map_err(|e| PluginError::Sidecar {
             path: sidecar_path.clone(),
@@ -81,7 +106,7 @@ pub fn read_plugin_file(path: &Path) -> Result<PluginSpec, PluginError> {
     Ok(PluginSpec {
         name,
         bytes: Arc::new(bytes),
-        origin: Origin::File(path.to_path_buf()),
+        origin,
         role: sidecar.role,
         config: sidecar
             .config
@@ -90,7 +115,8 @@ pub fn read_plugin_file(path: &Path) -> Result<PluginSpec, PluginError> {
     })
 }
 
-/// The `*.wasm` files directly inside `dir`, sorted.
+/// The `*.wasm` files directly inside `dir`, sorted, and `<bundled name>.wasm` for each
+/// sidecar that configures a bundled plugin (see [`read_plugin_file`]).
 pub fn plugin_files(dir: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
@@ -100,6 +126,12 @@ pub fn plugin_files(dir: &Path) -> Vec<PathBuf> {
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|x| x == "wasm") && p.is_file())
         .collect();
+    files.extend(
+        bundled()
+            .into_iter()
+            .map(|(name, _)| dir.join(format!("{name}.wasm")))
+            .filter(|p| configures_bundled(p)),
+    );
     files.sort();
     files
 }
