@@ -28,6 +28,8 @@ p0rt commands (ssh -p <port> <host> <command>):
        --ports 22,80   TCP port check of an operator-allowlisted host instead
   token                print a new API token for /api/scans (replaces the previous one)
   token --revoke       remove your API token
+  key=value … [flag]   options for this connection's tunnels, e.g.
+                       ssh -R 80:localhost:3000 <host> -- allow=203.0.113.0/24 auth=alice:secret https-only
 ";
 
 #[derive(Debug, PartialEq, Eq)]
@@ -53,7 +55,7 @@ pub fn parse(line: &str) -> Result<Command, String> {
         },
         "scan" => parse_scan(&rest),
         _ => Err(format!(
-            "unknown command {:?}; commands: info, scan, token, help",
+            "unknown command {:?}; commands: info, scan, token, help, or tunnel options (key=value)",
             line.trim().chars().take(64).collect::<String>()
         )),
     }
