@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::roles::RateLimit;
+use super::roles::{RateLimit, RequestPolicy as RequestPolicyRole};
 use super::runtime::{Plugin, PluginInfo};
 use super::{PluginError, PolicyPlugins, roles};
 use crate::policy::{
@@ -110,9 +110,10 @@ pub fn request_policy_fallback() -> RequestVerdict {
 
 impl PolicyPlugins {
     /// The rate limiter's answer (its plugin, or the built-in limiter when it fails).
-    async fn rate(&self, plugin: Option<&Arc<Plugin<RateLimit>>>, facts: &RequestFacts) -> RateDecision {
+    async fn rate(&self, plugin: Option<&Arc<Plugin<RateLimit>>>, facts: RequestFacts) -> RateDecision {
+        let client_ip = facts.client_ip.clone();
         if let Some(plugin) = plugin {
-            match roles::check_request(plugin, facts.clone(), false).await {
+            match roles::check_request(plugin, facts, false).await {
                 Ok(decision) => return decision,
                 Err(e) => note(
                     "rate limiting falls back to the built-in limiter",
@@ -121,7 +122,26 @@ impl PolicyPlugins {
                 ),
             }
         }
-        self.fallback_rate(&facts.client_ip)
+        self.fallback_rate(&client_ip)
+    }
+
+    /// Whether the request policy must see this request: always for a tunnel with owner
+    /// options; for one without, as the plugin answered `needs-check` once (true if it
+    /// could not answer).
+    async fn policy_applies(&self, plugin: &Plugin<RequestPolicyRole>, facts: &RequestFacts) -> bool {
+        if !facts.options.is_empty() {
+            return true;
+        }
+        if let Some(needs) = plugin.memo.get() {
+            return *needs;
+        }
+        match roles::needs_check(plugin, Vec::new()).await {
+            Ok(needs) => *plugin.memo.get_or_init(|| needs),
+            Err(e) => {
+                note("needs-check failed; checking every request", &plugin.info, &e);
+                true
+            }
+        }
     }
 }
 
@@ -132,11 +152,20 @@ impl RequestPolicy for PolicyPlugins {
             return RequestVerdict::admit();
         }
         let active = self.active();
+        let policy = match active.request_policy {
+            Some(plugin) if self.policy_applies(&plugin, &facts).await => Some(plugin),
+            _ => None,
+        };
+        // The facts are copied for the rate limiter only when the request policy needs them too.
+        let (rate, facts) = match policy {
+            Some(_) => (self.rate(active.rate_limit.as_ref(), facts.clone()).await, Some(facts)),
+            None => (self.rate(active.rate_limit.as_ref(), facts).await, None),
+        };
         if let RateDecision::Deny {
             status,
             retry_after_seconds,
             message,
-        } = self.rate(active.rate_limit.as_ref(), &facts).await
+        } = rate
         {
             return RequestVerdict::Limited {
                 status: http::StatusCode::from_u16(status)
@@ -145,7 +174,7 @@ impl RequestPolicy for PolicyPlugins {
                 message,
             };
         }
-        let Some(plugin) = active.request_policy else {
+        let (Some(plugin), Some(facts)) = (policy, facts) else {
             return RequestVerdict::admit();
         };
         let owner_restricted = !facts.options.is_empty();

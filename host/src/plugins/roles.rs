@@ -219,12 +219,24 @@ versioned_binding!(
     scan_from_v1
 );
 
+/// The two questions of the request-policy role.
+pub enum PolicyCall {
+    Check(policy_v2::RequestFacts),
+    /// Whether tunnels with these options need `check` at all.
+    NeedsCheck(Vec<(String, String)>),
+}
+
+pub enum PolicyReply {
+    Verdict(policy_v2::Verdict),
+    NeedsCheck(bool),
+}
+
 impl RoleBinding for RequestPolicy {
     const ROLE: Role = Role::RequestPolicy;
     type Indices = wit_policy::RequestPolicyIndices;
     type Exports = wit_policy::RequestPolicy;
-    type Request = policy_v2::RequestFacts;
-    type Answer = policy_v2::Verdict;
+    type Request = PolicyCall;
+    type Answer = PolicyReply;
 
     fn indices(pre: &InstancePre<PluginState>) -> wasmtime::Result<Self::Indices> {
         wit_policy::RequestPolicyIndices::new(pre)
@@ -241,7 +253,16 @@ impl RoleBinding for RequestPolicy {
         store: &'a mut Store<PluginState>,
         request: &'a Self::Request,
     ) -> CallFuture<'a, Self::Answer> {
-        Box::pin(exports.p0rt_policy_request_policy().call_check(store, request))
+        let policy = exports.p0rt_policy_request_policy();
+        match request {
+            PolicyCall::Check(facts) => Box::pin(async move {
+                policy.call_check(store, facts).await.map(PolicyReply::Verdict)
+            }),
+            PolicyCall::NeedsCheck(options) => Box::pin(async move {
+                let needs = policy.call_needs_check(store, options).await;
+                needs.map(PolicyReply::NeedsCheck)
+            }),
+        }
     }
 }
 
@@ -564,5 +585,23 @@ pub async fn decide_request(
         options: facts.options,
         scheme: facts.scheme,
     };
-    plugin.decide(request, fresh, request_verdict).await
+    plugin
+        .decide(PolicyCall::Check(request), fresh, |reply| match reply {
+            PolicyReply::Verdict(verdict) => request_verdict(verdict),
+            PolicyReply::NeedsCheck(_) => Err("answered another question".into()),
+        })
+        .await
+}
+
+/// Whether the request policy needs to see requests to tunnels with `options`.
+pub async fn needs_check(
+    plugin: &Plugin<RequestPolicy>,
+    options: Vec<(String, String)>,
+) -> Result<bool, super::PluginError> {
+    plugin
+        .decide(PolicyCall::NeedsCheck(options), false, |reply| match reply {
+            PolicyReply::NeedsCheck(needs) => Ok(needs),
+            PolicyReply::Verdict(_) => Err("answered another question".into()),
+        })
+        .await
 }

@@ -297,6 +297,7 @@ impl Parts {
             domains: self.domains,
             warm: Mutex::new(Vec::new()),
             health: Mutex::new(Health::default()),
+            memo: std::sync::OnceLock::new(),
         });
         let warm = plugin.instantiate().await?;
         plugin.return_warm(warm);
@@ -397,6 +398,9 @@ pub struct Plugin<B: RoleBinding> {
     domains: Option<Arc<dyn DomainStore>>,
     warm: Mutex<Vec<Warm<B>>>,
     health: Mutex<Health>,
+    /// A role's answer that holds for the plugin's lifetime, once known (request policy:
+    /// whether tunnels without options need `check`).
+    pub(super) memo: std::sync::OnceLock<bool>,
 }
 
 /// A boxed future borrowing the instance and store for one call.

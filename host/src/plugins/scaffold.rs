@@ -211,6 +211,11 @@ const BLOCKED_PREFIX: &str = "/internal/";
 struct Plugin;
 
 impl Guest for Plugin {
+    /// This example judges every request (by path), with or without owner options.
+    fn needs_check(_options: Vec<(String, String)>) -> bool {
+        true
+    }
+
     fn check(request: RequestFacts) -> Verdict {
         if request.path.starts_with(BLOCKED_PREFIX) {
             return Verdict::Deny(Answer {

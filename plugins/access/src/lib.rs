@@ -70,6 +70,10 @@ mod component {
     struct Access;
 
     impl Guest for Access {
+        fn needs_check(options: Vec<(String, String)>) -> bool {
+            CONFIG.with(|config| rules::needs_check(&config.borrow(), &options))
+        }
+
         fn check(request: RequestFacts) -> Verdict {
             let facts = Facts {
                 client_ip: &request.client_ip,

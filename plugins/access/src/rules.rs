@@ -310,6 +310,15 @@ fn refused(deny: &[Cidr], allow: &[Cidr], client: Option<IpAddr>) -> bool {
     denied || not_allowed
 }
 
+/// Whether requests to tunnels with `options` need a decision at all: not when there are no
+/// operator rules and no owner options to apply (then every request is admitted unchanged).
+pub fn needs_check(config: &Config, options: &[(String, String)]) -> bool {
+    !config.deny.is_empty()
+        || !config.allow.is_empty()
+        || !config.response_headers.is_empty()
+        || (config.owner_options && !options.is_empty())
+}
+
 /// The decision for one request.
 pub fn decide(config: &Config, facts: &Facts) -> Outcome {
     let owner_options = config.owner_options && !facts.options.is_empty();
@@ -529,6 +538,23 @@ mod tests {
         ));
         assert!(body.contains("\"203.0.113.0/40\""), "{body}");
         body_of(decide_for(&c, "203.0.113.8", "https", &[("deny", "")]));
+    }
+
+    #[test]
+    fn only_rules_or_options_need_a_check() {
+        let plain = Config::default();
+        let owner = [("allow".to_string(), "10.0.0.0/8".to_string())];
+        assert!(!needs_check(&plain, &[]));
+        assert!(needs_check(&plain, &owner));
+        let ignoring = Config::parse(r#"{"owner_options": false}"#).unwrap();
+        assert!(!needs_check(&ignoring, &owner));
+        for config in [
+            r#"{"deny": ["192.0.2.0/24"]}"#,
+            r#"{"allow": ["192.0.2.0/24"]}"#,
+            r#"{"response_headers": {"x-served-by": "p0rt"}}"#,
+        ] {
+            assert!(needs_check(&Config::parse(config).unwrap(), &[]), "{config}");
+        }
     }
 
     #[test]
