@@ -12,6 +12,7 @@ mod flow_control;
 mod names;
 mod plugins;
 mod plugins_review;
+mod policy;
 mod refusals;
 mod scaffold;
 mod scans;

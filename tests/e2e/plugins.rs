@@ -18,7 +18,7 @@ use crate::support::*;
 // ---------------------------------------------------------------------------------------------
 
 /// The fixture crates of the plugin workspace; built by the tests, never by build.rs.
-const FIXTURE_PACKAGES: [&str; 2] = ["fixture-hostile", "fixture-old-version"];
+const FIXTURE_PACKAGES: [&str; 3] = ["fixture-hostile", "fixture-old-version", "hostile-policy"];
 
 /// Builds the test fixture plugins once per test run (into the cargo target directory, not
 /// the source tree); returns where the `.wasm` files are.
@@ -68,7 +68,8 @@ fn fixtures_dir() -> &'static Path {
     })
 }
 
-/// A test fixture plugin (`fixture_hostile.wasm`, `fixture_old_version.wasm`).
+/// A test fixture plugin (`fixture_hostile.wasm`, `fixture_old_version.wasm`,
+/// `hostile_policy.wasm`).
 pub(crate) fn fixture(file: &str) -> PathBuf {
     fixtures_dir().join(file)
 }
@@ -158,7 +159,7 @@ pub(crate) async fn wait_log(host: &Host, needle: &str) -> String {
 }
 
 /// Waits until `needle` occurs at least `n` times in the host log; returns the log.
-async fn wait_log_count(host: &Host, needle: &str, n: usize) -> String {
+pub(crate) async fn wait_log_count(host: &Host, needle: &str, n: usize) -> String {
     let deadline = Instant::now() + WAIT;
     loop {
         let log = host.log();
@@ -174,7 +175,7 @@ async fn wait_log_count(host: &Host, needle: &str, n: usize) -> String {
 
 /// The log line a successful load prints, up to the role (for counting reloads of the same
 /// content under a new configuration, which `/status/plugins` cannot tell apart).
-fn loaded_line(path: &Path, role: &str) -> String {
+pub(crate) fn loaded_line(path: &Path, role: &str) -> String {
     format!("loaded from {} as {role} (p0rt:policy@", path.display())
 }
 
@@ -341,7 +342,7 @@ fn garbage() -> Vec<u8> {
 
 /// A reqwest client whose connections come from `ip` (any 127.0.0.0/8 address works on
 /// Linux loopback), so a test gets its own per-IP rate-limit bucket.
-fn client_from(ip: &str) -> reqwest::Client {
+pub(crate) fn client_from(ip: &str) -> reqwest::Client {
     reqwest::Client::builder()
         .no_proxy()
         .timeout(Duration::from_secs(30))

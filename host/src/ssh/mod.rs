@@ -370,7 +370,8 @@ impl Connection {
             return finish_command(
                 session,
                 channel,
-                "p0rt: options apply to this connection's tunnels, and it has none;                  add -R 80:localhost:<port>\n",
+                "p0rt: options apply to this connection's tunnels, and it has none; \
+                 add -R 80:localhost:<port>\n",
                 1,
                 self.pty,
             );
