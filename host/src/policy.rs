@@ -64,15 +64,35 @@ pub struct RequestFacts {
     pub scheme: String,
 }
 
+/// What the rate limiter decided.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case", tag = "decision")]
 pub enum RateDecision {
-    Allow,
+    /// Admit; with a lease, the limiter also counted that many further requests from the
+    /// same client IP to the same tunnel, which the host admits without asking it again.
+    Allow {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        lease: Option<RateLease>,
+    },
     Deny {
         status: u16,
         retry_after_seconds: Option<u32>,
         message: String,
     },
+}
+
+/// Requests a rate limiter has counted in advance (see [`RateDecision::Allow`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct RateLease {
+    pub requests: u32,
+    pub millis: u32,
+}
+
+impl RateDecision {
+    /// Admit, no lease.
+    pub fn allow() -> RateDecision {
+        RateDecision::Allow { lease: None }
+    }
 }
 
 /// Sets (value `Some`) or removes (`None`) one header. Checked by the host: a valid name,

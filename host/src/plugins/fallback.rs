@@ -58,7 +58,7 @@ impl PolicyPlugins {
             .fallback_limiter
             .increment(&key, 1, Some(Duration::from_secs(61)))
         {
-            Ok(n) if n <= FALLBACK_REQUESTS_PER_IP_PER_MINUTE => RateDecision::Allow,
+            Ok(n) if n <= FALLBACK_REQUESTS_PER_IP_PER_MINUTE => RateDecision::allow(),
             _ => RateDecision::Deny {
                 status: 429,
                 retry_after_seconds: Some(((window + 1) * 60 - now).max(1) as u32),
@@ -111,10 +111,18 @@ pub fn request_policy_fallback() -> RequestVerdict {
 impl PolicyPlugins {
     /// The rate limiter's answer (its plugin, or the built-in limiter when it fails).
     async fn rate(&self, plugin: Option<&Arc<Plugin<RateLimit>>>, facts: RequestFacts) -> RateDecision {
-        let client_ip = facts.client_ip.clone();
+        if let Some(plugin) = plugin
+            && let Some(decision) = plugin.leases.take(&facts.client_ip, &facts.name)
+        {
+            return decision;
+        }
+        let (client_ip, name) = (facts.client_ip.clone(), facts.name.clone());
         if let Some(plugin) = plugin {
             match roles::check_request(plugin, facts, false).await {
-                Ok(decision) => return decision,
+                Ok(decision) => {
+                    plugin.leases.note(&client_ip, &name, &decision);
+                    return decision;
+                }
                 Err(e) => note(
                     "rate limiting falls back to the built-in limiter",
                     &plugin.info,

@@ -8,6 +8,7 @@
 //! - [`set`]: the plugin set ([`PolicyPlugins`]): one plugin per role, the bundled one or a
 //!   file from the plugins directory, reloaded atomically when the directory changes;
 //! - [`fallback`]: what the host answers when a plugin cannot, and the policy traits;
+//! - [`leases`]: rate-limit answers reused without a call (leases, recent denials);
 //! - [`files`]: reading plugin files and sidecars (blocking; run off the async runtime);
 //! - [`host_api`]: what a plugin can reach; [`tools`]: `p0rt plugin …`;
 //!   [`scaffold`]: `p0rt plugin new`.
@@ -16,6 +17,7 @@ pub mod bindings;
 pub mod fallback;
 pub mod files;
 pub mod host_api;
+pub mod leases;
 pub mod roles;
 pub mod runtime;
 pub mod scaffold;

@@ -22,9 +22,13 @@ use http::{HeaderName, HeaderValue, StatusCode};
 use crate::password::PasswordHash;
 use crate::policy::{
     BasicAuth, HeaderEdit, HeaderEdits, LabelApproval, NameChoice, NamingInput, RateDecision,
-    RequestFacts, RequestVerdict, ScanDecision, ScanJob,
+    RateLease, RequestFacts, RequestVerdict, ScanDecision, ScanJob,
 };
 
+/// Most requests a rate limiter may lease in one answer.
+pub const MAX_LEASE_REQUESTS: u32 = 64;
+/// Longest a lease may hold.
+pub const MAX_LEASE_MILLIS: u32 = 60_000;
 /// Longest message from a plugin shown to a user.
 pub const MAX_PLUGIN_MESSAGE_CHARS: usize = 200;
 /// Longest name a naming plugin may return (one DNS label).
@@ -154,7 +158,7 @@ fn rate_to_v1(f: &RateFacts) -> rate_v1::RequestInfo {
 fn rate_from_v1(d: rate_v1::Decision) -> RateAnswer {
     use wit_rate_v2::exports::p0rt::policy::rate_limit::Denial;
     match d {
-        rate_v1::Decision::Allow => RateAnswer::Allow,
+        rate_v1::Decision::Allow => RateAnswer::Allow(None),
         rate_v1::Decision::Deny(denial) => RateAnswer::Deny(Denial {
             status: denial.status,
             retry_after_seconds: denial.retry_after_seconds,
@@ -360,7 +364,21 @@ pub async fn check_request(
     };
     plugin
         .decide(request, fresh, |answer| match answer {
-            RateAnswer::Allow => Ok(RateDecision::Allow),
+            RateAnswer::Allow(None) => Ok(RateDecision::allow()),
+            RateAnswer::Allow(Some(lease)) => {
+                if lease.requests > MAX_LEASE_REQUESTS || lease.millis > MAX_LEASE_MILLIS {
+                    return Err(format!(
+                        "lease of {} requests for {} ms is over {MAX_LEASE_REQUESTS} requests or {MAX_LEASE_MILLIS} ms",
+                        lease.requests, lease.millis
+                    ));
+                }
+                Ok(RateDecision::Allow {
+                    lease: Some(RateLease {
+                        requests: lease.requests,
+                        millis: lease.millis,
+                    }),
+                })
+            }
             RateAnswer::Deny(denial) if !(400..=599).contains(&denial.status) => Err(format!(
                 "deny status {} is not a 4xx or 5xx code",
                 denial.status

@@ -298,6 +298,7 @@ impl Parts {
             warm: Mutex::new(Vec::new()),
             health: Mutex::new(Health::default()),
             memo: std::sync::OnceLock::new(),
+            leases: super::leases::Leases::default(),
         });
         let warm = plugin.instantiate().await?;
         plugin.return_warm(warm);
@@ -401,6 +402,8 @@ pub struct Plugin<B: RoleBinding> {
     /// A role's answer that holds for the plugin's lifetime, once known (request policy:
     /// whether tunnels without options need `check`).
     pub(super) memo: std::sync::OnceLock<bool>,
+    /// Rate-limit answers reused without a call (rate-limit role only).
+    pub(super) leases: super::leases::Leases,
 }
 
 /// A boxed future borrowing the instance and store for one call.

@@ -181,7 +181,7 @@ impl Guest for Plugin {
                 message: "too many requests; slow down".into(),
             });
         }
-        Decision::Allow
+        Decision::Allow(None)
     }
 }
 

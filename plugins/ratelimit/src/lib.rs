@@ -14,6 +14,12 @@
 //! first bucket over its limit (ip, then tunnel, then key) picks the answer. A denied request
 //! is taken back out of the buckets after the denying one (a second call, on the deny path
 //! only), so one address over its own limit never uses up its tunnel's or owner's budget.
+//!
+//! Leases: a client that keeps sending is leased up to 32 further requests, counted up front
+//! in every bucket, which the host then admits without calling the plugin (until the earliest
+//! window ends). A lease never exceeds what any bucket has left, nor what the client already
+//! sent in this window, so limits are never exceeded; requests leased but not sent stay
+//! counted, which can deny a client (or its tunnel) early by at most that many requests.
 
 // Natively (unit tests) the component glue is left out, so its callees look unused.
 #![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
@@ -132,6 +138,36 @@ fn first_over_limit(counts: &[Count], values: &[i64]) -> Option<usize> {
         .position(|(count, value)| *value > i64::from(count.limit))
 }
 
+/// Most requests one lease covers.
+const MAX_LEASE: u32 = 32;
+
+/// How many further requests to lease to this client after an admitted request, given the
+/// buckets' new counts: no more than any bucket has left, and no more than the client has
+/// already sent in the first bucket's window (so a client that stops early leaves few counted
+/// requests unused). Fewer than 2 is not worth a second host call.
+fn lease_size(counts: &[Count], values: &[i64]) -> u32 {
+    let Some(first) = values.first() else {
+        return 0;
+    };
+    let left = counts
+        .iter()
+        .zip(values)
+        .map(|(count, value)| i64::from(count.limit) - value)
+        .min()
+        .unwrap_or(0);
+    let size = (first - 1).min(left).clamp(0, i64::from(MAX_LEASE)) as u32;
+    if size < 2 { 0 } else { size }
+}
+
+/// How long a lease may hold: until the earliest of the buckets' windows ends.
+fn lease_millis(counts: &[Count]) -> u32 {
+    counts
+        .iter()
+        .map(|count| count.retry_after.saturating_mul(1000))
+        .min()
+        .unwrap_or(0)
+}
+
 thread_local! {
     static CONFIG: Cell<Config> = Cell::new(Config::default());
 }
@@ -143,7 +179,9 @@ mod component {
 
     wit_bindgen::generate!({ path: "../../wit/v0.2", world: "rate-limit-plugin" });
 
-    use exports::p0rt::policy::rate_limit::{Decision, Denial, Guest as RateLimit, RequestFacts};
+    use exports::p0rt::policy::rate_limit::{
+        Decision, Denial, Guest as RateLimit, Lease, RequestFacts,
+    };
     use p0rt::policy::{cache, clock};
 
     struct RateLimiter;
@@ -159,7 +197,7 @@ mod component {
                 now,
             );
             if counts.is_empty() {
-                return Decision::Allow;
+                return Decision::Allow(None);
             }
             let ops: Vec<cache::IncrementOp> = counts
                 .iter()
@@ -171,7 +209,25 @@ mod component {
                 .collect();
             let values = cache::increment_many(&ops);
             let Some(denier) = first_over_limit(&counts, &values) else {
-                return Decision::Allow;
+                // A busy client gets a lease: its next requests are counted now, in one more
+                // call, and the host admits them without asking.
+                let size = lease_size(&counts, &values);
+                if size == 0 {
+                    return Decision::Allow(None);
+                }
+                let leased: Vec<cache::IncrementOp> = ops
+                    .iter()
+                    .map(|op| cache::IncrementOp {
+                        key: op.key.clone(),
+                        amount: i64::from(size),
+                        ttl_seconds: op.ttl_seconds,
+                    })
+                    .collect();
+                cache::increment_many(&leased);
+                return Decision::Allow(Some(Lease {
+                    requests: size,
+                    millis: lease_millis(&counts),
+                }));
             };
             let refunds: Vec<cache::IncrementOp> = ops[denier + 1..]
                 .iter()
@@ -225,6 +281,19 @@ mod tests {
         assert_eq!(c.len(), 2);
         assert!(c[0].key.starts_with("tunnel:"));
         assert!(parse_config(r#"{"per_host": {}}"#).is_err());
+    }
+
+    #[test]
+    fn leases_stay_within_every_limit_and_the_clients_own_pace() {
+        let c = counts(Config::default(), "ip", "app", "k", 0);
+        // A first request gets no lease; a busy client up to MAX_LEASE.
+        assert_eq!(lease_size(&c, &[1, 1, 1]), 0);
+        assert_eq!(lease_size(&c, &[5, 10, 10]), 4);
+        assert_eq!(lease_size(&c, &[500, 500, 500]), MAX_LEASE);
+        // Never more than a bucket has left.
+        assert_eq!(lease_size(&c, &[500, 2990, 500]), 10);
+        assert_eq!(lease_size(&c, &[599, 600, 600]), 0);
+        assert_eq!(lease_millis(&c), 60_000);
     }
 
     #[test]
