@@ -138,6 +138,10 @@ pub struct Config {
     pub scan: crate::scan::ScanSettings,
     /// `scan.allowed_targets` as written, parsed into `scan` by validation.
     scan_allowed_targets: Option<Vec<String>>,
+    /// Proxies whose `X-Forwarded-For`/`Forwarded` the HTTP edge believes (`http.trusted_proxies`).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// `http.trusted_proxies` as written, parsed into `trusted_proxies` by validation.
+    http_trusted_proxies: Option<Vec<String>>,
 }
 
 impl Default for Config {
@@ -166,6 +170,8 @@ impl Default for Config {
             plugins_enabled: true,
             scan: crate::scan::ScanSettings::default(),
             scan_allowed_targets: None,
+            trusted_proxies: Vec::new(),
+            http_trusted_proxies: None,
         }
     }
 }
@@ -243,6 +249,8 @@ pub struct HttpLayer {
     pub port: Option<u16>,
     pub public_scheme: Option<PublicScheme>,
     pub public_port: Option<u16>,
+    /// CIDRs (or addresses) of proxies in front of the HTTP edge.
+    pub trusted_proxies: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -355,6 +363,7 @@ impl ServeArgs {
                 port: self.http_port,
                 public_scheme: self.public_scheme,
                 public_port: self.public_port,
+                trusted_proxies: None,
             },
             domain: DomainLayer {
                 base: self.domain.clone(),
@@ -396,6 +405,7 @@ pub const ENV_VARS: &[&str] = &[
     "AUTHORIZED_KEYS",
     "PUBLIC_SCHEME",
     "PUBLIC_PORT",
+    "HTTP_TRUSTED_PROXIES",
     "ADMIN_TOKEN",
     "PLUGINS_DIR",
     "PLUGINS_ENABLED",
@@ -466,6 +476,15 @@ pub fn env_layer(get: &dyn Fn(&str) -> Option<String>) -> Result<Layer, ConfigEr
     }
     if let Some(v) = get("PUBLIC_SCHEME") {
         layer.http.public_scheme = Some(parse_choice("PUBLIC_SCHEME", &v)?);
+    }
+    if let Some(v) = get("HTTP_TRUSTED_PROXIES") {
+        layer.http.trusted_proxies = Some(
+            v.split(',')
+                .map(str::trim)
+                .filter(|e| !e.is_empty())
+                .map(String::from)
+                .collect(),
+        );
     }
     if let Some(v) = get("PUBLIC_PORT") {
         layer.http.public_port = Some(parse_env("PUBLIC_PORT", &v, PORT)?);
@@ -622,6 +641,9 @@ impl Config {
         if http.public_port.is_some() {
             self.public_port = http.public_port;
         }
+        if http.trusted_proxies.is_some() {
+            self.http_trusted_proxies = http.trusted_proxies;
+        }
         set(&mut self.domain, domain.base);
         set(&mut self.storage, storage.kind);
         set(&mut self.data_dir, storage.data_dir);
@@ -768,6 +790,21 @@ impl Config {
                     problem: format!("{value} is out of range: use {min} to {max}"),
                 });
             }
+        }
+        if let Some(entries) = &self.http_trusted_proxies {
+            self.trusted_proxies = entries
+                .iter()
+                .map(|entry| {
+                    entry
+                        .parse::<ipnet::IpNet>()
+                        .or_else(|_| entry.parse::<IpAddr>().map(ipnet::IpNet::from))
+                        .map(|net| net.trunc())
+                        .map_err(|_| ConfigError::Invalid {
+                            key: "http.trusted_proxies",
+                            problem: format!("{entry:?} is not an address or CIDR"),
+                        })
+                })
+                .collect::<Result<_, _>>()?;
         }
         if let Some(entries) = &self.scan_allowed_targets {
             self.scan.allowed_targets = crate::scan::target::TargetAllowlist::parse(entries)

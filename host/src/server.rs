@@ -115,6 +115,7 @@ pub async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<
         },
         scans: scans.clone(),
         tokens,
+        trusted_proxies: crate::http::TrustedProxies(config.trusted_proxies.clone()),
     });
 
     let (stop_tx, stop) = crate::shutdown::channel();

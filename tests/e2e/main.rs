@@ -6,6 +6,7 @@
 mod backend;
 mod support;
 
+mod abuse_http;
 mod edge_errors;
 mod edge_review;
 mod flow_control;

@@ -26,14 +26,14 @@ const POLICY_UNAVAILABLE: &str =
 
 /// One HTTP answer, read in full.
 #[derive(Debug)]
-struct Answer {
-    status: u16,
-    headers: reqwest::header::HeaderMap,
-    body: String,
+pub(crate) struct Answer {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: String,
 }
 
 impl Answer {
-    async fn of(request: reqwest::RequestBuilder) -> Answer {
+    pub(crate) async fn of(request: reqwest::RequestBuilder) -> Answer {
         let res = request.send().await.expect("request through the edge");
         Answer {
             status: res.status().as_u16(),
@@ -42,14 +42,14 @@ impl Answer {
         }
     }
 
-    fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .get(name)
             .map(|v| v.to_str().expect("ASCII header"))
     }
 
     /// The backend's `/echo` report.
-    fn echo(&self) -> serde_json::Value {
+    pub(crate) fn echo(&self) -> serde_json::Value {
         assert_eq!(self.status, 200, "not an echo: {self:?}");
         serde_json::from_str(&self.body)
             .unwrap_or_else(|e| panic!("echo is not JSON ({e}): {self:?}"))
@@ -57,7 +57,7 @@ impl Answer {
 }
 
 /// Every value of request header `name` the backend reported in an `/echo` answer.
-fn seen(echo: &serde_json::Value, name: &str) -> Vec<String> {
+pub(crate) fn seen(echo: &serde_json::Value, name: &str) -> Vec<String> {
     echo["headers"]
         .as_array()
         .expect("echo headers")
@@ -72,7 +72,7 @@ fn seen(echo: &serde_json::Value, name: &str) -> Vec<String> {
 }
 
 /// `GET path` through the edge to `name`, with `client`.
-fn get(client: &reqwest::Client, host: &Host, name: &str, path: &str) -> reqwest::RequestBuilder {
+pub(crate) fn get(client: &reqwest::Client, host: &Host, name: &str, path: &str) -> reqwest::RequestBuilder {
     client
         .get(host.url(path))
         .header(HOST, host.host_header(name))
@@ -108,7 +108,7 @@ async fn judged(host: &Host, make: impl Fn() -> reqwest::RequestBuilder) -> Answ
 /// `ssh -R 80:127.0.0.1:<backend> 127.0.0.1 '<options>'` (OpenSSH sends the words as the
 /// session's command), for `key`; waits until the session is up, which is after the
 /// options were echoed and applied. Returns the session and the key's name.
-async fn options_tunnel(
+pub(crate) async fn options_tunnel(
     host: &Host,
     sb: &Sandbox,
     key: &Key,

@@ -74,6 +74,12 @@ pub enum EdgeError {
     /// The request policy asked for basic auth and the request had no valid credentials.
     #[error("this tunnel needs a user name and password.")]
     AuthRequired { realm: String },
+    #[error("the request body stopped arriving.")]
+    RequestBodyStalled,
+    #[error("the tunnel is busy (too many requests in flight); try again shortly.")]
+    Busy,
+    #[error("the tunnel's local service did not answer in time.")]
+    BackendTimeout,
     #[error("tunnel offline. Its owner is not connected right now.")]
     Offline,
     #[error("the tunnel's local service did not accept the connection.")]
@@ -103,13 +109,14 @@ impl EdgeError {
             | TargetDisagrees
             | Connect
             | RequestBody(_)
+            | RequestBodyStalled
             | UnknownName
             | AdminOnly(_)
             | Denied { .. }
             | PolicyAnswer { .. }
             | Redirect { .. }
             | AuthRequired { .. } => Fault::Client,
-            Unreachable(_) | Reset(_) | UnexpectedSwitch => Fault::Tunnel,
+            Unreachable(_) | Reset(_) | UnexpectedSwitch | Busy | BackendTimeout => Fault::Tunnel,
             Offline => Fault::Offline,
             Store(_) => Fault::Host,
         }
@@ -125,6 +132,9 @@ impl EdgeError {
                 *status
             }
             AuthRequired { .. } => StatusCode::UNAUTHORIZED,
+            RequestBodyStalled => StatusCode::REQUEST_TIMEOUT,
+            Busy => StatusCode::SERVICE_UNAVAILABLE,
+            BackendTimeout => StatusCode::GATEWAY_TIMEOUT,
             _ => match self.fault() {
                 Fault::Client => StatusCode::BAD_REQUEST,
                 Fault::Tunnel => StatusCode::BAD_GATEWAY,
@@ -171,6 +181,15 @@ impl EdgeError {
                 ..
             } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*seconds));
+            }
+            EdgeError::Busy => {
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(super::limits::BUSY_RETRY_AFTER_SECONDS),
+                );
+            }
+            EdgeError::RequestBodyStalled => {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             EdgeError::Redirect { location, .. } => {
                 headers.insert(header::LOCATION, location.clone());

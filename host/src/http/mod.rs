@@ -15,6 +15,7 @@
 mod api;
 mod base;
 mod error;
+pub mod limits;
 mod proxy;
 mod route;
 #[cfg(test)]
@@ -47,6 +48,7 @@ use crate::store::DomainStore;
 use crate::tokens::TokenStore;
 use crate::tunnels::{Resolution, Tunnel, TunnelService};
 pub use error::{EdgeError, Fault};
+pub use limits::TrustedProxies;
 use route::Target;
 use upstream::UpstreamPool;
 
@@ -83,14 +85,17 @@ pub struct HttpEdge {
     pub scans: Arc<ScanService>,
     /// Per-key API tokens, for `/api/scans`.
     pub tokens: Arc<TokenStore>,
+    /// Proxies whose forwarded client address is believed.
+    pub trusted_proxies: TrustedProxies,
 }
 
-type Body = BoxBody<Bytes, hyper::Error>;
+type Body = BoxBody<Bytes, limits::BoxError>;
 
 /// Accepts HTTP connections until `stop` turns true; then lets in-flight requests finish
 /// (at most [`SHUTDOWN_GRACE`]) and closes idle keep-alive connections.
 pub async fn serve(listener: TcpListener, edge: Arc<HttpEdge>, mut stop: Stop) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HTTP_CONNECTIONS));
+    let per_ip = Arc::new(limits::PerIpConnections::default());
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -117,6 +122,15 @@ pub async fn serve(listener: TcpListener, edge: Arc<HttpEdge>, mut stop: Stop) {
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             continue;
         };
+        // The TCP peer: a trusted proxy's connections are many clients, but the cap is per
+        // connection source, which is what holds the sockets.
+        let Some(ip_slot) = per_ip.try_open(peer.ip(), limits::MAX_CONNECTIONS_PER_IP) else {
+            tracing::debug!(
+                "refusing http connection from {peer}: {} open from that address",
+                limits::MAX_CONNECTIONS_PER_IP
+            );
+            continue;
+        };
         let _ = socket.set_nodelay(true);
         let (edge, builder, mut stop) = (edge.clone(), builder.clone(), stop.clone());
         connections.spawn(async move {
@@ -138,6 +152,7 @@ pub async fn serve(listener: TcpListener, edge: Arc<HttpEdge>, mut stop: Stop) {
             if let Err(e) = result {
                 tracing::debug!("http connection from {peer}: {e}");
             }
+            drop(ip_slot);
             drop(slot);
         });
     }
@@ -164,6 +179,9 @@ fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) 
 /// What the phases of one request share.
 struct RequestCtx {
     peer: SocketAddr,
+    /// The client's address as the edge resolves it: the peer, or what a trusted proxy
+    /// forwarded. What policies, logs and the backend's `X-Forwarded-For` see.
+    client_ip: std::net::IpAddr,
     started: Instant,
     method: Method,
     /// Path and query as sent: the backend's request target, and what the log shows.
@@ -175,6 +193,7 @@ struct RequestCtx {
 async fn handle(req: Request<Incoming>, peer: SocketAddr, edge: Arc<HttpEdge>) -> Response<Body> {
     let mut ctx = RequestCtx {
         peer,
+        client_ip: edge.trusted_proxies.client_ip(peer.ip(), req.headers()),
         started: Instant::now(),
         method: req.method().clone(),
         path: req
@@ -239,6 +258,7 @@ fn log(ctx: &RequestCtx, result: &Result<Response<Body>, EdgeError>) {
         Err(EdgeError::PolicyAnswer { .. }) => "(denied by the access policy)".to_string(),
         Err(EdgeError::Redirect { .. }) => "(redirected by the access policy)".to_string(),
         Err(EdgeError::AuthRequired { .. }) => "(credentials required)".to_string(),
+        Err(EdgeError::Busy) => "(tunnel busy)".to_string(),
         _ => format!("{}ms", ctx.started.elapsed().as_millis()),
     };
     tunnel.output.line(format!(

@@ -14,6 +14,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
 use super::error::EdgeError;
+use super::limits::{self, BodyStalled, IdleBody, InFlightGuard};
 use super::upstream::UpstreamPool;
 use super::{Body, RequestCtx};
 use base64::Engine as _;
@@ -72,7 +73,7 @@ pub async fn admit(
     }
     let options = tunnel.options.current(tunnel.opened).await;
     let facts = RequestFacts {
-        client_ip: ctx.peer.ip().to_string(),
+        client_ip: ctx.client_ip.to_string(),
         host,
         name: tunnel.name.to_string(),
         owner_key_hash: tunnel.owner.to_string(),
@@ -168,10 +169,13 @@ pub async fn forward(
     pool: &UpstreamPool,
     edits: HeaderEdits,
 ) -> Result<Response<Body>, EdgeError> {
+    // Counted until the response body ends, so a slow backend holds at most this many.
+    let in_flight = InFlightGuard::try_new(&tunnel.in_flight, limits::MAX_IN_FLIGHT_PER_TUNNEL)
+        .ok_or(EdgeError::Busy)?;
     let client_upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
     let upgrade = client_upgrade.is_some();
     let (mut parts, body) = req.into_parts();
-    rewrite_headers(&mut parts.headers, ctx.peer.ip(), upgrade);
+    rewrite_headers(&mut parts.headers, ctx.client_ip, upgrade);
     // After the host's own rewrite, so `x-forwarded-host` still names what the client asked
     // for when a policy rewrites `host`.
     apply_edits(&mut parts.headers, &edits.request);
@@ -180,11 +184,13 @@ pub async fn forward(
     // The request body is the client's: if reading it fails (broken chunked framing, an
     // upload cut short), the failed exchange is the client's fault, not the backend's.
     let body_failed = Arc::new(AtomicBool::new(false));
-    let body = body
+    let body_stalled = Arc::new(AtomicBool::new(false));
+    let body = IdleBody::new(body, limits::BODY_IDLE_TIMEOUT, None)
         .map_err({
-            let body_failed = body_failed.clone();
+            let (body_failed, body_stalled) = (body_failed.clone(), body_stalled.clone());
             move |e| {
                 body_failed.store(true, Ordering::Relaxed);
+                body_stalled.store(e.is::<BodyStalled>(), Ordering::Relaxed);
                 e
             }
         })
@@ -195,16 +201,21 @@ pub async fn forward(
         .checkout(tunnel, ctx.peer, !upgrade)
         .await
         .map_err(EdgeError::Unreachable)?;
-    let response = sender
-        .send_request(Request::from_parts(parts, body))
-        .await
-        .map_err(|e| {
-            if body_failed.load(Ordering::Relaxed) {
-                EdgeError::RequestBody(e)
-            } else {
-                EdgeError::Reset(e)
-            }
-        })?;
+    let sent = tokio::time::timeout(
+        limits::RESPONSE_TIMEOUT,
+        sender.send_request(Request::from_parts(parts, body)),
+    )
+    .await
+    .map_err(|_| EdgeError::BackendTimeout)?;
+    let response = sent.map_err(|e| {
+        if body_stalled.load(Ordering::Relaxed) {
+            EdgeError::RequestBodyStalled
+        } else if body_failed.load(Ordering::Relaxed) {
+            EdgeError::RequestBody(e)
+        } else {
+            EdgeError::Reset(e)
+        }
+    })?;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let client = client_upgrade.ok_or(EdgeError::UnexpectedSwitch)?;
         return Ok(switch_protocols(response, client, tunnel));
@@ -212,7 +223,7 @@ pub async fn forward(
     if !upgrade {
         pool.put(tunnel, sender);
     }
-    let mut response = filter_response(response);
+    let mut response = filter_response(response, Some(in_flight));
     apply_edits(response.headers_mut(), &edits.response);
     Ok(response)
 }
@@ -240,10 +251,13 @@ pub fn rewrite_headers(headers: &mut HeaderMap, peer: IpAddr, upgrade: bool) {
     };
 }
 
-/// Phase 5, filter: the backend's response without its hop-by-hop headers.
-pub fn filter_response(response: Response<Incoming>) -> Response<Body> {
+/// Phase 5, filter: the backend's response without its hop-by-hop headers; its body is cut
+/// off if it pauses longer than [`limits::RESPONSE_IDLE_TIMEOUT`], and holds the tunnel's
+/// in-flight slot until it ends.
+pub fn filter_response(response: Response<Incoming>, in_flight: Option<InFlightGuard>) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    let body = IdleBody::new(body, limits::RESPONSE_IDLE_TIMEOUT, in_flight);
     Response::from_parts(parts, body.boxed())
 }
 

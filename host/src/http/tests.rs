@@ -128,6 +128,7 @@ impl Edge {
             plugin_status: Arc::new(|| serde_json::json!({})),
             scans,
             tokens: Arc::new(crate::tokens::TokenStore::open_file(dir.path()).unwrap()),
+            trusted_proxies: crate::http::TrustedProxies::default(),
         });
         let (stop_tx, stop) = crate::shutdown::channel();
         tokio::spawn(serve(listener, edge.clone(), stop));

@@ -58,6 +58,8 @@ pub struct Tunnel {
     /// The owner's options for this connection's tunnels.
     pub options: Arc<SessionOptions>,
     pub opened: std::time::Instant,
+    /// HTTP requests in flight to this tunnel (the HTTP edge caps it).
+    pub in_flight: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Tunnel {
@@ -77,6 +79,7 @@ impl Tunnel {
             output,
             options,
             opened: std::time::Instant::now(),
+            in_flight: Arc::default(),
         }
     }
 }
