@@ -182,3 +182,44 @@ async fn trusted_proxies_must_be_addresses() {
     assert_eq!(status, Some(2), "{output}");
     assert!(output.contains("http.trusted_proxies") && output.contains("nonsense"), "{output}");
 }
+
+#[tokio::test]
+async fn idle_sockets_never_keep_requests_out_and_keep_alive_idles_are_closed() {
+    require_tools();
+    let sb = Sandbox::new();
+    let host = Host::start(&sb).await;
+    let backend = Backend::start("idle").await;
+    let key = sb.key("idle");
+    let (_tunnel, name) = host.tunnel(&sb, &key, &backend).await;
+
+    // 3 000 sockets that send nothing, from 12 addresses (each under its own cap).
+    let mut idle = Vec::new();
+    for i in 0..3_000 {
+        idle.push(connect_from(&format!("127.0.8.{}", 1 + i % 12), &host).await);
+    }
+    let fresh = client_from("127.0.0.9");
+    let started = Instant::now();
+    let answer = Answer::of(get(&fresh, &host, &name, "/whoami")).await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    println!("request served beside 3000 idle sockets in {:?}", started.elapsed());
+
+    // They are all closed by the header deadline (10 s), with nothing sent.
+    let mut first = idle.swap_remove(0);
+    let mut got = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(20), first.read_to_end(&mut got)).await;
+    assert!(closed.is_ok(), "an idle socket outlived the header deadline");
+    drop(idle);
+
+    // A keep-alive connection that goes quiet after a request is closed too.
+    let mut conn = connect_from("127.0.0.9", &host).await;
+    let request = format!("GET /whoami HTTP/1.1\r\nHost: {}\r\n\r\n", host.host_header(&name));
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 4096];
+    let n = conn.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(20), conn.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "an idle keep-alive connection stayed open");
+    assert!(started.elapsed() >= Duration::from_secs(5), "closed too early: {:?}", started.elapsed());
+}
