@@ -142,6 +142,10 @@ pub struct Config {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// `http.trusted_proxies` as written, parsed into `trusted_proxies` by validation.
     http_trusted_proxies: Option<Vec<String>>,
+    /// Addresses never banned for failed authentication (`security.ban_exempt`).
+    pub ban_exempt: Vec<ipnet::IpNet>,
+    /// `security.ban_exempt` as written, parsed into `ban_exempt` by validation.
+    security_ban_exempt: Option<Vec<String>>,
 }
 
 impl Default for Config {
@@ -172,6 +176,8 @@ impl Default for Config {
             scan_allowed_targets: None,
             trusted_proxies: Vec::new(),
             http_trusted_proxies: None,
+            ban_exempt: Vec::new(),
+            security_ban_exempt: None,
         }
     }
 }
@@ -208,6 +214,15 @@ pub struct Layer {
     pub admin: AdminLayer,
     pub plugins: PluginsLayer,
     pub scan: ScanLayer,
+    pub security: SecurityLayer,
+}
+
+/// `security.*`: failed-auth bans (see README, "Bans").
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecurityLayer {
+    /// Addresses or CIDRs never banned.
+    pub ban_exempt: Option<Vec<String>>,
 }
 
 /// `scan.*`: see docs/scans.md.
@@ -385,6 +400,7 @@ impl ServeArgs {
                 enabled: self.no_plugins.then_some(false),
             },
             scan: ScanLayer::default(),
+            security: SecurityLayer::default(),
         }
     }
 }
@@ -406,6 +422,7 @@ pub const ENV_VARS: &[&str] = &[
     "PUBLIC_SCHEME",
     "PUBLIC_PORT",
     "HTTP_TRUSTED_PROXIES",
+    "BAN_EXEMPT",
     "ADMIN_TOKEN",
     "PLUGINS_DIR",
     "PLUGINS_ENABLED",
@@ -477,14 +494,18 @@ pub fn env_layer(get: &dyn Fn(&str) -> Option<String>) -> Result<Layer, ConfigEr
     if let Some(v) = get("PUBLIC_SCHEME") {
         layer.http.public_scheme = Some(parse_choice("PUBLIC_SCHEME", &v)?);
     }
+    let list = |v: String| -> Vec<String> {
+        v.split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .map(String::from)
+            .collect()
+    };
     if let Some(v) = get("HTTP_TRUSTED_PROXIES") {
-        layer.http.trusted_proxies = Some(
-            v.split(',')
-                .map(str::trim)
-                .filter(|e| !e.is_empty())
-                .map(String::from)
-                .collect(),
-        );
+        layer.http.trusted_proxies = Some(list(v));
+    }
+    if let Some(v) = get("BAN_EXEMPT") {
+        layer.security.ban_exempt = Some(list(v));
     }
     if let Some(v) = get("PUBLIC_PORT") {
         layer.http.public_port = Some(parse_env("PUBLIC_PORT", &v, PORT)?);
@@ -568,6 +589,23 @@ pub fn env_layer(get: &dyn Fn(&str) -> Option<String>) -> Result<Layer, ConfigEr
     Ok(layer)
 }
 
+/// Parses a list of addresses or CIDRs (a bare address is one host).
+fn networks(key: &'static str, entries: &[String]) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+    entries
+        .iter()
+        .map(|entry| {
+            entry
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| entry.parse::<IpAddr>().map(ipnet::IpNet::from))
+                .map(|net| net.trunc())
+                .map_err(|_| ConfigError::Invalid {
+                    key,
+                    problem: format!("{entry:?} is not an address or CIDR"),
+                })
+        })
+        .collect()
+}
+
 /// Reads and parses a YAML config file into a layer. An empty file is an empty layer.
 pub fn file_layer(path: &Path) -> Result<Layer, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
@@ -626,7 +664,11 @@ impl Config {
             admin,
             plugins,
             scan,
+            security,
         } = layer;
+        if security.ban_exempt.is_some() {
+            self.security_ban_exempt = security.ban_exempt;
+        }
         set(&mut self.ssh_bind, ssh.bind);
         set(&mut self.ssh_port, ssh.port);
         if ssh.host_key.is_some() {
@@ -792,19 +834,10 @@ impl Config {
             }
         }
         if let Some(entries) = &self.http_trusted_proxies {
-            self.trusted_proxies = entries
-                .iter()
-                .map(|entry| {
-                    entry
-                        .parse::<ipnet::IpNet>()
-                        .or_else(|_| entry.parse::<IpAddr>().map(ipnet::IpNet::from))
-                        .map(|net| net.trunc())
-                        .map_err(|_| ConfigError::Invalid {
-                            key: "http.trusted_proxies",
-                            problem: format!("{entry:?} is not an address or CIDR"),
-                        })
-                })
-                .collect::<Result<_, _>>()?;
+            self.trusted_proxies = networks("http.trusted_proxies", entries)?;
+        }
+        if let Some(entries) = &self.security_ban_exempt {
+            self.ban_exempt = networks("security.ban_exempt", entries)?;
         }
         if let Some(entries) = &self.scan_allowed_targets {
             self.scan.allowed_targets = crate::scan::target::TargetAllowlist::parse(entries)

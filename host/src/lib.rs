@@ -20,6 +20,7 @@
 //! - [`ssh`], [`http`]: the two edges.
 //! - [`plugins`]: WebAssembly policy plugins (wasmtime), their fallbacks, reload and tools.
 //! - [`store`]: the domain store (JSON file or Redis), opening it, migration.
+//! - [`bans`]: failed-auth bans per address (escalating, persisted, shared on Redis).
 //! - [`cache`]: the plugins' cache (Redis with in-memory fallback).
 //! - [`redis_link`]: one Redis connection (standalone, Sentinel, Cluster) with timeouts.
 //! - [`scan`]: scan jobs: admission, queue (memory or Redis Streams), workers, checks.
@@ -27,6 +28,7 @@
 //! - [`config`]: layered configuration (defaults < YAML < environment < flags).
 //! - [`server`]: wires the pieces together, runs and stops them ([`shutdown`]: the stop signal).
 
+pub mod bans;
 pub mod cache;
 pub mod config;
 pub mod http;

@@ -39,6 +39,27 @@ enum Command {
     /// Tools for policy plugins (WebAssembly components)
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Failed-auth bans: list them, lift one (same store settings as `serve`)
+    #[command(subcommand)]
+    Security(SecurityCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum SecurityCommand {
+    /// List the addresses banned for failed SSH authentication, and until when
+    Bans {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        settings: ServeArgs,
+    },
+    /// Lift the ban of an address (and forget its failures)
+    Unban {
+        address: std::net::IpAddr,
+        #[command(flatten)]
+        settings: ServeArgs,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -140,6 +161,41 @@ fn exit_for(e: &anyhow::Error) -> ExitCode {
     }
 }
 
+fn run_security_command(command: SecurityCommand) -> ExitCode {
+    let settings = match &command {
+        SecurityCommand::Bans { settings, .. } | SecurityCommand::Unban { settings, .. } => {
+            settings
+        }
+    };
+    let (config, runtime) = match prepare(settings) {
+        Ok(ready) => ready,
+        Err(code) => return code,
+    };
+    let result = runtime.block_on(async {
+        let bans = p0rt::bans::open_for(&config).await?;
+        match command {
+            SecurityCommand::Bans { json, .. } => {
+                p0rt::bans::list_text(&bans, json).await.map(|text| (text, true))
+            }
+            SecurityCommand::Unban { address, .. } => {
+                let lifted = bans.unban(address).await?;
+                Ok(if lifted {
+                    (format!("{address}: ban lifted\n"), true)
+                } else {
+                    (format!("{address} is not banned\n"), false)
+                })
+            }
+        }
+    });
+    match result {
+        Ok((text, found)) => {
+            print!("{text}");
+            if found { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        }
+        Err(e) => exit_for(&e),
+    }
+}
+
 fn run_plugin_command(command: PluginCommand) -> ExitCode {
     let Some(runtime) = async_runtime() else {
         return ExitCode::FAILURE;
@@ -200,6 +256,7 @@ fn main() -> ExitCode {
         Some(Command::Serve(args)) => args,
         Some(Command::Plugin(command)) => return run_plugin_command(command),
         Some(Command::Migrate { to, settings }) => return run_migrate(to, settings),
+        Some(Command::Security(command)) => return run_security_command(command),
         None => cli.serve,
     };
     let (config, runtime) = match prepare(&args) {

@@ -1,0 +1,531 @@
+//! Failed-authentication bans per client address, escalating and expiring: by default 3
+//! failed SSH connections ban an address for 15 min, 5 for 1 h, 10 for 24 h. Failures are
+//! counted per connection that ended without authenticating after a refused attempt (a
+//! password, an unlisted key, a bad signature), so a client that tries several keys before
+//! the right one is never counted. Bans are per address, never per key: someone who only
+//! knows a victim's public key cannot get the victim blocked.
+//!
+//! Stored in Redis when the host uses Redis (shared by every host on it), else in
+//! `bans.json` in the data directory, so they hold across restarts. `p0rt security bans`
+//! lists them and `p0rt security unban ADDR` lifts one; a running host on the JSON store
+//! picks up a change to the file within [`FILE_RECHECK`].
+//!
+//! Redis keys, under the configured prefix: `ban:{ip}` → the ban as JSON, expiring with it;
+//! `ban:failures:{ip}` → the failure count, expiring [`FAILURE_MEMORY`] after the last one.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::redis_link::RedisLink;
+
+/// Name of the ban file in the data directory (JSON store).
+pub const BANS_FILE_NAME: &str = "bans.json";
+/// Default escalation: (failures, ban length).
+pub const DEFAULT_TIERS: [(u32, Duration); 3] = [
+    (3, Duration::from_secs(15 * 60)),
+    (5, Duration::from_secs(60 * 60)),
+    (10, Duration::from_secs(24 * 60 * 60)),
+];
+/// Failures of an address are forgotten this long after its last one.
+pub const FAILURE_MEMORY: Duration = Duration::from_secs(24 * 60 * 60);
+/// How often a host on the JSON store looks whether `bans.json` changed on disk.
+pub const FILE_RECHECK: Duration = Duration::from_secs(2);
+/// Time budget of one ban lookup or update in Redis; a lookup that fails lets the
+/// connection in (a Redis outage must not lock everyone out).
+pub const BAN_OP_TIMEOUT: Duration = Duration::from_millis(300);
+/// Most addresses whose failures the file store remembers (the oldest are forgotten first).
+pub const MAX_TRACKED_ADDRESSES: usize = 100_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BanError {
+    #[error("ban list {path}: {detail}")]
+    File { path: PathBuf, detail: String },
+    #[error("ban list unavailable: {0}; try again shortly")]
+    Unavailable(String),
+}
+
+/// One ban.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ban {
+    pub ip: IpAddr,
+    /// Unix seconds.
+    pub since: i64,
+    /// Unix seconds.
+    pub until: i64,
+    /// Failures counted when it began.
+    pub failures: u32,
+    pub reason: String,
+}
+
+/// Who is banned for how long, and who never is.
+#[derive(Clone, Debug)]
+pub struct BanPolicy {
+    /// (failures, ban length), ascending by failures.
+    pub tiers: Vec<(u32, Duration)>,
+    /// Addresses never banned (private and loopback ranges only when listed here).
+    pub exempt: Vec<IpNet>,
+}
+
+impl Default for BanPolicy {
+    fn default() -> Self {
+        BanPolicy {
+            tiers: DEFAULT_TIERS.to_vec(),
+            exempt: Vec::new(),
+        }
+    }
+}
+
+impl BanPolicy {
+    /// The ban length for an address with `failures`, if any: the highest tier reached.
+    pub fn length_for(&self, failures: u32) -> Option<Duration> {
+        self.tiers
+            .iter()
+            .rev()
+            .find(|(at, _)| failures >= *at)
+            .map(|(_, length)| *length)
+    }
+
+    pub fn exempts(&self, ip: IpAddr) -> bool {
+        self.exempt.iter().any(|net| net.contains(&ip))
+    }
+
+    /// One line for the startup log.
+    pub fn describe(&self) -> String {
+        let tiers: Vec<String> = self
+            .tiers
+            .iter()
+            .map(|(n, d)| format!("{n} → {}", human(*d)))
+            .collect();
+        let exempt = if self.exempt.is_empty() {
+            "none".to_string()
+        } else {
+            self.exempt.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ")
+        };
+        format!(
+            "failed-auth bans: {} (failures forgotten after {}), exempt: {exempt}",
+            tiers.join(", "),
+            human(FAILURE_MEMORY)
+        )
+    }
+}
+
+fn human(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        s if s % 3600 == 0 => format!("{} h", s / 3600),
+        s if s % 60 == 0 => format!("{} min", s / 60),
+        s => format!("{s} s"),
+    }
+}
+
+/// What `bans.json` holds.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BanFile {
+    #[serde(default)]
+    bans: BTreeMap<IpAddr, Ban>,
+    /// address → (failures, unix seconds of the last one)
+    #[serde(default)]
+    failures: BTreeMap<IpAddr, (u32, i64)>,
+}
+
+struct FileState {
+    data: BanFile,
+    /// The file's mtime when last read or written, and when that was checked.
+    seen: Option<SystemTime>,
+    checked: Instant,
+}
+
+enum Backend {
+    File {
+        path: PathBuf,
+        state: tokio::sync::Mutex<FileState>,
+    },
+    Redis {
+        link: Arc<RedisLink>,
+        prefix: String,
+    },
+}
+
+/// The ban list of a host (or of `p0rt security`).
+pub struct BanList {
+    backend: Backend,
+    pub policy: BanPolicy,
+}
+
+fn now() -> i64 {
+    crate::unix_now()
+}
+
+fn mtime(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+fn read_file(path: &Path) -> Result<BanFile, BanError> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| BanError::File {
+            path: path.to_path_buf(),
+            detail: format!("{e}; the file was left untouched: repair or delete it"),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BanFile::default()),
+        Err(e) => Err(BanError::File {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        }),
+    }
+}
+
+/// Temp file + fsync + rename, so the file is whole or as before.
+fn write_file(path: &Path, data: &BanFile) -> Result<(), BanError> {
+    use std::io::Write;
+    let fail = |e: std::io::Error| BanError::File {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    };
+    let bytes = serde_json::to_vec_pretty(data).unwrap_or_default();
+    let temp = path.with_extension("json.tmp");
+    let mut file = std::fs::File::create(&temp).map_err(fail)?;
+    file.write_all(&bytes).and_then(|()| file.sync_all()).map_err(fail)?;
+    std::fs::rename(&temp, path).map_err(fail)
+}
+
+impl BanList {
+    /// The file store in `data_dir`; an unreadable file is an error (never overwritten).
+    pub fn open_file(data_dir: &Path, policy: BanPolicy) -> Result<BanList, BanError> {
+        let path = data_dir.join(BANS_FILE_NAME);
+        let data = read_file(&path)?;
+        Ok(BanList {
+            backend: Backend::File {
+                state: tokio::sync::Mutex::new(FileState {
+                    data,
+                    seen: mtime(&path),
+                    checked: Instant::now(),
+                }),
+                path,
+            },
+            policy,
+        })
+    }
+
+    pub fn redis(link: Arc<RedisLink>, prefix: &str, policy: BanPolicy) -> BanList {
+        BanList {
+            backend: Backend::Redis {
+                link,
+                prefix: prefix.to_string(),
+            },
+            policy,
+        }
+    }
+
+    /// The ban in force for `ip`, if any. Fails open: a store error lets it in.
+    pub async fn banned(&self, ip: IpAddr) -> Option<Ban> {
+        if self.policy.exempts(ip) {
+            return None;
+        }
+        match &self.backend {
+            Backend::File { path, state } => {
+                let mut state = state.lock().await;
+                reload_if_changed(path, &mut state);
+                let ban = state.data.bans.get(&ip)?;
+                (ban.until > now()).then(|| ban.clone())
+            }
+            Backend::Redis { link, prefix } => {
+                let key = format!("{prefix}ban:{ip}");
+                match link
+                    .query::<Option<String>>(redis::cmd("GET").arg(&key), BAN_OP_TIMEOUT)
+                    .await
+                {
+                    Ok(text) => text
+                        .and_then(|t| serde_json::from_str::<Ban>(&t).ok())
+                        .filter(|b| b.until > now()),
+                    Err(e) => {
+                        tracing::debug!("ban lookup for {ip} failed ({e}); letting it in");
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    /// Counts one failed connection of `ip`; returns the ban it earned, if any.
+    pub async fn record_failure(&self, ip: IpAddr, reason: &str) -> Result<Option<Ban>, BanError> {
+        if self.policy.exempts(ip) {
+            return Ok(None);
+        }
+        let now = now();
+        let make_ban = |failures: u32| {
+            self.policy.length_for(failures).map(|length| Ban {
+                ip,
+                since: now,
+                until: now + length.as_secs() as i64,
+                failures,
+                reason: reason.chars().take(200).collect(),
+            })
+        };
+        match &self.backend {
+            Backend::File { path, state } => {
+                let mut state = state.lock().await;
+                reload_if_changed(path, &mut state);
+                let mut next = state.data.clone();
+                let memory = FAILURE_MEMORY.as_secs() as i64;
+                next.failures.retain(|_, (_, last)| now - *last < memory);
+                next.bans.retain(|_, ban| ban.until > now);
+                if next.failures.len() >= MAX_TRACKED_ADDRESSES
+                    && let Some(oldest) = next
+                        .failures
+                        .iter()
+                        .min_by_key(|(_, (_, last))| *last)
+                        .map(|(ip, _)| *ip)
+                {
+                    next.failures.remove(&oldest);
+                }
+                let entry = next.failures.entry(ip).or_insert((0, now));
+                entry.0 = entry.0.saturating_add(1);
+                entry.1 = now;
+                let ban = make_ban(entry.0);
+                if let Some(ban) = &ban {
+                    next.bans.insert(ip, ban.clone());
+                }
+                let path2 = path.clone();
+                let data = next.clone();
+                tokio::task::spawn_blocking(move || write_file(&path2, &data))
+                    .await
+                    .map_err(|e| BanError::Unavailable(e.to_string()))??;
+                state.data = next;
+                state.seen = mtime(path);
+                Ok(ban)
+            }
+            Backend::Redis { link, prefix } => {
+                let counter = format!("{prefix}ban:failures:{ip}");
+                let mut pipe = redis::pipe();
+                pipe.cmd("INCR")
+                    .arg(&counter)
+                    .cmd("EXPIRE")
+                    .arg(&counter)
+                    .arg(FAILURE_MEMORY.as_secs())
+                    .ignore();
+                let (failures,): (u32,) = link
+                    .query_pipeline(&pipe, BAN_OP_TIMEOUT)
+                    .await
+                    .map_err(|e| BanError::Unavailable(e.to_string()))?;
+                let ban = make_ban(failures);
+                if let Some(ban) = &ban {
+                    let text = serde_json::to_string(ban).unwrap_or_default();
+                    let seconds = (ban.until - ban.since).max(1);
+                    link.query::<()>(
+                        redis::cmd("SET")
+                            .arg(format!("{prefix}ban:{ip}"))
+                            .arg(text)
+                            .arg("EX")
+                            .arg(seconds),
+                        BAN_OP_TIMEOUT,
+                    )
+                    .await
+                    .map_err(|e| BanError::Unavailable(e.to_string()))?;
+                }
+                Ok(ban)
+            }
+        }
+    }
+
+    /// Bans in force, soonest to end first.
+    pub async fn list(&self) -> Result<Vec<Ban>, BanError> {
+        let now = now();
+        let mut bans: Vec<Ban> = match &self.backend {
+            Backend::File { path, state } => {
+                let mut state = state.lock().await;
+                reload_if_changed(path, &mut state);
+                state.data.bans.values().cloned().collect()
+            }
+            Backend::Redis { link, prefix } => {
+                let keys = link
+                    .scan(&format!("{prefix}ban:*"), usize::MAX, Duration::from_secs(10))
+                    .await
+                    .map_err(|e| BanError::Unavailable(e.to_string()))?;
+                let failures_prefix = format!("{prefix}ban:failures:");
+                let mut bans = Vec::new();
+                for key in keys.iter().filter(|k| !k.starts_with(&failures_prefix)) {
+                    let text: Option<String> = link
+                        .query(redis::cmd("GET").arg(key), BAN_OP_TIMEOUT)
+                        .await
+                        .map_err(|e| BanError::Unavailable(e.to_string()))?;
+                    if let Some(ban) = text.and_then(|t| serde_json::from_str::<Ban>(&t).ok()) {
+                        bans.push(ban);
+                    }
+                }
+                bans
+            }
+        };
+        bans.retain(|b| b.until > now);
+        bans.sort_by_key(|b| (b.until, b.ip));
+        Ok(bans)
+    }
+
+    /// Lifts the ban of `ip` and forgets its failures; `false` if it was not banned.
+    pub async fn unban(&self, ip: IpAddr) -> Result<bool, BanError> {
+        match &self.backend {
+            Backend::File { path, state } => {
+                let mut state = state.lock().await;
+                // Always from disk: `p0rt security unban` runs beside a live host.
+                state.data = read_file(path)?;
+                let mut next = state.data.clone();
+                let was = next.bans.remove(&ip).is_some_and(|b| b.until > now());
+                next.failures.remove(&ip);
+                let (path2, data) = (path.clone(), next.clone());
+                tokio::task::spawn_blocking(move || write_file(&path2, &data))
+                    .await
+                    .map_err(|e| BanError::Unavailable(e.to_string()))??;
+                state.data = next;
+                state.seen = mtime(path);
+                Ok(was)
+            }
+            Backend::Redis { link, prefix } => {
+                let removed: i64 = link
+                    .query(
+                        redis::cmd("DEL").arg(format!("{prefix}ban:{ip}")),
+                        BAN_OP_TIMEOUT,
+                    )
+                    .await
+                    .map_err(|e| BanError::Unavailable(e.to_string()))?;
+                link.query::<i64>(
+                    redis::cmd("DEL").arg(format!("{prefix}ban:failures:{ip}")),
+                    BAN_OP_TIMEOUT,
+                )
+                .await
+                .map_err(|e| BanError::Unavailable(e.to_string()))?;
+                Ok(removed > 0)
+            }
+        }
+    }
+}
+
+/// The ban list the configuration points at: Redis when the host uses Redis, else the
+/// data directory's `bans.json`.
+pub async fn open_for(config: &crate::config::Config) -> anyhow::Result<BanList> {
+    let policy = BanPolicy {
+        exempt: config.ban_exempt.clone(),
+        ..BanPolicy::default()
+    };
+    Ok(match config.redis_url_in_use() {
+        Some(url) => {
+            let link = crate::store::open::connect_redis(config, &url).await?;
+            BanList::redis(link, &config.redis_prefix, policy)
+        }
+        None => BanList::open_file(&config.data_dir, policy)?,
+    })
+}
+
+/// `p0rt security bans`: a table (or JSON) of the bans in force.
+pub async fn list_text(bans: &BanList, json: bool) -> anyhow::Result<String> {
+    let list = bans.list().await?;
+    if json {
+        return Ok(serde_json::to_string_pretty(&list)? + "\n");
+    }
+    if list.is_empty() {
+        return Ok("no addresses are banned\n".into());
+    }
+    let stamp = |secs: i64| {
+        time::OffsetDateTime::from_unix_timestamp(secs)
+            .ok()
+            .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+            .unwrap_or_else(|| secs.to_string())
+    };
+    let mut out = format!("{:<40} {:<22} {:>8}  reason\n", "address", "banned until (UTC)", "failures");
+    for ban in list {
+        out.push_str(&format!(
+            "{:<40} {:<22} {:>8}  {}\n",
+            ban.ip,
+            stamp(ban.until),
+            ban.failures,
+            ban.reason
+        ));
+    }
+    Ok(out)
+}
+
+/// Picks up an edit of `bans.json` by `p0rt security unban` (at most every [`FILE_RECHECK`]).
+fn reload_if_changed(path: &Path, state: &mut FileState) {
+    if state.checked.elapsed() < FILE_RECHECK {
+        return;
+    }
+    state.checked = Instant::now();
+    let current = mtime(path);
+    if current != state.seen {
+        match read_file(path) {
+            Ok(data) => {
+                state.data = data;
+                state.seen = current;
+            }
+            Err(e) => tracing::warn!("keeping the bans in memory: {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiers_escalate() {
+        let policy = BanPolicy::default();
+        assert_eq!(policy.length_for(2), None);
+        assert_eq!(policy.length_for(3), Some(Duration::from_secs(900)));
+        assert_eq!(policy.length_for(4), Some(Duration::from_secs(900)));
+        assert_eq!(policy.length_for(5), Some(Duration::from_secs(3600)));
+        assert_eq!(policy.length_for(10), Some(Duration::from_secs(86_400)));
+        assert_eq!(policy.length_for(50), Some(Duration::from_secs(86_400)));
+        assert!(policy.describe().contains("3 → 15 min, 5 → 1 h, 10 → 24 h"));
+    }
+
+    #[tokio::test]
+    async fn failures_ban_persist_and_lift() {
+        let dir = tempfile::tempdir().unwrap();
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let other: IpAddr = "192.0.2.8".parse().unwrap();
+        let bans = BanList::open_file(dir.path(), BanPolicy::default()).unwrap();
+        assert_eq!(bans.record_failure(ip, "password").await.unwrap(), None);
+        assert_eq!(bans.record_failure(ip, "password").await.unwrap(), None);
+        let ban = bans.record_failure(ip, "password").await.unwrap().unwrap();
+        assert_eq!(ban.until - ban.since, 900);
+        assert!(bans.banned(ip).await.is_some());
+        assert!(bans.banned(other).await.is_none());
+        // Across a restart.
+        let again = BanList::open_file(dir.path(), BanPolicy::default()).unwrap();
+        assert_eq!(again.list().await.unwrap(), vec![ban]);
+        assert!(again.unban(ip).await.unwrap());
+        assert!(!again.unban(ip).await.unwrap());
+        assert!(again.banned(ip).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn exempt_addresses_are_never_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = BanPolicy {
+            exempt: vec!["127.0.0.0/8".parse().unwrap()],
+            ..BanPolicy::default()
+        };
+        let bans = BanList::open_file(dir.path(), policy).unwrap();
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        for _ in 0..10 {
+            assert_eq!(bans.record_failure(ip, "x").await.unwrap(), None);
+        }
+        assert!(bans.banned(ip).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_file_is_refused_and_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(BANS_FILE_NAME), "not json").unwrap();
+        assert!(BanList::open_file(dir.path(), BanPolicy::default()).is_err());
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(BANS_FILE_NAME)).unwrap(),
+            "not json"
+        );
+    }
+}
