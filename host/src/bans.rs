@@ -82,6 +82,14 @@ impl Default for BanPolicy {
 }
 
 impl BanPolicy {
+    /// The configured policy (`security.*`).
+    pub fn from_config(config: &crate::config::Config) -> BanPolicy {
+        BanPolicy {
+            tiers: config.ban_tiers.clone(),
+            exempt: config.ban_exempt.clone(),
+        }
+    }
+
     /// The ban length for an address with `failures`, if any: the highest tier reached.
     pub fn length_for(&self, failures: u32) -> Option<Duration> {
         self.tiers
@@ -408,10 +416,7 @@ impl BanList {
 /// The ban list the configuration points at: Redis when the host uses Redis, else the
 /// data directory's `bans.json`.
 pub async fn open_for(config: &crate::config::Config) -> anyhow::Result<BanList> {
-    let policy = BanPolicy {
-        exempt: config.ban_exempt.clone(),
-        ..BanPolicy::default()
-    };
+    let policy = BanPolicy::from_config(config);
     Ok(match config.redis_url_in_use() {
         Some(url) => {
             let link = crate::store::open::connect_redis(config, &url).await?;

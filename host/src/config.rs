@@ -146,6 +146,9 @@ pub struct Config {
     pub ban_exempt: Vec<ipnet::IpNet>,
     /// `security.ban_exempt` as written, parsed into `ban_exempt` by validation.
     security_ban_exempt: Option<Vec<String>>,
+    /// Failed-auth ban escalation: (failures, ban length), ascending (`security.ban_tiers`).
+    pub ban_tiers: Vec<(u32, Duration)>,
+    security_ban_tiers: Option<Vec<String>>,
 }
 
 impl Default for Config {
@@ -178,6 +181,8 @@ impl Default for Config {
             http_trusted_proxies: None,
             ban_exempt: Vec::new(),
             security_ban_exempt: None,
+            ban_tiers: crate::bans::DEFAULT_TIERS.to_vec(),
+            security_ban_tiers: None,
         }
     }
 }
@@ -223,6 +228,8 @@ pub struct Layer {
 pub struct SecurityLayer {
     /// Addresses or CIDRs never banned.
     pub ban_exempt: Option<Vec<String>>,
+    /// Escalation, `failures:length` pairs such as `3:15m` (lengths in s, m, h or d).
+    pub ban_tiers: Option<Vec<String>>,
 }
 
 /// `scan.*`: see docs/scans.md.
@@ -423,6 +430,7 @@ pub const ENV_VARS: &[&str] = &[
     "PUBLIC_PORT",
     "HTTP_TRUSTED_PROXIES",
     "BAN_EXEMPT",
+    "BAN_TIERS",
     "ADMIN_TOKEN",
     "PLUGINS_DIR",
     "PLUGINS_ENABLED",
@@ -507,6 +515,9 @@ pub fn env_layer(get: &dyn Fn(&str) -> Option<String>) -> Result<Layer, ConfigEr
     if let Some(v) = get("BAN_EXEMPT") {
         layer.security.ban_exempt = Some(list(v));
     }
+    if let Some(v) = get("BAN_TIERS") {
+        layer.security.ban_tiers = Some(list(v));
+    }
     if let Some(v) = get("PUBLIC_PORT") {
         layer.http.public_port = Some(parse_env("PUBLIC_PORT", &v, PORT)?);
     }
@@ -589,6 +600,36 @@ pub fn env_layer(get: &dyn Fn(&str) -> Option<String>) -> Result<Layer, ConfigEr
     Ok(layer)
 }
 
+/// Parses `failures:length` pairs (`3:15m`, `10:1d`); failures must rise with each tier.
+fn ban_tiers(entries: &[String]) -> Result<Vec<(u32, Duration)>, String> {
+    let mut tiers: Vec<(u32, Duration)> = Vec::new();
+    for entry in entries {
+        let bad = || format!("{entry:?} is not failures:length (e.g. 3:15m; s, m, h or d)");
+        let (count, length) = entry.split_once(':').ok_or_else(bad)?;
+        let count: u32 = count.trim().parse().map_err(|_| bad())?;
+        let length = length.trim();
+        let (number, unit) = length.split_at(length.len().saturating_sub(1));
+        let number: u64 = number.parse().map_err(|_| bad())?;
+        let seconds = match unit {
+            "s" => number,
+            "m" => number * 60,
+            "h" => number * 3600,
+            "d" => number * 86_400,
+            _ => return Err(bad()),
+        };
+        if count == 0 || seconds == 0 || tiers.last().is_some_and(|(last, _)| count <= *last) {
+            return Err(format!(
+                "{entry:?}: failures and lengths must be above 0, failures rising tier by tier"
+            ));
+        }
+        tiers.push((count, Duration::from_secs(seconds)));
+    }
+    if tiers.is_empty() {
+        return Err("give at least one tier".into());
+    }
+    Ok(tiers)
+}
+
 /// Parses a list of addresses or CIDRs (a bare address is one host).
 fn networks(key: &'static str, entries: &[String]) -> Result<Vec<ipnet::IpNet>, ConfigError> {
     entries
@@ -668,6 +709,9 @@ impl Config {
         } = layer;
         if security.ban_exempt.is_some() {
             self.security_ban_exempt = security.ban_exempt;
+        }
+        if security.ban_tiers.is_some() {
+            self.security_ban_tiers = security.ban_tiers;
         }
         set(&mut self.ssh_bind, ssh.bind);
         set(&mut self.ssh_port, ssh.port);
@@ -838,6 +882,12 @@ impl Config {
         }
         if let Some(entries) = &self.security_ban_exempt {
             self.ban_exempt = networks("security.ban_exempt", entries)?;
+        }
+        if let Some(entries) = &self.security_ban_tiers {
+            self.ban_tiers = ban_tiers(entries).map_err(|problem| ConfigError::Invalid {
+                key: "security.ban_tiers",
+                problem,
+            })?;
         }
         if let Some(entries) = &self.scan_allowed_targets {
             self.scan.allowed_targets = crate::scan::target::TargetAllowlist::parse(entries)
