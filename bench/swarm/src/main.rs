@@ -21,6 +21,7 @@
 //!              [--names-file FILE]
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -31,6 +32,7 @@ use russh::keys::{PrivateKey, PrivateKeyWithHashAlg};
 use russh::{Channel, ChannelMsg};
 use serde_json::json;
 use tokio::io::AsyncReadExt;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 
 /// Largest request head a tunnel reads before giving up on it.
@@ -195,6 +197,34 @@ struct Connected {
     elapsed: Duration,
 }
 
+/// A TCP connection to `addr` for session `index`. The host caps unauthenticated connections
+/// per client address (20), so against loopback each session connects from an address of its
+/// own in 127.0.0.0/8, as sessions from many machines would.
+async fn connect_tcp(addr: &str, index: usize) -> std::io::Result<TcpStream> {
+    let target = tokio::net::lookup_host(addr)
+        .await?
+        .next()
+        .ok_or_else(|| std::io::Error::other(format!("{addr}: no address")))?;
+    let socket = match target {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    if let IpAddr::V4(ip) = target.ip()
+        && ip.is_loopback()
+    {
+        let n = index as u32;
+        let source = [
+            127,
+            1 + (n / 62_500 % 250) as u8,
+            (n / 250 % 250) as u8,
+            (n % 250 + 1) as u8,
+        ];
+        socket.bind(SocketAddr::from((source, 0)))?;
+    }
+    socket.set_nodelay(true)?;
+    socket.connect(target).await
+}
+
 /// Connects session `index`, learns its name with `info`, and opens its tunnel.
 async fn connect_one(
     config: Arc<client::Config>,
@@ -205,7 +235,10 @@ async fn connect_one(
 ) -> Result<Connected, String> {
     let started = Instant::now();
     let key = Arc::new(session_key(index, salt));
-    let mut handle = client::connect(config, addr.as_str(), Tunnel { index, served })
+    let stream = connect_tcp(&addr, index)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let mut handle = client::connect_stream(config, stream, Tunnel { index, served })
         .await
         .map_err(|e| format!("connect: {e}"))?;
     let auth = handle

@@ -4,23 +4,39 @@
 //! keyboard-interactive auth, `-L`/`-D` (`direct-tcpip`), streamlocal, X11, agent forwarding,
 //! subsystems. A remote forward to port 80 or 443 serves the key's name; `-R label:80:…`
 //! serves `label-<name>`. `ssh … info` prints the key's name without forwarding anything.
+//!
+//! Limits (all printed once at startup): an authentication deadline from accept, caps on
+//! unauthenticated connections ([`admission`]), on connections and tunnels per key (counted
+//! only once the key's signature is verified), and per connection on session channels,
+//! forwards and tunnel channels open or opening. Compression is never negotiated.
 
 mod access;
+pub mod admission;
 mod commands;
 mod host_key;
 
+use std::collections::HashMap;
+use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use russh::keys::PrivateKey;
 use russh::server::{Auth, ChannelOpenHandle, Msg, Session};
 use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+
+use admission::{
+    Admission, AdmissionLimits, KeyConnections, KeySlot, MAX_CONNECTIONS_PER_KEY,
+    REFUSAL_SUMMARY_INTERVAL, Unauthenticated, Watched,
+};
 
 pub use access::KeyAccess;
 use commands::Command;
@@ -33,22 +49,33 @@ use crate::shutdown::Stop;
 use crate::tokens::TokenStore;
 use crate::tunnels::options::{self, SessionOptions};
 use crate::tunnels::{
-    KeyIdentity, LinkError, SessionId, SessionOutput, SessionOutputSink, TunnelLink, TunnelService,
-    UpstreamIo,
+    KeyIdentity, LinkError, SESSION_OUTPUT_LINE_MAX, SESSION_OUTPUT_QUEUE, SessionId,
+    SessionOutput, SessionOutputSink, TunnelLink, TunnelService, UpstreamIo,
 };
 
 /// Keepalive probe interval; with [`KEEPALIVE_MAX`] a dead client is dropped within 30 s.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// Unanswered keepalives before the connection is closed.
 pub const KEEPALIVE_MAX: usize = 2;
-/// Time a client has to exchange SSH version strings.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time a client has from connecting to completing authentication.
-pub const AUTH_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time from accept to authenticated, banner and key exchange included (`LoginGraceTime`).
+pub const AUTH_TIMEOUT: Duration = Duration::from_secs(20);
+/// Time a client gets to go after the auth deadline's disconnect before its socket is closed.
+const DEADLINE_CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Concurrent SSH connections accepted; beyond this new connections are closed at once.
 pub const MAX_SSH_CONNECTIONS: usize = 20_000;
 /// Remote forwards one connection may hold.
 pub const MAX_FORWARDS_PER_CONNECTION: usize = 16;
+/// Session channels (shell, `info`, `scan`, …) one connection may have open at once.
+pub const MAX_SESSION_CHANNELS: usize = 4;
+/// Tunnel channels (`forwarded-tcpip`, one per visitor stream, pooled idle ones included) open
+/// at once on one connection; beyond this visitors get 502.
+pub const MAX_TUNNEL_CHANNELS: usize = 512;
+/// Tunnel channel opens one connection's client has not answered yet; more visitors wait.
+pub const MAX_PENDING_CHANNEL_OPENS: usize = 32;
+/// Refusals logged at info per connection; later ones are logged at debug.
+pub const LOGGED_REFUSALS_PER_CONNECTION: u32 = 16;
+/// At most one notice per connection about refused or waiting tunnel channels per interval.
+pub const CHANNEL_REFUSAL_NOTICE_INTERVAL: Duration = Duration::from_secs(10);
 /// Receive window per channel: the most a client may send on one channel before the host has
 /// passed it on. The window is returned to the client only as the channel's reader (the HTTP
 /// edge, writing to one visitor) consumes the data, so a visitor that stops reading stops
@@ -75,8 +102,46 @@ fn russh_config(host_key: PrivateKey) -> russh::server::Config {
         maximum_packet_size: MAX_PACKET_SIZE,
         max_auth_attempts: 6,
         nodelay: true,
+        // Never compression: zlib on a shared host is memory and CPU per connection for the
+        // client to spend, and a decompression-bomb surface. Only `none` is offered.
+        preferred: russh::Preferred {
+            compression: std::borrow::Cow::Borrowed(&[russh::compression::NONE]),
+            ..Default::default()
+        },
         ..Default::default()
     }
+}
+
+/// What the SSH edge counts across connections.
+struct Guards {
+    admission: Arc<Admission>,
+    keys: Arc<KeyConnections>,
+}
+
+/// The startup line listing every SSH limit.
+fn limits_line(limits: &AdmissionLimits, keys: &KeyConnections, tunnels: &TunnelService) -> String {
+    format!(
+        "ssh limits: auth deadline {}s; unauthenticated connections {} (per address {}, \
+         random drop from {} at {:.0}% rising to 100%, silent ones replaced after {}s); \
+         connections {} (per key {}); per connection {} session channels, {} forwards, \
+         {} tunnel channels ({} opening); tunnels per key {}; session output {} lines of \
+         up to {} bytes; compression off",
+        AUTH_TIMEOUT.as_secs(),
+        limits.max_total,
+        limits.max_per_source,
+        limits.drop_start,
+        limits.drop_rate_at_start * 100.0,
+        limits.idle_replace_after.as_secs(),
+        MAX_SSH_CONNECTIONS,
+        keys.max(),
+        MAX_SESSION_CHANNELS,
+        MAX_FORWARDS_PER_CONNECTION,
+        MAX_TUNNEL_CHANNELS,
+        MAX_PENDING_CHANNEL_OPENS,
+        tunnels.max_tunnels_per_key(),
+        SESSION_OUTPUT_QUEUE,
+        SESSION_OUTPUT_LINE_MAX,
+    )
 }
 
 /// What the SSH edge needs from the rest of the host.
@@ -108,8 +173,21 @@ pub async fn serve(
     mut disconnect: Stop,
 ) {
     let config = Arc::new(russh_config(host_key));
+    let guards = Arc::new(Guards {
+        admission: Admission::new(AdmissionLimits::default()),
+        keys: KeyConnections::new(MAX_CONNECTIONS_PER_KEY),
+    });
+    tracing::info!(
+        "{}",
+        limits_line(guards.admission.limits(), &guards.keys, &edge.tunnels)
+    );
     let slots = Arc::new(Semaphore::new(MAX_SSH_CONNECTIONS));
     let mut connections = JoinSet::new();
+    // Refusals are counted and summed up at most once per interval, so a flood of
+    // connections is a line every ten seconds in the log, not a line per connection.
+    let mut summary = tokio::time::interval(REFUSAL_SUMMARY_INTERVAL);
+    summary.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut refused_at_max = 0u64;
     loop {
         let (socket, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -123,17 +201,43 @@ pub async fn serve(
             },
             _ = stop.stopped() => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            _ = summary.tick() => {
+                if let Some(line) = guards.admission.take_summary() {
+                    tracing::info!("{line}");
+                }
+                if refused_at_max > 0 {
+                    tracing::warn!(
+                        "refused {refused_at_max} ssh connections: {MAX_SSH_CONNECTIONS} connections open"
+                    );
+                    refused_at_max = 0;
+                }
+                continue;
+            }
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(
+            tracing::debug!(
                 "refusing ssh connection from {peer}: {MAX_SSH_CONNECTIONS} connections open"
             );
+            refused_at_max += 1;
             continue;
         };
+        // Closed before a byte of SSH is sent when refused.
+        let pending = match guards.admission.admit(peer.ip()) {
+            Ok(pending) => pending,
+            Err(refusal) => {
+                tracing::debug!("refusing ssh connection from {peer}: {refusal}");
+                continue;
+            }
+        };
         let _ = socket.set_nodelay(true);
-        let (config, edge, disconnect) = (config.clone(), edge.clone(), disconnect.clone());
+        let (config, edge, guards, disconnect) = (
+            config.clone(),
+            edge.clone(),
+            guards.clone(),
+            disconnect.clone(),
+        );
         connections.spawn(async move {
-            run_connection(config, edge, socket, peer, disconnect).await;
+            run_connection(config, edge, guards, socket, peer, pending, disconnect).await;
             drop(slot);
         });
     }
@@ -148,17 +252,20 @@ pub async fn serve(
 async fn run_connection(
     config: Arc<russh::server::Config>,
     edge: Arc<SshEdge>,
+    guards: Arc<Guards>,
     socket: tokio::net::TcpStream,
     peer: SocketAddr,
+    pending: Unauthenticated,
     mut disconnect: Stop,
 ) {
+    // One deadline from accept covers the version exchange, key exchange and authentication.
+    let deadline = tokio::time::Instant::now() + AUTH_TIMEOUT;
+    let watch = pending.watch();
     let authenticated = Arc::new(AtomicBool::new(false));
-    let handler = Connection::new(edge, peer, authenticated.clone());
-    let started = tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        russh::server::run_stream(config, socket, handler),
-    )
-    .await;
+    let handler = Connection::new(edge, guards, peer, authenticated.clone(), pending);
+    let stream = Watched::new(socket, watch.clone());
+    let started =
+        tokio::time::timeout_at(deadline, russh::server::run_stream(config, stream, handler)).await;
     let session = match started {
         Ok(Ok(session)) => session,
         Ok(Err(e)) => {
@@ -166,13 +273,13 @@ async fn run_connection(
             return;
         }
         Err(_) => {
-            tracing::debug!("ssh handshake with {peer} timed out");
+            tracing::debug!("ssh client {peer} sent no version line within {AUTH_TIMEOUT:?}");
             return;
         }
     };
     let handle = session.handle();
     tokio::pin!(session);
-    let auth_deadline = tokio::time::sleep(AUTH_TIMEOUT);
+    let auth_deadline = tokio::time::sleep_until(deadline);
     tokio::pin!(auth_deadline);
     let mut deadline_passed = false;
     loop {
@@ -181,10 +288,19 @@ async fn run_connection(
             _ = &mut auth_deadline, if !deadline_passed => {
                 deadline_passed = true;
                 if !authenticated.load(Ordering::Acquire) {
-                    tracing::debug!("ssh client {peer} did not authenticate in time");
-                    let _ = handle
-                        .disconnect(russh::Disconnect::ByApplication, "authentication timeout".into(), String::new())
-                        .await;
+                    tracing::debug!("ssh client {peer} did not authenticate within {AUTH_TIMEOUT:?}");
+                    let bye = handle.disconnect(
+                        russh::Disconnect::ByApplication,
+                        format!("authentication timeout ({}s)", AUTH_TIMEOUT.as_secs()),
+                        String::new(),
+                    );
+                    let _ = tokio::time::timeout(DEADLINE_CLOSE_GRACE, bye).await;
+                    // A client that neither finishes nor reads is cut off: its stream fails.
+                    if tokio::time::timeout(DEADLINE_CLOSE_GRACE, &mut session).await.is_err() {
+                        watch.close();
+                        let _ = tokio::time::timeout(DEADLINE_CLOSE_GRACE, &mut session).await;
+                    }
+                    return;
                 }
             }
             _ = disconnect.stopped() => {
@@ -208,38 +324,230 @@ fn log_session_end(peer: SocketAddr, result: Result<(), russh::Error>) {
     }
 }
 
+/// The tunnel channels of one connection: those open, and those the client has not answered.
+struct ChannelBudget {
+    open: Arc<Semaphore>,
+    pending: Arc<Semaphore>,
+    peer: SocketAddr,
+    output: SessionOutput,
+    /// Visitor streams refused for want of a channel.
+    refused: Notice,
+    /// Visitor streams that waited for the client to answer earlier opens.
+    waited: Notice,
+}
+
+impl ChannelBudget {
+    fn new(peer: SocketAddr, output: SessionOutput) -> ChannelBudget {
+        ChannelBudget {
+            open: Arc::new(Semaphore::new(MAX_TUNNEL_CHANNELS)),
+            pending: Arc::new(Semaphore::new(MAX_PENDING_CHANNEL_OPENS)),
+            peer,
+            output,
+            refused: Notice::new(),
+            waited: Notice::new(),
+        }
+    }
+
+    /// Counts one more event of `notice`; at most one line per
+    /// [`CHANNEL_REFUSAL_NOTICE_INTERVAL`] goes to the host log and the owner's terminal,
+    /// `line` making it from the number of events since the last one.
+    fn note(&self, notice: &Notice, line: impl FnOnce(u64) -> String) {
+        if let Some(count) = notice.count() {
+            let line = line(count);
+            tracing::info!(peer = %self.peer, "{line}");
+            self.output.line(format!("p0rt: {line}"));
+        }
+    }
+}
+
+/// A rate-limited count of one kind of event.
+struct Notice {
+    created: Instant,
+    /// Milliseconds after `created` of the last line, 0 for none yet.
+    last_ms: AtomicU64,
+    since_last: AtomicU64,
+}
+
+impl Notice {
+    fn new() -> Notice {
+        Notice {
+            created: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            since_last: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts an event; `Some(events since the last line)` when a line is due.
+    fn count(&self) -> Option<u64> {
+        self.since_last.fetch_add(1, Ordering::Relaxed);
+        let now = u64::try_from(self.created.elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let last = self.last_ms.load(Ordering::Relaxed);
+        let interval = CHANNEL_REFUSAL_NOTICE_INTERVAL.as_millis() as u64;
+        let due = (last == 0 || now.saturating_sub(last) >= interval)
+            && self
+                .last_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok();
+        due.then(|| self.since_last.swap(0, Ordering::Relaxed))
+    }
+}
+
 /// A remote forward's way back to the client: a new `forwarded-tcpip` channel per stream,
 /// echoing the address and port of the client's `tcpip-forward` so it matches its `-R`.
 struct SshLink {
     handle: russh::server::Handle,
     bind_address: String,
     bind_port: u32,
+    budget: Arc<ChannelBudget>,
 }
 
 #[async_trait]
 impl TunnelLink for SshLink {
     async fn open_stream(&self, peer: SocketAddr) -> Result<Box<dyn UpstreamIo>, LinkError> {
-        let channel = self
-            .handle
-            .channel_open_forwarded_tcpip(
-                self.bind_address.clone(),
-                self.bind_port,
-                peer.ip().to_string(),
-                u32::from(peer.port()),
-            )
+        let budget = &self.budget;
+        let Ok(open) = budget.open.clone().try_acquire_owned() else {
+            let reason = format!(
+                "the tunnel's SSH connection has {MAX_TUNNEL_CHANNELS} channels open, the most it may"
+            );
+            budget.note(&budget.refused, |n| {
+                format!("refused {n} visitor streams: {reason}")
+            });
+            return Err(LinkError(reason));
+        };
+        // A client slow to answer makes visitors wait here (bounded by the HTTP edge's
+        // channel-open timeout), not the host hold more unanswered opens.
+        let pending = match budget.pending.clone().try_acquire_owned() {
+            Ok(pending) => pending,
+            Err(_) => {
+                budget.note(&budget.waited, |n| {
+                    format!(
+                        "{n} visitor streams wait: the tunnel client has not answered \
+                         {MAX_PENDING_CHANNEL_OPENS} channel opens"
+                    )
+                });
+                budget
+                    .pending
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| LinkError("the connection is closing".into()))?
+            }
+        };
+        let (handle, address, port) = (
+            self.handle.clone(),
+            self.bind_address.clone(),
+            self.bind_port,
+        );
+        // The open holds its pending place until the client answers, even when the visitor
+        // gives up first: what counts as pending is what the client has left unanswered.
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let opened = handle
+                .channel_open_forwarded_tcpip(
+                    address,
+                    port,
+                    peer.ip().to_string(),
+                    u32::from(peer.port()),
+                )
+                .await;
+            drop(pending);
+            if let Err(Ok(channel)) = answer.send(opened) {
+                // Nobody waits for it any more: close it (the stream closes on drop).
+                drop(channel.into_stream());
+            }
+        });
+        let channel = answered
             .await
+            .map_err(|_| LinkError("the connection is closing".into()))?
             .map_err(|e| LinkError(e.to_string()))?;
-        Ok(Box::new(channel.into_stream()))
+        Ok(Box::new(Counted {
+            inner: channel.into_stream(),
+            _open: open,
+        }))
+    }
+}
+
+/// A tunnel stream holding its place among the connection's open channels.
+struct Counted<S> {
+    inner: S,
+    _open: OwnedSemaphorePermit,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// One open session channel.
+struct SessionChannel {
+    /// The writing half, for command output and [`SessionOutputSink`]; taken by `scan`.
+    writer: Option<russh::ChannelWriteHalf<Msg>>,
+    /// A terminal was requested, so output lines end in CRLF.
+    pty: bool,
+    /// A `scan` writing to this channel: alive while the scan runs.
+    scan: Option<Weak<()>>,
+}
+
+impl SessionChannel {
+    /// Still counts among the connection's session channels.
+    fn live(&self) -> bool {
+        self.scan
+            .as_ref()
+            .is_none_or(|scan| scan.strong_count() > 0)
     }
 }
 
 /// One SSH connection's state. Dropped when the connection ends, which unregisters
-/// its tunnels (only those it still serves).
+/// its tunnels (only those it still serves) and frees its places in the host's counts.
 struct Connection {
     id: SessionId,
     peer: SocketAddr,
     edge: Arc<SshEdge>,
+    guards: Arc<Guards>,
     authenticated: Arc<AtomicBool>,
+    /// The connection's place among unauthenticated ones, until its signature is verified.
+    unauthenticated: Option<Unauthenticated>,
+    /// From then on, its place in its key's connection quota.
+    key_slot: Option<KeySlot>,
+    /// A verified key over its connection quota: the message the connection is closed with.
+    over_quota: Option<String>,
     key: Option<KeyIdentity>,
     /// The key's main name, resolved on first use.
     name: Option<TunnelName>,
@@ -247,32 +555,77 @@ struct Connection {
     forwards: Vec<TunnelName>,
     output: SessionOutput,
     output_sink: Option<SessionOutputSink>,
-    session_channel: Option<ChannelId>,
-    /// The writing half of the session channel, for [`SessionOutputSink`].
-    session_writer: Option<russh::ChannelWriteHalf<Msg>>,
-    /// A terminal was requested, so output lines end in CRLF.
-    pty: bool,
+    sessions: HashMap<ChannelId, SessionChannel>,
+    channels: Arc<ChannelBudget>,
+    /// Requests refused so far (only the first ones are logged at info).
+    refusals: u32,
     /// The owner's options (`ssh … -- allow=…`), shared with this connection's tunnels.
     options: Arc<SessionOptions>,
 }
 
 impl Connection {
-    fn new(edge: Arc<SshEdge>, peer: SocketAddr, authenticated: Arc<AtomicBool>) -> Self {
+    fn new(
+        edge: Arc<SshEdge>,
+        guards: Arc<Guards>,
+        peer: SocketAddr,
+        authenticated: Arc<AtomicBool>,
+        unauthenticated: Unauthenticated,
+    ) -> Self {
         let (output, sink) = SessionOutput::new();
         Connection {
             id: SessionId::next(),
             peer,
             edge,
+            guards,
             authenticated,
+            unauthenticated: Some(unauthenticated),
+            key_slot: None,
+            over_quota: None,
             key: None,
             name: None,
             forwards: Vec::new(),
+            channels: Arc::new(ChannelBudget::new(peer, output.clone())),
             output,
             output_sink: Some(sink),
-            session_channel: None,
-            session_writer: None,
-            pty: false,
+            sessions: HashMap::new(),
+            refusals: 0,
             options: Arc::new(SessionOptions::default()),
+        }
+    }
+
+    /// Session channels open now (a channel running `scan` counts until the scan ends).
+    fn open_sessions(&mut self) -> usize {
+        self.sessions.retain(|_, s| s.live());
+        self.sessions.len()
+    }
+
+    fn pty(&self, channel: ChannelId) -> bool {
+        self.sessions.get(&channel).is_some_and(|s| s.pty)
+    }
+
+    /// Writes `text` to a session channel and ends it with `status`.
+    fn finish(
+        &mut self,
+        session: &mut Session,
+        channel: ChannelId,
+        text: &str,
+        status: u32,
+    ) -> Result<(), russh::Error> {
+        let pty = self.pty(channel);
+        self.sessions.remove(&channel);
+        finish_command(session, channel, text, status, pty)
+    }
+
+    /// Starts writing the tunnels' output lines to `channel`, once per connection.
+    fn attach_output(&mut self, channel: ChannelId) {
+        let pty = self.pty(channel);
+        let writer = self.sessions.get(&channel).and_then(|s| s.writer.as_ref());
+        if let (Some(writer), true) = (writer, self.output_sink.is_some()) {
+            let terminal = writer.make_writer();
+            if let Some(sink) = self.output_sink.take() {
+                self.output.line("Press Ctrl-C to close the tunnel.");
+                tokio::spawn(sink.run(terminal, pty));
+            }
         }
     }
 
@@ -367,24 +720,35 @@ impl Connection {
         }
         self.options.set(parsed.accepted);
         if self.forwards.is_empty() {
-            return finish_command(
+            return self.finish(
                 session,
                 channel,
                 "p0rt: options apply to this connection's tunnels, and it has none; \
                  add -R 80:localhost:<port>\n",
                 1,
-                self.pty,
             );
         }
-        if let (Some(sink), Some(writer)) = (self.output_sink.take(), &self.session_writer) {
-            self.output.line("Press Ctrl-C to close the tunnel.");
-            tokio::spawn(sink.run(writer.make_writer(), self.pty));
-        }
+        self.attach_output(channel);
         Ok(())
     }
 
-    fn refuse(&self, message: String) {
-        tracing::info!(peer = %self.peer, "{message}");
+    /// Tells the client (in its terminal) and the host log why a request was refused. Only
+    /// the first [`LOGGED_REFUSALS_PER_CONNECTION`] go to the log at info, so a client
+    /// repeating a refused request cannot flood it.
+    fn refuse(&mut self, message: String) {
+        self.refusals = self.refusals.saturating_add(1);
+        if self.refusals <= LOGGED_REFUSALS_PER_CONNECTION {
+            tracing::info!(peer = %self.peer, "{message}");
+            if self.refusals == LOGGED_REFUSALS_PER_CONNECTION {
+                tracing::info!(
+                    peer = %self.peer,
+                    "{LOGGED_REFUSALS_PER_CONNECTION} requests refused on this connection; \
+                     further refusals are logged at debug level"
+                );
+            }
+        } else {
+            tracing::debug!(peer = %self.peer, "{message}");
+        }
         self.output.line(format!("p0rt: {message}"));
     }
 
@@ -445,6 +809,7 @@ impl Connection {
             handle,
             bind_address: address.to_string(),
             bind_port: port,
+            budget: self.channels.clone(),
         });
         let opened = tunnels
             .open(
@@ -505,12 +870,40 @@ impl russh::server::Handler for Connection {
         if !self.edge.access.allows(key.public_key).await {
             return Ok(Auth::reject());
         }
-        self.key = Some(KeyIdentity {
+        // The signature is verified: from here on the connection counts against its key,
+        // never before (someone who only knows the public key cannot use up its quota).
+        let identity = KeyIdentity {
             hash: KeyHash::of_key(key.public_key),
             fingerprint: fingerprint(key.public_key),
-        });
+        };
+        let Some(slot) = self.guards.keys.try_acquire(&identity.hash) else {
+            let max = self.guards.keys.max();
+            tracing::info!(
+                peer = %self.peer,
+                "refused a connection of key {}: it has {max} connections open, the most one key may",
+                identity.fingerprint
+            );
+            // Accepted so the client is told why (in `auth_succeeded`), then disconnected;
+            // it gets no key and the auth deadline still applies.
+            self.over_quota = Some(format!(
+                "p0rt: key {} already has {max} connections open, the most one key may; \
+                 close one and retry",
+                identity.fingerprint
+            ));
+            return Ok(Auth::Accept);
+        };
+        self.key_slot = Some(slot);
+        self.key = Some(identity);
+        self.unauthenticated = None;
         self.authenticated.store(true, Ordering::Release);
         Ok(Auth::Accept)
+    }
+
+    async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
+        if let Some(message) = self.over_quota.take() {
+            session.disconnect(russh::Disconnect::TooManyConnections, &message, "")?;
+        }
+        Ok(())
     }
 
     async fn channel_open_session(
@@ -519,16 +912,41 @@ impl russh::server::Handler for Connection {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if self.session_channel.is_some() {
+        if self.key.is_none() {
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        }
+        if self.open_sessions() >= MAX_SESSION_CHANNELS {
+            self.refuse(format!(
+                "refused a session channel: at most {MAX_SESSION_CHANNELS} open per connection"
+            ));
             reply.reject(ChannelOpenFailure::ResourceShortage).await;
             return Ok(());
         }
         // Requests and input arrive through the handler, so the reading half is dropped
         // (its data counts as consumed at once); the writing half carries the output.
-        self.session_channel = Some(channel.id());
+        let id = channel.id();
         let (_input, output) = channel.split();
-        self.session_writer = Some(output);
+        self.sessions.insert(
+            id,
+            SessionChannel {
+                writer: Some(output),
+                pty: false,
+                scan: None,
+            },
+        );
         reply.accept().await;
+        Ok(())
+    }
+
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.sessions.remove(&channel);
         Ok(())
     }
 
@@ -606,8 +1024,13 @@ impl russh::server::Handler for Connection {
         _modes: &[(russh::Pty, u32)],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.pty = true;
-        session.channel_success(channel)
+        match self.sessions.get_mut(&channel) {
+            Some(open) => {
+                open.pty = true;
+                session.channel_success(channel)
+            }
+            None => session.channel_failure(channel),
+        }
     }
 
     async fn x11_request(
@@ -663,18 +1086,15 @@ impl russh::server::Handler for Connection {
             // Nothing to keep open for: show who the key is and how to start a tunnel.
             let (mut text, named) = self.info_text().await;
             if !named {
-                return finish_command(session, channel, &text, 1, self.pty);
+                return self.finish(session, channel, &text, 1);
             }
             text.push_str(&format!(
                 "No tunnel requested. Start one with: ssh -p {} -R 80:localhost:3000 {}\n",
                 self.edge.ssh_port, self.edge.domain
             ));
-            return finish_command(session, channel, &text, 0, self.pty);
+            return self.finish(session, channel, &text, 0);
         }
-        if let (Some(sink), Some(writer)) = (self.output_sink.take(), &self.session_writer) {
-            self.output.line("Press Ctrl-C to close the tunnel.");
-            tokio::spawn(sink.run(writer.make_writer(), self.pty));
-        }
+        self.attach_output(channel);
         Ok(())
     }
 
@@ -693,47 +1113,38 @@ impl russh::server::Handler for Connection {
         let command = match commands::parse(&command) {
             Ok(command) => command,
             Err(problem) => {
-                return finish_command(
-                    session,
-                    channel,
-                    &format!("p0rt: {problem}\n"),
-                    1,
-                    self.pty,
-                );
+                return self.finish(session, channel, &format!("p0rt: {problem}\n"), 1);
             }
         };
         match command {
             Command::Info => {
                 let (text, named) = self.info_text().await;
-                finish_command(session, channel, &text, if named { 0 } else { 1 }, self.pty)
+                self.finish(session, channel, &text, if named { 0 } else { 1 })
             }
-            Command::Help => finish_command(session, channel, commands::HELP, 0, self.pty),
+            Command::Help => self.finish(session, channel, commands::HELP, 0),
             Command::Token { revoke } => {
                 let (text, status) = self.token_command(revoke).await;
-                finish_command(session, channel, &text, status, self.pty)
+                self.finish(session, channel, &text, status)
             }
             Command::Scan { request, json } => {
-                let (Some(key), Some(writer)) = (self.key.clone(), self.session_writer.take())
-                else {
-                    return finish_command(
-                        session,
-                        channel,
-                        "p0rt: not available here\n",
-                        1,
-                        self.pty,
-                    );
+                let pty = self.pty(channel);
+                let open = self.sessions.get_mut(&channel);
+                let (Some(key), Some(open)) = (self.key.clone(), open) else {
+                    return self.finish(session, channel, "p0rt: not available here\n", 1);
                 };
+                let Some(writer) = open.writer.take() else {
+                    return self.finish(session, channel, "p0rt: not available here\n", 1);
+                };
+                // The channel counts as open while the scan writes to it.
+                let running = Arc::new(());
+                open.scan = Some(Arc::downgrade(&running));
                 // Runs beside the session: a scan takes seconds, and the connection's other
                 // events (keepalives, forwards) must not wait for it.
-                tokio::spawn(commands::run_scan(
-                    self.edge.scans.clone(),
-                    self.edge.urls.clone(),
-                    key.hash,
-                    request,
-                    json,
-                    self.pty,
-                    writer,
-                ));
+                let (scans, urls) = (self.edge.scans.clone(), self.edge.urls.clone());
+                tokio::spawn(async move {
+                    commands::run_scan(scans, urls, key.hash, request, json, pty, writer).await;
+                    drop(running);
+                });
                 Ok(())
             }
         }
@@ -746,14 +1157,8 @@ impl russh::server::Handler for Connection {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         // Ctrl-C or Ctrl-D in the terminal closes the session (and so the tunnels).
-        if Some(channel) == self.session_channel && data.iter().any(|b| *b == 3 || *b == 4) {
-            return finish_command(
-                session,
-                channel,
-                "p0rt: closing tunnels, bye\n",
-                0,
-                self.pty,
-            );
+        if self.sessions.contains_key(&channel) && data.iter().any(|b| *b == 3 || *b == 4) {
+            return self.finish(session, channel, "p0rt: closing tunnels, bye\n", 0);
         }
         Ok(())
     }

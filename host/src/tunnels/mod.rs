@@ -15,12 +15,15 @@ use std::sync::Arc;
 
 pub use naming::{MAX_NAME_ATTEMPTS, NamingError};
 pub use options::SessionOptions;
-pub use output::{SESSION_OUTPUT_QUEUE, SessionOutput, SessionOutputSink};
-pub use registry::{LinkError, Registry, SessionId, Tunnel, TunnelLink, UpstreamIo};
+pub use output::{SESSION_OUTPUT_LINE_MAX, SESSION_OUTPUT_QUEUE, SessionOutput, SessionOutputSink};
+pub use registry::{LinkError, Refused, Registry, SessionId, Tunnel, TunnelLink, UpstreamIo};
 
 use crate::names::{KeyHash, Label, TunnelName};
 use crate::policy::{LabelApproval, NamingInput, NamingPolicy};
 use crate::store::{DomainStore, Grant, StoreError};
+
+/// Live tunnels one key may serve at once, over all its connections.
+pub const MAX_TUNNELS_PER_KEY: usize = 32;
 
 /// An authenticated SSH key.
 #[derive(Clone, Debug)]
@@ -45,6 +48,8 @@ pub enum TunnelError {
     InvalidName(String),
     #[error("{0}")]
     Store(#[from] StoreError),
+    #[error("this key already serves {0} tunnels, the most one key may; close some first")]
+    TooManyTunnels(usize),
 }
 
 /// A tunnel just registered.
@@ -67,6 +72,7 @@ pub struct TunnelService {
     store: Arc<dyn DomainStore>,
     naming: Arc<dyn NamingPolicy>,
     registry: Registry,
+    max_tunnels_per_key: usize,
 }
 
 impl TunnelService {
@@ -75,7 +81,18 @@ impl TunnelService {
             store,
             naming,
             registry: Registry::default(),
+            max_tunnels_per_key: MAX_TUNNELS_PER_KEY,
         }
+    }
+
+    /// The same service with another cap on live tunnels per key.
+    pub fn with_max_tunnels_per_key(mut self, max: usize) -> TunnelService {
+        self.max_tunnels_per_key = max;
+        self
+    }
+
+    pub fn max_tunnels_per_key(&self) -> usize {
+        self.max_tunnels_per_key
     }
 
     /// The key's main name, assigned (and its connection noted in the store) now.
@@ -140,7 +157,10 @@ impl TunnelService {
             .await?
         {
             Grant::Granted => {
-                tracing::info!("{name}: granted to key {} as a requested name", key.fingerprint);
+                tracing::info!(
+                    "{name}: granted to key {} as a requested name",
+                    key.fingerprint
+                );
                 Ok(name)
             }
             Grant::AlreadyOwned => Ok(name),
@@ -149,7 +169,9 @@ impl TunnelService {
     }
 
     /// Serves `name` with a new tunnel of `session`. A live tunnel of the same key is taken
-    /// over (and returned); another key's is never displaced.
+    /// over (and returned); another key's is never displaced. A key already serving
+    /// [`TunnelService::max_tunnels_per_key`] names gets no new one (taking over one of its
+    /// own names is not a new one).
     pub fn open(
         &self,
         key: &KeyIdentity,
@@ -167,12 +189,18 @@ impl TunnelService {
             output,
             options,
         ));
-        match self.registry.register(tunnel.clone()) {
+        match self
+            .registry
+            .register(tunnel.clone(), self.max_tunnels_per_key)
+        {
             Ok(displaced) => Ok(Opened {
                 tunnel,
                 displaced: displaced.filter(|old| old.session != session),
             }),
-            Err(current) => Err(TunnelError::ServedByAnotherKey(current.name.clone())),
+            Err(Refused::Taken(current)) => {
+                Err(TunnelError::ServedByAnotherKey(current.name.clone()))
+            }
+            Err(Refused::OwnerFull) => Err(TunnelError::TooManyTunnels(self.max_tunnels_per_key)),
         }
     }
 
@@ -205,6 +233,11 @@ impl TunnelService {
     /// Every live tunnel.
     pub fn live_tunnels(&self) -> Vec<Arc<Tunnel>> {
         self.registry.all()
+    }
+
+    /// How many names the key serves right now.
+    pub fn live_count_of(&self, key: &KeyHash) -> usize {
+        self.registry.count_of(key)
     }
 
     /// Names the key serves right now.
@@ -295,7 +328,14 @@ mod tests {
     ) -> Result<Opened, TunnelError> {
         let (output, _sink) = SessionOutput::new();
         let options = Arc::new(SessionOptions::default());
-        service.open(key, session, name.clone(), Arc::new(NoLink), output, options)
+        service.open(
+            key,
+            session,
+            name.clone(),
+            Arc::new(NoLink),
+            output,
+            options,
+        )
     }
 
     #[tokio::test]
@@ -372,6 +412,49 @@ mod tests {
             matches!(service.resolve(name.as_str()).await, Resolution::Live(t) if t.session == new)
         );
         assert!(service.close(&name, new));
+    }
+
+    #[tokio::test]
+    async fn a_key_serves_at_most_its_cap_of_tunnels_and_takeovers_do_not_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = service(&dir, Arc::new(Fixed("base"))).with_max_tunnels_per_key(3);
+        let (alice, bob) = (key("a"), key("b"));
+        let main = service.main_name(&alice, 1).await.unwrap();
+        let names: Vec<TunnelName> = ["one", "two", "three", "four"]
+            .iter()
+            .map(|l| {
+                main.subname(&Label::from_bind_address(l).unwrap().unwrap())
+                    .unwrap()
+            })
+            .collect();
+        let (first, second) = (SessionId::next(), SessionId::next());
+        for name in &names[..3] {
+            open(&service, &alice, first, name).unwrap();
+        }
+        assert_eq!(service.live_count_of(&alice.hash), 3);
+        assert!(matches!(
+            open(&service, &alice, second, &names[3]),
+            Err(TunnelError::TooManyTunnels(3))
+        ));
+        // A reconnect taking over its own names stays within the cap.
+        for name in &names[..3] {
+            open(&service, &alice, second, name).unwrap();
+        }
+        assert_eq!(service.live_count_of(&alice.hash), 3);
+        // Another key has its own count.
+        let bob_name = service.main_name(&bob, 1).await.unwrap();
+        open(&service, &bob, SessionId::next(), &bob_name).unwrap();
+        assert_eq!(service.live_count_of(&bob.hash), 1);
+        // Closing one frees a place; the stale session's close frees nothing.
+        assert!(!service.close(&names[0], first));
+        assert_eq!(service.live_count_of(&alice.hash), 3);
+        assert!(service.close(&names[0], second));
+        assert_eq!(service.live_count_of(&alice.hash), 2);
+        open(&service, &alice, second, &names[3]).unwrap();
+        for name in &names[1..] {
+            assert!(service.close(name, second));
+        }
+        assert_eq!(service.live_count_of(&alice.hash), 0);
     }
 
     #[tokio::test]

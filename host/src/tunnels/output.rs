@@ -6,6 +6,9 @@ use tokio::sync::mpsc;
 /// Lines queued for a session's terminal; beyond this, lines are dropped rather than
 /// letting a client that does not read slow the HTTP edge down.
 pub const SESSION_OUTPUT_QUEUE: usize = 256;
+/// Longest line queued for a session's terminal, in bytes; longer ones are cut (a request
+/// path can be long), so the queue holds at most 256 KiB per session.
+pub const SESSION_OUTPUT_LINE_MAX: usize = 1024;
 
 /// The sending side, cloned into every tunnel of the session. Lines sent before the client
 /// opens its session channel are kept and shown when it does.
@@ -21,9 +24,19 @@ impl SessionOutput {
         (SessionOutput { tx }, SessionOutputSink { rx })
     }
 
-    /// Queues a line; never waits (a full queue drops the line).
+    /// Queues a line; never waits (a full queue drops the line). A line over
+    /// [`SESSION_OUTPUT_LINE_MAX`] bytes is cut, ending in `…`.
     pub fn line(&self, text: impl Into<String>) {
-        let _ = self.tx.try_send(text.into());
+        let mut text = text.into();
+        if text.len() > SESSION_OUTPUT_LINE_MAX {
+            let mut end = SESSION_OUTPUT_LINE_MAX - '…'.len_utf8();
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.truncate(end);
+            text.push('…');
+        }
+        let _ = self.tx.try_send(text);
     }
 }
 
@@ -49,5 +62,27 @@ impl SessionOutputSink {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn long_lines_are_cut_and_a_full_queue_drops_lines() {
+        let (output, mut sink) = SessionOutput::new();
+        output.line("é".repeat(SESSION_OUTPUT_LINE_MAX));
+        let line = sink.rx.recv().await.unwrap();
+        assert!(line.len() <= SESSION_OUTPUT_LINE_MAX, "{}", line.len());
+        assert!(line.ends_with('…'));
+        for i in 0..SESSION_OUTPUT_QUEUE + 10 {
+            output.line(format!("line {i}"));
+        }
+        let mut queued = 0;
+        while sink.rx.try_recv().is_ok() {
+            queued += 1;
+        }
+        assert_eq!(queued, SESSION_OUTPUT_QUEUE);
     }
 }

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use async_trait::async_trait;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -88,18 +88,45 @@ impl Tunnel {
 #[derive(Default)]
 pub struct Registry {
     tunnels: RwLock<HashMap<TunnelName, Arc<Tunnel>>>,
+    /// Live tunnels per owner; changed only under the `tunnels` write lock.
+    per_owner: Mutex<HashMap<KeyHash, usize>>,
+}
+
+/// Why [`Registry::register`] refused a tunnel; nothing changed.
+pub enum Refused {
+    /// Another key serves the name; its tunnel.
+    Taken(Arc<Tunnel>),
+    /// The owner already serves the most tunnels it may.
+    OwnerFull,
 }
 
 impl Registry {
     /// Serves `tunnel.name` with `tunnel` from now on and returns the tunnel it displaced
-    /// (a reconnect of the same key). A live tunnel of another key is never displaced:
-    /// `Err` returns it and nothing changes.
-    pub fn register(&self, tunnel: Arc<Tunnel>) -> Result<Option<Arc<Tunnel>>, Arc<Tunnel>> {
+    /// (a reconnect of the same key, which does not count as another tunnel of the key). A
+    /// live tunnel of another key is never displaced, and an owner serving `max_per_owner`
+    /// names gets no new one: `Err` says which, and nothing changes.
+    pub fn register(
+        &self,
+        tunnel: Arc<Tunnel>,
+        max_per_owner: usize,
+    ) -> Result<Option<Arc<Tunnel>>, Refused> {
         let mut map = self.write();
-        if let Some(current) = map.get(&tunnel.name)
-            && current.owner != tunnel.owner
-        {
-            return Err(current.clone());
+        match map.get(&tunnel.name) {
+            Some(current) if current.owner != tunnel.owner => {
+                return Err(Refused::Taken(current.clone()));
+            }
+            Some(_) => {}
+            None => {
+                let mut per_owner = self.owners();
+                let count = per_owner.entry(tunnel.owner.clone()).or_insert(0);
+                if *count >= max_per_owner {
+                    if *count == 0 {
+                        per_owner.remove(&tunnel.owner);
+                    }
+                    return Err(Refused::OwnerFull);
+                }
+                *count += 1;
+            }
         }
         Ok(map.insert(tunnel.name.clone(), tunnel))
     }
@@ -109,11 +136,28 @@ impl Registry {
         let mut map = self.write();
         match map.get(name) {
             Some(t) if t.session == session => {
+                let owner = t.owner.clone();
                 map.remove(name);
+                let mut per_owner = self.owners();
+                if let Some(count) = per_owner.get_mut(&owner) {
+                    *count -= 1;
+                    if *count == 0 {
+                        per_owner.remove(&owner);
+                    }
+                }
                 true
             }
             _ => false,
         }
+    }
+
+    /// Names `owner` serves now.
+    pub fn count_of(&self, owner: &KeyHash) -> usize {
+        self.owners().get(owner).copied().unwrap_or(0)
+    }
+
+    fn owners(&self) -> std::sync::MutexGuard<'_, HashMap<KeyHash, usize>> {
+        self.per_owner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Tunnel>> {
