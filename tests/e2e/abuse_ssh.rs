@@ -919,3 +919,30 @@ async fn knowing_a_public_key_does_not_use_up_its_connection_quota() {
     .await;
     drop(attackers);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn compression_is_never_negotiated_even_when_the_client_asks() {
+    let sb = Sandbox::new();
+    let key = sb.key("zip");
+    let host = Host::start(&sb).await;
+    // `-C` makes OpenSSH prefer zlib@openssh.com and zlib; the host offers only `none`.
+    let out = host
+        .ssh(&sb, &key)
+        .args(["-v", "-C"])
+        .command("info")
+        .output()
+        .await;
+    assert!(out.status.success(), "{}", out.stderr);
+    let negotiated: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("debug1: kex: ") && l.contains("compression:"))
+        .collect();
+    eprintln!("{negotiated:#?}");
+    assert_eq!(negotiated.len(), 2, "{}", out.stderr);
+    assert!(
+        negotiated.iter().all(|l| l.ends_with("compression: none")),
+        "{negotiated:?}"
+    );
+    assert!(host.log().contains("compression off"), "{}", host.log());
+}
