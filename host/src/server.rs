@@ -91,7 +91,15 @@ pub async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<
 
     let tunnels = Arc::new(TunnelService::new(store.clone(), plugins.clone()));
     let (scans, tokens) = scan_service(&config, link.as_ref(), &tunnels, &plugins, &http_listener)?;
+    let policy = crate::bans::BanPolicy::from_config(&config);
+    tracing::info!("{}", policy.describe());
+    let bans = Arc::new(match &link {
+        Some(link) => crate::bans::BanList::redis(link.clone(), &config.redis_prefix, policy),
+        None => crate::bans::BanList::open_file(&config.data_dir, policy)
+            .map_err(|e| SettingsError(e.to_string()))?,
+    });
     let ssh = Arc::new(SshEdge {
+        bans,
         tunnels: tunnels.clone(),
         access: KeyAccess::new(config.authorized_keys.clone()),
         urls,

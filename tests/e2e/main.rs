@@ -7,6 +7,7 @@ mod backend;
 mod support;
 
 mod abuse_http;
+mod bans;
 mod abuse_ssh;
 mod edge_errors;
 mod edge_review;

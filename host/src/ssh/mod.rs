@@ -146,6 +146,8 @@ fn limits_line(limits: &AdmissionLimits, keys: &KeyConnections, tunnels: &Tunnel
 
 /// What the SSH edge needs from the rest of the host.
 pub struct SshEdge {
+    /// Failed-auth bans: checked at accept, fed when a connection fails to authenticate.
+    pub bans: Arc<crate::bans::BanList>,
     pub tunnels: Arc<TunnelService>,
     pub access: KeyAccess,
     pub urls: PublicUrls,
@@ -237,6 +239,16 @@ pub async fn serve(
             disconnect.clone(),
         );
         connections.spawn(async move {
+            // Checked here, not in the accept loop: a ban lookup in Redis must not hold up
+            // accepting other clients.
+            if let Some(ban) = edge.bans.banned(peer.ip()).await {
+                tracing::debug!(
+                    "refusing ssh connection from {peer}: banned until {} ({})",
+                    ban.until,
+                    ban.reason
+                );
+                return;
+            }
             run_connection(config, edge, guards, socket, peer, pending, disconnect).await;
             drop(slot);
         });
@@ -561,6 +573,9 @@ struct Connection {
     refusals: u32,
     /// The owner's options (`ssh … -- allow=…`), shared with this connection's tunnels.
     options: Arc<SessionOptions>,
+    /// An authentication attempt was refused (a key not accepted here). A connection that
+    /// ends without authenticating after one counts as a failure toward a ban.
+    auth_refused: bool,
 }
 
 impl Connection {
@@ -590,6 +605,7 @@ impl Connection {
             sessions: HashMap::new(),
             refusals: 0,
             options: Arc::new(SessionOptions::default()),
+            auth_refused: false,
         }
     }
 
@@ -839,6 +855,20 @@ impl Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
+        if self.key.is_none() && self.auth_refused {
+            let (bans, ip) = (self.edge.bans.clone(), self.peer.ip());
+            tokio::spawn(async move {
+                match bans.record_failure(ip, "ssh authentication failed").await {
+                    Ok(Some(ban)) => tracing::warn!(
+                        "banned {ip} for {} s after {} failed ssh authentications",
+                        ban.until - ban.since,
+                        ban.failures
+                    ),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!("could not count a failed login of {ip}: {e}"),
+                }
+            });
+        }
         for name in &self.forwards {
             if self.edge.tunnels.close(name, self.id) {
                 tracing::info!("tunnel {name} down");
@@ -858,6 +888,7 @@ impl russh::server::Handler for Connection {
         Ok(if self.edge.access.allows(offer.public_key).await {
             Auth::Accept
         } else {
+            self.auth_refused = true;
             Auth::reject()
         })
     }
@@ -868,6 +899,7 @@ impl russh::server::Handler for Connection {
         key: russh::server::VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
         if !self.edge.access.allows(key.public_key).await {
+            self.auth_refused = true;
             return Ok(Auth::reject());
         }
         // The signature is verified: from here on the connection counts against its key,

@@ -1,0 +1,137 @@
+//! Failed-authentication bans through the real binary and OpenSSH: wrong keys from one
+//! address get it banned (and only it), the ban ends on time, escalates, holds across a
+//! restart, and `p0rt security bans` / `unban` show and lift it.
+
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+/// `ssh … info` with `key` from `source`; its output.
+async fn info_from(host: &Host, sb: &Sandbox, key: &Key, source: &str) -> SshOutput {
+    host.ssh(sb, key)
+        .args(["-b", source])
+        .command("info")
+        .output()
+        .await
+}
+
+/// `p0rt security <args…>` with the host's data directory; (exit code, stdout + stderr).
+async fn security(host: &Host, args: &[&str]) -> (Option<i32>, String) {
+    let out = tokio::process::Command::new(BIN)
+        .arg("security")
+        .args(args)
+        .arg("--data-dir")
+        .arg(host.data_dir())
+        .env_remove("STORAGE_TYPE")
+        .env_remove("REDIS_URL")
+        .output()
+        .await
+        .expect("run p0rt security");
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test]
+async fn wrong_keys_ban_only_their_address_and_the_ban_ends_on_time() {
+    require_tools();
+    let sb = Sandbox::new();
+    let good = sb.key("good");
+    let bad = sb.key("bad");
+    let allowed = sb.join("authorized_keys");
+    std::fs::write(&allowed, format!("{}\n", good.public)).unwrap();
+    let config = HostConfig::flags(&sb.data_dir())
+        .arg("--authorized-keys")
+        .arg(allowed.to_string_lossy())
+        .env("BAN_TIERS", "3:5s,4:1h");
+    let mut host = Host::start_with(&sb, config).await;
+
+    // Three connections with a key the host does not accept: refused, then banned.
+    for attempt in 1..=3 {
+        let out = info_from(&host, &sb, &bad, "127.0.0.5").await;
+        assert!(!out.status.success(), "attempt {attempt}: an unlisted key got in");
+    }
+    let banned_at = Instant::now();
+    let refused = info_from(&host, &sb, &good, "127.0.0.5").await;
+    assert!(
+        !refused.status.success(),
+        "a banned address authenticated: {}",
+        refused.stdout
+    );
+    assert!(
+        !refused.stdout.contains("name:"),
+        "a banned address was served: {}",
+        refused.stdout
+    );
+    // Another address with the right key is unaffected.
+    let other = info_from(&host, &sb, &good, "127.0.0.6").await;
+    assert!(other.status.success(), "{}", other.stderr);
+    assert!(host.log().contains("banned 127.0.0.5"), "{}", host.log());
+
+    let (code, listed) = security(&host, &["bans"]).await;
+    assert_eq!(code, Some(0), "{listed}");
+    assert!(listed.contains("127.0.0.5") && !listed.contains("127.0.0.6"), "{listed}");
+
+    // The 5 s ban ends on time.
+    let waited = eventually(Duration::from_secs(15), "the ban to end", || async {
+        let out = info_from(&host, &sb, &good, "127.0.0.5").await;
+        out.status.success().then(|| banned_at.elapsed())
+    })
+    .await;
+    assert!(waited >= Duration::from_secs(4), "the ban ended after {waited:?}");
+
+    // One more failure reaches the next tier (1 h), which holds across a restart...
+    assert!(!info_from(&host, &sb, &bad, "127.0.0.5").await.status.success());
+    host.restart().await;
+    assert!(!info_from(&host, &sb, &good, "127.0.0.5").await.status.success());
+    let (_, listed) = security(&host, &["bans", "--json"]).await;
+    let bans: serde_json::Value = serde_json::from_str(&listed).expect("bans as JSON");
+    assert_eq!(bans[0]["ip"], "127.0.0.5", "{listed}");
+    assert_eq!(bans[0]["failures"], 4, "{listed}");
+    let length = bans[0]["until"].as_i64().unwrap() - bans[0]["since"].as_i64().unwrap();
+    assert_eq!(length, 3600, "{listed}");
+
+    // ...until the operator lifts it; the running host picks that up.
+    let (code, text) = security(&host, &["unban", "127.0.0.5"]).await;
+    assert_eq!(code, Some(0), "{text}");
+    eventually(Duration::from_secs(10), "the unban to take effect", || async {
+        info_from(&host, &sb, &good, "127.0.0.5")
+            .await
+            .status
+            .success()
+            .then_some(())
+    })
+    .await;
+    let (code, text) = security(&host, &["unban", "127.0.0.5"]).await;
+    assert_eq!(code, Some(1), "unbanning twice: {text}");
+}
+
+#[tokio::test]
+async fn a_client_that_tries_several_keys_before_the_right_one_is_never_counted() {
+    require_tools();
+    let sb = Sandbox::new();
+    let good = sb.key("good2");
+    let extra = [sb.key("extra1"), sb.key("extra2"), sb.key("extra3")];
+    let allowed = sb.join("authorized_keys");
+    std::fs::write(&allowed, format!("{}\n", good.public)).unwrap();
+    let config = HostConfig::flags(&sb.data_dir())
+        .arg("--authorized-keys")
+        .arg(allowed.to_string_lossy());
+    let host = Host::start_with(&sb, config).await;
+    // OpenSSH offers the -i keys in order: three unlisted ones, then the listed one.
+    for round in 0..4 {
+        let mut ssh = host.ssh(&sb, &extra[0]).args(["-b", "127.0.0.8"]);
+        for key in extra.iter().skip(1).chain([&good]) {
+            ssh = ssh.args(["-i", &key.path.to_string_lossy()]);
+        }
+        let out = ssh.command("info").output().await;
+        assert!(out.status.success(), "round {round}: {}", out.stderr);
+    }
+    let (_, listed) = security(&host, &["bans"]).await;
+    assert!(!listed.contains("127.0.0.8"), "{listed}");
+}
