@@ -113,7 +113,11 @@ impl BanPolicy {
         let exempt = if self.exempt.is_empty() {
             "none".to_string()
         } else {
-            self.exempt.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ")
+            self.exempt
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         };
         format!(
             "failed-auth bans: {} (failures forgotten after {}), exempt: {exempt}",
@@ -199,7 +203,9 @@ fn write_file(path: &Path, data: &BanFile) -> Result<(), BanError> {
     let bytes = serde_json::to_vec_pretty(data).unwrap_or_default();
     let temp = path.with_extension("json.tmp");
     let mut file = std::fs::File::create(&temp).map_err(fail)?;
-    file.write_all(&bytes).and_then(|()| file.sync_all()).map_err(fail)?;
+    file.write_all(&bytes)
+        .and_then(|()| file.sync_all())
+        .map_err(fail)?;
     std::fs::rename(&temp, path).map_err(fail)
 }
 
@@ -353,7 +359,11 @@ impl BanList {
             }
             Backend::Redis { link, prefix } => {
                 let keys = link
-                    .scan(&format!("{prefix}ban:*"), usize::MAX, Duration::from_secs(10))
+                    .scan(
+                        &format!("{prefix}ban:*"),
+                        usize::MAX,
+                        Duration::from_secs(10),
+                    )
                     .await
                     .map_err(|e| BanError::Unavailable(e.to_string()))?;
                 let failures_prefix = format!("{prefix}ban:failures:");
@@ -438,10 +448,16 @@ pub async fn list_text(bans: &BanList, json: bool) -> anyhow::Result<String> {
     let stamp = |secs: i64| {
         time::OffsetDateTime::from_unix_timestamp(secs)
             .ok()
-            .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
             .unwrap_or_else(|| secs.to_string())
     };
-    let mut out = format!("{:<40} {:<22} {:>8}  reason\n", "address", "banned until (UTC)", "failures");
+    let mut out = format!(
+        "{:<40} {:<22} {:>8}  reason\n",
+        "address", "banned until (UTC)", "failures"
+    );
     for ban in list {
         out.push_str(&format!(
             "{:<40} {:<22} {:>8}  {}\n",

@@ -433,7 +433,9 @@ impl Cache {
                 .query_pipeline::<Vec<i64>>(&pipe, REDIS_CACHE_OP_TIMEOUT)
                 .await
             {
-                Ok(values) if values.len() == ops.len() => return values.into_iter().map(Ok).collect(),
+                Ok(values) if values.len() == ops.len() => {
+                    return values.into_iter().map(Ok).collect();
+                }
                 // A counter holding a non-integer fails the whole pipeline; the one-by-one
                 // path below says which key it was.
                 Err(RedisOpError::Other(text))

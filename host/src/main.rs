@@ -174,9 +174,9 @@ fn run_security_command(command: SecurityCommand) -> ExitCode {
     let result = runtime.block_on(async {
         let bans = p0rt::bans::open_for(&config).await?;
         match command {
-            SecurityCommand::Bans { json, .. } => {
-                p0rt::bans::list_text(&bans, json).await.map(|text| (text, true))
-            }
+            SecurityCommand::Bans { json, .. } => p0rt::bans::list_text(&bans, json)
+                .await
+                .map(|text| (text, true)),
             SecurityCommand::Unban { address, .. } => {
                 let lifted = bans.unban(address).await?;
                 Ok(if lifted {
@@ -190,7 +190,11 @@ fn run_security_command(command: SecurityCommand) -> ExitCode {
     match result {
         Ok((text, found)) => {
             print!("{text}");
-            if found { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+            if found {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Err(e) => exit_for(&e),
     }

@@ -47,7 +47,10 @@ async fn a_request_body_that_stops_arriving_is_cut_off() {
     let mut got = Vec::new();
     let read = tokio::time::timeout(BODY_IDLE_TIMEOUT * 2, conn.read_to_end(&mut got)).await;
     let waited = started.elapsed();
-    assert!(read.is_ok(), "the connection was still open after {waited:?}");
+    assert!(
+        read.is_ok(),
+        "the connection was still open after {waited:?}"
+    );
     let text = String::from_utf8_lossy(&got);
     assert!(
         text.starts_with("HTTP/1.1 408"),
@@ -85,11 +88,15 @@ async fn a_slow_backend_holds_at_most_its_in_flight_cap() {
             .post(host.url("/gated-sha256"))
             .header(HOST, host.host_header(&name))
             .body("payload");
-        waiting.push(tokio::spawn(async move { request.send().await.map(|r| r.status().as_u16()) }));
+        waiting.push(tokio::spawn(async move {
+            request.send().await.map(|r| r.status().as_u16())
+        }));
     }
-    eventually(Duration::from_secs(30), "every slot is held at the gate", || async {
-        (backend.gated() >= MAX_IN_FLIGHT_PER_TUNNEL).then_some(())
-    })
+    eventually(
+        Duration::from_secs(30),
+        "every slot is held at the gate",
+        || async { (backend.gated() >= MAX_IN_FLIGHT_PER_TUNNEL).then_some(()) },
+    )
     .await;
     let over = Answer::of(get(&client, &host, &name, "/whoami")).await;
     assert_eq!(over.status, 503, "{over:?}");
@@ -129,20 +136,31 @@ async fn connections_per_client_address_are_capped() {
 
     // One more from the same address is closed at once, without an answer.
     let mut extra = connect_from("127.0.0.6", &host).await;
-    let request = format!("GET /whoami HTTP/1.1\r\nHost: {}\r\n\r\n", host.host_header(&name));
+    let request = format!(
+        "GET /whoami HTTP/1.1\r\nHost: {}\r\n\r\n",
+        host.host_header(&name)
+    );
     let _ = extra.write_all(request.as_bytes()).await;
     let mut got = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(5), extra.read_to_end(&mut got)).await;
     assert!(closed.is_ok(), "the connection over the cap stayed open");
-    assert!(got.is_empty(), "answered over the cap: {:?}", String::from_utf8_lossy(&got));
+    assert!(
+        got.is_empty(),
+        "answered over the cap: {:?}",
+        String::from_utf8_lossy(&got)
+    );
 
     // Freed slots are usable again.
     drop(held);
     let again = client_from("127.0.0.6");
-    eventually(Duration::from_secs(10), "the address is served again", || async {
-        let answer = Answer::of(get(&again, &host, &name, "/whoami")).await;
-        (answer.status == 200).then_some(())
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the address is served again",
+        || async {
+            let answer = Answer::of(get(&again, &host, &name, "/whoami")).await;
+            (answer.status == 200).then_some(())
+        },
+    )
     .await;
 }
 
@@ -160,13 +178,18 @@ async fn forwarded_for_counts_only_from_trusted_proxies() {
 
     // Through the trusted proxy: the rightmost address it vouches for is the client.
     let proxy = client_from("127.0.0.2");
-    let through = Answer::of(get(&proxy, &host, &name, "/echo").header("x-forwarded-for", claim)).await;
+    let through =
+        Answer::of(get(&proxy, &host, &name, "/echo").header("x-forwarded-for", claim)).await;
     assert_eq!(seen(&through.echo(), "x-forwarded-for"), ["203.0.113.9"]);
 
     // From anyone else the header is the client's own claim: ignored.
     let direct = client_from("127.0.0.3");
-    let spoofed = Answer::of(get(&direct, &host, &name, "/echo").header("x-forwarded-for", claim)).await;
-    assert_eq!(spoofed.status, 403, "a spoofed X-Forwarded-For was believed: {spoofed:?}");
+    let spoofed =
+        Answer::of(get(&direct, &host, &name, "/echo").header("x-forwarded-for", claim)).await;
+    assert_eq!(
+        spoofed.status, 403,
+        "a spoofed X-Forwarded-For was believed: {spoofed:?}"
+    );
     assert!(spoofed.body.contains("127.0.0.3"), "{spoofed:?}");
     // And the trusted proxy without the header is just itself.
     let bare = Answer::of(get(&proxy, &host, &name, "/echo")).await;
@@ -177,10 +200,14 @@ async fn forwarded_for_counts_only_from_trusted_proxies() {
 async fn trusted_proxies_must_be_addresses() {
     require_tools();
     let sb = Sandbox::new();
-    let config = HostConfig::flags(&sb.data_dir()).env("HTTP_TRUSTED_PROXIES", "10.0.0.0/8,nonsense");
+    let config =
+        HostConfig::flags(&sb.data_dir()).env("HTTP_TRUSTED_PROXIES", "10.0.0.0/8,nonsense");
     let (status, output) = run_host_to_exit(&sb, &config, Duration::from_secs(30)).await;
     assert_eq!(status, Some(2), "{output}");
-    assert!(output.contains("http.trusted_proxies") && output.contains("nonsense"), "{output}");
+    assert!(
+        output.contains("http.trusted_proxies") && output.contains("nonsense"),
+        "{output}"
+    );
 }
 
 #[tokio::test]
@@ -201,18 +228,27 @@ async fn idle_sockets_never_keep_requests_out_and_keep_alive_idles_are_closed() 
     let started = Instant::now();
     let answer = Answer::of(get(&fresh, &host, &name, "/whoami")).await;
     assert_eq!(answer.status, 200, "{answer:?}");
-    println!("request served beside 3000 idle sockets in {:?}", started.elapsed());
+    println!(
+        "request served beside 3000 idle sockets in {:?}",
+        started.elapsed()
+    );
 
     // They are all closed by the header deadline (10 s), with nothing sent.
     let mut first = idle.swap_remove(0);
     let mut got = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(20), first.read_to_end(&mut got)).await;
-    assert!(closed.is_ok(), "an idle socket outlived the header deadline");
+    assert!(
+        closed.is_ok(),
+        "an idle socket outlived the header deadline"
+    );
     drop(idle);
 
     // A keep-alive connection that goes quiet after a request is closed too.
     let mut conn = connect_from("127.0.0.9", &host).await;
-    let request = format!("GET /whoami HTTP/1.1\r\nHost: {}\r\n\r\n", host.host_header(&name));
+    let request = format!(
+        "GET /whoami HTTP/1.1\r\nHost: {}\r\n\r\n",
+        host.host_header(&name)
+    );
     conn.write_all(request.as_bytes()).await.unwrap();
     let mut buf = [0u8; 4096];
     let n = conn.read(&mut buf).await.unwrap();
@@ -221,5 +257,9 @@ async fn idle_sockets_never_keep_requests_out_and_keep_alive_idles_are_closed() 
     let mut rest = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(20), conn.read_to_end(&mut rest)).await;
     assert!(closed.is_ok(), "an idle keep-alive connection stayed open");
-    assert!(started.elapsed() >= Duration::from_secs(5), "closed too early: {:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "closed too early: {:?}",
+        started.elapsed()
+    );
 }

@@ -54,7 +54,10 @@ async fn wrong_keys_ban_only_their_address_and_the_ban_ends_on_time() {
     // Three connections with a key the host does not accept: refused, then banned.
     for attempt in 1..=3 {
         let out = info_from(&host, &sb, &bad, "127.0.0.5").await;
-        assert!(!out.status.success(), "attempt {attempt}: an unlisted key got in");
+        assert!(
+            !out.status.success(),
+            "attempt {attempt}: an unlisted key got in"
+        );
     }
     let banned_at = Instant::now();
     let refused = info_from(&host, &sb, &good, "127.0.0.5").await;
@@ -75,7 +78,10 @@ async fn wrong_keys_ban_only_their_address_and_the_ban_ends_on_time() {
 
     let (code, listed) = security(&host, &["bans"]).await;
     assert_eq!(code, Some(0), "{listed}");
-    assert!(listed.contains("127.0.0.5") && !listed.contains("127.0.0.6"), "{listed}");
+    assert!(
+        listed.contains("127.0.0.5") && !listed.contains("127.0.0.6"),
+        "{listed}"
+    );
 
     // The 5 s ban ends on time.
     let waited = eventually(Duration::from_secs(15), "the ban to end", || async {
@@ -83,12 +89,25 @@ async fn wrong_keys_ban_only_their_address_and_the_ban_ends_on_time() {
         out.status.success().then(|| banned_at.elapsed())
     })
     .await;
-    assert!(waited >= Duration::from_secs(4), "the ban ended after {waited:?}");
+    assert!(
+        waited >= Duration::from_secs(4),
+        "the ban ended after {waited:?}"
+    );
 
     // One more failure reaches the next tier (1 h), which holds across a restart...
-    assert!(!info_from(&host, &sb, &bad, "127.0.0.5").await.status.success());
+    assert!(
+        !info_from(&host, &sb, &bad, "127.0.0.5")
+            .await
+            .status
+            .success()
+    );
     host.restart().await;
-    assert!(!info_from(&host, &sb, &good, "127.0.0.5").await.status.success());
+    assert!(
+        !info_from(&host, &sb, &good, "127.0.0.5")
+            .await
+            .status
+            .success()
+    );
     let (_, listed) = security(&host, &["bans", "--json"]).await;
     let bans: serde_json::Value = serde_json::from_str(&listed).expect("bans as JSON");
     assert_eq!(bans[0]["ip"], "127.0.0.5", "{listed}");
@@ -99,13 +118,17 @@ async fn wrong_keys_ban_only_their_address_and_the_ban_ends_on_time() {
     // ...until the operator lifts it; the running host picks that up.
     let (code, text) = security(&host, &["unban", "127.0.0.5"]).await;
     assert_eq!(code, Some(0), "{text}");
-    eventually(Duration::from_secs(10), "the unban to take effect", || async {
-        info_from(&host, &sb, &good, "127.0.0.5")
-            .await
-            .status
-            .success()
-            .then_some(())
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the unban to take effect",
+        || async {
+            info_from(&host, &sb, &good, "127.0.0.5")
+                .await
+                .status
+                .success()
+                .then_some(())
+        },
+    )
     .await;
     let (code, text) = security(&host, &["unban", "127.0.0.5"]).await;
     assert_eq!(code, Some(1), "unbanning twice: {text}");

@@ -7,8 +7,8 @@ mod backend;
 mod support;
 
 mod abuse_http;
-mod bans;
 mod abuse_ssh;
+mod bans;
 mod edge_errors;
 mod edge_review;
 mod flow_control;

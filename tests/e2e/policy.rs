@@ -72,7 +72,12 @@ pub(crate) fn seen(echo: &serde_json::Value, name: &str) -> Vec<String> {
 }
 
 /// `GET path` through the edge to `name`, with `client`.
-pub(crate) fn get(client: &reqwest::Client, host: &Host, name: &str, path: &str) -> reqwest::RequestBuilder {
+pub(crate) fn get(
+    client: &reqwest::Client,
+    host: &Host,
+    name: &str,
+    path: &str,
+) -> reqwest::RequestBuilder {
     client
         .get(host.url(path))
         .header(HOST, host.host_header(name))

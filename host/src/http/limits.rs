@@ -125,7 +125,12 @@ impl InFlightGuard {
             if current >= max {
                 return None;
             }
-            match count.compare_exchange_weak(current, current + 1, Ordering::AcqRel, Ordering::Relaxed) {
+            match count.compare_exchange_weak(
+                current,
+                current + 1,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
                 Ok(_) => return Some(InFlightGuard(count.clone())),
                 Err(now) => current = now,
             }
@@ -216,7 +221,8 @@ impl TrustedProxies {
                 .filter_map(|element| {
                     element.split(';').find_map(|pair| {
                         let (key, value) = pair.trim().split_once('=')?;
-                        key.eq_ignore_ascii_case("for").then(|| forwarded_for(value))
+                        key.eq_ignore_ascii_case("for")
+                            .then(|| forwarded_for(value))
                     })
                 })
                 .collect();
@@ -325,6 +331,10 @@ mod tests {
         assert_eq!(first.into_data().unwrap(), "abc");
         let stalled = body.frame().await.unwrap();
         assert!(stalled.unwrap_err().is::<BodyStalled>());
-        assert_eq!(count.load(Ordering::Relaxed), 0, "the guard goes with the stall");
+        assert_eq!(
+            count.load(Ordering::Relaxed),
+            0,
+            "the guard goes with the stall"
+        );
     }
 }

@@ -19,7 +19,9 @@ use super::upstream::UpstreamPool;
 use super::{Body, RequestCtx};
 use base64::Engine as _;
 
-use crate::policy::{BasicAuth, HeaderEdit, HeaderEdits, RequestFacts, RequestPolicy, RequestVerdict};
+use crate::policy::{
+    BasicAuth, HeaderEdit, HeaderEdits, RequestFacts, RequestPolicy, RequestVerdict,
+};
 use crate::tunnels::Tunnel;
 
 /// Headers that describe one hop and are never forwarded (RFC 9110 §7.6.1).
@@ -254,7 +256,10 @@ pub fn rewrite_headers(headers: &mut HeaderMap, peer: IpAddr, upgrade: bool) {
 /// Phase 5, filter: the backend's response without its hop-by-hop headers; its body is cut
 /// off if it pauses longer than [`limits::RESPONSE_IDLE_TIMEOUT`], and holds the tunnel's
 /// in-flight slot until it ends.
-pub fn filter_response(response: Response<Incoming>, in_flight: Option<InFlightGuard>) -> Response<Body> {
+pub fn filter_response(
+    response: Response<Incoming>,
+    in_flight: Option<InFlightGuard>,
+) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     let body = IdleBody::new(body, limits::RESPONSE_IDLE_TIMEOUT, in_flight);

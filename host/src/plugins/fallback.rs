@@ -103,14 +103,21 @@ impl NamingPolicy for PolicyPlugins {
 pub fn request_policy_fallback() -> RequestVerdict {
     RequestVerdict::Deny {
         status: http::StatusCode::SERVICE_UNAVAILABLE,
-        headers: vec![(http::header::RETRY_AFTER, http::HeaderValue::from_static("5"))],
+        headers: vec![(
+            http::header::RETRY_AFTER,
+            http::HeaderValue::from_static("5"),
+        )],
         body: "the tunnel's access policy is unavailable right now; try again shortly".into(),
     }
 }
 
 impl PolicyPlugins {
     /// The rate limiter's answer (its plugin, or the built-in limiter when it fails).
-    async fn rate(&self, plugin: Option<&Arc<Plugin<RateLimit>>>, facts: RequestFacts) -> RateDecision {
+    async fn rate(
+        &self,
+        plugin: Option<&Arc<Plugin<RateLimit>>>,
+        facts: RequestFacts,
+    ) -> RateDecision {
         if let Some(plugin) = plugin
             && let Some(decision) = plugin.leases.take(&facts.client_ip, &facts.name)
         {
@@ -136,7 +143,11 @@ impl PolicyPlugins {
     /// Whether the request policy must see this request: always for a tunnel with owner
     /// options; for one without, as the plugin answered `needs-check` once (true if it
     /// could not answer).
-    async fn policy_applies(&self, plugin: &Plugin<RequestPolicyRole>, facts: &RequestFacts) -> bool {
+    async fn policy_applies(
+        &self,
+        plugin: &Plugin<RequestPolicyRole>,
+        facts: &RequestFacts,
+    ) -> bool {
         if !facts.options.is_empty() {
             return true;
         }
@@ -146,7 +157,11 @@ impl PolicyPlugins {
         match roles::needs_check(plugin, Vec::new()).await {
             Ok(needs) => *plugin.memo.get_or_init(|| needs),
             Err(e) => {
-                note("needs-check failed; checking every request", &plugin.info, &e);
+                note(
+                    "needs-check failed; checking every request",
+                    &plugin.info,
+                    &e,
+                );
                 true
             }
         }
@@ -166,7 +181,10 @@ impl RequestPolicy for PolicyPlugins {
         };
         // The facts are copied for the rate limiter only when the request policy needs them too.
         let (rate, facts) = match policy {
-            Some(_) => (self.rate(active.rate_limit.as_ref(), facts.clone()).await, Some(facts)),
+            Some(_) => (
+                self.rate(active.rate_limit.as_ref(), facts.clone()).await,
+                Some(facts),
+            ),
             None => (self.rate(active.rate_limit.as_ref(), facts).await, None),
         };
         if let RateDecision::Deny {
@@ -190,7 +208,11 @@ impl RequestPolicy for PolicyPlugins {
             .await
             .unwrap_or_else(|e| {
                 if owner_restricted {
-                    note("request policy fails closed (503, the owner set options)", &plugin.info, &e);
+                    note(
+                        "request policy fails closed (503, the owner set options)",
+                        &plugin.info,
+                        &e,
+                    );
                     request_policy_fallback()
                 } else {
                     note("request policy falls back to admitting", &plugin.info, &e);

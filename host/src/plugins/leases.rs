@@ -17,8 +17,14 @@ pub const MAX_LEASES: usize = 16_384;
 pub const MAX_DENIAL_REUSE: Duration = Duration::from_secs(1);
 
 enum Entry {
-    Admit { left: u32, until: Instant },
-    Deny { decision: RateDecision, until: Instant },
+    Admit {
+        left: u32,
+        until: Instant,
+    },
+    Deny {
+        decision: RateDecision,
+        until: Instant,
+    },
 }
 
 impl Entry {
@@ -150,7 +156,11 @@ mod tests {
     fn the_table_is_bounded() {
         let leases = Leases::default();
         for i in 0..MAX_LEASES + 10 {
-            leases.note(&format!("10.0.{}.{}", i / 256, i % 256), "app", &lease(1, 60_000));
+            leases.note(
+                &format!("10.0.{}.{}", i / 256, i % 256),
+                "app",
+                &lease(1, 60_000),
+            );
         }
         assert_eq!(leases.lock().len(), MAX_LEASES);
     }

@@ -123,9 +123,13 @@ use wit_naming::exports::p0rt::policy::naming as naming_v1;
 use wit_naming_v2::exports::p0rt::policy::naming::{NamingDecision, NamingRequest};
 use wit_policy::exports::p0rt::policy::request_policy as policy_v2;
 use wit_rate::exports::p0rt::policy::rate_limit as rate_v1;
-use wit_rate_v2::exports::p0rt::policy::rate_limit::{Decision as RateAnswer, RequestFacts as RateFacts};
+use wit_rate_v2::exports::p0rt::policy::rate_limit::{
+    Decision as RateAnswer, RequestFacts as RateFacts,
+};
 use wit_scan::exports::p0rt::policy::scan_admission as scan_v1;
-use wit_scan_v2::exports::p0rt::policy::scan_admission::{Decision as ScanAnswer, ScanJob as WitJob};
+use wit_scan_v2::exports::p0rt::policy::scan_admission::{
+    Decision as ScanAnswer, ScanJob as WitJob,
+};
 
 fn naming_to_v1(r: &NamingRequest) -> naming_v1::NamingRequest {
     naming_v1::NamingRequest {
@@ -260,7 +264,10 @@ impl RoleBinding for RequestPolicy {
         let policy = exports.p0rt_policy_request_policy();
         match request {
             PolicyCall::Check(facts) => Box::pin(async move {
-                policy.call_check(store, facts).await.map(PolicyReply::Verdict)
+                policy
+                    .call_check(store, facts)
+                    .await
+                    .map(PolicyReply::Verdict)
             }),
             PolicyCall::NeedsCheck(options) => Box::pin(async move {
                 let needs = policy.call_needs_check(store, options).await;
@@ -468,7 +475,10 @@ fn header_pair(name: &str, value: &str) -> Result<(HeaderName, HeaderValue), Str
 
 fn header_edits(edits: Vec<policy_v2::HeaderEdit>) -> Result<Vec<HeaderEdit>, String> {
     if edits.len() > MAX_POLICY_HEADERS {
-        return Err(format!("{} header edits; at most {MAX_POLICY_HEADERS}", edits.len()));
+        return Err(format!(
+            "{} header edits; at most {MAX_POLICY_HEADERS}",
+            edits.len()
+        ));
     }
     edits
         .into_iter()
@@ -490,12 +500,10 @@ fn both_edits(edits: policy_v2::Edits) -> Result<HeaderEdits, String> {
 }
 
 fn valid_location(location: &str) -> bool {
-    let absolute = location
-        .split_once("://")
-        .is_some_and(|(scheme, rest)| {
-            (scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https"))
-                && !rest.is_empty()
-        });
+    let absolute = location.split_once("://").is_some_and(|(scheme, rest)| {
+        (scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https"))
+            && !rest.is_empty()
+    });
     let path = location.starts_with('/') && !location.starts_with("//");
     location.len() <= MAX_LOCATION_LEN && (absolute || path)
 }
@@ -512,7 +520,10 @@ fn basic_auth(auth: policy_v2::BasicAuth) -> Result<BasicAuth, String> {
         ));
     }
     if auth.users.len() > MAX_AUTH_USERS {
-        return Err(format!("{} users; at most {MAX_AUTH_USERS}", auth.users.len()));
+        return Err(format!(
+            "{} users; at most {MAX_AUTH_USERS}",
+            auth.users.len()
+        ));
     }
     let users = auth
         .users
@@ -522,7 +533,10 @@ fn basic_auth(auth: policy_v2::BasicAuth) -> Result<BasicAuth, String> {
                 && user.len() <= MAX_AUTH_NAME_LEN
                 && user.bytes().all(|b| b.is_ascii_graphic() && b != b':');
             if !user_ok {
-                return Err(format!("user {:?} is not a valid user name", clean_message(&user)));
+                return Err(format!(
+                    "user {:?} is not a valid user name",
+                    clean_message(&user)
+                ));
             }
             let hash = PasswordHash::parse(&hash).map_err(|e| format!("user {user}: {e}"))?;
             Ok((user, hash))
@@ -542,7 +556,10 @@ fn request_verdict(verdict: policy_v2::Verdict) -> Result<RequestVerdict, String
         Verdict::Admit(edits) => RequestVerdict::Admit(both_edits(edits)?),
         Verdict::Deny(answer) => {
             if !(400..=599).contains(&answer.status) {
-                return Err(format!("deny status {} is not a 4xx or 5xx code", answer.status));
+                return Err(format!(
+                    "deny status {} is not a 4xx or 5xx code",
+                    answer.status
+                ));
             }
             if answer.body.len() > MAX_POLICY_BODY_BYTES {
                 return Err(format!(
@@ -569,10 +586,15 @@ fn request_verdict(verdict: policy_v2::Verdict) -> Result<RequestVerdict, String
         }
         Verdict::Redirect(redirect) => {
             if ![301, 302, 303, 307, 308].contains(&redirect.status) {
-                return Err(format!("redirect status {} is not 301-303, 307 or 308", redirect.status));
+                return Err(format!(
+                    "redirect status {} is not 301-303, 307 or 308",
+                    redirect.status
+                ));
             }
             if !valid_location(&redirect.location) {
-                return Err("redirect location must be an http(s) URL or a path starting with /".into());
+                return Err(
+                    "redirect location must be an http(s) URL or a path starting with /".into(),
+                );
             }
             let location = HeaderValue::from_str(&redirect.location)
                 .map_err(|_| "redirect location has control characters".to_string())?;
@@ -617,9 +639,13 @@ pub async fn needs_check(
     options: Vec<(String, String)>,
 ) -> Result<bool, super::PluginError> {
     plugin
-        .decide(PolicyCall::NeedsCheck(options), false, |reply| match reply {
-            PolicyReply::NeedsCheck(needs) => Ok(needs),
-            PolicyReply::Verdict(_) => Err("answered another question".into()),
-        })
+        .decide(
+            PolicyCall::NeedsCheck(options),
+            false,
+            |reply| match reply {
+                PolicyReply::NeedsCheck(needs) => Ok(needs),
+                PolicyReply::Verdict(_) => Err("answered another question".into()),
+            },
+        )
         .await
 }

@@ -234,12 +234,19 @@ impl Runtime {
             }
             (None, _) => return Err(PluginError::Ambiguous { roles: found }),
         };
-        let init = if exports.iter().any(|e| e.starts_with("p0rt:policy/init@0.2.")) {
+        let init = if exports
+            .iter()
+            .any(|e| e.starts_with("p0rt:policy/init@0.2."))
+        {
             let indices = init_v2::InitIndices::new(&pre);
-            Some(Versioned::V2(indices.map_err(|e| PluginError::Link(wasm_error(e)))?))
+            Some(Versioned::V2(
+                indices.map_err(|e| PluginError::Link(wasm_error(e)))?,
+            ))
         } else if exports.iter().any(|e| e.starts_with("p0rt:policy/init@")) {
             let indices = init::InitIndices::new(&pre);
-            Some(Versioned::V1(indices.map_err(|e| PluginError::Link(wasm_error(e)))?))
+            Some(Versioned::V1(
+                indices.map_err(|e| PluginError::Link(wasm_error(e)))?,
+            ))
         } else {
             None
         };

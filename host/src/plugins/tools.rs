@@ -113,7 +113,10 @@ fn edits_json(edits: &[HeaderEdit]) -> serde_json::Value {
     edits
         .iter()
         .map(|e| {
-            let value = e.value.as_ref().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+            let value = e
+                .value
+                .as_ref()
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
             serde_json::json!({ "name": e.name.as_str(), "value": value })
         })
         .collect()
@@ -128,13 +131,21 @@ fn verdict_json(verdict: &RequestVerdict) -> serde_json::Value {
             "request_edits": edits_json(&edits.request),
             "response_edits": edits_json(&edits.response),
         }),
-        RequestVerdict::Deny { status, headers, body } => serde_json::json!({
+        RequestVerdict::Deny {
+            status,
+            headers,
+            body,
+        } => serde_json::json!({
             "decision": "deny",
             "status": status.as_u16(),
             "headers": headers.iter().map(|(n, v)| (n.as_str().to_string(), text(v))).collect::<Vec<_>>(),
             "body": body,
         }),
-        RequestVerdict::Limited { status, retry_after_seconds, message } => serde_json::json!({
+        RequestVerdict::Limited {
+            status,
+            retry_after_seconds,
+            message,
+        } => serde_json::json!({
             "decision": "deny",
             "status": status.as_u16(),
             "retry_after_seconds": retry_after_seconds,

@@ -338,7 +338,10 @@ mod tests {
         let old = job(1);
         jobs.save(&old).await.unwrap();
         jobs.remember(&old).await.unwrap();
-        assert_eq!(jobs.jobs_of("k").await.unwrap(), std::slice::from_ref(&old.id));
+        assert_eq!(
+            jobs.jobs_of("k").await.unwrap(),
+            std::slice::from_ref(&old.id)
+        );
         tokio::time::sleep(Duration::from_millis(60)).await;
         let mut other = job(1);
         other.requester = "other".into();

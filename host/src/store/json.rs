@@ -23,9 +23,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use super::{
-    Claim, DAY_SECS, DomainRecord, DomainStats, DomainStore, Grant, Import, StoreError,
-};
+use super::{Claim, DAY_SECS, DomainRecord, DomainStats, DomainStore, Grant, Import, StoreError};
 
 /// File name of the store inside the data directory (P0rt's name).
 pub const DOMAINS_FILE_NAME: &str = "domains.json";
@@ -257,8 +255,7 @@ fn parse_granted(text: &str, indexes: &mut Indexes) -> Result<(), String> {
 }
 
 fn serialize_granted(indexes: &Indexes) -> Vec<u8> {
-    let mut bytes =
-        serde_json::to_vec_pretty(&indexes.granted).unwrap_or_else(|_| b"{}".to_vec());
+    let mut bytes = serde_json::to_vec_pretty(&indexes.granted).unwrap_or_else(|_| b"{}".to_vec());
     bytes.push(b'\n');
     bytes
 }

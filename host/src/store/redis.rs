@@ -24,9 +24,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use super::{
-    Claim, DAY_SECS, DomainRecord, DomainStats, DomainStore, Grant, Import, StoreError,
-};
+use super::{Claim, DAY_SECS, DomainRecord, DomainStats, DomainStore, Grant, Import, StoreError};
 use crate::names::check_dns_label;
 use crate::redis_link::{RedisLink, RedisOpError};
 

@@ -85,9 +85,7 @@ fn shown(word: &str) -> String {
 
 /// Checks one `auth=user:password` value and returns `user:<hash>`.
 fn hash_auth(value: &str) -> Result<String, String> {
-    let (user, password) = value
-        .split_once(':')
-        .ok_or("use auth=<user>:<password>")?;
+    let (user, password) = value.split_once(':').ok_or("use auth=<user>:<password>")?;
     if user.is_empty() || !user.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
         return Err("the user name must be printable ASCII without ':'".into());
     }
@@ -168,8 +166,7 @@ impl SessionOptions {
         }
         let deadline = opened + OPTIONS_SETTLE_WAIT;
         let mut rx = self.tx.subscribe();
-        let waited =
-            tokio::time::timeout_at(deadline.into(), rx.wait_for(|o| o.is_some())).await;
+        let waited = tokio::time::timeout_at(deadline.into(), rx.wait_for(|o| o.is_some())).await;
         match waited {
             Ok(Ok(options)) => options.clone().unwrap_or_else(|| Arc::from(Vec::new())),
             _ => Arc::from(Vec::new()),
@@ -183,7 +180,8 @@ mod tests {
 
     #[test]
     fn options_are_checked_and_passwords_hashed() {
-        let parsed = parse("allow=203.0.113.0/24 auth=alice:secret https-only Bad=1 verbose x=\u{7}");
+        let parsed =
+            parse("allow=203.0.113.0/24 auth=alice:secret https-only Bad=1 verbose x=\u{7}");
         let keys: Vec<&str> = parsed.accepted.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(keys, ["allow", "auth", "https-only"]);
         let auth = &parsed.accepted[1].1;
@@ -193,7 +191,10 @@ mod tests {
         assert!(hash.verify(b"secret"));
         assert_eq!(parsed.refused.len(), 3, "{:?}", parsed.refused);
         let echo = parsed.echo().join("\n");
-        assert!(echo.contains("auth=alice:***") && !echo.contains("secret"), "{echo}");
+        assert!(
+            echo.contains("auth=alice:***") && !echo.contains("secret"),
+            "{echo}"
+        );
         assert!(echo.contains("option refused: verbose"), "{echo}");
     }
 
@@ -206,7 +207,10 @@ mod tests {
 
     #[test]
     fn options_are_bounded() {
-        let line = (0..40).map(|i| format!("k{i}=v")).collect::<Vec<_>>().join(" ");
+        let line = (0..40)
+            .map(|i| format!("k{i}=v"))
+            .collect::<Vec<_>>()
+            .join(" ");
         let parsed = parse(&line);
         assert_eq!(parsed.accepted.len(), MAX_OPTIONS);
         assert_eq!(parsed.refused.len(), 40 - MAX_OPTIONS);

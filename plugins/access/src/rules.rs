@@ -553,7 +553,10 @@ mod tests {
             r#"{"allow": ["192.0.2.0/24"]}"#,
             r#"{"response_headers": {"x-served-by": "p0rt"}}"#,
         ] {
-            assert!(needs_check(&Config::parse(config).unwrap(), &[]), "{config}");
+            assert!(
+                needs_check(&Config::parse(config).unwrap(), &[]),
+                "{config}"
+            );
         }
     }
 
