@@ -228,6 +228,9 @@ versioned_binding!(
 );
 
 /// The two questions of the request-policy role.
+// Built once per call and passed by reference, never stored: boxing would only add an
+// allocation to every request.
+#[allow(clippy::large_enum_variant)]
 pub enum PolicyCall {
     Check(policy_v2::RequestFacts),
     /// Whether tunnels with these options need `check` at all.
