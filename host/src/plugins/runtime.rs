@@ -555,23 +555,20 @@ impl<B: RoleBinding> Plugin<B> {
         let exports = B::load(&self.indices, &mut store, &instance)
             .map_err(|e| PluginError::Instantiate(wasm_error(e)))?;
         if let Some(init) = &self.init {
+            // The same call through either version's bindings (their types differ).
+            macro_rules! call_init {
+                ($indices:expr) => {{
+                    let init = $indices
+                        .load(&mut store, &instance)
+                        .map_err(|e| PluginError::Instantiate(wasm_error(e)))?;
+                    arm(&mut store)?;
+                    let call = init.p0rt_policy_init().call_init(&mut store, &self.config);
+                    timeout(CALL_TIMEOUT, call).await
+                }};
+            }
             let outcome = match init {
-                Versioned::V1(init) => {
-                    let init = init
-                        .load(&mut store, &instance)
-                        .map_err(|e| PluginError::Instantiate(wasm_error(e)))?;
-                    arm(&mut store)?;
-                    let call = init.p0rt_policy_init().call_init(&mut store, &self.config);
-                    timeout(CALL_TIMEOUT, call).await
-                }
-                Versioned::V2(init) => {
-                    let init = init
-                        .load(&mut store, &instance)
-                        .map_err(|e| PluginError::Instantiate(wasm_error(e)))?;
-                    arm(&mut store)?;
-                    let call = init.p0rt_policy_init().call_init(&mut store, &self.config);
-                    timeout(CALL_TIMEOUT, call).await
-                }
+                Versioned::V1(indices) => call_init!(indices),
+                Versioned::V2(indices) => call_init!(indices),
             };
             let result = settle(outcome, &mut store, PluginError::Trap)?;
             result.map_err(PluginError::InitRefused)?;
