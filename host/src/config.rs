@@ -1063,4 +1063,36 @@ mod tests {
         c.public_port = Some(80);
         assert_eq!(c.public_urls(8080).of("a-b-c"), "http://a-b-c.localhost");
     }
+    #[test]
+    fn ban_tiers_and_address_lists_are_checked() {
+        let load = |vars: &[(&str, &str)]| Config::load(&ServeArgs::default(), &env(vars));
+        let c = load(&[
+            ("BAN_TIERS", "2:30s, 4:2h,9:1d"),
+            ("BAN_EXEMPT", "10.0.0.0/8,192.0.2.1"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.ban_tiers,
+            [
+                (2, Duration::from_secs(30)),
+                (4, Duration::from_secs(7200)),
+                (9, Duration::from_secs(86_400))
+            ]
+        );
+        assert_eq!(c.ban_exempt.len(), 2);
+        for bad in ["3", "3:15x", "0:1m", "3:0m", "5:1m,3:1h", "x:1m"] {
+            let e = load(&[("BAN_TIERS", bad)]).expect_err(bad).to_string();
+            assert!(e.contains("security.ban_tiers"), "{bad}: {e}");
+        }
+        let e = load(&[("BAN_EXEMPT", "nonsense")]).unwrap_err().to_string();
+        assert!(
+            e.contains("security.ban_exempt") && e.contains("nonsense"),
+            "{e}"
+        );
+        let c = load(&[("HTTP_TRUSTED_PROXIES", "10.1.2.3/8")]).unwrap();
+        assert_eq!(
+            c.trusted_proxies,
+            ["10.0.0.0/8".parse::<ipnet::IpNet>().unwrap()]
+        );
+    }
 }
