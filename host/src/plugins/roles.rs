@@ -354,24 +354,33 @@ pub async fn approve_label(
         .await
 }
 
+/// The host's [`RequestFacts`] as one of the two WIT records with the same fields
+/// (`rate-limit` and `request-policy` each declare their own).
+macro_rules! wit_facts {
+    ($($record:ident)::+, $facts:expr) => {{
+        let facts: RequestFacts = $facts;
+        $($record)::+ {
+            client_ip: facts.client_ip,
+            host: facts.host,
+            name: facts.name,
+            owner_key_hash: facts.owner_key_hash,
+            owner_tier: facts.owner_tier,
+            method: facts.method,
+            path: facts.path,
+            headers: facts.headers,
+            options: facts.options,
+            scheme: facts.scheme,
+        }
+    }};
+}
+
 /// Whether one HTTP request may enter its tunnel.
 pub async fn check_request(
     plugin: &Plugin<RateLimit>,
     facts: RequestFacts,
     fresh: bool,
 ) -> Result<RateDecision, super::PluginError> {
-    let request = RateFacts {
-        client_ip: facts.client_ip,
-        host: facts.host,
-        name: facts.name,
-        owner_key_hash: facts.owner_key_hash,
-        owner_tier: facts.owner_tier,
-        method: facts.method,
-        path: facts.path,
-        headers: facts.headers,
-        options: facts.options,
-        scheme: facts.scheme,
-    };
+    let request = wit_facts!(RateFacts, facts);
     plugin
         .decide(request, fresh, |answer| match answer {
             RateAnswer::Allow(None) => Ok(RateDecision::allow()),
@@ -616,18 +625,7 @@ pub async fn decide_request(
     facts: RequestFacts,
     fresh: bool,
 ) -> Result<RequestVerdict, super::PluginError> {
-    let request = policy_v2::RequestFacts {
-        client_ip: facts.client_ip,
-        host: facts.host,
-        name: facts.name,
-        owner_key_hash: facts.owner_key_hash,
-        owner_tier: facts.owner_tier,
-        method: facts.method,
-        path: facts.path,
-        headers: facts.headers,
-        options: facts.options,
-        scheme: facts.scheme,
-    };
+    let request = wit_facts!(policy_v2::RequestFacts, facts);
     plugin
         .decide(PolicyCall::Check(request), fresh, |reply| match reply {
             PolicyReply::Verdict(verdict) => request_verdict(verdict),
