@@ -2,9 +2,12 @@
 //! sub-name labels (as newtypes, so they cannot be mixed up), the DNS-label rule, the
 //! reserved words and the built-in three-word namer. A leaf: it imports nothing of the crate.
 //!
-//! The built-in namer is deterministic: the same key hash always yields the same candidate
-//! list, so a key keeps its name even if the store is lost. On a collision the next attempt
-//! salts the hash (`{hash}:{attempt}`), exactly as the `words` plugin does.
+//! The built-in namer is P0rt's, so a key gets the name P0rt gives it: the key hash `H` (hex)
+//! read as a 256-bit number `N` picks the words at `N mod L`, `(N >> 8) mod L` and
+//! `(N >> 16) mod L` of P0rt's word list (`L` = 664 words, duplicates included). On a
+//! collision P0rt's salted retries follow: `H'` = hex SHA-256 of `H` followed by the decimal
+//! retry number (0, 1, …). It is deterministic, so a key keeps its name even if the store is
+//! lost, and the bundled `words` plugin derives exactly the same.
 
 use std::fmt;
 use std::sync::LazyLock;
@@ -218,30 +221,50 @@ impl fmt::Display for Label {
     }
 }
 
-/// The word list, shared with the `words` plugin so both derive the same names.
+/// Words in P0rt's list (duplicates included).
+pub const P0RT_WORD_COUNT: usize = 664;
+
+/// P0rt's word list in P0rt's order (see NOTICE), shared with the `words` plugin so both
+/// derive the same names.
 pub static WORDS: LazyLock<Vec<&'static str>> = LazyLock::new(|| {
     include_str!("words.txt")
         .lines()
         .map(str::trim)
-        .filter(|w| !w.is_empty())
+        .filter(|w| !w.is_empty() && !w.starts_with('#'))
         .collect()
 });
 
-/// The built-in namer's candidate for a key at a given attempt (0 = first choice).
+/// The hex number attempt `attempt` reads its words from. Attempt 0 is the key hash itself;
+/// attempt `n` is P0rt's retry `n - 1`: hex SHA-256 of the hash followed by `n - 1` in
+/// decimal. A stored hash that is not hex (the host never makes one) is read as the hex
+/// SHA-256 of its text, so it still gets a stable name.
+fn candidate_hex(key: &str, attempt: u32) -> String {
+    let is_hex = !key.is_empty() && key.bytes().all(|b| b.is_ascii_hexdigit());
+    match attempt {
+        0 if is_hex => key.to_string(),
+        0 => hex::encode(Sha256::digest(key.as_bytes())),
+        n => hex::encode(Sha256::digest(format!("{key}{}", n - 1).as_bytes())),
+    }
+}
+
+/// `(N >> (8 * shift)) mod m` for the number `N` written in `hex`: the shift drops the last
+/// `2 * shift` digits, the rest is folded digit by digit (no big integers needed).
+fn hex_shifted_mod(hex: &str, shift: usize, m: u32) -> u32 {
+    let keep = hex.len().saturating_sub(2 * shift);
+    hex.as_bytes()[..keep].iter().fold(0, |rest, &digit| {
+        let value = char::from(digit).to_digit(16).unwrap_or(0);
+        (rest * 16 + value) % m
+    })
+}
+
+/// The built-in namer's candidate for a key at a given attempt (0 = first choice): P0rt's
+/// name for the key, then P0rt's salted alternatives.
 pub fn builtin_name(key: &KeyHash, attempt: u32) -> TunnelName {
-    let digest = if attempt == 0 {
-        Sha256::digest(key.as_str().as_bytes())
-    } else {
-        Sha256::digest(format!("{key}:{attempt}").as_bytes())
-    };
+    let hex = candidate_hex(key.as_str(), attempt);
     let words = &*WORDS;
-    let parts: Vec<&str> = digest
-        .chunks(4)
-        .take(WORDS_PER_NAME)
-        .map(|chunk| {
-            let n = u32::from_be_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]) as usize;
-            words[n % words.len()]
-        })
+    let count = u32::try_from(words.len()).expect("word list fits in u32");
+    let parts: Vec<&str> = (0..WORDS_PER_NAME)
+        .map(|shift| words[hex_shifted_mod(&hex, shift, count) as usize])
         .collect();
     TunnelName(parts.join("-"))
 }
@@ -250,12 +273,64 @@ pub fn builtin_name(key: &KeyHash, attempt: u32) -> TunnelName {
 mod tests {
     use super::*;
 
+    /// The check key of issue #14 (its authorized_keys body) and the names P0rt gives it.
+    const CHECK_KEY: &str = "ssh-ed25519 \
+        AAAAC3NzaC1lZDI1NTE5AAAAIKES46z/T543b19cKV3hyJUH/BQhZEYgWYl+Zi2rOiuB check";
+
     #[test]
-    fn word_list_is_clean() {
-        assert!(WORDS.len() >= 512, "word list too short: {}", WORDS.len());
+    fn word_list_is_p0rts() {
+        assert_eq!(WORDS.len(), P0RT_WORD_COUNT);
+        assert_eq!(WORDS[0], "aardvark");
+        assert_eq!(WORDS[P0RT_WORD_COUNT - 1], "grace");
+        // P0rt's list repeats some words; the duplicates stay, or indexes would shift.
+        assert_eq!(WORDS.iter().filter(|w| **w == "duck").count(), 2);
         for w in WORDS.iter() {
-            assert!(w.bytes().all(|b| b.is_ascii_lowercase()), "{w}");
+            assert!(
+                !w.is_empty() && w.bytes().all(|b| b.is_ascii_lowercase()),
+                "{w}"
+            );
         }
+        let longest = WORDS.iter().map(|w| w.len()).max().unwrap();
+        assert!(WORDS_PER_NAME * (longest + 1) - 1 <= MAX_LABEL_LEN);
+    }
+
+    #[test]
+    fn check_key_gets_p0rts_names() {
+        let key = russh::keys::PublicKey::from_openssh(CHECK_KEY).unwrap();
+        let hash = KeyHash::of_key(&key);
+        assert_eq!(
+            hash.as_str(),
+            "4814222560f0291c7775f7b66b41b2e14fb9029a92ba33215b2c339066f41f2b"
+        );
+        assert_eq!(builtin_name(&hash, 0).as_str(), "eager-pixel-ant");
+        assert_eq!(builtin_name(&hash, 1).as_str(), "hacker-coyote-orangutan");
+        assert_eq!(builtin_name(&hash, 2).as_str(), "script-lark-knight");
+    }
+
+    #[test]
+    fn hex_mod_matches_integer_arithmetic() {
+        for n in [
+            0u128,
+            1,
+            663,
+            664,
+            665,
+            0xdead_beef,
+            u64::MAX as u128,
+            u128::MAX,
+        ] {
+            let hex = format!("{n:x}");
+            for shift in 0..3 {
+                let expected = ((n >> (8 * shift)) % 664) as u32;
+                assert_eq!(
+                    hex_shifted_mod(&hex, shift, 664),
+                    expected,
+                    "{hex} >> {shift}"
+                );
+            }
+        }
+        assert_eq!(hex_shifted_mod("ABC", 0, 664), 0xabc % 664);
+        assert_eq!(hex_shifted_mod("a", 1, 664), 0);
     }
 
     #[test]
@@ -266,6 +341,19 @@ mod tests {
         assert_ne!(a, builtin_name(&key, 1));
         assert_eq!(a.as_str().split('-').count(), WORDS_PER_NAME);
         check_dns_label(a.as_str()).unwrap();
+        // Retry n is P0rt's salt n - 1.
+        assert_eq!(
+            candidate_hex("abc", 1),
+            hex::encode(Sha256::digest(b"abc0"))
+        );
+        assert_eq!(
+            candidate_hex("abc", 11),
+            hex::encode(Sha256::digest(b"abc10"))
+        );
+        // A hash that is not hex still has a stable name.
+        let odd = KeyHash::from_stored("not hex");
+        assert_eq!(builtin_name(&odd, 0), builtin_name(&odd, 0));
+        check_dns_label(builtin_name(&odd, 0).as_str()).unwrap();
     }
 
     #[test]

@@ -13,6 +13,7 @@ mod edge_errors;
 mod edge_review;
 mod flow_control;
 mod names;
+mod p0rt_names;
 mod plugins;
 mod plugins_review;
 mod policy;

@@ -1,7 +1,11 @@
-//! `words`: P0rt-style three-word names (`whale-guitar-fox`).
+//! `words`: P0rt's three-word names (`whale-guitar-fox`).
 //!
-//! For the same key it yields exactly the host's built-in name (same word list, same
-//! derivation), so switching between this plugin and the fallback renames nobody.
+//! For the same key it yields exactly P0rt's name, which is also the host's built-in name
+//! (same word list, same derivation), so a P0rt user keeps their name and switching between
+//! this plugin and the fallback renames nobody. The key hash `H` (hex) read as a 256-bit
+//! number `N` picks the words at `N mod 664`, `(N >> 8) mod 664` and `(N >> 16) mod 664` of
+//! P0rt's word list; attempt `n > 0` reads them from hex SHA-256 of `H` followed by `n - 1`
+//! in decimal (P0rt's salted retries).
 //!
 //! Requested names (`ssh -R myapp:80:…`) are served as sub-names `myapp-<main name>` by
 //! default. The operator may let keys own requested names outright (sidecar `words.json`):
@@ -20,8 +24,10 @@ use std::cell::Cell;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-/// The host's word list, shared through the repository.
+/// P0rt's word list (see NOTICE), shared with the host through the repository.
 const WORD_LIST: &str = include_str!("../../../host/src/words.txt");
+/// Words in P0rt's list (duplicates included).
+const P0RT_WORD_COUNT: usize = 664;
 /// Words per name.
 const WORDS_PER_NAME: usize = 3;
 /// Requested names a key may own when the sidecar does not say.
@@ -93,24 +99,45 @@ fn words() -> &'static [&'static str] {
         WORD_LIST
             .lines()
             .map(str::trim)
-            .filter(|w| !w.is_empty())
+            .filter(|w| !w.is_empty() && !w.starts_with('#'))
             .collect()
     })
 }
 
-/// Same derivation as the host's built-in namer: 32-bit big-endian chunks of
-/// SHA-256(hash) (or SHA-256("hash:attempt") on retries), each modulo the list length.
+/// The hex number attempt `attempt` reads its words from: the key hash itself, then P0rt's
+/// salted hashes (attempt `n` is P0rt's salt `n - 1`). A hash that is not hex (the host never
+/// sends one) is read as the hex SHA-256 of its text, as the host's namer does.
+fn candidate_hex(ssh_key_hash: &str, attempt: u32) -> String {
+    let is_hex = !ssh_key_hash.is_empty() && ssh_key_hash.bytes().all(|b| b.is_ascii_hexdigit());
+    match attempt {
+        0 if is_hex => ssh_key_hash.to_string(),
+        0 => hex(&Sha256::digest(ssh_key_hash.as_bytes())),
+        n => hex(&Sha256::digest(
+            format!("{ssh_key_hash}{}", n - 1).as_bytes(),
+        )),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `(N >> (8 * shift)) mod m` for the number `N` written in `hex`: the shift drops the last
+/// `2 * shift` digits, the rest is folded digit by digit.
+fn hex_shifted_mod(hex: &str, shift: usize, m: u32) -> u32 {
+    let keep = hex.len().saturating_sub(2 * shift);
+    hex.as_bytes()[..keep].iter().fold(0, |rest, &digit| {
+        (rest * 16 + char::from(digit).to_digit(16).unwrap_or(0)) % m
+    })
+}
+
+/// P0rt's name for a key hash at an attempt (0 = first choice); the host's built-in namer.
 fn derive(ssh_key_hash: &str, attempt: u32) -> String {
-    let digest = if attempt == 0 {
-        Sha256::digest(ssh_key_hash.as_bytes())
-    } else {
-        Sha256::digest(format!("{ssh_key_hash}:{attempt}").as_bytes())
-    };
+    let hex = candidate_hex(ssh_key_hash, attempt);
     let words = words();
-    digest
-        .chunks(4)
-        .take(WORDS_PER_NAME)
-        .map(|c| words[u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as usize % words.len()])
+    let count = words.len() as u32;
+    (0..WORDS_PER_NAME)
+        .map(|shift| words[hex_shifted_mod(&hex, shift, count) as usize])
         .collect::<Vec<_>>()
         .join("-")
 }
@@ -216,6 +243,51 @@ mod tests {
             judge_label(c, "new", &names(&["main"])),
             LabelDecision::Refuse(_)
         ));
+    }
+
+    #[test]
+    fn word_list_is_p0rts() {
+        assert_eq!(words().len(), P0RT_WORD_COUNT);
+        assert_eq!(words()[0], "aardvark");
+        assert_eq!(words()[P0RT_WORD_COUNT - 1], "grace");
+    }
+
+    /// The check key of issue #14: hex SHA-256 of its base64 body, and P0rt's names for it.
+    #[test]
+    fn check_key_gets_p0rts_names() {
+        let body = "AAAAC3NzaC1lZDI1NTE5AAAAIKES46z/T543b19cKV3hyJUH/BQhZEYgWYl+Zi2rOiuB";
+        let hash = hex(&Sha256::digest(body.as_bytes()));
+        assert_eq!(
+            hash,
+            "4814222560f0291c7775f7b66b41b2e14fb9029a92ba33215b2c339066f41f2b"
+        );
+        assert_eq!(derive(&hash, 0), "eager-pixel-ant");
+        assert_eq!(derive(&hash, 1), "hacker-coyote-orangutan");
+        assert_eq!(derive(&hash, 2), "script-lark-knight");
+    }
+
+    #[test]
+    fn hex_mod_matches_integer_arithmetic() {
+        for n in [
+            0u128,
+            1,
+            663,
+            664,
+            665,
+            0xdead_beef,
+            u64::MAX as u128,
+            u128::MAX,
+        ] {
+            let hex = format!("{n:x}");
+            for shift in 0..3 {
+                let expected = ((n >> (8 * shift)) % 664) as u32;
+                assert_eq!(
+                    hex_shifted_mod(&hex, shift, 664),
+                    expected,
+                    "{hex} >> {shift}"
+                );
+            }
+        }
     }
 
     #[test]
