@@ -23,6 +23,8 @@ pub const DEFAULT_DOMAIN: &str = "localhost";
 pub const DEFAULT_DATA_DIR: &str = "./data";
 /// File name of the generated ed25519 host key inside the data directory.
 pub const HOST_KEY_FILE_NAME: &str = "ssh_host_ed25519_key";
+/// P0rt's host key file, in the working directory; served when no host key is configured.
+pub const P0RT_HOST_KEY_FILE: &str = "ssh_host_key";
 /// Prefix of p0rt's Redis keys (the seed's layout: `p0rt:domain:{hash}`).
 pub const DEFAULT_REDIS_PREFIX: &str = "p0rt:";
 /// Domain records expire from Redis after this many days without a connection (P0rt: 365).
@@ -93,9 +95,12 @@ pub enum PublicScheme {
 /// Where the SSH host key comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HostKeySource {
+    /// Nothing configured: P0rt's `./ssh_host_key` if it exists, and
+    /// `<data_dir>/ssh_host_ed25519_key` (generated once if missing).
+    Default,
     /// A file: loaded if present, generated once (ed25519) if not.
     File(PathBuf),
-    /// The OpenSSH private key text itself (`SSH_HOST_KEY` may carry it, as with P0rt).
+    /// The private key text itself, PEM or OpenSSH (`SSH_HOST_KEY` may carry it, as with P0rt).
     Inline(Secret),
 }
 
@@ -156,7 +161,7 @@ impl Default for Config {
         Config {
             ssh_bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             ssh_port: DEFAULT_SSH_PORT,
-            host_key: HostKeySource::File(Path::new(DEFAULT_DATA_DIR).join(HOST_KEY_FILE_NAME)),
+            host_key: HostKeySource::Default,
             authorized_keys: None,
             http_bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             http_port: DEFAULT_HTTP_PORT,
@@ -318,7 +323,7 @@ pub struct ServeArgs {
     /// SSH edge port; 0 picks a free port [env: SSH_SERVER_PORT] [default: 2222]
     #[arg(long, value_name = "PORT")]
     pub ssh_port: Option<u16>,
-    /// Host key file (generated once if missing) [env: SSH_HOST_KEY] [default: <data-dir>/ssh_host_ed25519_key]
+    /// Host key file (generated once if missing) [env: SSH_HOST_KEY] [default: ./ssh_host_key if present, and <data-dir>/ssh_host_ed25519_key]
     #[arg(long, value_name = "FILE")]
     pub host_key: Option<PathBuf>,
     /// Only keys in this OpenSSH authorized_keys file may connect [env: AUTHORIZED_KEYS] [default: any key]
@@ -690,7 +695,7 @@ impl Config {
         }
         config.host_key = match host_key {
             Some(value) => host_key_source(&value),
-            None => HostKeySource::File(config.data_dir.join(HOST_KEY_FILE_NAME)),
+            None => HostKeySource::Default,
         };
         config.validate()?;
         Ok(config)
@@ -1045,12 +1050,15 @@ mod tests {
     }
 
     #[test]
-    fn host_key_follows_data_dir_unless_set() {
+    fn host_key_is_the_default_pair_unless_set() {
         let c = Config::load(&ServeArgs::default(), &env(&[("DATA_DIR", "/srv/p0rt")])).unwrap();
-        assert_eq!(
-            c.host_key,
-            HostKeySource::File(PathBuf::from("/srv/p0rt").join(HOST_KEY_FILE_NAME))
-        );
+        assert_eq!(c.host_key, HostKeySource::Default);
+        let c = Config::load(&ServeArgs::default(), &env(&[("SSH_HOST_KEY", "/etc/k")])).unwrap();
+        assert_eq!(c.host_key, HostKeySource::File(PathBuf::from("/etc/k")));
+        // P0rt's SSH_HOST_KEY holds the PEM text itself.
+        let pem = "-----BEGIN RSA PRIVATE KEY-----\nMIIE\n-----END RSA PRIVATE KEY-----\n";
+        let c = Config::load(&ServeArgs::default(), &env(&[("SSH_HOST_KEY", pem)])).unwrap();
+        assert_eq!(c.host_key, HostKeySource::Inline(Secret::new(pem)));
     }
 
     #[test]

@@ -50,7 +50,7 @@ pub async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<
         }
         _ => Cache::in_memory(),
     };
-    let host_key = crate::ssh::load_or_create_host_key(&config.host_key)
+    let host_keys = crate::ssh::load_host_keys(&config.host_key, &config.data_dir)
         .map_err(|e| SettingsError(e.to_string()))?;
     let plugins = PolicyPlugins::start(
         PluginOptions {
@@ -131,7 +131,7 @@ pub async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<
     let mut ssh_task = tokio::spawn(crate::ssh::serve(
         ssh_listener,
         ssh,
-        host_key,
+        host_keys,
         stop.clone(),
         disconnect,
     ));

@@ -40,7 +40,7 @@ use admission::{
 
 pub use access::KeyAccess;
 use commands::Command;
-pub use host_key::{HostKeyError, load_or_create_host_key};
+pub use host_key::{HostKeyError, load_host_keys};
 
 use crate::config::PublicUrls;
 use crate::names::{KeyHash, Label, TunnelName, fingerprint};
@@ -89,10 +89,10 @@ pub const MAX_PACKET_SIZE: u32 = 32 * 1024;
 /// Remote ports served as HTTP tunnels.
 pub const HTTP_FORWARD_PORTS: [u32; 2] = [80, 443];
 
-fn russh_config(host_key: PrivateKey) -> russh::server::Config {
+fn russh_config(host_keys: Vec<PrivateKey>) -> russh::server::Config {
     russh::server::Config {
         methods: MethodSet::from(&[MethodKind::PublicKey][..]),
-        keys: vec![host_key],
+        keys: host_keys,
         auth_rejection_time: Duration::from_millis(500),
         auth_rejection_time_initial: Some(Duration::ZERO),
         inactivity_timeout: None,
@@ -106,6 +106,8 @@ fn russh_config(host_key: PrivateKey) -> russh::server::Config {
         // client to spend, and a decompression-bomb surface. Only `none` is offered.
         preferred: russh::Preferred {
             compression: std::borrow::Cow::Borrowed(&[russh::compression::NONE]),
+            // Host keys are offered as rsa-sha2-512/256, never SHA-1 `ssh-rsa`.
+            key: std::borrow::Cow::Borrowed(host_key::KEY_ALGORITHMS),
             ..Default::default()
         },
         ..Default::default()
@@ -170,11 +172,11 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub async fn serve(
     listener: TcpListener,
     edge: Arc<SshEdge>,
-    host_key: PrivateKey,
+    host_keys: Vec<PrivateKey>,
     mut stop: Stop,
     mut disconnect: Stop,
 ) {
-    let config = Arc::new(russh_config(host_key));
+    let config = Arc::new(russh_config(host_keys));
     let guards = Arc::new(Guards {
         admission: Admission::new(AdmissionLimits::default()),
         keys: KeyConnections::new(MAX_CONNECTIONS_PER_KEY),
