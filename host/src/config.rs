@@ -154,6 +154,12 @@ pub struct Config {
     /// Failed-auth ban escalation: (failures, ban length), ascending (`security.ban_tiers`).
     pub ban_tiers: Vec<(u32, Duration)>,
     security_ban_tiers: Option<Vec<String>>,
+    /// `ssh.limits.*`.
+    pub ssh_limits: crate::ssh::SshLimits,
+    /// `ssh.limits.max_startups` as written, parsed into `ssh_limits` by validation.
+    ssh_max_startups: Option<String>,
+    /// `http.limits.*`.
+    pub http_limits: crate::http::HttpLimits,
 }
 
 impl Default for Config {
@@ -188,6 +194,9 @@ impl Default for Config {
             security_ban_exempt: None,
             ban_tiers: crate::bans::DEFAULT_TIERS.to_vec(),
             security_ban_tiers: None,
+            ssh_limits: crate::ssh::SshLimits::default(),
+            ssh_max_startups: None,
+            http_limits: crate::http::HttpLimits::default(),
         }
     }
 }
@@ -267,6 +276,37 @@ pub struct SshLayer {
     /// Path of the host key, or the key text itself.
     pub host_key: Option<String>,
     pub authorized_keys: Option<PathBuf>,
+    pub limits: SshLimitsLayer,
+}
+
+/// `ssh.limits.*`: see [`crate::ssh::SshLimits`] and the README's "SSH edge limits".
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SshLimitsLayer {
+    pub auth_timeout_seconds: Option<u64>,
+    /// OpenSSH's `MaxStartups` form, `start:rate:full`.
+    pub max_startups: Option<String>,
+    pub max_unauthenticated_per_address: Option<usize>,
+    pub max_connections: Option<usize>,
+    pub max_connections_per_key: Option<usize>,
+    pub max_tunnels_per_key: Option<usize>,
+    pub max_forwards_per_connection: Option<usize>,
+    pub max_session_channels: Option<usize>,
+    pub max_tunnel_channels: Option<usize>,
+    pub max_pending_channel_opens: Option<usize>,
+}
+
+/// `http.limits.*`: see [`crate::http::HttpLimits`] and the README's "HTTP edge limits".
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpLimitsLayer {
+    pub max_connections: Option<usize>,
+    pub max_connections_per_address: Option<usize>,
+    pub max_in_flight_per_tunnel: Option<usize>,
+    pub header_timeout_seconds: Option<u64>,
+    pub body_idle_timeout_seconds: Option<u64>,
+    pub response_timeout_seconds: Option<u64>,
+    pub response_idle_timeout_seconds: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -278,6 +318,7 @@ pub struct HttpLayer {
     pub public_port: Option<u16>,
     /// CIDRs (or addresses) of proxies in front of the HTTP edge.
     pub trusted_proxies: Option<Vec<String>>,
+    pub limits: HttpLimitsLayer,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -384,6 +425,7 @@ impl ServeArgs {
                     .as_ref()
                     .map(|p| p.to_string_lossy().into_owned()),
                 authorized_keys: self.authorized_keys.clone(),
+                limits: SshLimitsLayer::default(),
             },
             http: HttpLayer {
                 bind: self.http_bind,
@@ -391,6 +433,7 @@ impl ServeArgs {
                 public_scheme: self.public_scheme,
                 public_port: self.public_port,
                 trusted_proxies: None,
+                limits: HttpLimitsLayer::default(),
             },
             domain: DomainLayer {
                 base: self.domain.clone(),
@@ -451,6 +494,23 @@ pub const ENV_VARS: &[&str] = &[
     "SCAN_MAX_REQUESTS",
     "SCAN_VISIBILITY_TIMEOUT_SECONDS",
     "SCAN_ALLOWED_TARGETS",
+    "SSH_AUTH_TIMEOUT_SECONDS",
+    "SSH_MAX_STARTUPS",
+    "SSH_MAX_UNAUTHENTICATED_PER_ADDRESS",
+    "SSH_MAX_CONNECTIONS",
+    "SSH_MAX_CONNECTIONS_PER_KEY",
+    "SSH_MAX_TUNNELS_PER_KEY",
+    "SSH_MAX_FORWARDS_PER_CONNECTION",
+    "SSH_MAX_SESSION_CHANNELS",
+    "SSH_MAX_TUNNEL_CHANNELS",
+    "SSH_MAX_PENDING_CHANNEL_OPENS",
+    "HTTP_MAX_CONNECTIONS",
+    "HTTP_MAX_CONNECTIONS_PER_ADDRESS",
+    "HTTP_MAX_IN_FLIGHT_PER_TUNNEL",
+    "HTTP_HEADER_TIMEOUT_SECONDS",
+    "HTTP_BODY_IDLE_TIMEOUT_SECONDS",
+    "HTTP_RESPONSE_TIMEOUT_SECONDS",
+    "HTTP_RESPONSE_IDLE_TIMEOUT_SECONDS",
 ];
 
 fn parse_env<T: std::str::FromStr>(
@@ -602,7 +662,87 @@ pub fn env_layer(get: &dyn Fn(&str) -> Option<String>) -> Result<Layer, ConfigEr
                 .collect(),
         );
     }
+    limits_from_env(&get, &mut layer)?;
     Ok(layer)
+}
+
+/// The `SSH_*` and `HTTP_*` limit variables (each the `ssh.limits.*` / `http.limits.*` key
+/// of the same name).
+fn limits_from_env(
+    get: &dyn Fn(&str) -> Option<String>,
+    layer: &mut Layer,
+) -> Result<(), ConfigError> {
+    const COUNT: &str = "a whole number of at least 1";
+    const SECS: &str = "a whole number of seconds";
+    macro_rules! read {
+        ($slot:expr, $var:literal, $expected:expr) => {
+            if let Some(v) = get($var) {
+                $slot = Some(parse_env($var, &v, $expected)?);
+            }
+        };
+    }
+    let ssh = &mut layer.ssh.limits;
+    read!(ssh.auth_timeout_seconds, "SSH_AUTH_TIMEOUT_SECONDS", SECS);
+    if let Some(v) = get("SSH_MAX_STARTUPS") {
+        ssh.max_startups = Some(v);
+    }
+    read!(
+        ssh.max_unauthenticated_per_address,
+        "SSH_MAX_UNAUTHENTICATED_PER_ADDRESS",
+        COUNT
+    );
+    read!(ssh.max_connections, "SSH_MAX_CONNECTIONS", COUNT);
+    read!(
+        ssh.max_connections_per_key,
+        "SSH_MAX_CONNECTIONS_PER_KEY",
+        COUNT
+    );
+    read!(ssh.max_tunnels_per_key, "SSH_MAX_TUNNELS_PER_KEY", COUNT);
+    read!(
+        ssh.max_forwards_per_connection,
+        "SSH_MAX_FORWARDS_PER_CONNECTION",
+        COUNT
+    );
+    read!(ssh.max_session_channels, "SSH_MAX_SESSION_CHANNELS", COUNT);
+    read!(ssh.max_tunnel_channels, "SSH_MAX_TUNNEL_CHANNELS", COUNT);
+    read!(
+        ssh.max_pending_channel_opens,
+        "SSH_MAX_PENDING_CHANNEL_OPENS",
+        COUNT
+    );
+    let http = &mut layer.http.limits;
+    read!(http.max_connections, "HTTP_MAX_CONNECTIONS", COUNT);
+    read!(
+        http.max_connections_per_address,
+        "HTTP_MAX_CONNECTIONS_PER_ADDRESS",
+        COUNT
+    );
+    read!(
+        http.max_in_flight_per_tunnel,
+        "HTTP_MAX_IN_FLIGHT_PER_TUNNEL",
+        COUNT
+    );
+    read!(
+        http.header_timeout_seconds,
+        "HTTP_HEADER_TIMEOUT_SECONDS",
+        SECS
+    );
+    read!(
+        http.body_idle_timeout_seconds,
+        "HTTP_BODY_IDLE_TIMEOUT_SECONDS",
+        SECS
+    );
+    read!(
+        http.response_timeout_seconds,
+        "HTTP_RESPONSE_TIMEOUT_SECONDS",
+        SECS
+    );
+    read!(
+        http.response_idle_timeout_seconds,
+        "HTTP_RESPONSE_IDLE_TIMEOUT_SECONDS",
+        SECS
+    );
+    Ok(())
 }
 
 /// Parses `failures:length` pairs (`3:15m`, `10:1d`); failures must rise with each tier.
@@ -726,6 +866,7 @@ impl Config {
         if ssh.authorized_keys.is_some() {
             self.authorized_keys = ssh.authorized_keys;
         }
+        self.apply_limits(ssh.limits, http.limits);
         set(&mut self.http_bind, http.bind);
         set(&mut self.http_port, http.port);
         set(&mut self.public_scheme, http.public_scheme);
@@ -780,7 +921,75 @@ impl Config {
         }
     }
 
+    fn apply_limits(&mut self, ssh: SshLimitsLayer, http: HttpLimitsLayer) {
+        let secs = |v: Option<u64>| v.map(Duration::from_secs);
+        let l = &mut self.ssh_limits;
+        set(&mut l.auth_timeout, secs(ssh.auth_timeout_seconds));
+        if ssh.max_startups.is_some() {
+            self.ssh_max_startups = ssh.max_startups;
+        }
+        set(
+            &mut l.unauthenticated.max_per_source,
+            ssh.max_unauthenticated_per_address,
+        );
+        set(&mut l.max_connections, ssh.max_connections);
+        set(&mut l.max_connections_per_key, ssh.max_connections_per_key);
+        set(&mut l.max_tunnels_per_key, ssh.max_tunnels_per_key);
+        set(
+            &mut l.max_forwards_per_connection,
+            ssh.max_forwards_per_connection,
+        );
+        set(&mut l.max_session_channels, ssh.max_session_channels);
+        set(&mut l.max_tunnel_channels, ssh.max_tunnel_channels);
+        set(
+            &mut l.max_pending_channel_opens,
+            ssh.max_pending_channel_opens,
+        );
+        let l = &mut self.http_limits;
+        set(&mut l.max_connections, http.max_connections);
+        set(
+            &mut l.max_connections_per_address,
+            http.max_connections_per_address,
+        );
+        set(
+            &mut l.max_in_flight_per_tunnel,
+            http.max_in_flight_per_tunnel,
+        );
+        set(&mut l.header_timeout, secs(http.header_timeout_seconds));
+        set(
+            &mut l.body_idle_timeout,
+            secs(http.body_idle_timeout_seconds),
+        );
+        set(&mut l.response_timeout, secs(http.response_timeout_seconds));
+        set(
+            &mut l.response_idle_timeout,
+            secs(http.response_idle_timeout_seconds),
+        );
+    }
+
+    /// Parses `ssh.limits.max_startups` and checks every SSH and HTTP limit.
+    fn validate_limits(&mut self) -> Result<(), ConfigError> {
+        if let Some(value) = &self.ssh_max_startups {
+            self.ssh_limits.unauthenticated =
+                crate::ssh::limits::parse_max_startups(value, self.ssh_limits.unauthenticated)
+                    .map_err(|problem| ConfigError::Invalid {
+                        key: "ssh.limits.max_startups",
+                        problem,
+                    })?;
+        }
+        self.ssh_limits
+            .validate()
+            .map_err(|e| ConfigError::Invalid {
+                key: e.key,
+                problem: e.problem,
+            })?;
+        self.http_limits
+            .validate()
+            .map_err(|(key, problem)| ConfigError::Invalid { key, problem })
+    }
+
     fn validate(&mut self) -> Result<(), ConfigError> {
+        self.validate_limits()?;
         let domain = self
             .domain
             .trim()
@@ -1102,5 +1311,72 @@ mod tests {
             c.trusted_proxies,
             ["10.0.0.0/8".parse::<ipnet::IpNet>().unwrap()]
         );
+    }
+
+    #[test]
+    fn limits_come_from_yaml_and_env_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p0rt.yaml");
+        std::fs::write(
+            &path,
+            "ssh:\n  limits:\n    auth_timeout_seconds: 7\n    max_startups: \"5:50:10\"\n    \
+             max_tunnel_channels: 9\nhttp:\n  limits:\n    max_in_flight_per_tunnel: 3\n    \
+             body_idle_timeout_seconds: 4\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path.clone()),
+            ..ServeArgs::default()
+        };
+        let c = Config::load(
+            &args,
+            &env(&[
+                ("SSH_MAX_TUNNEL_CHANNELS", "11"),
+                ("HTTP_MAX_CONNECTIONS", "99"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.ssh_limits.auth_timeout, Duration::from_secs(7));
+        let u = c.ssh_limits.unauthenticated;
+        assert_eq!((u.drop_start, u.max_total), (5, 10));
+        assert_eq!(c.ssh_limits.max_tunnel_channels, 11, "env over file");
+        assert_eq!(c.ssh_limits.max_forwards_per_connection, 16, "default kept");
+        assert_eq!(c.http_limits.max_in_flight_per_tunnel, 3);
+        assert_eq!(c.http_limits.body_idle_timeout, Duration::from_secs(4));
+        assert_eq!(c.http_limits.max_connections, 99);
+        let load = |vars: &[(&str, &str)]| Config::load(&ServeArgs::default(), &env(vars));
+        for (var, bad, key) in [
+            (
+                "SSH_MAX_CONNECTIONS_PER_KEY",
+                "0",
+                "ssh.limits.max_connections_per_key",
+            ),
+            (
+                "SSH_AUTH_TIMEOUT_SECONDS",
+                "0",
+                "ssh.limits.auth_timeout_seconds",
+            ),
+            ("SSH_MAX_STARTUPS", "300:30:200", "ssh.limits.max_startups"),
+            (
+                "HTTP_RESPONSE_TIMEOUT_SECONDS",
+                "0",
+                "http.limits.response_timeout_seconds",
+            ),
+            (
+                "HTTP_MAX_CONNECTIONS_PER_ADDRESS",
+                "0",
+                "http.limits.max_connections_per_address",
+            ),
+        ] {
+            let e = load(&[(var, bad)]).expect_err(var).to_string();
+            assert!(e.contains(key), "{var}={bad}: {e}");
+        }
+        let e = load(&[("HTTP_MAX_IN_FLIGHT_PER_TUNNEL", "lots")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("HTTP_MAX_IN_FLIGHT_PER_TUNNEL"), "{e}");
+        std::fs::write(&path, "http:\n  limits:\n    max_inflight: 3\n").unwrap();
+        let e = Config::load(&args, &env(&[])).unwrap_err().to_string();
+        assert!(e.contains("max_inflight"), "unknown keys stay errors: {e}");
     }
 }

@@ -31,11 +31,33 @@ struct Ready {
     pid: u32,
 }
 
+/// Descriptors kept beside the two edges' connection caps: plugin files, the store, Redis
+/// links, upstream channels are not descriptors but logs and watchers are.
+const SPARE_FILE_DESCRIPTORS: u64 = 1024;
+
+/// Raises the soft open-files limit toward the hard one: each connection is a descriptor,
+/// and the usual soft default (1024) is far below the edges' connection caps, so without
+/// this a few hundred idle sockets would make `accept` fail for everyone.
+fn raise_open_files_limit(config: &Config) {
+    let wanted = (config.ssh_limits.max_connections + config.http_limits.max_connections) as u64
+        + SPARE_FILE_DESCRIPTORS;
+    match rlimit::increase_nofile_limit(wanted) {
+        Ok(got) if got < wanted => tracing::warn!(
+            "open files limit is {got}, below the {wanted} the connection caps need; raise the \
+             hard limit (ulimit -n, systemd LimitNOFILE) or lower ssh.limits.max_connections \
+             and http.limits.max_connections"
+        ),
+        Ok(got) => tracing::debug!("open files limit {got}"),
+        Err(e) => tracing::warn!("cannot raise the open files limit: {e}"),
+    }
+}
+
 /// Runs the host until SIGINT/SIGTERM or a fatal error. `ready_file`: written (as JSON:
 /// `ssh_port`, `http_port`, `pid`) once both edges listen.
 pub async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
     // rustls (Redis over TLS) needs a process-wide crypto provider; a second install is harmless.
     let _ = rustls::crypto::ring::default_provider().install_default();
+    raise_open_files_limit(&config);
     let link = match config.redis_url_in_use() {
         Some(url) if config.storage == StorageKind::Redis || config.enable_redis => {
             Some(connect_redis(&config, &url).await?)
@@ -89,7 +111,10 @@ pub async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<
     tracing::info!("http edge listening on {}", http_listener.local_addr()?);
     tracing::info!("tunnels will be served as {}", urls.of("<name>"));
 
-    let tunnels = Arc::new(TunnelService::new(store.clone(), plugins.clone()));
+    let tunnels = Arc::new(
+        TunnelService::new(store.clone(), plugins.clone())
+            .with_max_tunnels_per_key(config.ssh_limits.max_tunnels_per_key),
+    );
     let (scans, tokens) = scan_service(&config, link.as_ref(), &tunnels, &plugins, &http_listener)?;
     let policy = crate::bans::BanPolicy::from_config(&config);
     tracing::info!("{}", policy.describe());
@@ -99,6 +124,7 @@ pub async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<
             .map_err(|e| SettingsError(e.to_string()))?,
     });
     let ssh = Arc::new(SshEdge {
+        limits: config.ssh_limits,
         bans,
         tunnels: tunnels.clone(),
         access: KeyAccess::new(config.authorized_keys.clone()),
@@ -124,6 +150,7 @@ pub async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<
         scans: scans.clone(),
         tokens,
         trusted_proxies: crate::http::TrustedProxies(config.trusted_proxies.clone()),
+        limits: config.http_limits,
     });
 
     let (stop_tx, stop) = crate::shutdown::channel();

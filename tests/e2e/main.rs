@@ -12,6 +12,7 @@ mod bans;
 mod edge_errors;
 mod edge_review;
 mod flow_control;
+mod limits;
 mod host_keys;
 mod names;
 mod p0rt_names;

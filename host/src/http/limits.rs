@@ -35,6 +35,100 @@ pub const MAX_IN_FLIGHT_PER_TUNNEL: usize = 128;
 pub const BUSY_RETRY_AFTER_SECONDS: u32 = 1;
 /// Most `X-Forwarded-For` entries walked back from the right when the peer is trusted.
 const MAX_FORWARDED_HOPS: usize = 16;
+/// Concurrent HTTP connections accepted; beyond this new connections are closed at once.
+pub const MAX_HTTP_CONNECTIONS: usize = 50_000;
+/// A client must send its complete request headers within this time; a keep-alive
+/// connection that sends no new request for as long is closed.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest timeout setting accepted: longer ones only help a slow client hold resources.
+pub const MAX_TIMEOUT_SETTING: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Every HTTP edge limit an operator can set (`http.limits.*`; README, "HTTP edge limits").
+#[derive(Clone, Copy, Debug)]
+pub struct HttpLimits {
+    pub max_connections: usize,
+    pub max_connections_per_address: usize,
+    pub max_in_flight_per_tunnel: usize,
+    pub header_timeout: Duration,
+    pub body_idle_timeout: Duration,
+    pub response_timeout: Duration,
+    pub response_idle_timeout: Duration,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            max_connections: MAX_HTTP_CONNECTIONS,
+            max_connections_per_address: MAX_CONNECTIONS_PER_IP,
+            max_in_flight_per_tunnel: MAX_IN_FLIGHT_PER_TUNNEL,
+            header_timeout: HEADER_READ_TIMEOUT,
+            body_idle_timeout: BODY_IDLE_TIMEOUT,
+            response_timeout: RESPONSE_TIMEOUT,
+            response_idle_timeout: RESPONSE_IDLE_TIMEOUT,
+        }
+    }
+}
+
+impl HttpLimits {
+    /// Refuses zero caps and timeouts outside 1 s to [`MAX_TIMEOUT_SETTING`]; the error
+    /// names the setting.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        for (key, value) in [
+            ("http.limits.max_connections", self.max_connections),
+            (
+                "http.limits.max_connections_per_address",
+                self.max_connections_per_address,
+            ),
+            (
+                "http.limits.max_in_flight_per_tunnel",
+                self.max_in_flight_per_tunnel,
+            ),
+        ] {
+            if value == 0 {
+                return Err((key, "must be at least 1".into()));
+            }
+        }
+        for (key, value) in [
+            ("http.limits.header_timeout_seconds", self.header_timeout),
+            (
+                "http.limits.body_idle_timeout_seconds",
+                self.body_idle_timeout,
+            ),
+            (
+                "http.limits.response_timeout_seconds",
+                self.response_timeout,
+            ),
+            (
+                "http.limits.response_idle_timeout_seconds",
+                self.response_idle_timeout,
+            ),
+        ] {
+            if value < Duration::from_secs(1) || value > MAX_TIMEOUT_SETTING {
+                return Err((
+                    key,
+                    format!("must be 1 to {} seconds", MAX_TIMEOUT_SETTING.as_secs()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The startup line listing every HTTP limit.
+    pub fn describe(&self) -> String {
+        format!(
+            "http limits: connections {} (per address {}); requests in flight per tunnel {} \
+             (then 503, Retry-After {BUSY_RETRY_AFTER_SECONDS}s); headers and keep-alive idle \
+             {}s; request body idle {}s; response start {}s, response body idle {}s",
+            self.max_connections,
+            self.max_connections_per_address,
+            self.max_in_flight_per_tunnel,
+            self.header_timeout.as_secs(),
+            self.body_idle_timeout.as_secs(),
+            self.response_timeout.as_secs(),
+            self.response_idle_timeout.as_secs(),
+        )
+    }
+}
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

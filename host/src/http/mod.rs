@@ -48,18 +48,14 @@ use crate::store::DomainStore;
 use crate::tokens::TokenStore;
 use crate::tunnels::{Resolution, Tunnel, TunnelService};
 pub use error::{EdgeError, Fault};
-pub use limits::TrustedProxies;
+pub use limits::{HttpLimits, TrustedProxies};
 use route::Target;
 use upstream::UpstreamPool;
 
-/// A client must send its complete request headers within this time.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most header bytes accepted per request; more gets 431.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Most header lines accepted per request; more gets 431.
 pub const MAX_HEADERS: usize = 100;
-/// Concurrent HTTP connections accepted; beyond this new connections are closed at once.
-pub const MAX_HTTP_CONNECTIONS: usize = 50_000;
 /// Time in-flight requests get to finish once the host is shutting down.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Most characters of a request path shown in the tunnel owner's request log.
@@ -87,6 +83,8 @@ pub struct HttpEdge {
     pub tokens: Arc<TokenStore>,
     /// Proxies whose forwarded client address is believed.
     pub trusted_proxies: TrustedProxies,
+    /// Caps and timeouts (`http.limits.*`).
+    pub limits: HttpLimits,
 }
 
 type Body = BoxBody<Bytes, limits::BoxError>;
@@ -94,12 +92,14 @@ type Body = BoxBody<Bytes, limits::BoxError>;
 /// Accepts HTTP connections until `stop` turns true; then lets in-flight requests finish
 /// (at most [`SHUTDOWN_GRACE`]) and closes idle keep-alive connections.
 pub async fn serve(listener: TcpListener, edge: Arc<HttpEdge>, mut stop: Stop) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HTTP_CONNECTIONS));
+    let limits = edge.limits;
+    tracing::info!("{}", limits.describe());
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let per_ip = Arc::new(limits::PerIpConnections::default());
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(limits.header_timeout)
         .max_buf_size(MAX_HEADER_BYTES)
         .max_header_size(MAX_HEADER_BYTES)
         .max_headers(MAX_HEADERS)
@@ -124,10 +124,10 @@ pub async fn serve(listener: TcpListener, edge: Arc<HttpEdge>, mut stop: Stop) {
         };
         // The TCP peer: a trusted proxy's connections are many clients, but the cap is per
         // connection source, which is what holds the sockets.
-        let Some(ip_slot) = per_ip.try_open(peer.ip(), limits::MAX_CONNECTIONS_PER_IP) else {
+        let Some(ip_slot) = per_ip.try_open(peer.ip(), limits.max_connections_per_address) else {
             tracing::debug!(
                 "refusing http connection from {peer}: {} open from that address",
-                limits::MAX_CONNECTIONS_PER_IP
+                limits.max_connections_per_address
             );
             continue;
         };
@@ -230,7 +230,7 @@ async fn phases(
     };
     ctx.tunnel = Some(tunnel.clone());
     let edits = proxy::admit(&req, ctx, &tunnel, edge.requests.as_ref()).await?;
-    proxy::forward(req, ctx, &tunnel, &edge.upstreams, edits).await
+    proxy::forward(req, ctx, &tunnel, &edge.upstreams, edits, &edge.limits).await
 }
 
 /// Phase 6, log: a line on the tunnel owner's terminal for every request that reached a

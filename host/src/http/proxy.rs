@@ -5,6 +5,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
@@ -14,7 +15,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
 use super::error::EdgeError;
-use super::limits::{self, BodyStalled, IdleBody, InFlightGuard};
+use super::limits::{BodyStalled, HttpLimits, IdleBody, InFlightGuard};
 use super::upstream::UpstreamPool;
 use super::{Body, RequestCtx};
 use base64::Engine as _;
@@ -170,9 +171,10 @@ pub async fn forward(
     tunnel: &Tunnel,
     pool: &UpstreamPool,
     edits: HeaderEdits,
+    limits: &HttpLimits,
 ) -> Result<Response<Body>, EdgeError> {
     // Counted until the response body ends, so a slow backend holds at most this many.
-    let in_flight = InFlightGuard::try_new(&tunnel.in_flight, limits::MAX_IN_FLIGHT_PER_TUNNEL)
+    let in_flight = InFlightGuard::try_new(&tunnel.in_flight, limits.max_in_flight_per_tunnel)
         .ok_or(EdgeError::Busy)?;
     let client_upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
     let upgrade = client_upgrade.is_some();
@@ -187,7 +189,7 @@ pub async fn forward(
     // upload cut short), the failed exchange is the client's fault, not the backend's.
     let body_failed = Arc::new(AtomicBool::new(false));
     let body_stalled = Arc::new(AtomicBool::new(false));
-    let body = IdleBody::new(body, limits::BODY_IDLE_TIMEOUT, None)
+    let body = IdleBody::new(body, limits.body_idle_timeout, None)
         .map_err({
             let (body_failed, body_stalled) = (body_failed.clone(), body_stalled.clone());
             move |e| {
@@ -204,7 +206,7 @@ pub async fn forward(
         .await
         .map_err(EdgeError::Unreachable)?;
     let sent = tokio::time::timeout(
-        limits::RESPONSE_TIMEOUT,
+        limits.response_timeout,
         sender.send_request(Request::from_parts(parts, body)),
     )
     .await
@@ -225,7 +227,7 @@ pub async fn forward(
     if !upgrade {
         pool.put(tunnel, sender);
     }
-    let mut response = filter_response(response, Some(in_flight));
+    let mut response = filter_response(response, Some(in_flight), limits.response_idle_timeout);
     apply_edits(response.headers_mut(), &edits.response);
     Ok(response)
 }
@@ -254,15 +256,16 @@ pub fn rewrite_headers(headers: &mut HeaderMap, peer: IpAddr, upgrade: bool) {
 }
 
 /// Phase 5, filter: the backend's response without its hop-by-hop headers; its body is cut
-/// off if it pauses longer than [`limits::RESPONSE_IDLE_TIMEOUT`], and holds the tunnel's
-/// in-flight slot until it ends.
+/// off if it pauses longer than `idle_timeout` (`http.limits.response_idle_timeout_seconds`),
+/// and holds the tunnel's in-flight slot until it ends.
 pub fn filter_response(
     response: Response<Incoming>,
     in_flight: Option<InFlightGuard>,
+    idle_timeout: Duration,
 ) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    let body = IdleBody::new(body, limits::RESPONSE_IDLE_TIMEOUT, in_flight);
+    let body = IdleBody::new(body, idle_timeout, in_flight);
     Response::from_parts(parts, body.boxed())
 }
 

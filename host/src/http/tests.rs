@@ -129,6 +129,7 @@ impl Edge {
             scans,
             tokens: Arc::new(crate::tokens::TokenStore::open_file(dir.path()).unwrap()),
             trusted_proxies: crate::http::TrustedProxies::default(),
+            limits: crate::http::HttpLimits::default(),
         });
         let (stop_tx, stop) = crate::shutdown::channel();
         tokio::spawn(serve(listener, edge.clone(), stop));

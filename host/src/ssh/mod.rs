@@ -14,6 +14,7 @@ mod access;
 pub mod admission;
 mod commands;
 mod host_key;
+pub mod limits;
 
 use std::collections::HashMap;
 use std::io;
@@ -34,13 +35,16 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use admission::{
-    Admission, AdmissionLimits, KeyConnections, KeySlot, MAX_CONNECTIONS_PER_KEY,
-    REFUSAL_SUMMARY_INTERVAL, Unauthenticated, Watched,
+    Admission, KeyConnections, KeySlot, REFUSAL_SUMMARY_INTERVAL, Unauthenticated, Watched,
 };
 
 pub use access::KeyAccess;
 use commands::Command;
 pub use host_key::{HostKeyError, load_host_keys};
+pub use limits::{
+    AUTH_TIMEOUT, MAX_FORWARDS_PER_CONNECTION, MAX_PENDING_CHANNEL_OPENS, MAX_SESSION_CHANNELS,
+    MAX_SSH_CONNECTIONS, MAX_TUNNEL_CHANNELS, SshLimits,
+};
 
 use crate::config::PublicUrls;
 use crate::names::{KeyHash, Label, TunnelName, fingerprint};
@@ -49,29 +53,16 @@ use crate::shutdown::Stop;
 use crate::tokens::TokenStore;
 use crate::tunnels::options::{self, SessionOptions};
 use crate::tunnels::{
-    KeyIdentity, LinkError, SESSION_OUTPUT_LINE_MAX, SESSION_OUTPUT_QUEUE, SessionId,
-    SessionOutput, SessionOutputSink, TunnelLink, TunnelService, UpstreamIo,
+    KeyIdentity, LinkError, SessionId, SessionOutput, SessionOutputSink, TunnelLink, TunnelService,
+    UpstreamIo,
 };
 
 /// Keepalive probe interval; with [`KEEPALIVE_MAX`] a dead client is dropped within 30 s.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// Unanswered keepalives before the connection is closed.
 pub const KEEPALIVE_MAX: usize = 2;
-/// Time from accept to authenticated, banner and key exchange included (`LoginGraceTime`).
-pub const AUTH_TIMEOUT: Duration = Duration::from_secs(20);
 /// Time a client gets to go after the auth deadline's disconnect before its socket is closed.
 const DEADLINE_CLOSE_GRACE: Duration = Duration::from_secs(1);
-/// Concurrent SSH connections accepted; beyond this new connections are closed at once.
-pub const MAX_SSH_CONNECTIONS: usize = 20_000;
-/// Remote forwards one connection may hold.
-pub const MAX_FORWARDS_PER_CONNECTION: usize = 16;
-/// Session channels (shell, `info`, `scan`, …) one connection may have open at once.
-pub const MAX_SESSION_CHANNELS: usize = 4;
-/// Tunnel channels (`forwarded-tcpip`, one per visitor stream, pooled idle ones included) open
-/// at once on one connection; beyond this visitors get 502.
-pub const MAX_TUNNEL_CHANNELS: usize = 512;
-/// Tunnel channel opens one connection's client has not answered yet; more visitors wait.
-pub const MAX_PENDING_CHANNEL_OPENS: usize = 32;
 /// Refusals logged at info per connection; later ones are logged at debug.
 pub const LOGGED_REFUSALS_PER_CONNECTION: u32 = 16;
 /// At most one notice per connection about refused or waiting tunnel channels per interval.
@@ -120,34 +111,10 @@ struct Guards {
     keys: Arc<KeyConnections>,
 }
 
-/// The startup line listing every SSH limit.
-fn limits_line(limits: &AdmissionLimits, keys: &KeyConnections, tunnels: &TunnelService) -> String {
-    format!(
-        "ssh limits: auth deadline {}s; unauthenticated connections {} (per address {}, \
-         random drop from {} at {:.0}% rising to 100%, silent ones replaced after {}s); \
-         connections {} (per key {}); per connection {} session channels, {} forwards, \
-         {} tunnel channels ({} opening); tunnels per key {}; session output {} lines of \
-         up to {} bytes; compression off",
-        AUTH_TIMEOUT.as_secs(),
-        limits.max_total,
-        limits.max_per_source,
-        limits.drop_start,
-        limits.drop_rate_at_start * 100.0,
-        limits.idle_replace_after.as_secs(),
-        MAX_SSH_CONNECTIONS,
-        keys.max(),
-        MAX_SESSION_CHANNELS,
-        MAX_FORWARDS_PER_CONNECTION,
-        MAX_TUNNEL_CHANNELS,
-        MAX_PENDING_CHANNEL_OPENS,
-        tunnels.max_tunnels_per_key(),
-        SESSION_OUTPUT_QUEUE,
-        SESSION_OUTPUT_LINE_MAX,
-    )
-}
-
 /// What the SSH edge needs from the rest of the host.
 pub struct SshEdge {
+    /// Caps and deadlines (`ssh.limits.*`).
+    pub limits: SshLimits,
     /// Failed-auth bans: checked at accept, fed when a connection fails to authenticate.
     pub bans: Arc<crate::bans::BanList>,
     pub tunnels: Arc<TunnelService>,
@@ -178,14 +145,12 @@ pub async fn serve(
 ) {
     let config = Arc::new(russh_config(host_keys));
     let guards = Arc::new(Guards {
-        admission: Admission::new(AdmissionLimits::default()),
-        keys: KeyConnections::new(MAX_CONNECTIONS_PER_KEY),
+        admission: Admission::new(edge.limits.unauthenticated),
+        keys: KeyConnections::new(edge.limits.max_connections_per_key),
     });
-    tracing::info!(
-        "{}",
-        limits_line(guards.admission.limits(), &guards.keys, &edge.tunnels)
-    );
-    let slots = Arc::new(Semaphore::new(MAX_SSH_CONNECTIONS));
+    tracing::info!("{}", edge.limits.describe());
+    let max_connections = edge.limits.max_connections;
+    let slots = Arc::new(Semaphore::new(max_connections));
     let mut connections = JoinSet::new();
     // Refusals are counted and summed up at most once per interval, so a flood of
     // connections is a line every ten seconds in the log, not a line per connection.
@@ -211,7 +176,7 @@ pub async fn serve(
                 }
                 if refused_at_max > 0 {
                     tracing::warn!(
-                        "refused {refused_at_max} ssh connections: {MAX_SSH_CONNECTIONS} connections open"
+                        "refused {refused_at_max} ssh connections: {max_connections} connections open"
                     );
                     refused_at_max = 0;
                 }
@@ -220,7 +185,7 @@ pub async fn serve(
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::debug!(
-                "refusing ssh connection from {peer}: {MAX_SSH_CONNECTIONS} connections open"
+                "refusing ssh connection from {peer}: {max_connections} connections open"
             );
             refused_at_max += 1;
             continue;
@@ -273,7 +238,8 @@ async fn run_connection(
     mut disconnect: Stop,
 ) {
     // One deadline from accept covers the version exchange, key exchange and authentication.
-    let deadline = tokio::time::Instant::now() + AUTH_TIMEOUT;
+    let auth_timeout = edge.limits.auth_timeout;
+    let deadline = tokio::time::Instant::now() + auth_timeout;
     let watch = pending.watch();
     let authenticated = Arc::new(AtomicBool::new(false));
     let handler = Connection::new(edge, guards, peer, authenticated.clone(), pending);
@@ -287,7 +253,7 @@ async fn run_connection(
             return;
         }
         Err(_) => {
-            tracing::debug!("ssh client {peer} sent no version line within {AUTH_TIMEOUT:?}");
+            tracing::debug!("ssh client {peer} sent no version line within {auth_timeout:?}");
             return;
         }
     };
@@ -302,10 +268,10 @@ async fn run_connection(
             _ = &mut auth_deadline, if !deadline_passed => {
                 deadline_passed = true;
                 if !authenticated.load(Ordering::Acquire) {
-                    tracing::debug!("ssh client {peer} did not authenticate within {AUTH_TIMEOUT:?}");
+                    tracing::debug!("ssh client {peer} did not authenticate within {auth_timeout:?}");
                     let bye = handle.disconnect(
                         russh::Disconnect::ByApplication,
-                        format!("authentication timeout ({}s)", AUTH_TIMEOUT.as_secs()),
+                        format!("authentication timeout ({}s)", auth_timeout.as_secs()),
                         String::new(),
                     );
                     let _ = tokio::time::timeout(DEADLINE_CLOSE_GRACE, bye).await;
@@ -341,7 +307,9 @@ fn log_session_end(peer: SocketAddr, result: Result<(), russh::Error>) {
 /// The tunnel channels of one connection: those open, and those the client has not answered.
 struct ChannelBudget {
     open: Arc<Semaphore>,
+    max_open: usize,
     pending: Arc<Semaphore>,
+    max_pending: usize,
     peer: SocketAddr,
     output: SessionOutput,
     /// Visitor streams refused for want of a channel.
@@ -351,10 +319,14 @@ struct ChannelBudget {
 }
 
 impl ChannelBudget {
-    fn new(peer: SocketAddr, output: SessionOutput) -> ChannelBudget {
+    fn new(peer: SocketAddr, output: SessionOutput, limits: &SshLimits) -> ChannelBudget {
+        let (max_open, max_pending) =
+            (limits.max_tunnel_channels, limits.max_pending_channel_opens);
         ChannelBudget {
-            open: Arc::new(Semaphore::new(MAX_TUNNEL_CHANNELS)),
-            pending: Arc::new(Semaphore::new(MAX_PENDING_CHANNEL_OPENS)),
+            open: Arc::new(Semaphore::new(max_open)),
+            max_open,
+            pending: Arc::new(Semaphore::new(max_pending)),
+            max_pending,
             peer,
             output,
             refused: Notice::new(),
@@ -423,7 +395,8 @@ impl TunnelLink for SshLink {
         let budget = &self.budget;
         let Ok(open) = budget.open.clone().try_acquire_owned() else {
             let reason = format!(
-                "the tunnel's SSH connection has {MAX_TUNNEL_CHANNELS} channels open, the most it may"
+                "the tunnel's SSH connection has {} channels open, the most it may",
+                budget.max_open
             );
             budget.note(&budget.refused, |n| {
                 format!("refused {n} visitor streams: {reason}")
@@ -438,7 +411,8 @@ impl TunnelLink for SshLink {
                 budget.note(&budget.waited, |n| {
                     format!(
                         "{n} visitor streams wait: the tunnel client has not answered \
-                         {MAX_PENDING_CHANNEL_OPENS} channel opens"
+                         {} channel opens",
+                        budget.max_pending
                     )
                 });
                 budget
@@ -589,6 +563,7 @@ impl Connection {
         unauthenticated: Unauthenticated,
     ) -> Self {
         let (output, sink) = SessionOutput::new();
+        let channels = Arc::new(ChannelBudget::new(peer, output.clone(), &edge.limits));
         Connection {
             id: SessionId::next(),
             peer,
@@ -601,7 +576,7 @@ impl Connection {
             key: None,
             name: None,
             forwards: Vec::new(),
-            channels: Arc::new(ChannelBudget::new(peer, output.clone())),
+            channels,
             output,
             output_sink: Some(sink),
             sessions: HashMap::new(),
@@ -808,10 +783,9 @@ impl Connection {
                  use -R 80:localhost:<your port>"
                 .into());
         }
-        if self.forwards.len() >= MAX_FORWARDS_PER_CONNECTION {
-            return Err(format!(
-                "at most {MAX_FORWARDS_PER_CONNECTION} forwards per connection"
-            ));
+        let max_forwards = self.edge.limits.max_forwards_per_connection;
+        if self.forwards.len() >= max_forwards {
+            return Err(format!("at most {max_forwards} forwards per connection"));
         }
         let label = Label::from_bind_address(address)?;
         let main = self.main_name().await?;
@@ -952,9 +926,10 @@ impl russh::server::Handler for Connection {
                 .await;
             return Ok(());
         }
-        if self.open_sessions() >= MAX_SESSION_CHANNELS {
+        let max_sessions = self.edge.limits.max_session_channels;
+        if self.open_sessions() >= max_sessions {
             self.refuse(format!(
-                "refused a session channel: at most {MAX_SESSION_CHANNELS} open per connection"
+                "refused a session channel: at most {max_sessions} open per connection"
             ));
             reply.reject(ChannelOpenFailure::ResourceShortage).await;
             return Ok(());
