@@ -25,6 +25,10 @@ pub const DEFAULT_DATA_DIR: &str = "./data";
 pub const HOST_KEY_FILE_NAME: &str = "ssh_host_ed25519_key";
 /// P0rt's host key file, in the working directory; served when no host key is configured.
 pub const P0RT_HOST_KEY_FILE: &str = "ssh_host_key";
+/// P0rt's config file, read from the working directory when no file is named.
+pub const P0RT_CONFIG_FILE: &str = "config.yaml";
+/// Redis port when only `REDIS_HOST` is given (P0rt's `REDIS_HOST` + `REDIS_PORT`).
+pub const DEFAULT_REDIS_PORT: u16 = 6379;
 /// Prefix of p0rt's Redis keys (the seed's layout: `p0rt:domain:{hash}`).
 pub const DEFAULT_REDIS_PREFIX: &str = "p0rt:";
 /// Domain records expire from Redis after this many days without a connection (P0rt: 365).
@@ -160,6 +164,15 @@ pub struct Config {
     ssh_max_startups: Option<String>,
     /// `http.limits.*`.
     pub http_limits: crate::http::HttpLimits,
+    /// `domain.reservations_enabled` (P0rt's `DOMAIN_RESERVATIONS_ENABLED`).
+    pub reservations_enabled: bool,
+    /// Some layer set `storage.type`; if none did, a configured Redis URL moves the domain
+    /// store to Redis, as in P0rt.
+    storage_explicit: bool,
+    /// The store is Redis only because a Redis URL is set and `storage.type` is not.
+    pub storage_follows_redis_url: bool,
+    /// The YAML file read, if any (`--config`, `CONFIG_FILE`, or P0rt's `./config.yaml`).
+    pub config_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -197,6 +210,10 @@ impl Default for Config {
             ssh_limits: crate::ssh::SshLimits::default(),
             ssh_max_startups: None,
             http_limits: crate::http::HttpLimits::default(),
+            reservations_enabled: false,
+            storage_explicit: false,
+            storage_follows_redis_url: false,
+            config_file: None,
         }
     }
 }
@@ -204,7 +221,7 @@ impl Default for Config {
 /// What went wrong while building the configuration. Each message names its source.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source} (check the path given to --config)")]
+    #[error("cannot read config file {path}: {source} (check the path given to --config or CONFIG_FILE)")]
     ReadFile {
         path: PathBuf,
         source: std::io::Error,
@@ -226,6 +243,8 @@ pub enum ConfigError {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Layer {
+    /// P0rt's shape; see [`ServerLayer`].
+    pub server: ServerLayer,
     pub ssh: SshLayer,
     pub http: HttpLayer,
     pub domain: DomainLayer,
@@ -325,6 +344,30 @@ pub struct HttpLayer {
 #[serde(deny_unknown_fields, default)]
 pub struct DomainLayer {
     pub base: Option<String>,
+    /// P0rt's switch for name reservations (`DOMAIN_RESERVATIONS_ENABLED`).
+    pub reservations_enabled: Option<bool>,
+}
+
+/// P0rt's `server.*` section (`server.ssh.port`, `server.ssh.host_key`, `server.http.port`),
+/// accepted so a P0rt `config.yaml` works unchanged; p0rt's own keys win when both are set.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerLayer {
+    pub ssh: ServerSshLayer,
+    pub http: ServerHttpLayer,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSshLayer {
+    pub port: Option<u16>,
+    pub host_key: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerHttpLayer {
+    pub port: Option<u16>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -351,7 +394,8 @@ pub struct AdminLayer {
 /// Flags of `p0rt serve`. Each flag overrides its environment variable and YAML key.
 #[derive(Args, Debug, Default, Clone)]
 pub struct ServeArgs {
-    /// YAML config file (keys as in the README's configuration table; unknown keys are errors)
+    /// YAML config file (keys as in the README's configuration table, or P0rt's `server.*`
+    /// shape; unknown keys are errors) [env: CONFIG_FILE] [default: ./config.yaml if present]
     #[arg(long, short = 'c', value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Once serving, write the bound ports here as JSON (`{"ssh_port":…,"http_port":…,"pid":…}`),
@@ -435,8 +479,10 @@ impl ServeArgs {
                 trusted_proxies: None,
                 limits: HttpLimitsLayer::default(),
             },
+            server: ServerLayer::default(),
             domain: DomainLayer {
                 base: self.domain.clone(),
+                reservations_enabled: None,
             },
             storage: StorageLayer {
                 kind: self.storage,
@@ -468,6 +514,13 @@ pub const ENV_VARS: &[&str] = &[
     "SSH_HOST_KEY",
     "STORAGE_TYPE",
     "REDIS_URL",
+    "P0RT_REDIS_URL",
+    "REDIS_HOST",
+    "REDIS_PORT",
+    "STORAGE_DATA_DIR",
+    "CONFIG_FILE",
+    "P0RT_API_KEY",
+    "DOMAIN_RESERVATIONS_ENABLED",
     "REDIS_PASSWORD",
     "REDIS_DB",
     "DATA_DIR",
@@ -591,6 +644,43 @@ pub fn env_layer(get: &dyn Fn(&str) -> Option<String>) -> Result<Layer, ConfigEr
     }
     if let Some(v) = get("STORAGE_TYPE") {
         layer.storage.kind = Some(parse_choice("STORAGE_TYPE", &v)?);
+    }
+    // P0rt's names first, so p0rt's own (below) win when both are set.
+    if let Some(v) = get("STORAGE_DATA_DIR") {
+        layer.storage.data_dir = Some(PathBuf::from(v));
+    }
+    if let Some(v) = get("DOMAIN_RESERVATIONS_ENABLED") {
+        // P0rt: "true" or "1" turn it on, anything else off; p0rt refuses anything else.
+        layer.domain.reservations_enabled = Some(match v.trim() {
+            "true" | "1" => true,
+            "false" | "0" => false,
+            _ => {
+                return Err(ConfigError::Env {
+                    var: "DOMAIN_RESERVATIONS_ENABLED",
+                    value: v,
+                    problem: "expected true, false, 1 or 0".into(),
+                });
+            }
+        });
+    }
+    if let Some(v) = get("REDIS_HOST") {
+        let port = match get("REDIS_PORT") {
+            Some(p) => parse_env::<u16>("REDIS_PORT", &p, PORT)?,
+            None => DEFAULT_REDIS_PORT,
+        };
+        let host = v.trim();
+        let host = if host.contains(':') && !host.starts_with('[') {
+            format!("[{host}]")
+        } else {
+            host.to_string()
+        };
+        layer.storage.redis_url = Some(format!("redis://{host}:{port}"));
+    }
+    if let Some(v) = get("P0RT_REDIS_URL") {
+        layer.storage.redis_url = Some(v);
+    }
+    if let Some(v) = get("P0RT_API_KEY") {
+        layer.admin.token = Some(Secret::new(v));
     }
     if let Some(v) = get("DATA_DIR") {
         layer.storage.data_dir = Some(PathBuf::from(v));
@@ -792,6 +882,19 @@ fn networks(key: &'static str, entries: &[String]) -> Result<Vec<ipnet::IpNet>, 
         .collect()
 }
 
+/// The YAML file to read: `--config`, else `CONFIG_FILE`, else P0rt's `./config.yaml` if it
+/// exists. A named file must exist; the implicit one is read only when present.
+fn config_file(args: &ServeArgs, env: &dyn Fn(&str) -> Option<String>) -> Option<PathBuf> {
+    if let Some(path) = &args.config {
+        return Some(path.clone());
+    }
+    if let Some(path) = env("CONFIG_FILE").filter(|v| !v.trim().is_empty()) {
+        return Some(PathBuf::from(path));
+    }
+    let implicit = Path::new(P0RT_CONFIG_FILE);
+    implicit.is_file().then(|| implicit.to_path_buf())
+}
+
 /// Reads and parses a YAML config file into a layer. An empty file is an empty layer.
 pub fn file_layer(path: &Path) -> Result<Layer, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
@@ -823,7 +926,8 @@ impl Config {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
         let mut layers = Vec::with_capacity(3);
-        if let Some(path) = &args.config {
+        let config_file = config_file(args, env);
+        if let Some(path) = &config_file {
             layers.push(file_layer(path)?);
         }
         layers.push(env_layer(env)?);
@@ -837,14 +941,20 @@ impl Config {
             Some(value) => host_key_source(&value),
             None => HostKeySource::Default,
         };
+        config.config_file = config_file;
+        if !config.storage_explicit && config.redis_url.is_some() {
+            config.storage = StorageKind::Redis;
+            config.storage_follows_redis_url = true;
+        }
         config.validate()?;
         Ok(config)
     }
 
     fn apply(&mut self, layer: Layer, host_key: &mut Option<String>) {
         let Layer {
-            ssh,
-            http,
+            server,
+            mut ssh,
+            mut http,
             domain,
             storage,
             admin,
@@ -852,6 +962,13 @@ impl Config {
             scan,
             security,
         } = layer;
+        ssh.port = ssh.port.or(server.ssh.port);
+        ssh.host_key = ssh.host_key.or(server.ssh.host_key);
+        http.port = http.port.or(server.http.port);
+        if storage.kind.is_some() {
+            self.storage_explicit = true;
+        }
+        set(&mut self.reservations_enabled, domain.reservations_enabled);
         if security.ban_exempt.is_some() {
             self.security_ban_exempt = security.ban_exempt;
         }
@@ -1311,6 +1428,82 @@ mod tests {
             c.trusted_proxies,
             ["10.0.0.0/8".parse::<ipnet::IpNet>().unwrap()]
         );
+    }
+
+    #[test]
+    fn p0rt_settings_and_yaml_shape_are_understood() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.yaml");
+        // P0rt's config.yaml as its README shows it.
+        std::fs::write(
+            &path,
+            "server:\n  ssh:\n    port: 2022\n    host_key: /etc/p0rt/key\n  http:\n    port: 8081\n\
+             domain:\n  base: tunnels.example.com\n  reservations_enabled: true\n\
+             storage:\n  type: json\n  data_dir: /var/lib/p0rt\n",
+        )
+        .unwrap();
+        let file = path.to_string_lossy().into_owned();
+        let c = Config::load(&ServeArgs::default(), &env(&[("CONFIG_FILE", &file)])).unwrap();
+        assert_eq!((c.ssh_port, c.http_port), (2022, 8081));
+        assert!(matches!(&c.host_key, HostKeySource::File(p) if p == Path::new("/etc/p0rt/key")));
+        assert_eq!(c.domain, "tunnels.example.com");
+        assert!(c.reservations_enabled);
+        assert_eq!(c.data_dir, Path::new("/var/lib/p0rt"));
+        assert_eq!(c.config_file.as_deref(), Some(path.as_path()));
+        // p0rt's own key wins over P0rt's in the same file; unknown keys stay errors.
+        std::fs::write(&path, "server:\n  ssh:\n    port: 1\nssh:\n  port: 2\n").unwrap();
+        let c = Config::load(&ServeArgs::default(), &env(&[("CONFIG_FILE", &file)])).unwrap();
+        assert_eq!(c.ssh_port, 2);
+        std::fs::write(&path, "server:\n  ssh:\n    prot: 1\n").unwrap();
+        let e = Config::load(&ServeArgs::default(), &env(&[("CONFIG_FILE", &file)]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("prot") && e.contains("config.yaml"), "{e}");
+        let missing = dir.path().join("nope.yaml").to_string_lossy().into_owned();
+        let e = Config::load(&ServeArgs::default(), &env(&[("CONFIG_FILE", &missing)]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nope.yaml") && e.contains("CONFIG_FILE"), "{e}");
+
+        let load = |vars: &[(&str, &str)]| Config::load(&ServeArgs::default(), &env(vars)).unwrap();
+        // Environment names P0rt uses where p0rt's differ; p0rt's win when both are set.
+        let c = load(&[("STORAGE_DATA_DIR", "/srv/a")]);
+        assert_eq!(c.data_dir, Path::new("/srv/a"));
+        let c = load(&[("STORAGE_DATA_DIR", "/srv/a"), ("DATA_DIR", "/srv/b")]);
+        assert_eq!(c.data_dir, Path::new("/srv/b"));
+        let c = load(&[("P0RT_API_KEY", "k3y-k3y-k3y-k3y-k3y")]);
+        assert_eq!(c.admin_token.as_ref().map(Secret::expose), Some("k3y-k3y-k3y-k3y-k3y"));
+        let c = load(&[("DOMAIN_RESERVATIONS_ENABLED", "1")]);
+        assert!(c.reservations_enabled);
+        assert!(!load(&[]).reservations_enabled);
+        // A Redis URL moves the store to Redis unless STORAGE_TYPE says otherwise (P0rt).
+        assert_eq!(load(&[]).storage, StorageKind::Json);
+        let c = load(&[("REDIS_URL", "redis://r:1")]);
+        assert_eq!((c.storage, c.storage_follows_redis_url), (StorageKind::Redis, true));
+        let c = load(&[("REDIS_URL", "redis://r:1"), ("STORAGE_TYPE", "json")]);
+        assert_eq!((c.storage, c.storage_follows_redis_url), (StorageKind::Json, false));
+        assert_eq!(c.redis_url.as_deref(), Some("redis://r:1"), "still the cache's");
+        let c = load(&[("P0RT_REDIS_URL", "redis://p:2")]);
+        assert_eq!(c.redis_url.as_deref(), Some("redis://p:2"));
+        assert_eq!(c.storage, StorageKind::Redis);
+        let c = load(&[("REDIS_HOST", "h"), ("REDIS_PORT", "7000")]);
+        assert_eq!(c.redis_url.as_deref(), Some("redis://h:7000"));
+        let c = load(&[("REDIS_HOST", "::1")]);
+        assert_eq!(c.redis_url.as_deref(), Some("redis://[::1]:6379"));
+        // Precedence as in P0rt: REDIS_URL, then P0RT_REDIS_URL, then REDIS_HOST.
+        let c = load(&[
+            ("REDIS_HOST", "h"),
+            ("P0RT_REDIS_URL", "redis://p:2"),
+            ("REDIS_URL", "redis://r:1"),
+        ]);
+        assert_eq!(c.redis_url.as_deref(), Some("redis://r:1"));
+        let e = Config::load(
+            &ServeArgs::default(),
+            &env(&[("DOMAIN_RESERVATIONS_ENABLED", "yes please")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("DOMAIN_RESERVATIONS_ENABLED"), "{e}");
     }
 
     #[test]

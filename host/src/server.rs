@@ -58,6 +58,15 @@ pub async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<
     // rustls (Redis over TLS) needs a process-wide crypto provider; a second install is harmless.
     let _ = rustls::crypto::ring::default_provider().install_default();
     raise_open_files_limit(&config);
+    if let Some(file) = &config.config_file {
+        tracing::info!("config: read {}", file.display());
+    }
+    if config.storage_follows_redis_url {
+        tracing::info!(
+            "storage: redis, because a Redis URL is set and STORAGE_TYPE is not (as P0rt does); \
+             set STORAGE_TYPE=json to keep the domain store in the data directory"
+        );
+    }
     let link = match config.redis_url_in_use() {
         Some(url) if config.storage == StorageKind::Redis || config.enable_redis => {
             Some(connect_redis(&config, &url).await?)

@@ -16,6 +16,7 @@ mod limits;
 mod host_keys;
 mod names;
 mod p0rt_names;
+mod p0rt_settings;
 mod plugins;
 mod plugins_review;
 mod policy;
