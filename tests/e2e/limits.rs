@@ -106,6 +106,12 @@ async fn limit_settings_are_printed_and_enforced() {
     let over = Answer::of(get(&client, &host, &name, "/whoami")).await;
     assert_eq!(over.status, 503, "{over:?}");
     assert_eq!(over.header("retry-after"), Some("1"), "{over:?}");
+    // The refusal is in the host's log with its reason (and in the owner's session).
+    let line = format!("{name}: tunnel busy 503 for 127.0.0.1: the tunnel is busy");
+    eventually(Duration::from_secs(10), "the denial in the host log", || async {
+        host.log().contains(&line).then_some(())
+    })
+    .await;
     backend.open_gate();
     for request in held {
         assert_eq!(request.await.unwrap().expect("a held request"), 200);

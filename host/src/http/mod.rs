@@ -14,6 +14,7 @@
 
 mod api;
 mod base;
+mod denials;
 mod error;
 pub mod limits;
 mod proxy;
@@ -253,6 +254,9 @@ fn log(ctx: &RequestCtx, result: &Result<Response<Body>, EdgeError>) {
         Ok(response) => response.status(),
         Err(e) => e.status(),
     };
+    if let Err(e) = result {
+        note_denial(tunnel, ctx, e);
+    }
     let outcome = match result {
         Err(EdgeError::Denied { .. }) => "(rate limited)".to_string(),
         Err(EdgeError::PolicyAnswer { .. }) => "(denied by the access policy)".to_string(),
@@ -266,4 +270,30 @@ fn log(ctx: &RequestCtx, result: &Result<Response<Body>, EdgeError>) {
         ctx.method,
         status.as_u16()
     ));
+}
+
+/// A refusal by a policy or a limit, in the host log (throttled, see [`denials`]).
+fn note_denial(tunnel: &Tunnel, ctx: &RequestCtx, e: &EdgeError) {
+    use denials::DenialKind;
+    let (kind, reason) = match e {
+        EdgeError::Denied { message, .. } => (DenialKind::RateLimited, message.clone()),
+        EdgeError::PolicyAnswer { body, .. } => (DenialKind::Policy, body.clone()),
+        EdgeError::Redirect { location, .. } => (
+            DenialKind::Redirected,
+            format!("to {}", String::from_utf8_lossy(location.as_bytes())),
+        ),
+        EdgeError::AuthRequired { .. } => (
+            DenialKind::CredentialsRequired,
+            "no valid basic-auth credentials".into(),
+        ),
+        EdgeError::Busy => (DenialKind::Busy, e.to_string()),
+        _ => return,
+    };
+    denials::note(
+        tunnel.name.as_str(),
+        kind,
+        e.status().as_u16(),
+        ctx.client_ip,
+        &reason,
+    );
 }
