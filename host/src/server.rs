@@ -32,20 +32,26 @@ struct Ready {
 }
 
 /// Descriptors kept beside the two edges' connection caps: plugin files, the store, Redis
-/// links, upstream channels are not descriptors but logs and watchers are.
+/// links, watchers and logs.
 const SPARE_FILE_DESCRIPTORS: u64 = 1024;
+/// Below this open-files limit the host warns: a few thousand idle sockets would make
+/// `accept` fail for everyone.
+const LOW_OPEN_FILES_LIMIT: u64 = 8192;
 
 /// Raises the soft open-files limit toward the hard one: each connection is a descriptor,
-/// and the usual soft default (1024) is far below the edges' connection caps, so without
-/// this a few hundred idle sockets would make `accept` fail for everyone.
+/// and the usual soft default (1024) is far below the edges' connection caps.
 fn raise_open_files_limit(config: &Config) {
     let wanted = (config.ssh_limits.max_connections + config.http_limits.max_connections) as u64
         + SPARE_FILE_DESCRIPTORS;
     match rlimit::increase_nofile_limit(wanted) {
-        Ok(got) if got < wanted => tracing::warn!(
-            "open files limit is {got}, below the {wanted} the connection caps need; raise the \
-             hard limit (ulimit -n, systemd LimitNOFILE) or lower ssh.limits.max_connections \
-             and http.limits.max_connections"
+        Ok(got) if got < LOW_OPEN_FILES_LIMIT => tracing::warn!(
+            "open files limit is {got}: connections beyond it are refused at accept; raise the \
+             hard limit (ulimit -n, systemd LimitNOFILE) to {wanted}, what the connection caps \
+             allow"
+        ),
+        Ok(got) if got < wanted => tracing::info!(
+            "open files limit {got} (the connection caps allow {wanted}; raise the hard limit \
+             or lower ssh.limits.max_connections and http.limits.max_connections to match)"
         ),
         Ok(got) => tracing::debug!("open files limit {got}"),
         Err(e) => tracing::warn!("cannot raise the open files limit: {e}"),
