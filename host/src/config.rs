@@ -114,8 +114,15 @@ pub struct Config {
     pub ssh_bind: IpAddr,
     pub ssh_port: u16,
     pub host_key: HostKeySource,
-    /// OpenSSH `authorized_keys` file; `None` means any public key may connect (P0rt's open access).
+    /// OpenSSH `authorized_keys` file, besides P0rt's key list (`ssh.authorized_keys`).
     pub authorized_keys: Option<PathBuf>,
+    /// `ssh.open_access` (P0rt's `P0RT_OPEN_ACCESS`): `Some(true)` any key may connect,
+    /// `Some(false)` only listed keys, `None` restricted as soon as a key list exists (see
+    /// [`crate::ssh::KeyAccess::from_config`]).
+    pub open_access: Option<bool>,
+    /// `ssh.key_list` (P0rt's `P0RT_AUTHORIZED_KEYS`): P0rt's JSON key list; `None`:
+    /// `./authorized_keys.json` if it exists. Not read when the domain store is Redis.
+    pub key_list: Option<PathBuf>,
     pub http_bind: IpAddr,
     pub http_port: u16,
     pub public_scheme: PublicScheme,
@@ -182,6 +189,8 @@ impl Default for Config {
             ssh_port: DEFAULT_SSH_PORT,
             host_key: HostKeySource::Default,
             authorized_keys: None,
+            open_access: None,
+            key_list: None,
             http_bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             http_port: DEFAULT_HTTP_PORT,
             public_scheme: PublicScheme::Http,
@@ -295,6 +304,10 @@ pub struct SshLayer {
     /// Path of the host key, or the key text itself.
     pub host_key: Option<String>,
     pub authorized_keys: Option<PathBuf>,
+    /// P0rt's `P0RT_OPEN_ACCESS`: true lets any key in, false only listed keys.
+    pub open_access: Option<bool>,
+    /// P0rt's `P0RT_AUTHORIZED_KEYS`: path of the JSON key list.
+    pub key_list: Option<PathBuf>,
     pub limits: SshLimitsLayer,
 }
 
@@ -469,6 +482,8 @@ impl ServeArgs {
                     .as_ref()
                     .map(|p| p.to_string_lossy().into_owned()),
                 authorized_keys: self.authorized_keys.clone(),
+                open_access: None,
+                key_list: None,
                 limits: SshLimitsLayer::default(),
             },
             http: HttpLayer {
@@ -521,6 +536,8 @@ pub const ENV_VARS: &[&str] = &[
     "CONFIG_FILE",
     "P0RT_API_KEY",
     "DOMAIN_RESERVATIONS_ENABLED",
+    "P0RT_OPEN_ACCESS",
+    "P0RT_AUTHORIZED_KEYS",
     "REDIS_PASSWORD",
     "REDIS_DB",
     "DATA_DIR",
@@ -610,6 +627,24 @@ pub fn env_layer(get: &dyn Fn(&str) -> Option<String>) -> Result<Layer, ConfigEr
     }
     if let Some(v) = get("AUTHORIZED_KEYS") {
         layer.ssh.authorized_keys = Some(PathBuf::from(v));
+    }
+    if let Some(v) = get("P0RT_OPEN_ACCESS") {
+        // P0rt opens only on exactly "true"; anything but true/false is refused here rather
+        // than read one way or the other.
+        layer.ssh.open_access = Some(match v.trim() {
+            "true" => true,
+            "false" => false,
+            _ => {
+                return Err(ConfigError::Env {
+                    var: "P0RT_OPEN_ACCESS",
+                    value: v,
+                    problem: "expected true or false".into(),
+                });
+            }
+        });
+    }
+    if let Some(v) = get("P0RT_AUTHORIZED_KEYS") {
+        layer.ssh.key_list = Some(PathBuf::from(v));
     }
     if let Some(v) = get("HTTP_PORT") {
         layer.http.port = Some(parse_env("HTTP_PORT", &v, PORT)?);
@@ -982,6 +1017,12 @@ impl Config {
         }
         if ssh.authorized_keys.is_some() {
             self.authorized_keys = ssh.authorized_keys;
+        }
+        if ssh.open_access.is_some() {
+            self.open_access = ssh.open_access;
+        }
+        if ssh.key_list.is_some() {
+            self.key_list = ssh.key_list;
         }
         self.apply_limits(ssh.limits, http.limits);
         set(&mut self.http_bind, http.bind);

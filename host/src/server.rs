@@ -138,11 +138,14 @@ pub async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<
         None => crate::bans::BanList::open_file(&config.data_dir, policy)
             .map_err(|e| SettingsError(e.to_string()))?,
     });
+    let access = KeyAccess::from_config(&config, link.as_ref())
+        .await
+        .map_err(SettingsError)?;
     let ssh = Arc::new(SshEdge {
         limits: config.ssh_limits,
         bans,
         tunnels: tunnels.clone(),
-        access: KeyAccess::new(config.authorized_keys.clone()),
+        access,
         urls,
         ssh_port,
         domain: config.domain.clone(),

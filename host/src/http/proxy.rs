@@ -80,7 +80,7 @@ pub async fn admit(
         host,
         name: tunnel.name.to_string(),
         owner_key_hash: tunnel.owner.to_string(),
-        owner_tier: None,
+        owner_tier: tunnel.tier().map(str::to_string),
         method: ctx.method.to_string(),
         path: ctx.path.clone(),
         headers,

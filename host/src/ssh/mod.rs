@@ -14,6 +14,7 @@ mod access;
 pub mod admission;
 mod commands;
 mod host_key;
+pub mod key_list;
 pub mod limits;
 
 use std::collections::HashMap;
@@ -38,7 +39,7 @@ use admission::{
     Admission, KeyConnections, KeySlot, REFUSAL_SUMMARY_INTERVAL, Unauthenticated, Watched,
 };
 
-pub use access::KeyAccess;
+pub use access::{KeyAccess, KeyListSource, KeyVerdict};
 use commands::Command;
 pub use host_key::{HostKeyError, load_host_keys};
 pub use limits::{
@@ -534,8 +535,9 @@ struct Connection {
     unauthenticated: Option<Unauthenticated>,
     /// From then on, its place in its key's connection quota.
     key_slot: Option<KeySlot>,
-    /// A verified key over its connection quota: the message the connection is closed with.
-    over_quota: Option<String>,
+    /// A verified key that may not stay (over its connection quota, or inactive or expired
+    /// in the key list): the reason and message the connection is closed with.
+    closing: Option<(russh::Disconnect, String)>,
     key: Option<KeyIdentity>,
     /// The key's main name, resolved on first use.
     name: Option<TunnelName>,
@@ -572,7 +574,7 @@ impl Connection {
             authenticated,
             unauthenticated: Some(unauthenticated),
             key_slot: None,
-            over_quota: None,
+            closing: None,
             key: None,
             name: None,
             forwards: Vec::new(),
@@ -861,11 +863,17 @@ impl russh::server::Handler for Connection {
         _user: &str,
         offer: russh::server::PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
-        Ok(if self.edge.access.allows(offer.public_key).await {
-            Auth::Accept
-        } else {
-            self.auth_refused = true;
-            Auth::reject()
+        Ok(match self.edge.access.check(offer.public_key).await {
+            // A key the list refuses (inactive, expired) is accepted here so its holder can
+            // prove it holds it and then be told why it may not connect (`auth_publickey`);
+            // someone who only knows the public key learns nothing more.
+            KeyVerdict::Allowed { .. } | KeyVerdict::Refused(_) => Auth::Accept,
+            KeyVerdict::Unlisted => {
+                self.auth_refused = true;
+                Auth::reject()
+            }
+            // The list cannot be read now: refused, but not counted toward a ban.
+            KeyVerdict::Unavailable => Auth::reject(),
         })
     }
 
@@ -874,10 +882,27 @@ impl russh::server::Handler for Connection {
         _user: &str,
         key: russh::server::VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
-        if !self.edge.access.allows(key.public_key).await {
-            self.auth_refused = true;
-            return Ok(Auth::reject());
-        }
+        let tier = match self.edge.access.check(key.public_key).await {
+            KeyVerdict::Allowed { tier } => tier,
+            KeyVerdict::Refused(message) => {
+                tracing::info!(
+                    peer = %self.peer,
+                    "refused key {}: {message}",
+                    fingerprint(key.public_key)
+                );
+                // Accepted so the holder is told why (in `auth_succeeded`), then
+                // disconnected; it gets no key and no slot, and the connection counts as a
+                // failed authentication of its address.
+                self.auth_refused = true;
+                self.closing = Some((russh::Disconnect::NoMoreAuthMethodsAvailable, message));
+                return Ok(Auth::Accept);
+            }
+            KeyVerdict::Unlisted => {
+                self.auth_refused = true;
+                return Ok(Auth::reject());
+            }
+            KeyVerdict::Unavailable => return Ok(Auth::reject()),
+        };
         // The signature is verified: from here on the connection counts against its key,
         // never before (someone who only knows the public key cannot use up its quota).
         let identity = KeyIdentity {
@@ -893,23 +918,28 @@ impl russh::server::Handler for Connection {
             );
             // Accepted so the client is told why (in `auth_succeeded`), then disconnected;
             // it gets no key and the auth deadline still applies.
-            self.over_quota = Some(format!(
-                "p0rt: key {} already has {max} connections open, the most one key may; \
-                 close one and retry",
-                identity.fingerprint
+            self.closing = Some((
+                russh::Disconnect::TooManyConnections,
+                format!(
+                    "p0rt: key {} already has {max} connections open, the most one key may; \
+                     close one and retry",
+                    identity.fingerprint
+                ),
             ));
             return Ok(Auth::Accept);
         };
         self.key_slot = Some(slot);
         self.key = Some(identity);
+        // No tunnel exists yet: every tunnel of the connection carries the key's tier.
+        self.options = Arc::new(SessionOptions::for_tier(tier));
         self.unauthenticated = None;
         self.authenticated.store(true, Ordering::Release);
         Ok(Auth::Accept)
     }
 
     async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
-        if let Some(message) = self.over_quota.take() {
-            session.disconnect(russh::Disconnect::TooManyConnections, &message, "")?;
+        if let Some((reason, message)) = self.closing.take() {
+            session.disconnect(reason, &message, "")?;
         }
         Ok(())
     }

@@ -130,17 +130,31 @@ pub fn parse(line: &str) -> ParsedOptions {
 /// connection sends its command (or shell request); see [`OPTIONS_SETTLE_WAIT`].
 pub struct SessionOptions {
     tx: watch::Sender<Option<OptionList>>,
+    /// The owner key's tier in the operator's key list (not an option the owner chose, but
+    /// carried the same way: per connection, to every request fact of its tunnels).
+    tier: Option<Arc<str>>,
 }
 
 impl Default for SessionOptions {
     fn default() -> Self {
-        SessionOptions {
-            tx: watch::Sender::new(None),
-        }
+        SessionOptions::for_tier(None)
     }
 }
 
 impl SessionOptions {
+    /// No options yet, for a key of `tier`.
+    pub fn for_tier(tier: Option<Arc<str>>) -> Self {
+        SessionOptions {
+            tx: watch::Sender::new(None),
+            tier,
+        }
+    }
+
+    /// The owner key's tier, if the key list gives it one.
+    pub fn tier(&self) -> Option<&str> {
+        self.tier.as_deref()
+    }
+
     /// Sets the options (replacing earlier ones) and settles them.
     pub fn set(&self, options: Vec<(String, String)>) {
         self.tx.send_replace(Some(options.into()));

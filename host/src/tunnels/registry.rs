@@ -82,6 +82,11 @@ impl Tunnel {
             in_flight: Arc::default(),
         }
     }
+
+    /// The owner key's tier in the operator's key list, for the request policies.
+    pub fn tier(&self) -> Option<&str> {
+        self.options.tier()
+    }
 }
 
 /// Live tunnels by name.
