@@ -19,7 +19,8 @@
 //! - [`tunnels`]: the tunnel service: naming, sub-names, ownership, takeover, the live registry.
 //! - [`ssh`], [`http`]: the two edges.
 //! - [`plugins`]: WebAssembly policy plugins (wasmtime), their fallbacks, reload and tools.
-//! - [`store`]: the domain store (JSON file or Redis), opening it, migration.
+//! - [`store`]: the domain store (JSON file or Redis), opening it, migration, and the name
+//!   reservations kept beside it (P0rt's `reservations.json` or Redis keys).
 //! - [`bans`]: failed-auth bans per address (escalating, persisted, shared on Redis).
 //! - [`cache`]: the plugins' cache (Redis with in-memory fallback).
 //! - [`redis_link`]: one Redis connection (standalone, Sentinel, Cluster) with timeouts.

@@ -42,6 +42,42 @@ enum Command {
     /// Failed-auth bans: list them, lift one (same store settings as `serve`)
     #[command(subcommand)]
     Security(SecurityCommand),
+    /// Names reserved for one SSH key (P0rt's reservations.json or Redis keys; same store
+    /// settings as `serve`; a running host sees changes at once)
+    #[command(subcommand, visible_alias = "res")]
+    Reservation(ReservationCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum ReservationCommand {
+    /// List the reservations
+    #[command(visible_alias = "ls")]
+    List {
+        /// Print P0rt's JSON answer ({"success", "message", "data": [reservations]})
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        settings: ServeArgs,
+    },
+    /// Reserve NAME for the key with FINGERPRINT (`ssh-keygen -lf KEY.pub` prints it)
+    Add {
+        name: String,
+        fingerprint: String,
+        /// A note kept with the reservation (P0rt's third argument)
+        #[arg(conflicts_with = "comment")]
+        note: Option<String>,
+        #[arg(long)]
+        comment: Option<String>,
+        #[command(flatten)]
+        settings: ServeArgs,
+    },
+    /// Lift the reservation of NAME
+    #[command(visible_alias = "rm")]
+    Remove {
+        name: String,
+        #[command(flatten)]
+        settings: ServeArgs,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -200,6 +236,48 @@ fn run_security_command(command: SecurityCommand) -> ExitCode {
     }
 }
 
+fn run_reservation_command(command: ReservationCommand) -> ExitCode {
+    let settings = match &command {
+        ReservationCommand::List { settings, .. }
+        | ReservationCommand::Add { settings, .. }
+        | ReservationCommand::Remove { settings, .. } => settings,
+    };
+    let (config, runtime) = match prepare(settings) {
+        Ok(ready) => ready,
+        Err(code) => return code,
+    };
+    let result = runtime.block_on(async {
+        let admin = p0rt::store::reservations::Admin::open(&config).await?;
+        match command {
+            ReservationCommand::List { json, .. } => {
+                admin.list_text(json).await.map(|text| (text, true))
+            }
+            ReservationCommand::Add {
+                name,
+                fingerprint,
+                note,
+                comment,
+                ..
+            } => admin
+                .add_text(&name, &fingerprint, comment.or(note).as_deref())
+                .await
+                .map(|text| (text, true)),
+            ReservationCommand::Remove { name, .. } => admin.remove_text(&name).await,
+        }
+    });
+    match result {
+        Ok((text, found)) => {
+            print!("{text}");
+            if found {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => exit_for(&e),
+    }
+}
+
 fn run_plugin_command(command: PluginCommand) -> ExitCode {
     let Some(runtime) = async_runtime() else {
         return ExitCode::FAILURE;
@@ -261,6 +339,7 @@ fn main() -> ExitCode {
         Some(Command::Plugin(command)) => return run_plugin_command(command),
         Some(Command::Migrate { to, settings }) => return run_migrate(to, settings),
         Some(Command::Security(command)) => return run_security_command(command),
+        Some(Command::Reservation(command)) => return run_reservation_command(command),
         None => cli.serve,
     };
     let (config, runtime) = match prepare(&args) {

@@ -22,6 +22,7 @@ mod plugins;
 mod plugins_review;
 mod policy;
 mod refusals;
+mod reservations;
 mod scaffold;
 mod scans;
 mod startup;

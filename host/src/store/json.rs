@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use super::reservations::{JsonReservations, Reservations};
 use super::{Claim, DAY_SECS, DomainRecord, DomainStats, DomainStore, Grant, Import, StoreError};
 
 /// File name of the store inside the data directory (P0rt's name).
@@ -66,6 +67,8 @@ pub struct JsonStore {
     changes: AtomicU64,
     /// The change count included in the last successful write.
     written: AtomicU64,
+    /// `reservations.json` beside it (read only; `p0rt reservation` writes it).
+    reservations: JsonReservations,
 }
 
 /// A timestamp as found on disk: P0rt writes RFC 3339 strings; unix seconds are accepted too.
@@ -278,7 +281,7 @@ fn read_text(path: &Path) -> Result<Option<String>, StoreError> {
 }
 
 /// temp file + fsync + rename + fsync(dir): readers see the old file or the new one, never half.
-fn write_atomically(path: &Path, dir: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_atomically(path: &Path, dir: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("json.tmp");
     {
         let mut file = OpenOptions::new()
@@ -313,7 +316,9 @@ impl JsonStore {
                 detail,
             })?;
         }
+        let reservations = JsonReservations::open(dir)?;
         Ok(Arc::new(JsonStore {
+            reservations,
             path,
             granted_path,
             dir: dir.to_path_buf(),
@@ -569,6 +574,10 @@ impl DomainStore for JsonStore {
 
     fn kind(&self) -> &'static str {
         "json"
+    }
+
+    fn reservations(&self) -> &dyn Reservations {
+        &self.reservations
     }
 }
 

@@ -2,12 +2,14 @@
 //!
 //! A record is P0rt's: `domain`, `ssh_key_hash`, `first_seen`, `last_seen` (unix seconds),
 //! `use_count`. [`DomainStore`] is the seam the Redis backend plugs into; [`json::JsonStore`]
-//! is the embedded default.
+//! is the embedded default. Each backend also holds the name reservations kept beside it
+//! ([`reservations`]: P0rt's `reservations.json`, or its Redis keys).
 
 pub mod json;
 pub mod migrate;
 pub mod open;
 pub mod redis;
+pub mod reservations;
 
 use std::path::PathBuf;
 
@@ -118,6 +120,8 @@ pub enum StoreError {
          this key gets no name until an operator repairs or deletes that redis key"
     )]
     BadRecord { key: String, problem: String },
+    #[error(transparent)]
+    Reservations(#[from] reservations::ReservationError),
 }
 
 /// A backend for domain records. Implementations keep both lookups O(1) and make
@@ -150,6 +154,8 @@ pub trait DomainStore: Send + Sync {
     async fn flush(&self) -> Result<(), StoreError>;
     /// `"json"` or `"redis"`.
     fn kind(&self) -> &'static str;
+    /// The name reservations kept beside these records.
+    fn reservations(&self) -> &dyn reservations::Reservations;
 }
 
 /// Seconds in a day, for the activity windows of `/domain-stats`.

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use super::json::{DOMAINS_FILE_NAME, JsonStore, lock_data_dir};
 use super::redis::RedisStore;
+use super::reservations::Reservations;
 use super::{DomainStore, migrate};
 use crate::config::{Config, SettingsError, StorageKind};
 use crate::redis_link::{RedisLink, RedisOpError, parse_target};
@@ -43,6 +44,24 @@ pub async fn connect_redis(config: &Config, url: &str) -> anyhow::Result<Arc<Red
     Ok(link)
 }
 
+/// Applies `domain.reservations_enabled` to the store's reservations, and says what it means.
+fn log_reservations(config: &Config, reservations: &dyn Reservations) {
+    reservations.set_handover(config.reservations_enabled);
+    if config.reservations_enabled {
+        tracing::info!(
+            "reservations: {}; a reserved name goes to its key, and to no other",
+            reservations.location()
+        );
+    } else {
+        tracing::info!(
+            "reservations: {}; reserved names are kept from every key, not handed to their own \
+             (P0rt's default; set domain.reservations_enabled / DOMAIN_RESERVATIONS_ENABLED=true \
+             to hand them over)",
+            reservations.location()
+        );
+    }
+}
+
 /// The data-directory lock held while the store is open (JSON keeps its own).
 pub enum DirLock {
     InStore,
@@ -62,6 +81,7 @@ pub async fn open_store(
                 config.data_dir.join(DOMAINS_FILE_NAME).display(),
                 store.len()
             );
+            log_reservations(config, super::DomainStore::reservations(store.as_ref()));
             store.spawn_flusher();
             Ok((store, DirLock::InStore))
         }
@@ -73,6 +93,7 @@ pub async fn open_store(
                 link.display,
                 config.redis_prefix
             );
+            log_reservations(config, super::DomainStore::reservations(store.as_ref()));
             // The seed promises domain data is preserved when switching from JSON to Redis.
             let file = config.data_dir.join(DOMAINS_FILE_NAME);
             let empty = file.exists()

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
+use super::reservations::{RedisReservations, Reservations};
 use super::{Claim, DAY_SECS, DomainRecord, DomainStats, DomainStore, Grant, Import, StoreError};
 use crate::names::check_dns_label;
 use crate::redis_link::{RedisLink, RedisOpError};
@@ -79,6 +80,8 @@ pub struct RedisStore {
     ttl_secs: u64,
     local: LocalCopy,
     stats_cache: Mutex<Option<(Instant, DomainStats)>>,
+    /// P0rt's reservation keys on the same link.
+    reservations: RedisReservations,
 }
 
 /// The last known record of keys that connected, both ways, for when Redis is away.
@@ -145,6 +148,7 @@ fn parse_record(hash: &str, fields: &HashMap<String, String>) -> Result<DomainRe
 impl RedisStore {
     pub fn new(link: Arc<RedisLink>, prefix: &str, ttl_days: u64) -> Arc<RedisStore> {
         Arc::new(RedisStore {
+            reservations: RedisReservations::new(link.clone(), prefix),
             link,
             prefix: prefix.to_string(),
             ttl_secs: ttl_days.max(1).saturating_mul(DAY_SECS as u64),
@@ -533,6 +537,10 @@ impl DomainStore for RedisStore {
 
     fn kind(&self) -> &'static str {
         "redis"
+    }
+
+    fn reservations(&self) -> &dyn Reservations {
+        &self.reservations
     }
 }
 

@@ -44,6 +44,8 @@ pub enum TunnelError {
     NameOfAnotherKey(TunnelName),
     #[error("{0} is served by another key")]
     ServedByAnotherKey(TunnelName),
+    #[error("{0} is reserved for another key")]
+    ReservedForAnotherKey(TunnelName),
     #[error("{0}")]
     InvalidName(String),
     #[error("{0}")]
@@ -133,23 +135,41 @@ impl TunnelService {
             }
             LabelApproval::Approved => main.subname(label).map_err(TunnelError::InvalidName)?,
         };
-        // A sub-name must never shadow another key's main name.
+        // A sub-name must never shadow another key's main name, nor a name reserved for one.
+        if naming::reserved_for_another(self.store.reservations(), name.as_str(), &key.fingerprint)
+            .await?
+        {
+            return Err(TunnelError::ReservedForAnotherKey(name));
+        }
         match self.store.owner_of(name.as_str()).await? {
             Some(owner) if owner != key.hash.as_str() => Err(TunnelError::NameOfAnotherKey(name)),
             _ => Ok(name),
         }
     }
 
-    /// Gives the key the requested label as a name of its own, unless another key owns it
-    /// or it lies in another key's sub-name space (`api-<their name>`).
+    /// Gives the key the requested label as a name of its own, unless another key owns it,
+    /// it is reserved for another key, or it lies in another key's sub-name space
+    /// (`api-<their name>`, stored or reserved). A name reserved for this key is its own
+    /// to ask for, wherever it lies (the operator decided).
     async fn grant_requested(
         &self,
         key: &KeyIdentity,
         label: &Label,
     ) -> Result<TunnelName, TunnelError> {
         let name = TunnelName::parse(label.as_str()).map_err(TunnelError::InvalidName)?;
-        if naming::in_foreign_subname_space(self.store.as_ref(), &name, &key.hash).await? {
-            return Err(TunnelError::NameOfAnotherKey(name));
+        let reservations = self.store.reservations();
+        let reserved_for_it = reservations
+            .holder_of(name.as_str())
+            .await
+            .map_err(StoreError::from)?
+            .is_some_and(|holder| holder.is(&key.fingerprint));
+        if !reserved_for_it {
+            if naming::in_foreign_reservation(reservations, &name, &key.fingerprint).await? {
+                return Err(TunnelError::ReservedForAnotherKey(name));
+            }
+            if naming::in_foreign_subname_space(self.store.as_ref(), &name, &key.hash).await? {
+                return Err(TunnelError::NameOfAnotherKey(name));
+            }
         }
         match self
             .store
@@ -227,7 +247,12 @@ impl TunnelService {
                 }
             }
         }
-        Resolution::Unknown
+        // A reserved name whose key never connected is a name all the same (one lookup: a
+        // key that connected has it in the store).
+        match self.store.reservations().holder_of(label).await {
+            Ok(Some(_)) => Resolution::Offline,
+            _ => Resolution::Unknown,
+        }
     }
 
     /// Every live tunnel.
@@ -336,6 +361,154 @@ mod tests {
             output,
             options,
         )
+    }
+
+    /// Names every key `.0`; grants every requested label as a name of the key's own.
+    struct Granting(&'static str);
+
+    #[async_trait]
+    impl NamingPolicy for Granting {
+        async fn choose_name(&self, _input: &NamingInput) -> NameChoice {
+            NameChoice::Name(self.0.into())
+        }
+        async fn approve_label(&self, _input: &NamingInput) -> LabelApproval {
+            LabelApproval::GrantRequested
+        }
+    }
+
+    /// Writes `reservations.json` as P0rt does: (name, fingerprint) pairs.
+    fn reserve(dir: &tempfile::TempDir, reservations: &[(&str, &KeyIdentity)]) {
+        let records: Vec<serde_json::Value> = reservations
+            .iter()
+            .map(|(name, key)| {
+                serde_json::json!({
+                    "domain": name,
+                    "fingerprint": key.fingerprint,
+                    "created_at": "2025-01-15T10:30:00.123456789+01:00",
+                    "updated_at": "2025-01-15T10:30:00.123456789+01:00",
+                })
+            })
+            .collect();
+        let path = dir
+            .path()
+            .join(crate::store::reservations::RESERVATIONS_FILE_NAME);
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&records).unwrap()).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+    }
+
+    fn label(l: &str) -> Label {
+        Label::from_bind_address(l).unwrap().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_reserved_name_goes_to_its_key_and_is_never_derived_for_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let (alice, bob, carol) = (key("a"), key("b"), key("c"));
+        reserve(&dir, &[("wanted-name", &alice)]);
+        // The policy would give everyone the reserved name, or a name in its sub-name space.
+        let service = service(&dir, Arc::new(Fixed("wanted-name")));
+        let bob_name = service.main_name(&bob, 1).await.unwrap();
+        assert_eq!(bob_name, crate::names::builtin_name(&bob.hash, 0));
+        let service = TunnelService::new(service.store.clone(), Arc::new(Fixed("x-wanted-name")));
+        let carol_name = service.main_name(&carol, 1).await.unwrap();
+        assert_eq!(carol_name, crate::names::builtin_name(&carol.hash, 0));
+        // Alice gets it, and it is stored as hers.
+        let alice_name = service.main_name(&alice, 2).await.unwrap();
+        assert_eq!(alice_name.as_str(), "wanted-name");
+        assert_eq!(
+            service
+                .store
+                .owner_of("wanted-name")
+                .await
+                .unwrap()
+                .as_deref(),
+            Some(alice.hash.as_str())
+        );
+        assert_eq!(service.main_name(&alice, 3).await.unwrap(), alice_name);
+    }
+
+    #[tokio::test]
+    async fn a_reservation_wins_over_the_stored_name_which_stays_the_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = service(&dir, Arc::new(BuiltinPolicy));
+        let alice = key("a");
+        let stored = service.main_name(&alice, 1).await.unwrap();
+        reserve(&dir, &[("wanted-name", &alice)]);
+        assert_eq!(
+            service.main_name(&alice, 2).await.unwrap().as_str(),
+            "wanted-name"
+        );
+        assert_eq!(
+            service.store.names_of(alice.hash.as_str()).await.unwrap(),
+            vec![stored.to_string(), "wanted-name".to_string()]
+        );
+        // Lifted: the stored name is the main name again; the reserved one stays hers.
+        reserve(&dir, &[]);
+        assert_eq!(service.main_name(&alice, 3).await.unwrap(), stored);
+        assert_eq!(
+            service
+                .store
+                .owner_of("wanted-name")
+                .await
+                .unwrap()
+                .as_deref(),
+            Some(alice.hash.as_str())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stored_name_reserved_for_another_key_is_refused_to_its_old_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = service(&dir, Arc::new(BuiltinPolicy));
+        let (alice, bob) = (key("a"), key("b"));
+        let bobs = service.main_name(&bob, 1).await.unwrap();
+        reserve(&dir, &[(bobs.as_str(), &alice)]);
+        assert!(matches!(
+            service.main_name(&bob, 2).await,
+            Err(NamingError::StoredNameReserved(n)) if n == bobs
+        ));
+        assert_eq!(service.main_name(&alice, 3).await.unwrap(), bobs);
+    }
+
+    #[tokio::test]
+    async fn a_reserved_name_is_never_granted_or_a_subname_of_another_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (alice, bob, carol) = (key("a"), key("b"), key("c"));
+        reserve(&dir, &[("wanted-name", &alice), ("api-base", &carol)]);
+        let service = service(&dir, Arc::new(Granting("base")));
+        let bob_main = service.main_name(&bob, 1).await.unwrap();
+        assert_eq!(bob_main.as_str(), "base");
+        for requested in ["wanted-name", "shop-wanted-name"] {
+            assert!(
+                matches!(
+                    service.forward_name(&bob, &bob_main, Some(&label(requested))).await,
+                    Err(TunnelError::ReservedForAnotherKey(n)) if n.as_str() == requested
+                ),
+                "{requested}"
+            );
+        }
+        assert_eq!(service.store.owner_of("wanted-name").await.unwrap(), None);
+        // A sub-name that spells a name reserved for another key is refused too.
+        let service = TunnelService::new(service.store.clone(), Arc::new(Fixed("base")));
+        assert!(matches!(
+            service.forward_name(&bob, &bob_main, Some(&label("api"))).await,
+            Err(TunnelError::ReservedForAnotherKey(n)) if n.as_str() == "api-base"
+        ));
+        // Its holder may ask for it by name, though it lies in Bob's sub-name space.
+        let service = TunnelService::new(service.store.clone(), Arc::new(Granting("base")));
+        let carol_main = service.main_name(&carol, 2).await.unwrap();
+        assert_eq!(carol_main.as_str(), "api-base");
+        let api_base = service
+            .forward_name(&carol, &carol_main, Some(&label("api-base")))
+            .await
+            .unwrap();
+        assert_eq!(api_base.as_str(), "api-base");
+        // Offline, a reserved name is a known name.
+        assert!(matches!(
+            service.resolve("wanted-name").await,
+            Resolution::Offline
+        ));
     }
 
     #[tokio::test]
