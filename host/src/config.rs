@@ -128,6 +128,8 @@ pub struct Config {
     pub public_scheme: PublicScheme,
     /// Port printed in public URLs; defaults to the HTTP port (omitted when it is the scheme's default).
     pub public_port: Option<u16>,
+    /// `https.*`: the HTTPS listener, its certificates, redirect and HSTS.
+    pub https: HttpsConfig,
     pub domain: String,
     pub storage: StorageKind,
     pub data_dir: PathBuf,
@@ -195,6 +197,7 @@ impl Default for Config {
             http_port: DEFAULT_HTTP_PORT,
             public_scheme: PublicScheme::Http,
             public_port: None,
+            https: HttpsConfig::default(),
             domain: DEFAULT_DOMAIN.to_string(),
             storage: StorageKind::Json,
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
@@ -256,6 +259,7 @@ pub struct Layer {
     pub server: ServerLayer,
     pub ssh: SshLayer,
     pub http: HttpLayer,
+    pub https: HttpsLayer,
     pub domain: DomainLayer,
     pub storage: StorageLayer,
     pub admin: AdminLayer,
@@ -351,6 +355,199 @@ pub struct HttpLayer {
     /// CIDRs (or addresses) of proxies in front of the HTTP edge.
     pub trusted_proxies: Option<Vec<String>>,
     pub limits: HttpLimitsLayer,
+}
+
+/// `https.*`: see the README's "HTTPS".
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpsLayer {
+    /// 0 picks a free port; unset: no HTTPS.
+    pub port: Option<u16>,
+    /// Default: `http.bind`.
+    pub bind: Option<IpAddr>,
+    /// PEM certificate chain (a wildcard `*.<domain>` plus `<domain>`).
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// Plain-HTTP tunnel requests get a 308 to HTTPS.
+    pub redirect: Option<bool>,
+    /// `Strict-Transport-Security` max-age on HTTPS responses.
+    pub hsts_max_age_seconds: Option<u64>,
+    pub acme: AcmeLayer,
+}
+
+/// `https.acme.*`: per-name certificates from an ACME (RFC 8555) server.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AcmeLayer {
+    pub directory_url: Option<String>,
+    pub email: Option<String>,
+    /// PEM CA certificate trusted for the ACME server (instead of the system roots).
+    pub ca_cert: Option<PathBuf>,
+}
+
+/// Longest HSTS max-age accepted (2 years, the preload list's own figure).
+pub const MAX_HSTS_SECONDS: u64 = 63_072_000;
+
+/// The effective `https.*` settings; HTTPS is on when `port` is set.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HttpsConfig {
+    pub port: Option<u16>,
+    /// `None`: the HTTP edge's address.
+    pub bind: Option<IpAddr>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub acme_directory_url: Option<String>,
+    pub acme_email: Option<String>,
+    pub acme_ca_cert: Option<PathBuf>,
+    pub redirect: bool,
+    pub hsts_max_age: Option<u64>,
+}
+
+/// Where HTTPS certificates come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CertSetting<'a> {
+    Files { cert: &'a Path, key: &'a Path },
+    Acme { directory_url: &'a str },
+}
+
+impl HttpsConfig {
+    fn apply(&mut self, layer: HttpsLayer) {
+        if layer.port.is_some() {
+            self.port = layer.port;
+        }
+        if layer.bind.is_some() {
+            self.bind = layer.bind;
+        }
+        if layer.cert_file.is_some() {
+            self.cert_file = layer.cert_file;
+        }
+        if layer.key_file.is_some() {
+            self.key_file = layer.key_file;
+        }
+        if layer.acme.directory_url.is_some() {
+            self.acme_directory_url = layer.acme.directory_url;
+        }
+        if layer.acme.email.is_some() {
+            self.acme_email = layer.acme.email;
+        }
+        if layer.acme.ca_cert.is_some() {
+            self.acme_ca_cert = layer.acme.ca_cert;
+        }
+        set(&mut self.redirect, layer.redirect);
+        if layer.hsts_max_age_seconds.is_some() {
+            self.hsts_max_age = layer.hsts_max_age_seconds;
+        }
+    }
+
+    /// The certificate source, once validated (`None` when HTTPS is off).
+    pub fn certificates(&self) -> Option<CertSetting<'_>> {
+        self.port?;
+        match (&self.cert_file, &self.key_file, &self.acme_directory_url) {
+            (Some(cert), Some(key), _) => Some(CertSetting::Files { cert, key }),
+            (_, _, Some(url)) => Some(CertSetting::Acme { directory_url: url }),
+            _ => None,
+        }
+    }
+
+    fn validate(&mut self, http_port: u16) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, problem: String| ConfigError::Invalid { key, problem };
+        let files = self.cert_file.is_some() || self.key_file.is_some();
+        let Some(port) = self.port else {
+            let set: Vec<&str> = [
+                (files, "https.cert_file/key_file"),
+                (self.acme_directory_url.is_some(), "https.acme.directory_url"),
+                (self.redirect, "https.redirect"),
+                (self.hsts_max_age.is_some(), "https.hsts_max_age_seconds"),
+            ]
+            .iter()
+            .filter_map(|(on, key)| on.then_some(*key))
+            .collect();
+            if set.is_empty() {
+                return Ok(());
+            }
+            return Err(invalid(
+                "https.port",
+                format!(
+                    "{} set but HTTPS is off: set https.port (HTTPS_PORT; 0 picks a free port)",
+                    set.join(", ")
+                ),
+            ));
+        };
+        if port != 0 && port == http_port {
+            return Err(invalid(
+                "https.port",
+                format!("{port} is also the HTTP port (http.port / HTTP_PORT)"),
+            ));
+        }
+        match (&self.cert_file, &self.key_file, &self.acme_directory_url) {
+            (Some(_), Some(_), Some(_)) => {
+                return Err(invalid(
+                    "https.acme.directory_url",
+                    "give either certificate files (TLS_CERT_FILE, TLS_KEY_FILE) or an ACME \
+                     directory (ACME_DIRECTORY_URL), not both"
+                        .into(),
+                ));
+            }
+            (Some(_), None, _) => {
+                return Err(invalid(
+                    "https.key_file",
+                    "TLS_CERT_FILE is set without TLS_KEY_FILE: give both".into(),
+                ));
+            }
+            (None, Some(_), _) => {
+                return Err(invalid(
+                    "https.cert_file",
+                    "TLS_KEY_FILE is set without TLS_CERT_FILE: give both".into(),
+                ));
+            }
+            (None, None, None) => {
+                return Err(invalid(
+                    "https.port",
+                    "HTTPS needs certificates: set TLS_CERT_FILE and TLS_KEY_FILE (https.cert_file, \
+                     https.key_file), or ACME_DIRECTORY_URL (https.acme.directory_url)"
+                        .into(),
+                ));
+            }
+            _ => {}
+        }
+        if let Some(url) = &self.acme_directory_url
+            && !(url.starts_with("https://") && url.len() > "https://".len())
+        {
+            return Err(invalid(
+                "https.acme.directory_url",
+                format!("{url:?} is not an https:// URL (ACME servers are reached over HTTPS)"),
+            ));
+        }
+        if let Some(email) = &self.acme_email {
+            let email = email.trim().trim_start_matches("mailto:").to_string();
+            let ok = email.split_once('@').is_some_and(|(user, host)| {
+                !user.is_empty() && host.contains('.') && !email.chars().any(char::is_whitespace)
+            });
+            if !ok {
+                return Err(invalid(
+                    "https.acme.email",
+                    format!("{email:?} is not an email address"),
+                ));
+            }
+            self.acme_email = Some(email);
+        }
+        if self.acme_directory_url.is_none() && (self.acme_email.is_some() || self.acme_ca_cert.is_some())
+        {
+            return Err(invalid(
+                "https.acme.directory_url",
+                "ACME_EMAIL or ACME_CA_CERT is set but ACME_DIRECTORY_URL is not".into(),
+            ));
+        }
+        if let Some(max_age) = self.hsts_max_age
+            && max_age > MAX_HSTS_SECONDS
+        {
+            return Err(invalid(
+                "https.hsts_max_age_seconds",
+                format!("{max_age} is out of range: use 0 to {MAX_HSTS_SECONDS} seconds"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -495,6 +692,7 @@ impl ServeArgs {
                 limits: HttpLimitsLayer::default(),
             },
             server: ServerLayer::default(),
+            https: HttpsLayer::default(),
             domain: DomainLayer {
                 base: self.domain.clone(),
                 reservations_enabled: None,
@@ -581,6 +779,15 @@ pub const ENV_VARS: &[&str] = &[
     "HTTP_BODY_IDLE_TIMEOUT_SECONDS",
     "HTTP_RESPONSE_TIMEOUT_SECONDS",
     "HTTP_RESPONSE_IDLE_TIMEOUT_SECONDS",
+    "HTTPS_PORT",
+    "HTTPS_BIND",
+    "TLS_CERT_FILE",
+    "TLS_KEY_FILE",
+    "ACME_DIRECTORY_URL",
+    "ACME_EMAIL",
+    "ACME_CA_CERT",
+    "HTTPS_REDIRECT",
+    "HSTS",
 ];
 
 fn parse_env<T: std::str::FromStr>(
@@ -673,6 +880,37 @@ pub fn env_layer(get: &dyn Fn(&str) -> Option<String>) -> Result<Layer, ConfigEr
     }
     if let Some(v) = get("PUBLIC_PORT") {
         layer.http.public_port = Some(parse_env("PUBLIC_PORT", &v, PORT)?);
+    }
+    if let Some(v) = get("HTTPS_PORT") {
+        layer.https.port = Some(parse_env("HTTPS_PORT", &v, PORT)?);
+    }
+    if let Some(v) = get("HTTPS_BIND") {
+        layer.https.bind = Some(parse_env("HTTPS_BIND", &v, ADDR)?);
+    }
+    if let Some(v) = get("TLS_CERT_FILE") {
+        layer.https.cert_file = Some(PathBuf::from(v));
+    }
+    if let Some(v) = get("TLS_KEY_FILE") {
+        layer.https.key_file = Some(PathBuf::from(v));
+    }
+    if let Some(v) = get("ACME_DIRECTORY_URL") {
+        layer.https.acme.directory_url = Some(v.trim().to_string());
+    }
+    if let Some(v) = get("ACME_EMAIL") {
+        layer.https.acme.email = Some(v);
+    }
+    if let Some(v) = get("ACME_CA_CERT") {
+        layer.https.acme.ca_cert = Some(PathBuf::from(v));
+    }
+    if let Some(v) = get("HTTPS_REDIRECT") {
+        layer.https.redirect = Some(parse_env("HTTPS_REDIRECT", &v, "true or false")?);
+    }
+    if let Some(v) = get("HSTS") {
+        layer.https.hsts_max_age_seconds = Some(parse_env(
+            "HSTS",
+            &v,
+            "a max-age in seconds such as 31536000",
+        )?);
     }
     if let Some(v) = get("DOMAIN_BASE") {
         layer.domain.base = Some(v);
@@ -990,6 +1228,7 @@ impl Config {
             server,
             mut ssh,
             mut http,
+            https,
             domain,
             storage,
             admin,
@@ -1035,6 +1274,7 @@ impl Config {
             self.http_trusted_proxies = http.trusted_proxies;
         }
         set(&mut self.domain, domain.base);
+        self.https.apply(https);
         set(&mut self.storage, storage.kind);
         set(&mut self.data_dir, storage.data_dir);
         if storage.redis_url.is_some() {
@@ -1199,6 +1439,7 @@ impl Config {
             })?;
         }
         self.validate_scan()?;
+        self.https.validate(self.http_port)?;
         if let Some(token) = &self.admin_token
             && token.expose().len() < MIN_ADMIN_TOKEN_LEN
         {
@@ -1277,6 +1518,20 @@ impl Config {
             (Some(url), _) => Some(url.clone()),
             (None, StorageKind::Redis) => Some(DEFAULT_REDIS_URL.to_string()),
             (None, StorageKind::Json) => None,
+        }
+    }
+
+    /// How public URLs look once the edge listens on `http_port` and, when HTTPS is on,
+    /// `https_port`: then they are `https` URLs on the HTTPS port (or `http.public_port`).
+    pub fn public_urls_with_https(&self, http_port: u16, https_port: Option<u16>) -> PublicUrls {
+        let Some(https_port) = https_port else {
+            return self.public_urls(http_port);
+        };
+        let port = self.public_port.unwrap_or(https_port);
+        PublicUrls {
+            scheme: "https",
+            domain: self.domain.clone(),
+            port: (port != 443).then_some(port),
         }
     }
 

@@ -8,7 +8,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 
 use crate::cache::Cache;
-use crate::config::{Config, SettingsError, StorageKind};
+use crate::config::{CertSetting, Config, SettingsError, StorageKind};
 use crate::http::HttpEdge;
 use crate::http::upstream::{UPSTREAM_IDLE_TIMEOUT, UpstreamPool};
 use crate::plugins::{PluginOptions, PolicyPlugins};
@@ -28,6 +28,9 @@ pub const PLUGIN_COMPILE_CACHE_DIR: &str = "plugin-cache";
 struct Ready {
     ssh_port: u16,
     http_port: u16,
+    /// Present when HTTPS is on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    https_port: Option<u16>,
     pid: u32,
 }
 
@@ -59,7 +62,7 @@ fn raise_open_files_limit(config: &Config) {
 }
 
 /// Runs the host until SIGINT/SIGTERM or a fatal error. `ready_file`: written (as JSON:
-/// `ssh_port`, `http_port`, `pid`) once both edges listen.
+/// `ssh_port`, `http_port`, `https_port` when HTTPS is on, `pid`) once both edges listen.
 pub async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
     // rustls (Redis over TLS) needs a process-wide crypto provider; a second install is harmless.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -119,11 +122,24 @@ pub async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<
                 config.http_bind, config.http_port
             )
         })?;
+    let https = https_listener(&config, &store, link.as_ref()).await?;
     let ssh_port = ssh_listener.local_addr()?.port();
     let http_port = http_listener.local_addr()?.port();
-    let urls = config.public_urls(http_port);
+    let https_port = match &https {
+        Some(https) => Some(https.listener.local_addr()?.port()),
+        None => None,
+    };
+    let mut https = https;
+    let urls = config.public_urls_with_https(http_port, https_port);
+    if let (Some(https), Some(port)) = (&mut https, https_port) {
+        let port = config.public_port.unwrap_or(port);
+        https.policy.public_port = (port != 443).then_some(port);
+    }
     tracing::info!("ssh edge listening on {}", ssh_listener.local_addr()?);
     tracing::info!("http edge listening on {}", http_listener.local_addr()?);
+    if let Some(https) = &https {
+        tracing::info!("https edge listening on {}", https.listener.local_addr()?);
+    }
     tracing::info!("tunnels will be served as {}", urls.of("<name>"));
 
     let tunnels = Arc::new(
@@ -181,11 +197,16 @@ pub async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<
         disconnect,
     ));
     scans.spawn_workers(stop.clone());
-    let mut http_task = tokio::spawn(crate::http::serve(http_listener, http, stop));
+    let listeners = crate::http::Listeners {
+        http: http_listener,
+        https,
+    };
+    let mut http_task = tokio::spawn(crate::http::serve_edge(listeners, http, stop));
     if let Some(path) = &ready_file {
         let ready = Ready {
             ssh_port,
             http_port,
+            https_port,
             pid: std::process::id(),
         };
         write_ready_file(path, &ready)
@@ -208,6 +229,64 @@ pub async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<
         .context("writing the domain store on shutdown")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The HTTPS listener and its certificates, when `https.port` is set. Unusable certificate
+/// files (or ACME settings) stop the host with a settings error naming the file.
+async fn https_listener(
+    config: &Config,
+    store: &Arc<dyn crate::store::DomainStore>,
+    link: Option<&Arc<crate::redis_link::RedisLink>>,
+) -> anyhow::Result<Option<crate::http::HttpsListener>> {
+    let (Some(port), Some(setting)) = (config.https.port, config.https.certificates()) else {
+        return Ok(None);
+    };
+    let certs: Arc<dyn crate::http::CertSource> = match setting {
+        CertSetting::Files { cert, key } => {
+            let certs = crate::http::tls::FileCerts::load(cert, key)
+                .map_err(|e| SettingsError(e.to_string()))?;
+            tracing::info!(
+                "https: certificate from {} and {} (reloaded when they change)",
+                cert.display(),
+                key.display()
+            );
+            certs.spawn_reloader();
+            certs
+        }
+        CertSetting::Acme { directory_url } => {
+            use crate::http::acme::{ACME_DIR, AcmeCerts, AcmeSettings, Vault};
+            // Shared by every host when the domain store is Redis.
+            let vault = match link {
+                Some(link) if config.storage == StorageKind::Redis => Vault::Redis {
+                    link: link.clone(),
+                    prefix: config.redis_prefix.clone(),
+                },
+                _ => Vault::Files(config.data_dir.join(ACME_DIR)),
+            };
+            let settings = AcmeSettings {
+                directory_url: directory_url.to_string(),
+                email: config.https.acme_email.clone(),
+                ca_cert: config.https.acme_ca_cert.clone(),
+                domain: config.domain.clone(),
+            };
+            let certs = AcmeCerts::new(settings, store.clone(), vault).map_err(SettingsError)?;
+            certs.spawn_renewals();
+            Arc::new(certs)
+        }
+    };
+    let bind = config.https.bind.unwrap_or(config.http_bind);
+    let listener = TcpListener::bind((bind, port)).await.with_context(|| {
+        format!("cannot listen for HTTPS on {bind}:{port} (https.port / HTTPS_PORT)")
+    })?;
+    Ok(Some(crate::http::HttpsListener {
+        listener,
+        certs,
+        policy: crate::http::HttpsPolicy {
+            redirect: config.https.redirect,
+            hsts_max_age: config.https.hsts_max_age,
+            public_port: None,
+        },
+    }))
 }
 
 /// The scan service (its queue in Redis when the host uses Redis, else in memory) and the

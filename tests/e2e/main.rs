@@ -14,6 +14,7 @@ mod edge_review;
 mod flow_control;
 mod limits;
 mod host_keys;
+mod https;
 mod key_list;
 mod names;
 mod p0rt_names;

@@ -277,6 +277,8 @@ pub struct Host {
     child: Option<Child>,
     pub ssh_port: u16,
     pub http_port: u16,
+    /// The HTTPS port from the ready file, when HTTPS is on.
+    pub https_port: Option<u16>,
     pub config: HostConfig,
     workdir: PathBuf,
     log_path: PathBuf,
@@ -294,6 +296,7 @@ impl Host {
             child: None,
             ssh_port: 0,
             http_port: 0,
+            https_port: None,
             config,
             workdir: sandbox.path().to_path_buf(),
             log_path: PathBuf::new(),
@@ -324,6 +327,7 @@ impl Host {
             if let Some((ssh, http)) = read_ready_file(&ready_path) {
                 self.ssh_port = ssh;
                 self.http_port = http;
+                self.https_port = read_ready_https_port(&ready_path);
                 break;
             }
             if let Ok(Some(status)) = child.try_wait() {
@@ -417,6 +421,11 @@ impl Host {
 
     pub fn http_addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.http_port))
+    }
+
+    /// The HTTPS edge's address (panics when HTTPS is off).
+    pub fn https_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.https_port.expect("HTTPS on")))
     }
 
     /// `Host` header value for a tunnel name.
@@ -636,6 +645,13 @@ pub fn read_ready_file(path: &Path) -> Option<(u16, u16)> {
     let ready: serde_json::Value = serde_json::from_str(&text).ok()?;
     let port = |key: &str| ready[key].as_u64().and_then(|p| u16::try_from(p).ok());
     Some((port("ssh_port")?, port("http_port")?))
+}
+
+/// The `https_port` of a host's `--ready-file`, if it has one.
+pub fn read_ready_https_port(path: &Path) -> Option<u16> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let ready: serde_json::Value = serde_json::from_str(&text).ok()?;
+    ready["https_port"].as_u64().and_then(|p| u16::try_from(p).ok())
 }
 
 /// Runs p0rt to completion (for startup failures); kills it after `timeout`.

@@ -12,6 +12,7 @@
 //! name, 405 `CONNECT`, 503 known name whose tunnel is offline, 502 backend refused or
 //! reset, 431 oversized headers, 408 slow headers (connection closed).
 
+pub mod acme;
 mod api;
 mod base;
 mod denials;
@@ -21,6 +22,7 @@ mod proxy;
 mod route;
 #[cfg(test)]
 mod tests;
+pub mod tls;
 pub mod upstream;
 
 use std::convert::Infallible;
@@ -51,6 +53,7 @@ use crate::tunnels::{Resolution, Tunnel, TunnelService};
 pub use error::{EdgeError, Fault};
 pub use limits::{HttpLimits, TrustedProxies};
 use route::Target;
+pub use tls::{CertSource, HttpsPolicy};
 use upstream::UpstreamPool;
 
 /// Most header bytes accepted per request; more gets 431.
@@ -92,7 +95,43 @@ type Body = BoxBody<Bytes, limits::BoxError>;
 
 /// Accepts HTTP connections until `stop` turns true; then lets in-flight requests finish
 /// (at most [`SHUTDOWN_GRACE`]) and closes idle keep-alive connections.
-pub async fn serve(listener: TcpListener, edge: Arc<HttpEdge>, mut stop: Stop) {
+pub async fn serve(listener: TcpListener, edge: Arc<HttpEdge>, stop: Stop) {
+    serve_edge(
+        Listeners {
+            http: listener,
+            https: None,
+        },
+        edge,
+        stop,
+    )
+    .await
+}
+
+/// The edge's listening sockets: plain HTTP, and HTTPS when configured.
+pub struct Listeners {
+    pub http: TcpListener,
+    pub https: Option<HttpsListener>,
+}
+
+/// The HTTPS socket, where its certificates come from, and the HTTPS request rules.
+pub struct HttpsListener {
+    pub listener: TcpListener,
+    pub certs: Arc<dyn CertSource>,
+    pub policy: HttpsPolicy,
+}
+
+/// How one connection arrived, as its requests see it.
+struct Conn {
+    peer: SocketAddr,
+    tls: bool,
+    policy: Option<Arc<HttpsPolicy>>,
+}
+
+/// Accepts HTTP and HTTPS connections until `stop` turns true, like [`serve`]. Both
+/// listeners share the connection caps (total and per address), the hyper settings and the
+/// shutdown; a TLS connection's handshake runs in its own task, holding its slot, bounded
+/// by [`tls::TLS_HANDSHAKE_TIMEOUT`].
+pub async fn serve_edge(listeners: Listeners, edge: Arc<HttpEdge>, mut stop: Stop) {
     let limits = edge.limits;
     tracing::info!("{}", limits.describe());
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
@@ -106,19 +145,26 @@ pub async fn serve(listener: TcpListener, edge: Arc<HttpEdge>, mut stop: Stop) {
         .max_headers(MAX_HEADERS)
         .keep_alive(true);
     let builder = Arc::new(builder);
+    let Listeners { http, https } = listeners;
+    let (https, certs, policy) = match https {
+        Some(h) => (Some(h.listener), Some(h.certs), Some(Arc::new(h.policy))),
+        None => (None, None, None),
+    };
     let mut connections = JoinSet::new();
     loop {
-        let (socket, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!("http accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+        let accepted = tokio::select! {
+            accepted = http.accept() => accepted.map(|(s, p)| (s, p, false)),
+            accepted = accept_maybe(https.as_ref()) => accepted.map(|(s, p)| (s, p, true)),
             _ = stop.stopped() => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        let (socket, peer, tls) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!("http accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             continue;
@@ -133,37 +179,73 @@ pub async fn serve(listener: TcpListener, edge: Arc<HttpEdge>, mut stop: Stop) {
             continue;
         };
         let _ = socket.set_nodelay(true);
-        let (edge, builder, mut stop) = (edge.clone(), builder.clone(), stop.clone());
+        let (edge, builder, stop) = (edge.clone(), builder.clone(), stop.clone());
+        let conn = Conn {
+            peer,
+            tls,
+            policy: policy.clone(),
+        };
+        let certs = certs.clone();
         connections.spawn(async move {
-            let service = service_fn(move |req| {
-                let edge = edge.clone();
-                async move { Ok::<_, Infallible>(handle(req, peer, edge).await) }
-            });
-            let conn = builder
-                .serve_connection(TokioIo::new(socket), service)
-                .with_upgrades();
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                result = conn.as_mut() => result,
-                _ = stop.stopped() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!("http connection from {peer}: {e}");
+            match (tls, certs) {
+                (true, Some(certs)) => match tls::handshake(socket, certs.as_ref()).await {
+                    Ok(stream) => serve_connection(TokioIo::new(stream), conn, edge, &builder, stop).await,
+                    Err(e) => tracing::debug!("https connection from {peer}: {e}"),
+                },
+                _ => serve_connection(TokioIo::new(socket), conn, edge, &builder, stop).await,
             }
             drop(ip_slot);
             drop(slot);
         });
     }
-    drop(listener);
+    drop(http);
+    drop(https);
     let draining = async { while connections.join_next().await.is_some() {} };
     if tokio::time::timeout(SHUTDOWN_GRACE, draining)
         .await
         .is_err()
     {
         tracing::warn!("http requests still running after {SHUTDOWN_GRACE:?}; dropping them");
+    }
+}
+
+/// Accepts on `listener`, or waits forever when there is none.
+async fn accept_maybe(
+    listener: Option<&TcpListener>,
+) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+    match listener {
+        Some(listener) => listener.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Serves HTTP/1.1 on one connection (plain or TLS) until it closes or the host stops.
+async fn serve_connection<I>(
+    io: TokioIo<I>,
+    conn: Conn,
+    edge: Arc<HttpEdge>,
+    builder: &http1::Builder,
+    mut stop: Stop,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let peer = conn.peer;
+    let conn = Arc::new(conn);
+    let service = service_fn(move |req| {
+        let (edge, conn) = (edge.clone(), conn.clone());
+        async move { Ok::<_, Infallible>(handle(req, &conn, edge).await) }
+    });
+    let serving = builder.serve_connection(io, service).with_upgrades();
+    tokio::pin!(serving);
+    let result = tokio::select! {
+        result = serving.as_mut() => result,
+        _ = stop.stopped() => {
+            serving.as_mut().graceful_shutdown();
+            serving.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!("http connection from {peer}: {e}");
     }
 }
 
@@ -180,6 +262,8 @@ fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) 
 /// What the phases of one request share.
 struct RequestCtx {
     peer: SocketAddr,
+    /// `https` for a request over TLS, else `http` (the request facts' `scheme`).
+    scheme: &'static str,
     /// The client's address as the edge resolves it: the peer, or what a trusted proxy
     /// forwarded. What policies, logs and the backend's `X-Forwarded-For` see.
     client_ip: std::net::IpAddr,
@@ -191,9 +275,16 @@ struct RequestCtx {
     tunnel: Option<Arc<Tunnel>>,
 }
 
-async fn handle(req: Request<Incoming>, peer: SocketAddr, edge: Arc<HttpEdge>) -> Response<Body> {
+async fn handle(req: Request<Incoming>, conn: &Conn, edge: Arc<HttpEdge>) -> Response<Body> {
+    let peer = conn.peer;
+    if !conn.tls
+        && let Some(redirect) = conn.policy.as_ref().and_then(|p| p.redirect(&req, &edge.domain))
+    {
+        return redirect;
+    }
     let mut ctx = RequestCtx {
         peer,
+        scheme: if conn.tls { "https" } else { "http" },
         client_ip: edge.trusted_proxies.client_ip(peer.ip(), req.headers()),
         started: Instant::now(),
         method: req.method().clone(),
@@ -205,7 +296,13 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, edge: Arc<HttpEdge>) -
     };
     let result = phases(req, &mut ctx, &edge).await;
     log(&ctx, &result);
-    result.unwrap_or_else(|e| e.response())
+    let mut response = result.unwrap_or_else(|e| e.response());
+    if conn.tls
+        && let Some(policy) = &conn.policy
+    {
+        policy.add_hsts(&mut response);
+    }
+    response
 }
 
 /// Route, then (for a live tunnel) admit and forward.

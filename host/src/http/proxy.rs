@@ -85,7 +85,7 @@ pub async fn admit(
         path: ctx.path.clone(),
         headers,
         options: options.to_vec(),
-        scheme: "http".into(),
+        scheme: ctx.scheme.into(),
     };
     match policy.check_request(facts).await {
         RequestVerdict::Admit(edits) => Ok(edits),
