@@ -349,6 +349,57 @@ async fn redirect_to_https_and_hsts_when_set() {
     assert_eq!(res.headers()["strict-transport-security"], "max-age=600");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn https_only_tunnels_pass_over_https_and_sessions_print_https_urls() {
+    let sandbox = Sandbox::new();
+    let ca = TestCa::new();
+    let (cert_path, key_path) = (sandbox.join("tls.crt"), sandbox.join("tls.key"));
+    let (cert, key, _) = ca.leaf(&["*.p0rt.test", "p0rt.test"]);
+    std::fs::write(&cert_path, cert).unwrap();
+    std::fs::write(&key_path, key).unwrap();
+    let host = Host::start_with(&sandbox, file_host_config(&sandbox, &cert_path, &key_path)).await;
+    let https_port = host.https_port.unwrap();
+    let backend = Backend::start("https-only").await;
+    let alice = sandbox.key("alice");
+    let name = host.info(&sandbox, &alice).await.name;
+    let fqdn = format!("{name}.{DOMAIN}");
+    // The owner's `https-only` (the access plugin) sees the request's scheme.
+    let mut session = host
+        .ssh(&sandbox, &alice)
+        .args(["-R", &format!("80:127.0.0.1:{}", backend.port)])
+        .command("https-only")
+        .spawn();
+    session
+        .wait_line("the session's prompt", |l| {
+            l == "Press Ctrl-C to close the tunnel."
+        })
+        .await;
+    let forwarding = format!("Forwarding https://{fqdn}:{https_port} -> your -R target");
+    assert!(
+        session.lines().contains(&forwarding),
+        "no {forwarding:?} in {:?}",
+        session.lines()
+    );
+    let ca_pem = ca.pem();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match https_get(&[&ca_pem], &host, &fqdn, "/whoami").await {
+            Ok((200, body, _)) => {
+                assert_eq!(body, backend.id);
+                break;
+            }
+            last if Instant::now() > deadline => panic!("not served over https: {last:?}"),
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    let res = plain_get(&host, &fqdn, "/x?y=1").await;
+    assert_eq!(res.status().as_u16(), 308);
+    assert_eq!(
+        res.headers()["location"],
+        format!("https://{fqdn}/x?y=1").as_str()
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // ACME against Pebble
 // ---------------------------------------------------------------------------------------------
