@@ -173,7 +173,8 @@ pub struct Config {
     ssh_max_startups: Option<String>,
     /// `http.limits.*`.
     pub http_limits: crate::http::HttpLimits,
-    /// `domain.reservations_enabled` (P0rt's `DOMAIN_RESERVATIONS_ENABLED`).
+    /// `domain.reservations_enabled` (P0rt's `DOMAIN_RESERVATIONS_ENABLED`): a reserved name
+    /// is handed to its key. On by default (P0rt never hands one over; `false` does the same).
     pub reservations_enabled: bool,
     /// Some layer set `storage.type`; if none did, a configured Redis URL moves the domain
     /// store to Redis, as in P0rt.
@@ -222,7 +223,7 @@ impl Default for Config {
             ssh_limits: crate::ssh::SshLimits::default(),
             ssh_max_startups: None,
             http_limits: crate::http::HttpLimits::default(),
-            reservations_enabled: false,
+            reservations_enabled: true,
             storage_explicit: false,
             storage_follows_redis_url: false,
             config_file: None,
@@ -1771,7 +1772,8 @@ mod tests {
         assert_eq!(c.admin_token.as_ref().map(Secret::expose), Some("k3y-k3y-k3y-k3y-k3y"));
         let c = load(&[("DOMAIN_RESERVATIONS_ENABLED", "1")]);
         assert!(c.reservations_enabled);
-        assert!(!load(&[]).reservations_enabled);
+        assert!(load(&[]).reservations_enabled, "on by default: a reservation is its key's");
+        assert!(!load(&[("DOMAIN_RESERVATIONS_ENABLED", "false")]).reservations_enabled);
         // A Redis URL moves the store to Redis unless STORAGE_TYPE says otherwise (P0rt).
         assert_eq!(load(&[]).storage, StorageKind::Json);
         let c = load(&[("REDIS_URL", "redis://r:1")]);

@@ -63,7 +63,7 @@ fn p0rt_domains_file(key: &Key, domain: &str) -> String {
     .unwrap()
 }
 
-/// P0rt's switch that hands a reserved name to its key (off by default, as in P0rt).
+/// The switch that hands a reserved name to its key (on by default; P0rt never does).
 const HAND_OVER: (&str, &str) = ("DOMAIN_RESERVATIONS_ENABLED", "true");
 
 /// A plugins directory whose sidecar makes the bundled `words` plugin grant requested names.
@@ -312,12 +312,16 @@ async fn the_cli_changes_reservations_of_a_running_host() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn with_p0rts_default_switch_a_reserved_name_is_kept_from_every_key() {
+async fn with_the_switch_off_a_reserved_name_is_kept_from_every_key() {
     let sb = Sandbox::new();
     let (alice, bob) = (sb.key("alice"), sb.key("bob"));
-    let host = Host::start(&sb).await;
+    let off = ("DOMAIN_RESERVATIONS_ENABLED", "false");
+    let host = Host::start_with(&sb, HostConfig::flags(&sb.data_dir()).env(off.0, off.1)).await;
     wait_log(&host, "reserved names are kept from every key").await;
-    let store = [("--data-dir", host.data_dir().display().to_string())];
+    let store = [
+        ("--data-dir", host.data_dir().display().to_string()),
+        (off.0, off.1.to_string()),
+    ];
     let bobs = p0rt_name(&bob, 0);
     let (code, out) = reservation(&store, &["add", &bobs, &alice.fingerprint()]).await;
     assert_eq!(code, Some(0), "{out}");

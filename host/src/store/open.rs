@@ -55,8 +55,8 @@ fn log_reservations(config: &Config, reservations: &dyn Reservations) {
     } else {
         tracing::info!(
             "reservations: {}; reserved names are kept from every key, not handed to their own \
-             (P0rt's default; set domain.reservations_enabled / DOMAIN_RESERVATIONS_ENABLED=true \
-             to hand them over)",
+             (domain.reservations_enabled / DOMAIN_RESERVATIONS_ENABLED is false, as P0rt \
+             behaves; remove it or set it true to hand them over)",
             reservations.location()
         );
     }

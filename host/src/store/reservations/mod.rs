@@ -2,8 +2,8 @@
 //! fingerprint (`SHA256:…`, as `ssh-keygen -l` prints it).
 //!
 //! - A reserved name goes to its key, as that key's main name, whenever it connects, when
-//!   `domain.reservations_enabled` (`DOMAIN_RESERVATIONS_ENABLED`) is on; P0rt's default is
-//!   off, and P0rt never hands it over at all (its SSH path passes no fingerprint). A
+//!   `domain.reservations_enabled` (`DOMAIN_RESERVATIONS_ENABLED`) is on, as it is by default;
+//!   P0rt never hands it over at all (its SSH path passes no fingerprint). A
 //!   reservation wins over the key's stored name, as P0rt's generator intends; the stored
 //!   name stays the key's.
 //! - Whatever that switch says, it is never given to another key: not derived, not granted as a requested name, not as
