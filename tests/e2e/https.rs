@@ -680,3 +680,58 @@ async fn acme_certificates_are_renewed_before_expiry() {
     );
     assert_eq!(pebble.orders(), 2, "{}", pebble.log());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn acme_certificates_are_shared_by_hosts_on_one_redis() {
+    crate::redis_support::require_redis();
+    let sandbox = Sandbox::new();
+    let redis = crate::redis_support::RedisServer::start().await;
+    let https_port = free_port();
+    let pebble = Pebble::start(&sandbox, https_port, None).await;
+    let on_redis = |dir: &str, port: u16| {
+        HostConfig::flags(&sandbox.join(dir))
+            .arg("--domain")
+            .arg(DOMAIN)
+            .env("STORAGE_TYPE", "redis")
+            .env("REDIS_URL", redis.url())
+            .env("HTTPS_PORT", port.to_string())
+            .env("ACME_DIRECTORY_URL", &pebble.directory)
+            .env("ACME_CA_CERT", pebble.listener_ca.to_string_lossy())
+    };
+    // Host a is the one Pebble validates against (its HTTPS port is Pebble's tlsPort).
+    let a = Host::start_with(&sandbox, on_redis("a", https_port)).await;
+    let b = Host::start_with(&sandbox, on_redis("b", free_port())).await;
+    let backend = Backend::start("shared").await;
+    let alice = sandbox.key("alice");
+    let root = pebble.root.clone();
+    let (_tunnel, fqdn) = https_tunnel(&a, &sandbox, &alice, &backend, &root).await;
+    assert_eq!(pebble.orders(), 1, "{}", pebble.log());
+    let (_, _, leaf_a) = https_get(&[&root], &a, &fqdn, "/whoami").await.unwrap();
+
+    // Host b serves the certificate a stored in Redis, without an order of its own.
+    let (_, _, leaf_b) = https_get(&[&root], &b, &fqdn, "/whoami")
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}; host b log:\n{}", b.log()));
+    assert_eq!(leaf_b, leaf_a);
+    assert_eq!(pebble.orders(), 1, "{}", pebble.log());
+    assert_eq!(count(&b.log(), "ordering a certificate"), 0, "{}", b.log());
+    assert!(
+        !sandbox
+            .join("a/acme/certs")
+            .join(format!("{fqdn}.pem"))
+            .exists()
+    );
+    let mut conn = redis.client().await;
+    let stored: Option<String> = redis::cmd("GET")
+        .arg(format!("p0rt:acme:cert:{fqdn}"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(stored.is_some_and(|pem| pem.contains("BEGIN CERTIFICATE")));
+    let account: Option<String> = redis::cmd("GET")
+        .arg("p0rt:acme:account")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(account.is_some());
+}
