@@ -96,14 +96,31 @@ impl Leases {
             },
             _ => return,
         };
+        let key = key(client_ip, name);
         let mut entries = self.lock();
+        // Concurrent requests of one client can all miss the held lease and ask the plugin;
+        // a lease still held holds requests the plugin already counted, so it is kept: a new
+        // lease adds to it (valid as long as both are), a denial does not replace it.
+        if let Some(Entry::Admit { left, until }) = entries.get_mut(&key)
+            && *until > now
+        {
+            if let Entry::Admit {
+                left: more,
+                until: new_until,
+            } = entry
+            {
+                *left = left.saturating_add(more);
+                *until = (*until).min(new_until);
+            }
+            return;
+        }
         if entries.len() >= MAX_LEASES {
             entries.retain(|_, e| e.until() > now);
             if entries.len() >= MAX_LEASES {
                 return;
             }
         }
-        entries.insert(key(client_ip, name), entry);
+        entries.insert(key, entry);
     }
 }
 
@@ -127,6 +144,27 @@ mod tests {
             assert_eq!(leases.take("192.0.2.1", "app"), Some(RateDecision::allow()));
         }
         assert_eq!(leases.take("192.0.2.1", "app"), None);
+    }
+
+    #[test]
+    fn a_lease_still_held_is_never_lost_to_a_concurrent_answer() {
+        let leases = Leases::default();
+        leases.note("192.0.2.1", "app", &lease(3, 60_000));
+        // Two requests that missed it asked the plugin meanwhile: a second lease and a denial.
+        leases.note("192.0.2.1", "app", &lease(2, 30_000));
+        let deny = RateDecision::Deny {
+            status: 429,
+            retry_after_seconds: Some(30),
+            message: "slow down".into(),
+        };
+        leases.note("192.0.2.1", "app", &deny);
+        for _ in 0..5 {
+            assert_eq!(leases.take("192.0.2.1", "app"), Some(RateDecision::allow()));
+        }
+        assert_eq!(leases.take("192.0.2.1", "app"), None);
+        // Once it is used up, a denial is remembered again.
+        leases.note("192.0.2.1", "app", &deny);
+        assert_eq!(leases.take("192.0.2.1", "app"), Some(deny));
     }
 
     #[test]

@@ -17,8 +17,10 @@
 //!
 //! Leases: a client that keeps sending is leased up to 32 further requests, counted up front
 //! in every bucket, which the host then admits without calling the plugin (until the earliest
-//! window ends). A lease never exceeds what any bucket has left, nor what the client already
-//! sent in this window, so limits are never exceeded; requests leased but not sent stay
+//! window ends, and for at most a minute). A lease never exceeds what any bucket has left,
+//! nor what the client already sent in this window; it is checked again once counted, and
+//! the part that other calls (another host on the same Redis) pushed over a limit in the
+//! meantime is given back, so limits are never exceeded. Requests leased but not sent stay
 //! counted, which can deny a client (or its tunnel) early by at most that many requests.
 
 // Natively (unit tests) the component glue is left out, so its callees look unused.
@@ -159,13 +161,36 @@ fn lease_size(counts: &[Count], values: &[i64]) -> u32 {
     if size < 2 { 0 } else { size }
 }
 
-/// How long a lease may hold: until the earliest of the buckets' windows ends.
+/// How much of a lease of `size` requests, just counted in every bucket (`after`: the
+/// buckets' counts with it), stays within every limit. The lease size was computed from
+/// earlier counts, and other calls may have counted requests in between (another host on the
+/// same Redis, or a concurrent call): the part over a limit is not granted (and the caller
+/// takes it back out), so leases never let more requests through than the limits allow.
+fn granted_lease(counts: &[Count], after: &[i64], size: u32) -> u32 {
+    counts
+        .iter()
+        .zip(after)
+        .map(|(count, value)| {
+            let over = (value - i64::from(count.limit)).max(0);
+            (i64::from(size) - over).max(0)
+        })
+        .min()
+        .unwrap_or(0) as u32
+}
+
+/// Longest lease the host accepts (`p0rt:policy` 0.2: `lease.millis` is at most 60 000); a
+/// longer one is an invalid decision, which the host answers with its built-in limiter.
+const MAX_LEASE_MILLIS: u32 = 60_000;
+
+/// How long a lease may hold: until the earliest of the buckets' windows ends, and never
+/// longer than [`MAX_LEASE_MILLIS`] (a window of more than a minute).
 fn lease_millis(counts: &[Count]) -> u32 {
     counts
         .iter()
         .map(|count| count.retry_after.saturating_mul(1000))
         .min()
         .unwrap_or(0)
+        .min(MAX_LEASE_MILLIS)
 }
 
 thread_local! {
@@ -223,9 +248,27 @@ mod component {
                         ttl_seconds: op.ttl_seconds,
                     })
                     .collect();
-                cache::increment_many(&leased);
+                let after = cache::increment_many(&leased);
+                // Other calls (on this host or another one) may have counted requests since
+                // `values`: keep only the part of the lease still within every limit and
+                // give the rest back.
+                let granted = granted_lease(&counts, &after, size);
+                if granted < size {
+                    let excess: Vec<cache::IncrementOp> = ops
+                        .iter()
+                        .map(|op| cache::IncrementOp {
+                            key: op.key.clone(),
+                            amount: -i64::from(size - granted),
+                            ttl_seconds: op.ttl_seconds,
+                        })
+                        .collect();
+                    cache::increment_many(&excess);
+                }
+                if granted == 0 {
+                    return Decision::Allow(None);
+                }
                 return Decision::Allow(Some(Lease {
-                    requests: size,
+                    requests: granted,
                     millis: lease_millis(&counts),
                 }));
             };
@@ -294,6 +337,30 @@ mod tests {
         assert_eq!(lease_size(&c, &[500, 2990, 500]), 10);
         assert_eq!(lease_size(&c, &[599, 600, 600]), 0);
         assert_eq!(lease_millis(&c), 60_000);
+    }
+
+    #[test]
+    fn a_lease_overtaken_by_other_counts_keeps_only_what_is_left() {
+        let c = counts(Config::default(), "ip", "app", "k", 0);
+        // Nobody counted in between: all of it.
+        assert_eq!(granted_lease(&c, &[132, 132, 132], 32), 32);
+        // Another host counted 20 requests in between, ending 12 over the per-IP limit.
+        assert_eq!(granted_lease(&c, &[612, 700, 700], 32), 20);
+        // It is all over some bucket (here the tunnel's): none of it.
+        assert_eq!(granted_lease(&c, &[100, 3040, 100], 32), 0);
+    }
+
+    #[test]
+    fn leases_of_long_windows_stay_within_what_the_host_accepts() {
+        let config = parse_config(
+            r#"{"per_ip": {"limit": 40, "window_seconds": 3600},
+                "per_tunnel": {"limit": 0, "window_seconds": 60},
+                "per_key": {"limit": 0, "window_seconds": 60}}"#,
+        )
+        .unwrap();
+        let c = counts(config, "ip", "app", "k", 10);
+        assert_eq!(c[0].retry_after, 3590);
+        assert_eq!(lease_millis(&c), MAX_LEASE_MILLIS);
     }
 
     #[test]
