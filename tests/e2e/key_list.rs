@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use redis::AsyncCommands;
 use serde_json::json;
 
+use crate::plugins::{bundled, install, plugins_dir, read};
 use crate::redis_support::{RedisServer, require_redis};
-use crate::support::{Host, HostConfig, Key, Sandbox};
+use crate::support::{Host, HostConfig, Key, Sandbox, http_client};
 
 /// One record of P0rt's `KeyAccess`.
 struct Entry<'a> {
@@ -293,6 +294,95 @@ async fn p0rt_open_access_lets_any_key_in() {
     host.info(&sb, &listed).await;
     assert_refused(&host, &sb, &stranger, "Permission denied").await;
     assert_refused(&host, &sb, &inactive, "is deactivated on this host").await;
+}
+
+/// Requests admitted (2xx) out of `count` sent one after the other to `name`.
+async fn admitted(host: &Host, name: &str, count: usize) -> usize {
+    let client = http_client();
+    let mut ok = 0;
+    for _ in 0..count {
+        let res = client
+            .get(host.url("/whoami"))
+            .header(reqwest::header::HOST, host.host_header(name))
+            .send()
+            .await
+            .expect("request through the edge");
+        if res.status().is_success() {
+            ok += 1;
+        }
+    }
+    ok
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_premium_keys_tunnel_gets_its_tiers_rate_limit() {
+    const DEFAULT_LIMIT: usize = 5;
+    const PREMIUM_LIMIT: usize = 15;
+    const SENT: usize = 12;
+    let sb = Sandbox::new();
+    let (premium, free, unlisted_tier) = (sb.key("premium"), sb.key("free"), sb.key("plain"));
+    save_like_p0rt(
+        &sb.join("authorized_keys.json"),
+        &p0rt_key_file(&[
+            Entry::active(&premium, "premium"),
+            Entry::active(&free, "free"),
+            Entry::active(&unlisted_tier, ""),
+        ]),
+    );
+    // Per tunnel: 5 requests an hour by default, 15 for the premium tier.
+    let window = 3600;
+    let dir = plugins_dir(&sb);
+    install(
+        &dir,
+        "ratelimit",
+        &read(&bundled("ratelimit.wasm")),
+        Some(json!({ "config": {
+            "per_ip": { "limit": 0, "window_seconds": window },
+            "per_tunnel": { "limit": DEFAULT_LIMIT, "window_seconds": window },
+            "per_key": { "limit": 0, "window_seconds": window },
+            "tiers": {
+                "premium": { "per_tunnel": { "limit": PREMIUM_LIMIT, "window_seconds": window } }
+            }
+        }})),
+    );
+    let config = HostConfig::flags(&sb.data_dir())
+        .arg("--plugins-dir")
+        .arg(dir.to_string_lossy());
+    let host = Host::start_with(&sb, config).await;
+    let backends = (
+        crate::backend::Backend::start("premium").await,
+        crate::backend::Backend::start("free").await,
+        crate::backend::Backend::start("plain").await,
+    );
+    let (_a, premium_name) = host.tunnel(&sb, &premium, &backends.0).await;
+    let (_b, free_name) = host.tunnel(&sb, &free, &backends.1).await;
+    let (_c, plain_name) = host.tunnel(&sb, &unlisted_tier, &backends.2).await;
+
+    // `tunnel` already sent one request to each while waiting for it to serve.
+    for attempt in 0.. {
+        let index = p0rt::unix_now().div_euclid(window);
+        let counts = (
+            admitted(&host, &premium_name, SENT).await,
+            admitted(&host, &free_name, SENT).await,
+            admitted(&host, &plain_name, SENT).await,
+        );
+        if p0rt::unix_now().div_euclid(window) != index && attempt == 0 {
+            continue; // the hour turned during the burst: counters started over
+        }
+        assert!(
+            counts.0 == SENT,
+            "premium tunnel admitted {} of {SENT}; p0rt stderr:\n{}",
+            counts.0,
+            host.log()
+        );
+        for (name, count) in [("free", counts.1), ("tierless", counts.2)] {
+            assert!(
+                (1..=DEFAULT_LIMIT).contains(&count),
+                "{name} tunnel admitted {count} of {SENT}, over the default limit"
+            );
+        }
+        break;
+    }
 }
 
 /// A host on Redis with P0rt's key records: the same rules, lookups per login with a short

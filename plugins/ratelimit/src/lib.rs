@@ -10,6 +10,19 @@
 //! ```
 //! A limit of 0 turns that bucket off.
 //!
+//! Per tier (the `owner-tier` the operator's key list gives the tunnel owner's key), other
+//! limits, in the same shape; a bucket a tier leaves out keeps the top-level one, and a
+//! tunnel whose owner has no tier, or one not listed here, gets the top-level limits:
+//!
+//! ```json
+//! { "per_tunnel": { "limit": 3000, "window_seconds": 60 },
+//!   "tiers": { "premium": { "per_tunnel": { "limit": 30000, "window_seconds": 60 } },
+//!              "free":    { "per_ip": { "limit": 60, "window_seconds": 60 } } } }
+//! ```
+//! The tunnel and key buckets belong to one owner, so one tier; the per-IP bucket counts a
+//! client over every tunnel, so a tier with a per-IP limit of its own counts it in a counter
+//! of its own (the client's requests to that tier's tunnels), never in the shared one.
+//!
 //! Every bucket is counted in one batched host call per request (one Redis round trip); the
 //! first bucket over its limit (ip, then tunnel, then key) picks the answer. A denied request
 //! is taken back out of the buckets after the denying one (a second call, on the deny path
@@ -26,7 +39,8 @@
 // Natively (unit tests) the component glue is left out, so its callees look unused.
 #![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 
-use std::cell::Cell;
+use std::cell::RefCell;
+use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
@@ -43,12 +57,23 @@ impl Bucket {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+/// One tier's limits; a bucket left out is the top-level one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TierLimits {
+    per_ip: Option<Bucket>,
+    per_tunnel: Option<Bucket>,
+    per_key: Option<Bucket>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct Config {
     per_ip: Bucket,
     per_tunnel: Bucket,
     per_key: Bucket,
+    /// By tier name, as the key list writes it (`premium`, `free`, …).
+    tiers: BTreeMap<String, TierLimits>,
 }
 
 impl Default for Config {
@@ -66,12 +91,18 @@ impl Default for Config {
                 limit: 6000,
                 window_seconds: 60,
             },
+            tiers: BTreeMap::new(),
         }
     }
 }
 
 fn parse_config(text: &str) -> Result<Config, String> {
-    serde_json::from_str(text).map_err(|e| format!("ratelimit config: {e}"))
+    let config: Config =
+        serde_json::from_str(text).map_err(|e| format!("ratelimit config: {e}"))?;
+    if config.tiers.keys().any(|tier| tier.trim().is_empty()) {
+        return Err("ratelimit config: a tier name is empty".into());
+    }
+    Ok(config)
 }
 
 /// One bucket a request counts in.
@@ -87,31 +118,40 @@ struct Count {
     message: &'static str,
 }
 
-/// The counters a request increments: the enabled buckets, in the order they are judged.
+/// The counters a request increments: the enabled buckets, in the order they are judged,
+/// with the limits of the owner's tier when the config has some for it.
 fn counts(
-    config: Config,
+    config: &Config,
     client_ip: &str,
     name: &str,
     owner_key_hash: &str,
+    owner_tier: Option<&str>,
     now: i64,
 ) -> Vec<Count> {
+    let tier = owner_tier.and_then(|tier| config.tiers.get_key_value(tier));
+    let own = tier.map(|(_, limits)| *limits).unwrap_or_default();
+    // A tier's own per-IP limit counts in a counter of its own (see the module docs).
+    let ip_subject = match tier {
+        Some((tier, limits)) if limits.per_ip.is_some() => format!("{client_ip}@{tier}"),
+        _ => client_ip.to_string(),
+    };
     let buckets = [
         (
             "ip",
-            client_ip,
-            config.per_ip,
+            ip_subject.as_str(),
+            own.per_ip.unwrap_or(config.per_ip),
             "too many requests from your address",
         ),
         (
             "tunnel",
             name,
-            config.per_tunnel,
+            own.per_tunnel.unwrap_or(config.per_tunnel),
             "this tunnel is receiving too many requests",
         ),
         (
             "key",
             owner_key_hash,
-            config.per_key,
+            own.per_key.unwrap_or(config.per_key),
             "this tunnel owner's request budget is used up",
         ),
     ];
@@ -194,7 +234,7 @@ fn lease_millis(counts: &[Count]) -> u32 {
 }
 
 thread_local! {
-    static CONFIG: Cell<Config> = Cell::new(Config::default());
+    static CONFIG: RefCell<Config> = RefCell::new(Config::default());
 }
 
 /// The component glue. Only built for wasm, so the logic above can be unit-tested natively.
@@ -214,13 +254,16 @@ mod component {
     impl RateLimit for RateLimiter {
         fn check(request: RequestFacts) -> Decision {
             let now = clock::now_unix_seconds();
-            let counts = counts(
-                CONFIG.get(),
-                &request.client_ip,
-                &request.name,
-                &request.owner_key_hash,
-                now,
-            );
+            let counts = CONFIG.with_borrow(|config| {
+                counts(
+                    config,
+                    &request.client_ip,
+                    &request.name,
+                    &request.owner_key_hash,
+                    request.owner_tier.as_deref(),
+                    now,
+                )
+            });
             if counts.is_empty() {
                 return Decision::Allow(None);
             }
@@ -294,7 +337,7 @@ mod component {
 
     impl exports::p0rt::policy::init::Guest for RateLimiter {
         fn init(config: String) -> Result<(), String> {
-            CONFIG.set(parse_config(&config)?);
+            CONFIG.replace(parse_config(&config)?);
             Ok(())
         }
     }
@@ -308,7 +351,7 @@ mod tests {
 
     #[test]
     fn keys_and_retry_after() {
-        let c = counts(Config::default(), "192.0.2.1", "app", "k", 125);
+        let c = counts(&Config::default(), "192.0.2.1", "app", "k", None, 125);
         let keys: Vec<&str> = c.iter().map(|c| c.key.as_str()).collect();
         assert_eq!(keys, ["ip:192.0.2.1:2", "tunnel:app:2", "key:k:2"]);
         assert!(
@@ -320,7 +363,7 @@ mod tests {
     #[test]
     fn disabled_buckets_are_not_counted() {
         let config = parse_config(r#"{"per_ip": {"limit": 0, "window_seconds": 60}}"#).unwrap();
-        let c = counts(config, "ip", "app", "k", 0);
+        let c = counts(&config, "ip", "app", "k", None, 0);
         assert_eq!(c.len(), 2);
         assert!(c[0].key.starts_with("tunnel:"));
         assert!(parse_config(r#"{"per_host": {}}"#).is_err());
@@ -328,7 +371,7 @@ mod tests {
 
     #[test]
     fn leases_stay_within_every_limit_and_the_clients_own_pace() {
-        let c = counts(Config::default(), "ip", "app", "k", 0);
+        let c = counts(&Config::default(), "ip", "app", "k", None, 0);
         // A first request gets no lease; a busy client up to MAX_LEASE.
         assert_eq!(lease_size(&c, &[1, 1, 1]), 0);
         assert_eq!(lease_size(&c, &[5, 10, 10]), 4);
@@ -341,7 +384,7 @@ mod tests {
 
     #[test]
     fn a_lease_overtaken_by_other_counts_keeps_only_what_is_left() {
-        let c = counts(Config::default(), "ip", "app", "k", 0);
+        let c = counts(&Config::default(), "ip", "app", "k", None, 0);
         // Nobody counted in between: all of it.
         assert_eq!(granted_lease(&c, &[132, 132, 132], 32), 32);
         // Another host counted 20 requests in between, ending 12 over the per-IP limit.
@@ -358,14 +401,57 @@ mod tests {
                 "per_key": {"limit": 0, "window_seconds": 60}}"#,
         )
         .unwrap();
-        let c = counts(config, "ip", "app", "k", 10);
+        let c = counts(&config, "ip", "app", "k", None, 10);
         assert_eq!(c[0].retry_after, 3590);
         assert_eq!(lease_millis(&c), MAX_LEASE_MILLIS);
     }
 
     #[test]
+    fn a_tier_has_its_own_limits_and_keeps_the_rest() {
+        let config = parse_config(
+            r#"{"per_tunnel": {"limit": 100, "window_seconds": 60},
+                "tiers": {
+                    "premium": {"per_tunnel": {"limit": 1000, "window_seconds": 60}},
+                    "free": {"per_ip": {"limit": 10, "window_seconds": 60}}
+                }}"#,
+        )
+        .unwrap();
+        let limits = |tier: Option<&str>| -> Vec<(String, u32)> {
+            counts(&config, "192.0.2.1", "app", "k", tier, 0)
+                .into_iter()
+                .map(|c| (c.key, c.limit))
+                .collect()
+        };
+        let shared_ip = ("ip:192.0.2.1:0".to_string(), 600);
+        // No tier, or one the config does not name: the top-level limits.
+        let plain = vec![
+            shared_ip.clone(),
+            ("tunnel:app:0".to_string(), 100),
+            ("key:k:0".to_string(), 6000),
+        ];
+        assert_eq!(limits(None), plain);
+        assert_eq!(limits(Some("vip")), plain);
+        // premium: its tunnel limit, the rest inherited (the IP counter stays shared).
+        assert_eq!(
+            limits(Some("premium")),
+            [
+                shared_ip,
+                ("tunnel:app:0".to_string(), 1000),
+                ("key:k:0".to_string(), 6000)
+            ]
+        );
+        // free: a per-IP limit of its own, counted apart from the shared per-IP counter.
+        assert_eq!(
+            limits(Some("free"))[0],
+            ("ip:192.0.2.1@free:0".to_string(), 10)
+        );
+        assert!(parse_config(r#"{"tiers": {"x": {"per_host": {}}}}"#).is_err());
+        assert!(parse_config(r#"{"tiers": {"": {}}}"#).is_err());
+    }
+
+    #[test]
     fn first_bucket_over_its_limit_answers() {
-        let c = counts(Config::default(), "ip", "app", "k", 0);
+        let c = counts(&Config::default(), "ip", "app", "k", None, 0);
         assert_eq!(first_over_limit(&c, &[600, 3000, 6000]), None);
         let message = |values: &[i64]| first_over_limit(&c, values).map(|i| c[i].message);
         assert_eq!(
