@@ -200,7 +200,10 @@ async fn the_startup_emptiness_check_stops_at_the_first_key() {
 
     let sandbox = Sandbox::new();
     write_domains_json(&sandbox, &[("cc33", "json-only-name")]);
-    let host = Host::start_with(&sandbox, redis_host(&sandbox, &redis.url())).await;
+    // Open access said explicitly: otherwise the key-list check (is there any P0rt
+    // `keys:` record?) scans too, and this test counts the store's emptiness check alone.
+    let config = redis_host(&sandbox, &redis.url()).env("P0RT_OPEN_ACCESS", "true");
+    let host = Host::start_with(&sandbox, config).await;
     assert!(!host.log().contains("imported"), "{}", host.log());
     assert_eq!(command_calls(&mut client, "scan").await, 1, "one SCAN step");
     let owner: Option<String> = client
