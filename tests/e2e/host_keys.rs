@@ -11,7 +11,7 @@ use crate::support::*;
 const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Writes an RSA host key as P0rt does: 2048 bits, PKCS#1 PEM (`BEGIN RSA PRIVATE KEY`).
-fn p0rt_rsa_key(path: &Path) {
+pub(crate) fn p0rt_rsa_key(path: &Path) {
     let out = std::process::Command::new("ssh-keygen")
         .args(["-t", "rsa", "-b", "2048", "-m", "PEM", "-N", "", "-q", "-f"])
         .arg(path)
@@ -30,7 +30,7 @@ fn p0rt_rsa_key(path: &Path) {
 }
 
 /// `ssh-keyscan -t TYPE` against the host: the `known_hosts` lines it prints.
-fn keyscan(host: &Host, kind: &str) -> String {
+pub(crate) fn keyscan(host: &Host, kind: &str) -> String {
     let out = std::process::Command::new("ssh-keyscan")
         .args([
             "-T",
@@ -51,7 +51,7 @@ fn keyscan(host: &Host, kind: &str) -> String {
 }
 
 /// `SHA256:…` of each key in `known_hosts` text, per `ssh-keygen -lf`.
-fn fingerprints(dir: &Path, known_hosts: &str) -> Vec<String> {
+pub(crate) fn fingerprints(dir: &Path, known_hosts: &str) -> Vec<String> {
     let file = dir.join("scanned");
     std::fs::write(&file, known_hosts).unwrap();
     let out = std::process::Command::new("ssh-keygen")

@@ -14,20 +14,20 @@ use crate::redis_support::{RedisServer, require_redis};
 use crate::support::{Host, HostConfig, Key, Sandbox, http_client};
 
 /// One record of P0rt's `KeyAccess`.
-struct Entry<'a> {
-    key: &'a Key,
+pub(crate) struct Entry<'a> {
+    pub(crate) key: &'a Key,
     /// Written as `public_key` (P0rt's `key add --key-file`) or left empty (`--key-fingerprint`).
-    with_public_key: bool,
-    comment: &'a str,
-    tier: &'a str,
+    pub(crate) with_public_key: bool,
+    pub(crate) comment: &'a str,
+    pub(crate) tier: &'a str,
     /// RFC 3339, as Go's `time.Time` marshals.
-    added_at: &'a str,
-    expires_at: Option<&'a str>,
-    active: bool,
+    pub(crate) added_at: &'a str,
+    pub(crate) expires_at: Option<&'a str>,
+    pub(crate) active: bool,
 }
 
 impl<'a> Entry<'a> {
-    fn active(key: &'a Key, tier: &'a str) -> Entry<'a> {
+    pub(crate) fn active(key: &'a Key, tier: &'a str) -> Entry<'a> {
         Entry {
             key,
             with_public_key: true,
@@ -75,7 +75,7 @@ impl<'a> Entry<'a> {
 /// `authorized_keys.json` as P0rt's `saveKeys` writes it: `json.Encoder` with
 /// `SetIndent("", "  ")` (fields in struct order, `expires_at` left out when nil, a newline
 /// at the end).
-fn p0rt_key_file(entries: &[Entry]) -> String {
+pub(crate) fn p0rt_key_file(entries: &[Entry]) -> String {
     let records: Vec<String> = entries
         .iter()
         .map(|entry| {
@@ -91,14 +91,14 @@ fn p0rt_key_file(entries: &[Entry]) -> String {
 }
 
 /// Writes the list the way P0rt's `saveKeysAtomic` does: a `.tmp` file, then rename.
-fn save_like_p0rt(path: &std::path::Path, text: &str) {
+pub(crate) fn save_like_p0rt(path: &std::path::Path, text: &str) {
     let tmp = path.with_extension("json.tmp");
     std::fs::write(&tmp, text).unwrap();
     std::fs::rename(&tmp, path).unwrap();
 }
 
 /// Loopback never banned: the tests refuse keys on purpose, from one address.
-fn no_bans(config: HostConfig) -> HostConfig {
+pub(crate) fn no_bans(config: HostConfig) -> HostConfig {
     config.env("BAN_EXEMPT", "127.0.0.0/8")
 }
 
@@ -108,7 +108,7 @@ async fn try_info(host: &Host, sb: &Sandbox, key: &Key) -> (bool, String, String
     (out.status.success(), out.stdout, out.stderr)
 }
 
-async fn assert_refused(host: &Host, sb: &Sandbox, key: &Key, wanted: &str) -> String {
+pub(crate) async fn assert_refused(host: &Host, sb: &Sandbox, key: &Key, wanted: &str) -> String {
     let (ok, stdout, stderr) = try_info(host, sb, key).await;
     assert!(
         !ok && !stdout.contains("name:"),

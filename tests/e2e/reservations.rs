@@ -20,7 +20,7 @@ use crate::support::*;
 // ---------------------------------------------------------------------------------------------
 
 /// The name P0rt derives for a key (attempt 0) or its salted alternatives (1, 2, …).
-fn p0rt_name(key: &Key, attempt: u32) -> String {
+pub(crate) fn p0rt_name(key: &Key, attempt: u32) -> String {
     p0rt::names::builtin_name(&p0rt::names::KeyHash::from_stored(key.key_hash()), attempt)
         .to_string()
 }
@@ -28,7 +28,7 @@ fn p0rt_name(key: &Key, attempt: u32) -> String {
 /// `reservations.json` as P0rt's `save` writes it: `json.MarshalIndent(list, "", "  ")` of
 /// `{domain, fingerprint, created_at, updated_at, comment?}` (Go times: RFC 3339 with
 /// nanoseconds and the local offset; `comment` omitted when empty).
-fn p0rt_reservations_file(records: &[(&str, &str, Option<&str>)]) -> String {
+pub(crate) fn p0rt_reservations_file(records: &[(&str, &str, Option<&str>)]) -> String {
     let mut out = String::from("[");
     for (i, (domain, fingerprint, comment)) in records.iter().enumerate() {
         if i > 0 {
@@ -49,7 +49,7 @@ fn p0rt_reservations_file(records: &[(&str, &str, Option<&str>)]) -> String {
 }
 
 /// `domains.json` as P0rt writes it, binding one key to one name.
-fn p0rt_domains_file(key: &Key, domain: &str) -> String {
+pub(crate) fn p0rt_domains_file(key: &Key, domain: &str) -> String {
     let hash = key.key_hash();
     serde_json::to_string_pretty(&json!({
         hash.clone(): {
