@@ -1685,6 +1685,90 @@ mod tests {
     }
 
     #[test]
+    fn https_settings_are_checked_and_printed_urls_follow_them() {
+        let load = |vars: &[(&str, &str)]| Config::load(&ServeArgs::default(), &env(vars));
+        let c = load(&[
+            ("HTTPS_PORT", "8443"),
+            ("TLS_CERT_FILE", "/c.pem"),
+            ("TLS_KEY_FILE", "/k.pem"),
+            ("HTTPS_REDIRECT", "true"),
+            ("HSTS", "600"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.https.certificates(),
+            Some(CertSetting::Files {
+                cert: Path::new("/c.pem"),
+                key: Path::new("/k.pem")
+            })
+        );
+        assert!(c.https.redirect);
+        assert_eq!(c.https.hsts_max_age, Some(600));
+        assert_eq!(
+            c.public_urls_with_https(8080, Some(8443)).of("a-b"),
+            "https://a-b.localhost:8443"
+        );
+        assert_eq!(
+            c.public_urls_with_https(8080, Some(443)).of("a-b"),
+            "https://a-b.localhost"
+        );
+        assert_eq!(c.public_urls_with_https(8080, None).of("a-b"), "http://a-b.localhost:8080");
+        let c = load(&[
+            ("HTTPS_PORT", "0"),
+            ("ACME_DIRECTORY_URL", "https://acme.example/dir"),
+            ("ACME_EMAIL", "ops@example.com"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.https.certificates(),
+            Some(CertSetting::Acme {
+                directory_url: "https://acme.example/dir"
+            })
+        );
+        assert_eq!(load(&[]).unwrap().https.certificates(), None);
+        for (vars, key) in [
+            (&[("TLS_CERT_FILE", "/c")][..], "https.port"),
+            (&[("HTTPS_REDIRECT", "true")][..], "https.port"),
+            (&[("HTTPS_PORT", "1")][..], "https.port"),
+            (&[("HTTPS_PORT", "1"), ("TLS_CERT_FILE", "/c")][..], "https.key_file"),
+            (
+                &[
+                    ("HTTPS_PORT", "1"),
+                    ("TLS_CERT_FILE", "/c"),
+                    ("TLS_KEY_FILE", "/k"),
+                    ("ACME_DIRECTORY_URL", "https://a/d"),
+                ][..],
+                "https.acme.directory_url",
+            ),
+            (
+                &[("HTTPS_PORT", "1"), ("ACME_DIRECTORY_URL", "http://a/d")][..],
+                "https.acme.directory_url",
+            ),
+            (
+                &[
+                    ("HTTPS_PORT", "1"),
+                    ("ACME_DIRECTORY_URL", "https://a/d"),
+                    ("ACME_EMAIL", "nobody"),
+                ][..],
+                "https.acme.email",
+            ),
+            (
+                &[
+                    ("HTTPS_PORT", "8080"),
+                    ("TLS_CERT_FILE", "/c"),
+                    ("TLS_KEY_FILE", "/k"),
+                ][..],
+                "https.port",
+            ),
+        ] {
+            let e = load(vars).expect_err(key).to_string();
+            assert!(e.contains(key), "{vars:?}: {e}");
+        }
+        let e = load(&[("HSTS", "soon")]).unwrap_err().to_string();
+        assert!(e.contains("HSTS"), "{e}");
+    }
+
+    #[test]
     fn public_url_omits_default_port() {
         let mut c = Config::default();
         assert_eq!(
