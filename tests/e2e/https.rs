@@ -340,6 +340,24 @@ async fn redirect_to_https_and_hsts_when_set() {
         .unwrap();
     assert_eq!(res.status().as_u16(), 200);
     assert_eq!(res.headers()["strict-transport-security"], "max-age=600");
+    // The backend is told the client came over TLS.
+    let text = client
+        .get(format!("https://{fqdn}:{https_port}/echo/headers"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let echo: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let protos: Vec<&serde_json::Value> = echo["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h[0] == "x-forwarded-proto")
+        .map(|h| &h[1])
+        .collect();
+    assert_eq!(protos, [&serde_json::json!("https")], "{echo}");
     let client = https_client(&[&ca_pem], DOMAIN, host.https_addr());
     let res = client
         .get(format!("https://{DOMAIN}:{https_port}/"))

@@ -179,7 +179,7 @@ pub async fn forward(
     let client_upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
     let upgrade = client_upgrade.is_some();
     let (mut parts, body) = req.into_parts();
-    rewrite_headers(&mut parts.headers, ctx.client_ip, upgrade);
+    rewrite_headers(&mut parts.headers, ctx.client_ip, upgrade, ctx.scheme);
     // After the host's own rewrite, so `x-forwarded-host` still names what the client asked
     // for when a policy rewrites `host`.
     apply_edits(&mut parts.headers, &edits.request);
@@ -233,8 +233,9 @@ pub async fn forward(
 }
 
 /// Phase 4, rewrite: hop-by-hop headers go; forwarded headers describe this hop only,
-/// never what the client claims (p0rt is the edge).
-pub fn rewrite_headers(headers: &mut HeaderMap, peer: IpAddr, upgrade: bool) {
+/// never what the client claims (p0rt is the edge). `scheme`: `http` or `https`, how the
+/// client reached the edge (`X-Forwarded-Proto`).
+pub fn rewrite_headers(headers: &mut HeaderMap, peer: IpAddr, upgrade: bool, scheme: &'static str) {
     let host = headers.get(header::HOST).cloned();
     let upgrade_header = headers.get(header::UPGRADE).cloned();
     strip_hop_by_hop(headers);
@@ -248,7 +249,7 @@ pub fn rewrite_headers(headers: &mut HeaderMap, peer: IpAddr, upgrade: bool) {
     if let Ok(ip) = HeaderValue::from_str(&peer.to_string()) {
         headers.insert("x-forwarded-for", ip);
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    headers.insert("x-forwarded-proto", HeaderValue::from_static(scheme));
     match host {
         Some(host) => headers.insert("x-forwarded-host", host),
         None => headers.remove("x-forwarded-host"),
@@ -363,7 +364,7 @@ mod tests {
             ("upgrade", "websocket"),
             ("accept", "*/*"),
         ]);
-        rewrite_headers(&mut headers, "192.0.2.7".parse().unwrap(), false);
+        rewrite_headers(&mut headers, "192.0.2.7".parse().unwrap(), false, "http");
         assert_eq!(get(&headers, "x-forwarded-for"), ["192.0.2.7"]);
         assert_eq!(get(&headers, "x-forwarded-proto"), ["http"]);
         assert_eq!(get(&headers, "x-forwarded-host"), ["a.localhost:8080"]);
@@ -383,10 +384,15 @@ mod tests {
             ("upgrade", "websocket"),
         ]);
         assert!(is_upgrade(&headers));
-        rewrite_headers(&mut headers, "::1".parse().unwrap(), true);
+        rewrite_headers(&mut headers, "::1".parse().unwrap(), true, "https");
         assert_eq!(get(&headers, "connection"), ["upgrade"]);
         assert_eq!(get(&headers, "upgrade"), ["websocket"]);
         assert_eq!(get(&headers, "x-forwarded-for"), ["::1"]);
+        assert_eq!(
+            get(&headers, "x-forwarded-proto"),
+            ["https"],
+            "a TLS request says so"
+        );
         assert!(!headers.contains_key("x-secret"));
     }
 
