@@ -245,8 +245,10 @@ async fn run_connection(
     let authenticated = Arc::new(AtomicBool::new(false));
     let handler = Connection::new(edge, guards, peer, authenticated.clone(), pending);
     let stream = Watched::new(socket, watch.clone());
-    let started =
-        tokio::time::timeout_at(deadline, russh::server::run_stream(config, stream, handler)).await;
+    // Boxed: the handshake's future is over a kilobyte and would otherwise stay in this
+    // task, for as long as the connection lives, after the handshake has ended.
+    let handshake = Box::pin(russh::server::run_stream(config, stream, handler));
+    let started = tokio::time::timeout_at(deadline, handshake).await;
     let session = match started {
         Ok(Ok(session)) => session,
         Ok(Err(e)) => {

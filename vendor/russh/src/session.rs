@@ -149,6 +149,24 @@ impl<C> CommonSession<C> {
             .is_some_and(|channel| channel.confirmed)
     }
 
+    /// p0rt patch: once the new keys are in use, the key exchange's KEXINIT payloads and
+    /// ephemeral keys are never read again (the server reads the client's KEXINIT once,
+    /// for `ext-info-c`, before calling this); the exchange itself stays, as the mark that
+    /// no key exchange is under way. Saves ~2.7 KB per idle connection.
+    pub(crate) fn forget_kex_payloads(&mut self) {
+        if let Some(exchange) = self
+            .encrypted
+            .as_mut()
+            .and_then(|enc| enc.exchange.as_mut())
+        {
+            exchange.client_kex_init = Bytes::new();
+            exchange.server_kex_init = Bytes::new();
+            exchange.client_ephemeral = Vec::new();
+            exchange.server_ephemeral = Vec::new();
+            exchange.gex = None;
+        }
+    }
+
     pub fn newkeys(&mut self, newkeys: NewKeys) {
         if let Some(ref mut enc) = self.encrypted {
             enc.exchange = Some(newkeys.exchange);

@@ -2097,7 +2097,7 @@ impl Session {
         let reply = ChannelOpenHandle::new(
             self.sender.priority_sender.clone(),
             pending,
-            |pending, result| Msg::ChannelOpenReply { pending, result },
+            |pending, result| MsgKind::ChannelOpenReply { pending, result }.into(),
         );
 
         match &msg.typ {
