@@ -234,7 +234,9 @@ impl Default for Config {
 /// What went wrong while building the configuration. Each message names its source.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source} (check the path given to --config or CONFIG_FILE)")]
+    #[error(
+        "cannot read config file {path}: {source} (check the path given to --config or CONFIG_FILE)"
+    )]
     ReadFile {
         path: PathBuf,
         source: std::io::Error,
@@ -456,7 +458,10 @@ impl HttpsConfig {
         let Some(port) = self.port else {
             let set: Vec<&str> = [
                 (files, "https.cert_file/key_file"),
-                (self.acme_directory_url.is_some(), "https.acme.directory_url"),
+                (
+                    self.acme_directory_url.is_some(),
+                    "https.acme.directory_url",
+                ),
                 (self.redirect, "https.redirect"),
                 (self.hsts_max_age.is_some(), "https.hsts_max_age_seconds"),
             ]
@@ -532,7 +537,8 @@ impl HttpsConfig {
             }
             self.acme_email = Some(email);
         }
-        if self.acme_directory_url.is_none() && (self.acme_email.is_some() || self.acme_ca_cert.is_some())
+        if self.acme_directory_url.is_none()
+            && (self.acme_email.is_some() || self.acme_ca_cert.is_some())
         {
             return Err(invalid(
                 "https.acme.directory_url",
@@ -1712,7 +1718,10 @@ mod tests {
             c.public_urls_with_https(8080, Some(443)).of("a-b"),
             "https://a-b.localhost"
         );
-        assert_eq!(c.public_urls_with_https(8080, None).of("a-b"), "http://a-b.localhost:8080");
+        assert_eq!(
+            c.public_urls_with_https(8080, None).of("a-b"),
+            "http://a-b.localhost:8080"
+        );
         let c = load(&[
             ("HTTPS_PORT", "0"),
             ("ACME_DIRECTORY_URL", "https://acme.example/dir"),
@@ -1730,7 +1739,10 @@ mod tests {
             (&[("TLS_CERT_FILE", "/c")][..], "https.port"),
             (&[("HTTPS_REDIRECT", "true")][..], "https.port"),
             (&[("HTTPS_PORT", "1")][..], "https.port"),
-            (&[("HTTPS_PORT", "1"), ("TLS_CERT_FILE", "/c")][..], "https.key_file"),
+            (
+                &[("HTTPS_PORT", "1"), ("TLS_CERT_FILE", "/c")][..],
+                "https.key_file",
+            ),
             (
                 &[
                     ("HTTPS_PORT", "1"),
@@ -1853,18 +1865,34 @@ mod tests {
         let c = load(&[("STORAGE_DATA_DIR", "/srv/a"), ("DATA_DIR", "/srv/b")]);
         assert_eq!(c.data_dir, Path::new("/srv/b"));
         let c = load(&[("P0RT_API_KEY", "k3y-k3y-k3y-k3y-k3y")]);
-        assert_eq!(c.admin_token.as_ref().map(Secret::expose), Some("k3y-k3y-k3y-k3y-k3y"));
+        assert_eq!(
+            c.admin_token.as_ref().map(Secret::expose),
+            Some("k3y-k3y-k3y-k3y-k3y")
+        );
         let c = load(&[("DOMAIN_RESERVATIONS_ENABLED", "1")]);
         assert!(c.reservations_enabled);
-        assert!(load(&[]).reservations_enabled, "on by default: a reservation is its key's");
+        assert!(
+            load(&[]).reservations_enabled,
+            "on by default: a reservation is its key's"
+        );
         assert!(!load(&[("DOMAIN_RESERVATIONS_ENABLED", "false")]).reservations_enabled);
         // A Redis URL moves the store to Redis unless STORAGE_TYPE says otherwise (P0rt).
         assert_eq!(load(&[]).storage, StorageKind::Json);
         let c = load(&[("REDIS_URL", "redis://r:1")]);
-        assert_eq!((c.storage, c.storage_follows_redis_url), (StorageKind::Redis, true));
+        assert_eq!(
+            (c.storage, c.storage_follows_redis_url),
+            (StorageKind::Redis, true)
+        );
         let c = load(&[("REDIS_URL", "redis://r:1"), ("STORAGE_TYPE", "json")]);
-        assert_eq!((c.storage, c.storage_follows_redis_url), (StorageKind::Json, false));
-        assert_eq!(c.redis_url.as_deref(), Some("redis://r:1"), "still the cache's");
+        assert_eq!(
+            (c.storage, c.storage_follows_redis_url),
+            (StorageKind::Json, false)
+        );
+        assert_eq!(
+            c.redis_url.as_deref(),
+            Some("redis://r:1"),
+            "still the cache's"
+        );
         let c = load(&[("P0RT_REDIS_URL", "redis://p:2")]);
         assert_eq!(c.redis_url.as_deref(), Some("redis://p:2"));
         assert_eq!(c.storage, StorageKind::Redis);

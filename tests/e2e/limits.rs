@@ -108,9 +108,11 @@ async fn limit_settings_are_printed_and_enforced() {
     assert_eq!(over.header("retry-after"), Some("1"), "{over:?}");
     // The refusal is in the host's log with its reason (and in the owner's session).
     let line = format!("{name}: tunnel busy 503 for 127.0.0.1: the tunnel is busy");
-    eventually(Duration::from_secs(10), "the denial in the host log", || async {
-        host.log().contains(&line).then_some(())
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the denial in the host log",
+        || async { host.log().contains(&line).then_some(()) },
+    )
     .await;
     backend.open_gate();
     for request in held {

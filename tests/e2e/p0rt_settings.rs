@@ -28,7 +28,8 @@ async fn p0rt_config_yaml_in_the_working_directory_is_read() {
     let key = sb.key("p0rt-yaml");
     let info = host.info(&sb, &key).await;
     assert!(
-        info.url.contains(&format!("{}.tunnels.p0rt.test", info.name)),
+        info.url
+            .contains(&format!("{}.tunnels.p0rt.test", info.name)),
         "the base domain comes from config.yaml: {}",
         info.url
     );
@@ -44,7 +45,9 @@ async fn p0rt_environment_names_and_redis_url_moving_the_store() {
     // P0rt's names only: STORAGE_DATA_DIR for the data dir, P0RT_REDIS_URL for Redis, and no
     // STORAGE_TYPE, so the domain store follows the Redis URL.
     let mut config = HostConfig::flags(&data);
-    config.args.retain(|a| a != "--data-dir" && *a != data.to_string_lossy());
+    config
+        .args
+        .retain(|a| a != "--data-dir" && *a != data.to_string_lossy());
     let config = config
         .env("STORAGE_DATA_DIR", data.to_string_lossy())
         .env("P0RT_REDIS_URL", redis.url());
@@ -70,5 +73,8 @@ async fn p0rt_environment_names_and_redis_url_moving_the_store() {
         !data.join("domains.json").exists(),
         "the JSON store was used although the store follows the Redis URL"
     );
-    assert!(data.exists(), "STORAGE_DATA_DIR names the data directory (host key, lock)");
+    assert!(
+        data.exists(),
+        "STORAGE_DATA_DIR names the data directory (host key, lock)"
+    );
 }

@@ -651,7 +651,9 @@ pub fn read_ready_file(path: &Path) -> Option<(u16, u16)> {
 pub fn read_ready_https_port(path: &Path) -> Option<u16> {
     let text = std::fs::read_to_string(path).ok()?;
     let ready: serde_json::Value = serde_json::from_str(&text).ok()?;
-    ready["https_port"].as_u64().and_then(|p| u16::try_from(p).ok())
+    ready["https_port"]
+        .as_u64()
+        .and_then(|p| u16::try_from(p).ok())
 }
 
 /// Runs p0rt to completion (for startup failures); kills it after `timeout`.

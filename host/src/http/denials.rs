@@ -60,7 +60,10 @@ pub fn note(tunnel: &str, kind: DenialKind, status: u16, client: IpAddr, reason:
             .take(MAX_REASON_CHARS)
             .collect();
         let more = if folded > 0 {
-            format!(" (+{folded} more in the last {}s)", DENIAL_LOG_INTERVAL.as_secs())
+            format!(
+                " (+{folded} more in the last {}s)",
+                DENIAL_LOG_INTERVAL.as_secs()
+            )
         } else {
             String::new()
         };
@@ -117,8 +120,16 @@ mod tests {
         for _ in 0..5 {
             assert_eq!(log.due("a", DenialKind::RateLimited, t0), None);
         }
-        assert_eq!(log.due("a", DenialKind::Policy, t0), Some(0), "another kind");
-        assert_eq!(log.due("b", DenialKind::RateLimited, t0), Some(0), "another tunnel");
+        assert_eq!(
+            log.due("a", DenialKind::Policy, t0),
+            Some(0),
+            "another kind"
+        );
+        assert_eq!(
+            log.due("b", DenialKind::RateLimited, t0),
+            Some(0),
+            "another tunnel"
+        );
         let later = t0 + DENIAL_LOG_INTERVAL;
         assert_eq!(log.due("a", DenialKind::RateLimited, later), Some(5));
         assert_eq!(log.due("a", DenialKind::RateLimited, later), None);

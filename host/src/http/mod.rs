@@ -189,7 +189,9 @@ pub async fn serve_edge(listeners: Listeners, edge: Arc<HttpEdge>, mut stop: Sto
         connections.spawn(async move {
             match (tls, certs) {
                 (true, Some(certs)) => match tls::handshake(socket, certs.as_ref()).await {
-                    Ok(stream) => serve_connection(TokioIo::new(stream), conn, edge, &builder, stop).await,
+                    Ok(stream) => {
+                        serve_connection(TokioIo::new(stream), conn, edge, &builder, stop).await
+                    }
                     Err(e) => tracing::debug!("https connection from {peer}: {e}"),
                 },
                 _ => serve_connection(TokioIo::new(socket), conn, edge, &builder, stop).await,
@@ -278,7 +280,10 @@ struct RequestCtx {
 async fn handle(req: Request<Incoming>, conn: &Conn, edge: Arc<HttpEdge>) -> Response<Body> {
     let peer = conn.peer;
     if !conn.tls
-        && let Some(redirect) = conn.policy.as_ref().and_then(|p| p.redirect(&req, &edge.domain))
+        && let Some(redirect) = conn
+            .policy
+            .as_ref()
+            .and_then(|p| p.redirect(&req, &edge.domain))
     {
         return redirect;
     }
