@@ -160,7 +160,7 @@ fn run_migrate(to: StorageKind, settings: ServeArgs) -> ExitCode {
     match runtime.block_on(p0rt::store::migrate::run(&config, to)) {
         Ok(report) => {
             println!("{report}");
-            if report.conflicts.is_empty() {
+            if report.is_clean() {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE

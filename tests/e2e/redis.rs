@@ -577,6 +577,23 @@ async fn migration_both_ways_with_counts() {
         ("cc33", "maple-drum-comet"),
     ];
     std::fs::write(source.join("domains.json"), p0rt_file(&records)).unwrap();
+    // P0rt's reservations file comes across too, times and comment unchanged.
+    let fingerprint = "SHA256:uNiVztksCsDhcc0u9e8BujQXVUpKZIDTMczCvj3tD2s";
+    std::fs::write(
+        source.join("reservations.json"),
+        format!(
+            r#"[
+  {{
+    "domain": "kept-for-alice",
+    "fingerprint": "{fingerprint}",
+    "created_at": "2025-01-15T10:30:00.123456789+01:00",
+    "updated_at": "2025-01-15T10:30:00.123456789+01:00",
+    "comment": "Alice's demo"
+  }}
+]"#
+        ),
+    )
+    .unwrap();
 
     let (code, out) = migrate(&sandbox, "redis", &source, &redis.url()).await;
     assert_eq!(code, Some(0), "{out}");
@@ -584,12 +601,31 @@ async fn migration_both_ways_with_counts() {
         out.contains("3 records read: 3 imported, 0 already present, 0 conflicts"),
         "{out}"
     );
+    assert!(
+        out.contains("1 reservations read: 1 imported, 0 already present, 0 conflicts"),
+        "{out}"
+    );
     let (code, out) = migrate(&sandbox, "redis", &source, &redis.url()).await;
     assert_eq!(code, Some(0), "{out}");
     assert!(
-        out.contains("3 records read: 0 imported, 3 already present, 0 conflicts"),
+        out.contains("3 records read: 0 imported, 3 already present, 0 conflicts")
+            && out.contains("1 reservations read: 0 imported, 1 already present, 0 conflicts"),
         "idempotent: {out}"
     );
+    {
+        // P0rt's own reservation keys (no prefix with the default prefix).
+        let mut client = redis.client().await;
+        let holder: String = client
+            .get("reservation:domain:kept-for-alice")
+            .await
+            .unwrap();
+        assert_eq!(holder, fingerprint);
+        let name: String = client
+            .get(format!("reservation:fingerprint:{fingerprint}"))
+            .await
+            .unwrap();
+        assert_eq!(name, "kept-for-alice");
+    }
 
     let mut client = redis.client().await;
     let record: HashMap<String, String> = client.hgetall("p0rt:domain:aa11").await.unwrap();
@@ -628,6 +664,16 @@ async fn migration_both_ways_with_counts() {
     assert_eq!(json["bb22"]["domain"], "otter-piano-lake");
     assert_eq!(json["bb22"]["first_seen"], "2022-01-01T00:00:00Z");
     assert_eq!(json["bb22"]["use_count"], 42);
+    assert!(
+        out.contains("1 reservations read: 1 imported"),
+        "reservations back to the file: {out}"
+    );
+    let text = std::fs::read_to_string(export.join("reservations.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(json[0]["domain"], "kept-for-alice");
+    assert_eq!(json[0]["fingerprint"], fingerprint);
+    assert_eq!(json[0]["created_at"], "2025-01-15T10:30:00.123456789+01:00");
+    assert_eq!(json[0]["comment"], "Alice's demo");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -23,6 +23,7 @@ use async_trait::async_trait;
 
 use super::{Added, Holder, Reservation, ReservationError, Reservations};
 use crate::names::TunnelName;
+use crate::store::Import;
 
 /// File name in the data directory (P0rt's).
 pub const RESERVATIONS_FILE_NAME: &str = "reservations.json";
@@ -315,6 +316,41 @@ impl Reservations for JsonReservations {
         })
     }
 
+    async fn import(&self, record: &Reservation) -> Result<Import, ReservationError> {
+        let (name, copy) = match super::importable(record) {
+            Ok(ready) => ready,
+            Err(refused) => return Ok(refused),
+        };
+        self.change(|index| {
+            let fingerprint = &copy.fingerprint;
+            match index.by_name.get(name.as_str()) {
+                Some(holder) if holder == fingerprint => return Ok((Import::AlreadyPresent, None)),
+                Some(holder) => {
+                    return Ok((
+                        Import::Conflict(format!(
+                            "{name} is reserved for {holder} here and for {fingerprint} in the \
+                             source; nothing changed"
+                        )),
+                        None,
+                    ));
+                }
+                None => {}
+            }
+            if let Some(other) = index.by_fingerprint.get(fingerprint) {
+                return Ok((
+                    Import::Conflict(format!(
+                        "key {fingerprint} holds the reservation {other} here and {name} in the \
+                         source; nothing changed"
+                    )),
+                    None,
+                ));
+            }
+            let mut records = index.records.clone();
+            records.push(copy.clone());
+            Ok((Import::Imported, Some(records)))
+        })
+    }
+
     async fn remove(&self, name: &TunnelName) -> Result<Option<Reservation>, ReservationError> {
         self.change(|index| {
             let (removed, kept): (Vec<Reservation>, Vec<Reservation>) = index
@@ -570,5 +606,44 @@ mod tests {
         // `null` is Go's empty list.
         std::fs::write(&path, "null").unwrap();
         assert_eq!(r.name_for(FP_A).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn import_copies_as_is_and_never_overwrites() {
+        let from = tempfile::tempdir().unwrap();
+        std::fs::write(from.path().join(RESERVATIONS_FILE_NAME), p0rt_file()).unwrap();
+        let source = JsonReservations::open(from.path()).unwrap();
+        let records = source.list().await.unwrap();
+
+        let to = tempfile::tempdir().unwrap();
+        let dest = JsonReservations::open(to.path()).unwrap();
+        for record in &records {
+            assert_eq!(dest.import(record).await.unwrap(), Import::Imported);
+        }
+        // Times, comment and unknown fields come across unchanged; a second run is a no-op.
+        assert_eq!(dest.list().await.unwrap(), records);
+        for record in &records {
+            assert_eq!(dest.import(record).await.unwrap(), Import::AlreadyPresent);
+        }
+
+        // The name bound to another key, or the key to another name: reported, not written.
+        let fp_c = "SHA256:2tFIlTIa4oMrs3BKDY7QEaRb1rN3G5TztBR9KQ0Q1aU";
+        let other_key = Reservation::new(&name("happy-cat-jump"), fp_c, None);
+        assert!(matches!(
+            dest.import(&other_key).await.unwrap(),
+            Import::Conflict(why) if why.contains("happy-cat-jump")
+        ));
+        let other_name = Reservation::new(&name("third-name-here"), FP_A, None);
+        assert!(matches!(
+            dest.import(&other_name).await.unwrap(),
+            Import::Conflict(why) if why.contains(FP_A)
+        ));
+        let mut bad = other_key.clone();
+        bad.domain = "not a label".into();
+        assert!(matches!(
+            dest.import(&bad).await.unwrap(),
+            Import::Conflict(_)
+        ));
+        assert_eq!(dest.list().await.unwrap(), records);
     }
 }

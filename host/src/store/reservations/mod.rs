@@ -31,6 +31,7 @@ use time::format_description::well_known::Rfc3339;
 
 use crate::config::{Config, StorageKind};
 use crate::names::{TunnelName, check_dns_label, is_reserved};
+use crate::store::Import;
 
 pub use json::{JsonReservations, RESERVATIONS_FILE_NAME};
 pub use redis::RedisReservations;
@@ -112,6 +113,19 @@ impl Reservation {
     }
 }
 
+/// The record `import` writes: `record` with its name lowercased, as `add` writes names, or
+/// why it cannot be imported.
+fn importable(record: &Reservation) -> Result<(TunnelName, Reservation), Import> {
+    let name = record
+        .name()
+        .map_err(|why| Import::Conflict(format!("reservation not imported: {why}")))?;
+    let copy = Reservation {
+        domain: name.to_string(),
+        ..record.clone()
+    };
+    Ok((name, copy))
+}
+
 /// Now, as RFC 3339 text (UTC), the way P0rt's times read.
 fn now_text() -> String {
     OffsetDateTime::now_utc()
@@ -190,6 +204,10 @@ pub trait Reservations: Send + Sync {
         fingerprint: &str,
         comment: Option<&str>,
     ) -> Result<Added, ReservationError>;
+    /// Copies `record` in as it is (times, comment, unknown fields), for `p0rt migrate`:
+    /// `AlreadyPresent` when this key already holds that name here; a conflict (nothing
+    /// written) when the name is reserved for another key or the key holds another name.
+    async fn import(&self, record: &Reservation) -> Result<Import, ReservationError>;
     /// Lifts the reservation of `name`; `None` if it was not reserved.
     async fn remove(&self, name: &TunnelName) -> Result<Option<Reservation>, ReservationError>;
     /// Where they are kept, for messages.

@@ -27,6 +27,7 @@ use async_trait::async_trait;
 use super::{Added, Holder, Reservation, ReservationError, Reservations};
 use crate::names::TunnelName;
 use crate::redis_link::{RedisLink, RedisOpError};
+use crate::store::Import;
 
 /// Timeout for one reservation command.
 pub const RESERVATION_OP_TIMEOUT: Duration = Duration::from_millis(1000);
@@ -372,6 +373,53 @@ impl Reservations for RedisReservations {
         self.write_details(reservation).await?;
         self.forget(name.as_str(), fingerprint);
         Ok(added)
+    }
+
+    async fn import(&self, record: &Reservation) -> Result<Import, ReservationError> {
+        let (name, copy) = match super::importable(record) {
+            Ok(ready) => ready,
+            Err(refused) => return Ok(refused),
+        };
+        let fingerprint = copy.fingerprint.as_str();
+        if let Some(existing) = self.read(name.as_str()).await? {
+            return Ok(if existing.fingerprint == fingerprint {
+                Import::AlreadyPresent
+            } else {
+                Import::Conflict(format!(
+                    "{name} is reserved for {} here and for {fingerprint} in the source; \
+                     nothing changed",
+                    existing.fingerprint
+                ))
+            });
+        }
+        // The same two one-key claims as `add`, so an import never races an add.
+        let domain_key = self.domain_key(name.as_str());
+        let holder = self.set_if_absent(&domain_key, fingerprint).await?;
+        if holder != fingerprint {
+            return Ok(Import::Conflict(format!(
+                "{name} is reserved for {holder} here and for {fingerprint} in the source; \
+                 nothing changed"
+            )));
+        }
+        let fingerprint_key = self.fingerprint_key(fingerprint);
+        let held = self.set_if_absent(&fingerprint_key, name.as_str()).await?;
+        if held != name.as_str() {
+            let other_holder = self
+                .get(&self.domain_key(&held))
+                .await
+                .map_err(unavailable)?;
+            if other_holder.ok().flatten().as_deref() == Some(fingerprint) {
+                self.compare_and_delete(&domain_key, fingerprint).await?;
+                return Ok(Import::Conflict(format!(
+                    "key {fingerprint} holds the reservation {held} here and {name} in the \
+                     source; nothing changed"
+                )));
+            }
+            self.set(&fingerprint_key, name.as_str()).await?;
+        }
+        self.write_details(&copy).await?;
+        self.forget(name.as_str(), fingerprint);
+        Ok(Import::Imported)
     }
 
     async fn remove(&self, name: &TunnelName) -> Result<Option<Reservation>, ReservationError> {
