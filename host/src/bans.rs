@@ -48,6 +48,8 @@ pub enum BanError {
     File { path: PathBuf, detail: String },
     #[error("ban list unavailable: {0}; try again shortly")]
     Unavailable(String),
+    #[error("{0} is exempt from bans (security.ban_exempt); remove it there first")]
+    Exempt(IpAddr),
 }
 
 /// One ban.
@@ -383,6 +385,50 @@ impl BanList {
         bans.retain(|b| b.until > now);
         bans.sort_by_key(|b| (b.until, b.ip));
         Ok(bans)
+    }
+
+    /// Bans `ip` for `length` by the operator's hand (the admin API), replacing any ban it
+    /// had. Exempt addresses are never banned: [`BanError::Exempt`].
+    pub async fn ban(&self, ip: IpAddr, length: Duration, reason: &str) -> Result<Ban, BanError> {
+        if self.policy.exempts(ip) {
+            return Err(BanError::Exempt(ip));
+        }
+        let now = now();
+        let ban = Ban {
+            ip,
+            since: now,
+            until: now + length.as_secs().max(1) as i64,
+            failures: 0,
+            reason: reason.chars().take(200).collect(),
+        };
+        match &self.backend {
+            Backend::File { path, state } => {
+                let mut state = state.lock().await;
+                state.data = read_file(path)?;
+                let mut next = state.data.clone();
+                next.bans.retain(|_, b| b.until > now);
+                next.bans.insert(ip, ban.clone());
+                let (path2, data) = (path.clone(), next.clone());
+                tokio::task::spawn_blocking(move || write_file(&path2, &data))
+                    .await
+                    .map_err(|e| BanError::Unavailable(e.to_string()))??;
+                state.data = next;
+                state.seen = mtime(path);
+            }
+            Backend::Redis { link, prefix } => {
+                link.query::<()>(
+                    redis::cmd("SET")
+                        .arg(format!("{prefix}ban:{ip}"))
+                        .arg(serde_json::to_string(&ban).unwrap_or_default())
+                        .arg("EX")
+                        .arg((ban.until - ban.since).max(1)),
+                    BAN_OP_TIMEOUT,
+                )
+                .await
+                .map_err(|e| BanError::Unavailable(e.to_string()))?;
+            }
+        }
+        Ok(ban)
     }
 
     /// Lifts the ban of `ip` and forgets its failures; `false` if it was not banned.

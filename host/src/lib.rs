@@ -27,12 +27,15 @@
 //! - [`scan`]: scan jobs: admission, queue (memory or Redis Streams), workers, checks.
 //! - [`tokens`]: per-key API tokens (`ssh … token`), stored hashed.
 //! - [`config`]: layered configuration (defaults < YAML < environment < flags).
+//! - [`admin`]: the operator's admin API (`/api/v1/`) and `p0rt admin …`.
 //! - [`server`]: wires the pieces together, runs and stops them ([`shutdown`]: the stop signal).
 
+pub mod admin;
 pub mod bans;
 pub mod cache;
 pub mod config;
 pub mod http;
+pub mod metrics;
 pub mod names;
 pub mod password;
 pub mod plugins;

@@ -157,6 +157,11 @@ pub async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<
     let access = KeyAccess::from_config(&config, link.as_ref())
         .await
         .map_err(SettingsError)?;
+    let admin = Arc::new(crate::admin::AdminState {
+        bans: bans.clone(),
+        plugins: plugins.clone(),
+        started: std::time::Instant::now(),
+    });
     let ssh = Arc::new(SshEdge {
         limits: config.ssh_limits,
         bans,
@@ -185,6 +190,7 @@ pub async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<
         tokens,
         trusted_proxies: crate::http::TrustedProxies(config.trusted_proxies.clone()),
         limits: config.http_limits,
+        admin: Some(admin),
     });
 
     let (stop_tx, stop) = crate::shutdown::channel();

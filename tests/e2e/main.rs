@@ -7,6 +7,7 @@ mod backend;
 mod support;
 
 mod abuse_http;
+mod admin;
 mod abuse_shared;
 mod abuse_ssh;
 mod bans;

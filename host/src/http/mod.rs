@@ -89,9 +89,11 @@ pub struct HttpEdge {
     pub trusted_proxies: TrustedProxies,
     /// Caps and timeouts (`http.limits.*`).
     pub limits: HttpLimits,
+    /// For the admin API (`/api/v1/`); `None` answers it with 503.
+    pub admin: Option<Arc<crate::admin::AdminState>>,
 }
 
-type Body = BoxBody<Bytes, limits::BoxError>;
+pub(crate) type Body = BoxBody<Bytes, limits::BoxError>;
 
 /// Accepts HTTP connections until `stop` turns true; then lets in-flight requests finish
 /// (at most [`SHUTDOWN_GRACE`]) and closes idle keep-alive connections.
@@ -251,7 +253,11 @@ async fn serve_connection<I>(
     }
 }
 
-fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
+pub(crate) fn full(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Body> {
     let mut res = Response::new(Full::new(body.into()).map_err(|e| match e {}).boxed());
     *res.status_mut() = status;
     res.headers_mut()
@@ -299,9 +305,11 @@ async fn handle(req: Request<Incoming>, conn: &Conn, edge: Arc<HttpEdge>) -> Res
             .map_or_else(|| "/".into(), |p| p.as_str().to_string()),
         tunnel: None,
     };
+    let declared_in = crate::metrics::declared_length(req.headers());
     let result = phases(req, &mut ctx, &edge).await;
     log(&ctx, &result);
-    let mut response = result.unwrap_or_else(|e| e.response());
+    let response = result.unwrap_or_else(|e| e.response());
+    let mut response = crate::metrics::count_response(ctx.tunnel.as_ref(), declared_in, response);
     if conn.tls
         && let Some(policy) = &conn.policy
     {
@@ -317,6 +325,9 @@ async fn phases(
     edge: &HttpEdge,
 ) -> Result<Response<Body>, EdgeError> {
     let label = match route::route(req.method(), req.headers(), req.uri(), &edge.domain)? {
+        Target::Base if req.uri().path().starts_with(crate::admin::api::API_PREFIX) => {
+            return Ok(crate::admin::api::handle(req, ctx.peer, edge).await);
+        }
         Target::Base if req.uri().path().starts_with("/api/") => {
             return api::handle(req, edge).await.ok_or(EdgeError::UnknownName);
         }

@@ -458,6 +458,17 @@ impl TunnelLink for SshLink {
             _open: open,
         }))
     }
+
+    fn client_addr(&self) -> Option<SocketAddr> {
+        Some(self.budget.peer)
+    }
+
+    async fn disconnect(&self, reason: &str) {
+        let _ = self
+            .handle
+            .disconnect(russh::Disconnect::ByApplication, reason.into(), String::new())
+            .await;
+    }
 }
 
 /// A tunnel stream holding its place among the connection's open channels.

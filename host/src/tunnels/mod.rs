@@ -16,7 +16,9 @@ use std::sync::Arc;
 pub use naming::{MAX_NAME_ATTEMPTS, NamingError};
 pub use options::SessionOptions;
 pub use output::{SESSION_OUTPUT_LINE_MAX, SESSION_OUTPUT_QUEUE, SessionOutput, SessionOutputSink};
-pub use registry::{LinkError, Refused, Registry, SessionId, Tunnel, TunnelLink, UpstreamIo};
+pub use registry::{
+    LinkError, Refused, Registry, SessionId, Tunnel, TunnelLink, TunnelStats, UpstreamIo,
+};
 
 use crate::names::{KeyHash, Label, TunnelName};
 use crate::policy::{LabelApproval, NamingInput, NamingPolicy};
@@ -201,14 +203,9 @@ impl TunnelService {
         output: SessionOutput,
         options: Arc<SessionOptions>,
     ) -> Result<Opened, TunnelError> {
-        let tunnel = Arc::new(Tunnel::new(
-            name,
-            session,
-            key.hash.clone(),
-            link,
-            output,
-            options,
-        ));
+        let tunnel = Tunnel::new(name, session, key.hash.clone(), link, output, options)
+            .with_fingerprint(&key.fingerprint);
+        let tunnel = Arc::new(tunnel);
         match self
             .registry
             .register(tunnel.clone(), self.max_tunnels_per_key)

@@ -45,6 +45,24 @@ pub struct LinkError(pub String);
 pub trait TunnelLink: Send + Sync {
     /// Opens a stream to the local service, as if `peer` had connected to the forwarded port.
     async fn open_stream(&self, peer: SocketAddr) -> Result<Box<dyn UpstreamIo>, LinkError>;
+    /// The tunnel client's address (the SSH peer), for the operator's views.
+    fn client_addr(&self) -> Option<SocketAddr> {
+        None
+    }
+    /// Ends the tunnel client's connection (the operator's disconnect), telling it `reason`.
+    async fn disconnect(&self, _reason: &str) {}
+}
+
+/// Live counters of one tunnel (the admin API, the console, `ssh … stats`): cheap relaxed
+/// atomics bumped by the HTTP edge.
+#[derive(Debug, Default)]
+pub struct TunnelStats {
+    /// Requests that reached the tunnel (whatever their outcome).
+    pub requests: AtomicU64,
+    /// Body bytes sent to the visitors (responses).
+    pub bytes_out: AtomicU64,
+    /// Body bytes received from the visitors (requests).
+    pub bytes_in: AtomicU64,
 }
 
 /// One live tunnel: a name served by one SSH session's remote forward.
@@ -60,6 +78,11 @@ pub struct Tunnel {
     pub opened: std::time::Instant,
     /// HTTP requests in flight to this tunnel (the HTTP edge caps it).
     pub in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    /// The owner key's `SHA256:…` fingerprint (empty when not known).
+    pub fingerprint: String,
+    /// When it opened, Unix seconds.
+    pub since: i64,
+    pub stats: Arc<TunnelStats>,
 }
 
 impl Tunnel {
@@ -80,7 +103,16 @@ impl Tunnel {
             options,
             opened: std::time::Instant::now(),
             in_flight: Arc::default(),
+            fingerprint: String::new(),
+            since: crate::unix_now(),
+            stats: Arc::default(),
         }
+    }
+
+    /// The same tunnel, owned by the key with this `SHA256:…` fingerprint.
+    pub fn with_fingerprint(mut self, fingerprint: &str) -> Tunnel {
+        self.fingerprint = fingerprint.to_string();
+        self
     }
 
     /// The owner key's tier in the operator's key list, for the request policies.

@@ -1,0 +1,1 @@
+//! `p0rt admin …`: the admin API from the command line.

@@ -1,0 +1,362 @@
+//! The admin API (`/api/v1/`) through the real binary, with real OpenSSH tunnels: who may
+//! call it (token by `Authorization: Bearer` or `X-API-Key`; loopback only without one),
+//! live tunnels with counters that move, disconnecting a tunnel and a key, paged domains,
+//! reservations, address bans, plugins, scans, and the refusals (bad input, big bodies,
+//! unknown resources, wrong methods, a tunnel's name never serving it).
+//!
+//! The loopback-only rule for a non-loopback peer cannot be produced here (tests talk to
+//! loopback only); it is tested at unit level in `host/src/admin/mod.rs`.
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::support::*;
+
+/// An admin token long enough for the host's check.
+const TOKEN: &str = "admin-token-0123456789";
+
+/// A request to `/api/v1/{path}` on the base domain.
+fn api(host: &Host, method: Method, path: &str) -> reqwest::RequestBuilder {
+    http_client()
+        .request(method, host.url(&format!("/api/v1/{path}")))
+        .header(
+            reqwest::header::HOST,
+            format!("localhost:{}", host.http_port),
+        )
+}
+
+/// Status and JSON body of an admin call with the token.
+async fn call(host: &Host, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+    let mut req = api(host, method, path).bearer_auth(TOKEN);
+    if let Some(body) = body {
+        req = req
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.to_string());
+    }
+    let res = req.send().await.expect("admin request");
+    (res.status(), res.json_value().await)
+}
+
+async fn host_with_token(sb: &Sandbox) -> Host {
+    Host::start_with(
+        sb,
+        HostConfig::flags(&sb.data_dir()).env("ADMIN_TOKEN", TOKEN),
+    )
+    .await
+}
+
+fn tunnel_entry<'a>(list: &'a Value, name: &str) -> Option<&'a Value> {
+    list["tunnels"]
+        .as_array()?
+        .iter()
+        .find(|t| t["name"] == name)
+}
+
+#[tokio::test]
+async fn the_admin_api_wants_the_token_from_everyone() {
+    let sb = Sandbox::new();
+    let host = host_with_token(&sb).await;
+
+    let none = api(&host, Method::GET, "status").send().await.unwrap();
+    assert_eq!(none.status(), StatusCode::UNAUTHORIZED);
+    assert!(none.headers().contains_key("www-authenticate"));
+    let body = none.json_value().await;
+    assert!(
+        body["error"].as_str().unwrap().contains("ADMIN_TOKEN"),
+        "{body}"
+    );
+
+    for (header, value) in [
+        ("authorization", format!("Bearer {TOKEN}x")),
+        ("authorization", "Bearer admin".to_string()),
+        ("authorization", format!("Basic {TOKEN}")),
+        ("x-api-key", "wrong".to_string()),
+    ] {
+        let res = api(&host, Method::GET, "tunnels")
+            .header(header, value.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED, "{header}: {value}");
+        assert!(res.json_value().await["error"].is_string());
+    }
+
+    // Both ways of presenting it work.
+    let (status, body) = call(&host, Method::GET, "status", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(body["store"], "json");
+    assert_eq!(body["cache"], "memory");
+    assert_eq!(body["redis"]["status"], "disabled");
+    assert_eq!(body["admin_token_set"], true);
+    let res = api(&host, Method::GET, "status")
+        .header("x-api-key", TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn without_a_token_the_admin_api_answers_direct_loopback_clients_only() {
+    let sb = Sandbox::new();
+    let host = Host::start(&sb).await;
+    let res = api(&host, Method::GET, "status").send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.json_value().await["admin_token_set"], false);
+    // Through a proxy on the same machine every visitor would look local: refused.
+    for header in ["x-forwarded-for", "forwarded", "x-real-ip"] {
+        let res = api(&host, Method::GET, "status")
+            .header(header, "203.0.113.9")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::FORBIDDEN, "{header}");
+        let body = res.json_value().await;
+        assert!(
+            body["error"].as_str().unwrap().contains("set ADMIN_TOKEN"),
+            "{body}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn live_tunnels_show_moving_counters_and_can_be_disconnected() {
+    let sb = Sandbox::new();
+    let host = host_with_token(&sb).await;
+    let backend = Backend::start("admin-a").await;
+    let (alice, bob) = (sb.key("alice"), sb.key("bob"));
+    let (mut a_client, a_name) = host.tunnel(&sb, &alice, &backend).await;
+    let (mut b_client, b_name) = host.tunnel(&sb, &bob, &backend).await;
+
+    let (status, list) = call(&host, Method::GET, "tunnels", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let entry = tunnel_entry(&list, &a_name).unwrap_or_else(|| panic!("{a_name} in {list}"));
+    assert_eq!(entry["fingerprint"], alice.fingerprint());
+    assert!(
+        entry["client"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{entry}"
+    );
+    assert!(entry["since"].as_i64().unwrap() > 1_600_000_000);
+    let before = entry["requests"].as_u64().unwrap();
+    let bytes_before = entry["bytes_out"].as_u64().unwrap();
+
+    for _ in 0..3 {
+        let res = host.get(&a_name, "/bytes/1000").await;
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.bytes().await.unwrap().len(), 1000);
+    }
+    let (_, list) = call(&host, Method::GET, "tunnels", None).await;
+    let entry = tunnel_entry(&list, &a_name).unwrap();
+    assert_eq!(entry["requests"].as_u64().unwrap(), before + 3, "{entry}");
+    assert!(
+        entry["bytes_out"].as_u64().unwrap() >= bytes_before + 3000,
+        "{entry}"
+    );
+
+    // On a tunnel's name, /api/v1/ is the tunnel's own path, never the admin API.
+    let hits = backend.hits();
+    let res = http_client()
+        .get(host.url("/api/v1/tunnels"))
+        .header(reqwest::header::HOST, host.host_header(&a_name))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.text().await.unwrap(), "backend: no such path");
+    assert_eq!(backend.hits(), hits + 1);
+
+    // Disconnect one tunnel by name: its ssh ends, it is gone, its name is offline.
+    let (status, body) = call(&host, Method::DELETE, &format!("tunnels/{a_name}"), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["disconnected"], json!([a_name]));
+    a_client.wait_exit().await;
+    eventually(WAIT, "the tunnel to leave the list", || async {
+        let (_, list) = call(&host, Method::GET, "tunnels", None).await;
+        tunnel_entry(&list, &a_name).is_none().then_some(())
+    })
+    .await;
+    host.wait_status(&a_name, 503).await;
+    let (status, _) = call(&host, Method::DELETE, &format!("tunnels/{a_name}"), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // Disconnect a key by fingerprint (its base64 percent-encoded, or as is).
+    let fp = bob.fingerprint();
+    let encoded = fp
+        .replace(':', "%3A")
+        .replace('+', "%2B")
+        .replace('/', "%2F");
+    let (status, body) = call(&host, Method::DELETE, &format!("keys/{encoded}"), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["disconnected"], json!([b_name]));
+    b_client.wait_exit().await;
+    let (status, _) = call(&host, Method::DELETE, &format!("keys/{fp}"), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (_, status_body) = call(&host, Method::GET, "status", None).await;
+    eventually(WAIT, "no tunnels in status", || async {
+        let (_, s) = call(&host, Method::GET, "status", None).await;
+        (s["tunnels"] == 0).then_some(())
+    })
+    .await;
+    assert!(status_body["uptime_seconds"].is_u64());
+}
+
+#[tokio::test]
+async fn domains_reservations_bans_plugins_and_scans() {
+    let sb = Sandbox::new();
+    let host = host_with_token(&sb).await;
+    let (alice, bob) = (sb.key("alice"), sb.key("bob"));
+    let a_name = host.info(&sb, &alice).await.name;
+    let b_name = host.info(&sb, &bob).await.name;
+
+    // Domains, paged and bounded.
+    let (status, page) = call(&host, Method::GET, "domains?page=1&per_page=1", None).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(page["total"], 2);
+    assert_eq!(page["domains"].as_array().unwrap().len(), 1);
+    let (_, page2) = call(&host, Method::GET, "domains?page=2&per_page=1", None).await;
+    let mut names = vec![
+        page["domains"][0]["domain"].as_str().unwrap().to_string(),
+        page2["domains"][0]["domain"].as_str().unwrap().to_string(),
+    ];
+    names.sort();
+    let mut expected = vec![a_name.clone(), b_name.clone()];
+    expected.sort();
+    assert_eq!(names, expected);
+    let (_, past) = call(&host, Method::GET, "domains?page=9", None).await;
+    assert_eq!(past["domains"], json!([]));
+    for bad in [
+        "domains?per_page=100000",
+        "domains?page=0",
+        "domains?page=x",
+    ] {
+        let (status, body) = call(&host, Method::GET, bad, None).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+        assert!(body["error"].is_string());
+    }
+
+    // Reservations.
+    let fp = alice.fingerprint();
+    let (status, body) = call(
+        &host,
+        Method::POST,
+        "reservations/kept-name",
+        Some(json!({"fingerprint": fp, "comment": "for alice"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (_, list) = call(&host, Method::GET, "reservations", None).await;
+    assert_eq!(list["reservations"][0]["domain"], "kept-name");
+    let (status, body) = call(
+        &host,
+        Method::POST,
+        "reservations/kept-name",
+        Some(json!({"fingerprint": bob.fingerprint()})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    for (path, body) in [
+        (
+            "reservations/kept-name",
+            json!({"fingerprint": "SHA256:nope"}),
+        ),
+        ("reservations/kept-name", json!({})),
+        (
+            "reservations/kept-name",
+            json!({"fingerprint": fp, "extra": 1}),
+        ),
+        ("reservations/Bad_Name", json!({"fingerprint": fp})),
+    ] {
+        let (status, answer) = call(&host, Method::POST, path, Some(body.clone())).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path} {body}: {answer}");
+    }
+    let big = "x".repeat(9000);
+    let res = api(&host, Method::POST, "reservations/other")
+        .bearer_auth(TOKEN)
+        .body(format!("{{\"comment\": \"{big}\"}}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let res = api(&host, Method::POST, "reservations/other")
+        .bearer_auth(TOKEN)
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    let (status, _) = call(&host, Method::DELETE, "reservations/kept-name", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = call(&host, Method::DELETE, "reservations/kept-name", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // Address bans: the operator's ban holds off SSH from that address; lifting it lets it in.
+    let (status, body) = call(
+        &host,
+        Method::POST,
+        "bans/addresses/127.0.0.9",
+        Some(json!({"seconds": 600, "reason": "test"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (_, list) = call(&host, Method::GET, "bans", None).await;
+    assert_eq!(list["addresses"][0]["ip"], "127.0.0.9", "{list}");
+    let refused = host
+        .ssh(&sb, &alice)
+        .args(["-b", "127.0.0.9"])
+        .command("info")
+        .output()
+        .await;
+    assert!(!refused.status.success(), "a banned address got in");
+    for (path, body) in [
+        ("bans/addresses/not-an-ip", json!({})),
+        ("bans/addresses/127.0.0.10", json!({"seconds": 0})),
+        (
+            "bans/addresses/127.0.0.10",
+            json!({"seconds": 999_999_999u64}),
+        ),
+    ] {
+        let (status, answer) = call(&host, Method::POST, path, Some(body)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {answer}");
+    }
+    let (status, _) = call(&host, Method::DELETE, "bans/addresses/127.0.0.9", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = call(&host, Method::DELETE, "bans/addresses/127.0.0.9", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let allowed = host
+        .ssh(&sb, &alice)
+        .args(["-b", "127.0.0.9"])
+        .command("info")
+        .output()
+        .await;
+    assert!(allowed.status.success(), "{:?}", allowed.stderr);
+
+    // Plugins, reload, scans.
+    let (status, plugins) = call(&host, Method::GET, "plugins", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let list = plugins["plugins"].as_array().unwrap();
+    assert!(!list.is_empty(), "{plugins}");
+    assert!(
+        list.iter()
+            .all(|p| p["sha256"].is_string() && p["role"].is_string())
+    );
+    let (status, _) = call(&host, Method::POST, "plugins/reload", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, scans) = call(&host, Method::GET, "scans", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(scans["jobs"], json!([]));
+
+    // Unknown resources and wrong methods.
+    let (status, body) = call(&host, Method::GET, "nope", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body["error"].is_string());
+    let res = api(&host, Method::PUT, "status")
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(res.headers()["allow"], "GET");
+    let (status, _) = call(&host, Method::GET, "plugins/reload", None).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+}
