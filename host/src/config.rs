@@ -130,6 +130,8 @@ pub struct Config {
     pub public_port: Option<u16>,
     /// `https.*`: the HTTPS listener, its certificates, redirect and HSTS.
     pub https: HttpsConfig,
+    /// `cluster.*`: several hosts on one Redis serving every tunnel (off by default).
+    pub cluster: crate::cluster::settings::ClusterConfig,
     pub domain: String,
     pub storage: StorageKind,
     pub data_dir: PathBuf,
@@ -199,6 +201,7 @@ impl Default for Config {
             public_scheme: PublicScheme::Http,
             public_port: None,
             https: HttpsConfig::default(),
+            cluster: crate::cluster::settings::ClusterConfig::default(),
             domain: DEFAULT_DOMAIN.to_string(),
             storage: StorageKind::Json,
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
@@ -269,6 +272,7 @@ pub struct Layer {
     pub plugins: PluginsLayer,
     pub scan: ScanLayer,
     pub security: SecurityLayer,
+    pub cluster: crate::cluster::settings::ClusterLayer,
 }
 
 /// `security.*`: failed-auth bans (see README, "Bans").
@@ -722,6 +726,7 @@ impl ServeArgs {
             },
             scan: ScanLayer::default(),
             security: SecurityLayer::default(),
+            cluster: crate::cluster::settings::ClusterLayer::default(),
         }
     }
 }
@@ -795,6 +800,13 @@ pub const ENV_VARS: &[&str] = &[
     "ACME_CA_CERT",
     "HTTPS_REDIRECT",
     "HSTS",
+    // crate::cluster::settings::CLUSTER_ENV_VARS
+    "CLUSTER_ENABLED",
+    "CLUSTER_LISTEN",
+    "CLUSTER_ADVERTISE",
+    "CLUSTER_SECRET",
+    "CLUSTER_HOST_ID",
+    "CLUSTER_LEASE_SECONDS",
 ];
 
 fn parse_env<T: std::str::FromStr>(
@@ -826,8 +838,11 @@ fn parse_choice<T: clap::ValueEnum>(var: &'static str, value: &str) -> Result<T,
 /// Builds the environment layer. `get` is the environment (injected so tests need not mutate it).
 /// Empty values count as unset, as in P0rt's `.env` files.
 pub fn env_layer(get: &dyn Fn(&str) -> Option<String>) -> Result<Layer, ConfigError> {
+    let mut layer = Layer {
+        cluster: crate::cluster::settings::env_layer(get)?,
+        ..Layer::default()
+    };
     let get = |var: &str| get(var).filter(|v| !v.trim().is_empty());
-    let mut layer = Layer::default();
     const PORT: &str = "a port number from 0 to 65535";
     const ADDR: &str = "an IP address such as 0.0.0.0 or 127.0.0.1";
     if let Some(v) = get("SSH_SERVER_PORT") {
@@ -1242,7 +1257,9 @@ impl Config {
             plugins,
             scan,
             security,
+            cluster,
         } = layer;
+        self.cluster.apply(cluster);
         ssh.port = ssh.port.or(server.ssh.port);
         ssh.host_key = ssh.host_key.or(server.ssh.host_key);
         http.port = http.port.or(server.http.port);
@@ -1447,6 +1464,7 @@ impl Config {
         }
         self.validate_scan()?;
         self.https.validate(self.http_port)?;
+        self.cluster.validate(self.storage == StorageKind::Redis)?;
         if let Some(token) = &self.admin_token
             && token.expose().len() < MIN_ADMIN_TOKEN_LEN
         {

@@ -26,6 +26,7 @@
 //! - [`redis_link`]: one Redis connection (standalone, Sentinel, Cluster) with timeouts.
 //! - [`scan`]: scan jobs: admission, queue (memory or Redis Streams), workers, checks.
 //! - [`tokens`]: per-key API tokens (`ssh … token`), stored hashed.
+//! - [`cluster`]: several hosts on one Redis serving every tunnel (leases, forwarding).
 //! - [`config`]: layered configuration (defaults < YAML < environment < flags).
 //! - [`admin`]: the operator's admin API (`/api/v1/`) and `p0rt admin …`.
 //! - [`server`]: wires the pieces together, runs and stops them ([`shutdown`]: the stop signal).
@@ -33,6 +34,7 @@
 pub mod admin;
 pub mod bans;
 pub mod cache;
+pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod metrics;

@@ -326,48 +326,13 @@ impl RedisLink {
                     .await
                     .map_err(err)?,
             )),
-            RedisTarget::Sentinel {
-                sentinels,
-                master,
-                password,
-                db,
-                tls,
-            } => {
-                let addrs: Vec<redis::ConnectionAddr> = sentinels
-                    .iter()
-                    .filter_map(|s| {
-                        let (host, port) = s.rsplit_once(':')?;
-                        Some(redis::ConnectionAddr::Tcp(
-                            host.to_string(),
-                            port.parse().ok()?,
-                        ))
-                    })
-                    .collect();
-                let mut builder = redis::sentinel::SentinelClientBuilder::new(
-                    addrs,
-                    master.clone(),
-                    redis::sentinel::SentinelServerType::Master,
-                )
-                .map_err(err)?
-                .set_client_to_redis_db(*db);
-                if let Some(password) = password {
-                    builder = builder.set_client_to_redis_password(password);
-                }
-                if *tls {
-                    builder = builder.set_client_to_redis_tls_mode(redis::TlsMode::Secure);
-                    if let Some(certs) = self.certificates() {
-                        builder = builder.set_client_to_redis_certificates(certs);
-                    }
-                }
-                let mut sentinel = builder.build().map_err(err)?;
-                let client = sentinel.async_get_client().await.map_err(err)?;
-                Ok(Conn::Single(
-                    client
-                        .get_multiplexed_async_connection_with_config(&config)
-                        .await
-                        .map_err(err)?,
-                ))
-            }
+            RedisTarget::Sentinel { .. } => Ok(Conn::Single(
+                self.sentinel_client()
+                    .await?
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+                    .map_err(err)?,
+            )),
             RedisTarget::Cluster { nodes, password } => {
                 let mut builder = redis::cluster::ClusterClient::builder(nodes.clone())
                     .connection_timeout(CONNECT_TIMEOUT)
@@ -388,6 +353,93 @@ impl RedisLink {
                 ))
             }
         }
+    }
+
+    /// A client for the current master, as the sentinels name it.
+    async fn sentinel_client(&self) -> Result<redis::Client, RedisOpError> {
+        let err = |e: redis::RedisError| classify(&e);
+        let RedisTarget::Sentinel {
+            sentinels,
+            master,
+            password,
+            db,
+            tls,
+        } = &self.target
+        else {
+            return Err(RedisOpError::Config("not a Sentinel target".into()));
+        };
+        let addrs: Vec<redis::ConnectionAddr> = sentinels
+            .iter()
+            .filter_map(|s| {
+                let (host, port) = s.rsplit_once(':')?;
+                Some(redis::ConnectionAddr::Tcp(
+                    host.to_string(),
+                    port.parse().ok()?,
+                ))
+            })
+            .collect();
+        let mut builder = redis::sentinel::SentinelClientBuilder::new(
+            addrs,
+            master.clone(),
+            redis::sentinel::SentinelServerType::Master,
+        )
+        .map_err(err)?
+        .set_client_to_redis_db(*db);
+        if let Some(password) = password {
+            builder = builder.set_client_to_redis_password(password);
+        }
+        if *tls {
+            builder = builder.set_client_to_redis_tls_mode(redis::TlsMode::Secure);
+            if let Some(certs) = self.certificates() {
+                builder = builder.set_client_to_redis_certificates(certs);
+            }
+        }
+        let mut sentinel = builder.build().map_err(err)?;
+        sentinel.async_get_client().await.map_err(err)
+    }
+
+    /// A new connection for `SUBSCRIBE` (pub/sub needs one of its own): to the server, to
+    /// the current master under Sentinel, or to the first Cluster node that answers (a
+    /// cluster hands every `PUBLISH` to the subscribers of every node).
+    pub async fn pubsub(self: &Arc<Self>) -> Result<redis::aio::PubSub, RedisOpError> {
+        let err = |e: redis::RedisError| classify(&e);
+        let attempt = async {
+            match &self.target {
+                RedisTarget::Standalone(info) => self
+                    .client(info.clone())?
+                    .get_async_pubsub()
+                    .await
+                    .map_err(err),
+                RedisTarget::Sentinel { .. } => {
+                    self.sentinel_client()
+                        .await?
+                        .get_async_pubsub()
+                        .await
+                        .map_err(err)
+                }
+                RedisTarget::Cluster { nodes, password } => {
+                    let mut last = RedisOpError::Unreachable("no cluster node".into());
+                    for node in nodes {
+                        let mut info = node
+                            .as_str()
+                            .into_connection_info()
+                            .map_err(|e| RedisOpError::Config(e.to_string()))?;
+                        if let Some(password) = password {
+                            let settings = info.redis_settings().clone().set_password(password);
+                            info = info.set_redis_settings(settings);
+                        }
+                        match self.client(info)?.get_async_pubsub().await {
+                            Ok(pubsub) => return Ok(pubsub),
+                            Err(e) => last = classify(&e),
+                        }
+                    }
+                    Err(last)
+                }
+            }
+        };
+        tokio::time::timeout(CONNECT_ATTEMPT_TIMEOUT, attempt)
+            .await
+            .unwrap_or(Err(RedisOpError::Timeout(CONNECT_ATTEMPT_TIMEOUT)))
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, LinkState> {

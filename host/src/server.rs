@@ -146,6 +146,10 @@ pub async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<
         TunnelService::new(store.clone(), plugins.clone())
             .with_max_tunnels_per_key(config.ssh_limits.max_tunnels_per_key),
     );
+    let prefix = &config.redis_prefix;
+    let cluster = crate::cluster::start(&config.cluster, link.as_ref(), prefix, &tunnels)
+        .await
+        .map_err(|e| SettingsError(e.to_string()))?;
     let (scans, tokens) = scan_service(&config, link.as_ref(), &tunnels, &plugins, &http_listener)?;
     let policy = crate::bans::BanPolicy::from_config(&config);
     tracing::info!("{}", policy.describe());
@@ -190,6 +194,7 @@ pub async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<
         tokens,
         trusted_proxies: crate::http::TrustedProxies(config.trusted_proxies.clone()),
         limits: config.http_limits,
+        cluster: cluster.as_ref().map(|c| c.cluster.clone()),
         admin: Some(admin),
     });
 
@@ -207,6 +212,11 @@ pub async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<
         http: http_listener,
         https,
     };
+    let cluster_task = cluster.map(|started| {
+        started.cluster.spawn(stop.clone());
+        let task = crate::http::peer::serve_internal(started.listener, http.clone(), stop.clone());
+        (started.cluster, tokio::spawn(task))
+    });
     let mut http_task = tokio::spawn(crate::http::serve_edge(listeners, http, stop));
     if let Some(path) = &ready_file {
         let ready = Ready {
@@ -227,6 +237,10 @@ pub async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<
     // SSH sessions, so those stay up meanwhile); then tell SSH clients the host is going away.
     stop_tx.stop();
     let _ = http_task.await;
+    if let Some((cluster, task)) = cluster_task {
+        let _ = task.await;
+        cluster.leave().await;
+    }
     disconnect_tx.stop();
     let _ = ssh_task.await;
     store

@@ -11,6 +11,7 @@ mod admin;
 mod abuse_shared;
 mod abuse_ssh;
 mod bans;
+mod cluster;
 mod edge_errors;
 mod edge_review;
 mod flow_control;

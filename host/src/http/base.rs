@@ -34,6 +34,18 @@ pub async fn endpoint(
                 serde_json::to_vec(&status).unwrap_or_default(),
             )
         }
+        "/status/cluster" => {
+            admin_only("/status/cluster")?;
+            let status = match &edge.cluster {
+                Some(cluster) => cluster.status().await,
+                None => serde_json::json!({ "enabled": false }),
+            };
+            full(
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_vec(&status).unwrap_or_default(),
+            )
+        }
         "/domain-stats" => {
             admin_only("/domain-stats")?;
             let stats = edge

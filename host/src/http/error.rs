@@ -90,6 +90,12 @@ pub enum EdgeError {
     UnexpectedSwitch,
     #[error("domain store unavailable")]
     Store(#[source] StoreError),
+    /// The cluster host serving the tunnel did not take the connection (dead or cut off).
+    #[error("the p0rt host serving this tunnel cannot be reached right now; try again shortly.")]
+    PeerUnreachable,
+    /// The cluster host serving the tunnel broke off the exchange.
+    #[error("the p0rt host serving this tunnel broke off the exchange.")]
+    PeerFailed,
 }
 
 /// Header on every response the edge itself produced: `client`, `tunnel`, `offline` or
@@ -118,7 +124,7 @@ impl EdgeError {
             | AuthRequired { .. } => Fault::Client,
             Unreachable(_) | Reset(_) | UnexpectedSwitch | Busy | BackendTimeout => Fault::Tunnel,
             Offline => Fault::Offline,
-            Store(_) => Fault::Host,
+            Store(_) | PeerUnreachable | PeerFailed => Fault::Host,
         }
     }
 
@@ -135,6 +141,7 @@ impl EdgeError {
             RequestBodyStalled => StatusCode::REQUEST_TIMEOUT,
             Busy => StatusCode::SERVICE_UNAVAILABLE,
             BackendTimeout => StatusCode::GATEWAY_TIMEOUT,
+            PeerFailed => StatusCode::BAD_GATEWAY,
             _ => match self.fault() {
                 Fault::Client => StatusCode::BAD_REQUEST,
                 Fault::Tunnel => StatusCode::BAD_GATEWAY,

@@ -18,6 +18,7 @@ mod base;
 mod denials;
 mod error;
 pub mod limits;
+pub mod peer;
 mod proxy;
 mod route;
 #[cfg(test)]
@@ -89,6 +90,8 @@ pub struct HttpEdge {
     pub trusted_proxies: TrustedProxies,
     /// Caps and timeouts (`http.limits.*`).
     pub limits: HttpLimits,
+    /// This host's part in the cluster, when `cluster.enabled` (see [`peer`]).
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// For the admin API (`/api/v1/`); `None` answers it with 503.
     pub admin: Option<Arc<crate::admin::AdminState>>,
 }
@@ -281,6 +284,8 @@ struct RequestCtx {
     path: String,
     /// The live tunnel the request was routed to, once known.
     tunnel: Option<Arc<Tunnel>>,
+    /// Forwarded by another host of the cluster: served from local tunnels only.
+    forwarded: bool,
 }
 
 async fn handle(req: Request<Incoming>, conn: &Conn, edge: Arc<HttpEdge>) -> Response<Body> {
@@ -304,6 +309,7 @@ async fn handle(req: Request<Incoming>, conn: &Conn, edge: Arc<HttpEdge>) -> Res
             .path_and_query()
             .map_or_else(|| "/".into(), |p| p.as_str().to_string()),
         tunnel: None,
+        forwarded: false,
     };
     let declared_in = crate::metrics::declared_length(req.headers());
     let result = phases(req, &mut ctx, &edge).await;
@@ -337,8 +343,15 @@ async fn phases(
         Target::Unknown => return Err(EdgeError::UnknownName),
         Target::Tunnel(label) => label,
     };
-    let tunnel = match edge.tunnels.resolve(&label).await {
+    let resolution = match ctx.forwarded {
+        false => edge.tunnels.resolve(&label).await,
+        true => edge.tunnels.resolve_here(&label).await,
+    };
+    let tunnel = match resolution {
         Resolution::Live(tunnel) => tunnel,
+        Resolution::Remote(remote) => return peer::forward(req, ctx, edge, remote).await,
+        // The forwarding host believed it served here: it is offline, whatever the store says.
+        Resolution::Unknown if ctx.forwarded => return Err(EdgeError::Offline),
         Resolution::Offline => return Err(EdgeError::Offline),
         Resolution::Unknown => return Err(EdgeError::UnknownName),
     };

@@ -130,6 +130,7 @@ impl Edge {
             tokens: Arc::new(crate::tokens::TokenStore::open_file(dir.path()).unwrap()),
             trusted_proxies: crate::http::TrustedProxies::default(),
             limits: crate::http::HttpLimits::default(),
+            cluster: None,
             admin: None,
         });
         let (stop_tx, stop) = crate::shutdown::channel();

@@ -9,10 +9,12 @@
 mod naming;
 pub mod options;
 mod output;
+mod placement;
 mod registry;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
+pub use placement::{Placement, RemoteTunnel};
 pub use naming::{MAX_NAME_ATTEMPTS, NamingError};
 pub use options::SessionOptions;
 pub use output::{SESSION_OUTPUT_LINE_MAX, SESSION_OUTPUT_QUEUE, SessionOutput, SessionOutputSink};
@@ -70,6 +72,8 @@ pub enum Resolution {
     Offline,
     /// No such name.
     Unknown,
+    /// Served by another host of the cluster.
+    Remote(RemoteTunnel),
 }
 
 pub struct TunnelService {
@@ -77,6 +81,8 @@ pub struct TunnelService {
     naming: Arc<dyn NamingPolicy>,
     registry: Registry,
     max_tunnels_per_key: usize,
+    /// Set once when clustering is on.
+    placement: OnceLock<Arc<dyn Placement>>,
 }
 
 impl TunnelService {
@@ -86,6 +92,7 @@ impl TunnelService {
             naming,
             registry: Registry::default(),
             max_tunnels_per_key: MAX_TUNNELS_PER_KEY,
+            placement: OnceLock::new(),
         }
     }
 
@@ -211,7 +218,7 @@ impl TunnelService {
             .register(tunnel.clone(), self.max_tunnels_per_key)
         {
             Ok(displaced) => Ok(Opened {
-                tunnel,
+                tunnel: self.placed(tunnel),
                 displaced: displaced.filter(|old| old.session != session),
             }),
             Err(Refused::Taken(current)) => {
@@ -223,14 +230,58 @@ impl TunnelService {
 
     /// Stops serving `name` if `session` still serves it.
     pub fn close(&self, name: &TunnelName, session: SessionId) -> bool {
-        self.registry.unregister(name, session)
+        let closed = self.registry.unregister(name, session);
+        if closed && let Some(placement) = self.placement.get() {
+            placement.closed(name, session);
+        }
+        closed
     }
 
-    /// Resolves a `Host` label (already lowercase, one DNS label).
+    /// Reports this host's tunnels to `placement` from now on (clustering). Once only.
+    pub fn set_placement(&self, placement: Arc<dyn Placement>) {
+        let _ = self.placement.set(placement);
+    }
+
+    fn placed(&self, tunnel: Arc<Tunnel>) -> Arc<Tunnel> {
+        if let Some(placement) = self.placement.get() {
+            placement.opened(&tunnel);
+        }
+        tunnel
+    }
+
+    /// Stops serving `name` here because another host took it over for the same key
+    /// (`owner`); returns the tunnel let go. Another key's tunnel is never let go.
+    pub fn hand_over(&self, name: &str, owner: &KeyHash) -> Option<Arc<Tunnel>> {
+        let tunnel = self.registry.get(name).filter(|t| t.owner == *owner)?;
+        self.registry
+            .unregister(&tunnel.name, tunnel.session)
+            .then_some(tunnel)
+    }
+
+    /// Resolves a `Host` label (already lowercase, one DNS label): a live tunnel here, else
+    /// (clustered) one on another host, else the store's word.
     pub async fn resolve(&self, label: &str) -> Resolution {
         if let Some(tunnel) = self.registry.get(label) {
             return Resolution::Live(tunnel);
         }
+        if let Some(placement) = self.placement.get()
+            && let Some(remote) = placement.locate(label).await
+        {
+            return Resolution::Remote(remote);
+        }
+        self.resolve_offline(label).await
+    }
+
+    /// Like [`resolve`](Self::resolve), never answering a tunnel of another host (requests
+    /// forwarded by another host are served here or not at all).
+    pub async fn resolve_here(&self, label: &str) -> Resolution {
+        match self.registry.get(label) {
+            Some(tunnel) => Resolution::Live(tunnel),
+            None => self.resolve_offline(label).await,
+        }
+    }
+
+    async fn resolve_offline(&self, label: &str) -> Resolution {
         let Ok(name) = TunnelName::parse(label) else {
             return Resolution::Unknown;
         };
