@@ -216,16 +216,18 @@ impl Vault {
     }
 
     /// Takes the per-name order lock shared by the hosts (always granted for files, which
-    /// only this host uses). False: another host is ordering the name.
-    async fn lock_order(&self, name: &str) -> bool {
+    /// only this host uses). `None`: another host is ordering the name. The lock holds a
+    /// random token, so only its taker releases it (a process id is not unique across hosts).
+    async fn lock_order(&self, name: &str) -> Option<OrderLock> {
         let Vault::Redis { link, prefix } = self else {
-            return true;
+            return Some(OrderLock(String::new()));
         };
+        let token = hex::encode(rand::random::<[u8; 16]>());
         let taken: Result<Option<String>, _> = link
             .query(
                 redis::cmd("SET")
                     .arg(format!("{prefix}acme:lock:{name}"))
-                    .arg(std::process::id())
+                    .arg(&token)
                     .arg("NX")
                     .arg("PX")
                     .arg(ACME_ORDER_TIMEOUT.as_millis() as u64),
@@ -233,20 +235,40 @@ impl Vault {
             )
             .await;
         // Redis unreachable: order anyway rather than serve nothing.
-        !matches!(taken, Ok(None))
+        match taken {
+            Ok(None) => None,
+            _ => Some(OrderLock(token)),
+        }
     }
 
-    async fn unlock_order(&self, name: &str) {
+    /// Releases the lock if it is still the one `lock` took: an order that outlived the
+    /// lock's expiry must not free another host's lock.
+    async fn unlock_order(&self, name: &str, lock: OrderLock) {
         if let Vault::Redis { link, prefix } = self {
             let _ = link
-                .query::<()>(
-                    redis::cmd("DEL").arg(format!("{prefix}acme:lock:{name}")),
+                .query::<i64>(
+                    redis::cmd("EVAL")
+                        .arg(RELEASE_IF_HELD)
+                        .arg(1)
+                        .arg(format!("{prefix}acme:lock:{name}"))
+                        .arg(&lock.0),
                     VAULT_OP_TIMEOUT,
                 )
                 .await;
         }
     }
 }
+
+/// The token of a held order lock.
+struct OrderLock(String);
+
+/// Deletes KEYS[1] only if it holds ARGV[1] (one key, so it works on Cluster).
+const RELEASE_IF_HELD: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
 
 /// Writes a file readable by its owner only: temp file, fsync, rename.
 fn write_private(path: &Path, contents: &[u8]) -> Result<(), String> {
@@ -712,11 +734,11 @@ impl Inner {
     /// Orders, validates and stores a certificate for `name` (or adopts the one another
     /// host just stored).
     async fn issue(&self, name: &str) -> Result<Arc<Issued>, String> {
-        if !self.vault.lock_order(name).await {
+        let Some(lock) = self.vault.lock_order(name).await else {
             return self.wait_for_other_host(name).await;
-        }
+        };
         let result = self.order(name).await;
-        self.vault.unlock_order(name).await;
+        self.vault.unlock_order(name, lock).await;
         result
     }
 
