@@ -46,6 +46,8 @@ enum Command {
     /// settings as `serve`; a running host sees changes at once)
     #[command(subcommand, visible_alias = "res")]
     Reservation(ReservationCommand),
+    /// Steer a running host through its admin API (token from ADMIN_TOKEN; see docs/api.md)
+    Admin(p0rt::admin::cli::AdminArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -324,6 +326,23 @@ fn run_plugin_command(command: PluginCommand) -> ExitCode {
     }
 }
 
+fn run_admin_command(args: &p0rt::admin::cli::AdminArgs) -> ExitCode {
+    let Some(runtime) = async_runtime() else {
+        return ExitCode::FAILURE;
+    };
+    let token = std::env::var("ADMIN_TOKEN").ok().filter(|t| !t.is_empty());
+    match runtime.block_on(p0rt::admin::cli::run(args, token.as_deref())) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("p0rt admin: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -340,6 +359,7 @@ fn main() -> ExitCode {
         Some(Command::Migrate { to, settings }) => return run_migrate(to, settings),
         Some(Command::Security(command)) => return run_security_command(command),
         Some(Command::Reservation(command)) => return run_reservation_command(command),
+        Some(Command::Admin(args)) => return run_admin_command(&args),
         None => cli.serve,
     };
     let (config, runtime) = match prepare(&args) {

@@ -360,3 +360,177 @@ async fn domains_reservations_bans_plugins_and_scans() {
     let (status, _) = call(&host, Method::GET, "plugins/reload", None).await;
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
 }
+
+/// The ```sh blocks of docs/api.md, in order.
+fn documented_examples() -> Vec<String> {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/api.md"))
+        .expect("docs/api.md");
+    let mut blocks = Vec::new();
+    let mut current: Option<String> = None;
+    for line in doc.lines() {
+        match (&mut current, line.trim_end()) {
+            (None, "```sh") => current = Some(String::new()),
+            (Some(block), "```") => {
+                blocks.push(std::mem::take(block));
+                current = None;
+            }
+            (Some(block), line) => {
+                block.push_str(line);
+                block.push('\n');
+            }
+            (None, _) => {}
+        }
+    }
+    assert!(current.is_none(), "docs/api.md: an unclosed ```sh block");
+    blocks
+}
+
+#[tokio::test]
+async fn every_documented_curl_example_runs_against_a_live_host() {
+    let examples = documented_examples();
+    assert!(
+        examples.len() >= 14,
+        "only {} examples found",
+        examples.len()
+    );
+    let sb = Sandbox::new();
+    let host = host_with_token(&sb).await;
+    let backend = Backend::start("admin-docs").await;
+    let (alice, bob) = (sb.key("alice"), sb.key("bob"));
+    let (mut a_client, a_name) = host.tunnel(&sb, &alice, &backend).await;
+    let (mut b_client, _) = host.tunnel(&sb, &bob, &backend).await;
+    for example in &examples {
+        assert!(example.contains("curl "), "not a curl example: {example}");
+        let script = example.replace("localhost:8080", &format!("localhost:{}", host.http_port));
+        let out = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(&script)
+            .env("ADMIN_TOKEN", TOKEN)
+            .env("NAME", &a_name)
+            .env("FINGERPRINT", bob.fingerprint())
+            .env_remove("http_proxy")
+            .env_remove("HTTP_PROXY")
+            .env_remove("all_proxy")
+            .output()
+            .await
+            .expect("sh (install curl: apt-get install -y curl)");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "documented example failed ({}):\n{example}\nstdout {stdout}\nstderr {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let answer: Value = serde_json::from_str(&stdout)
+            .unwrap_or_else(|e| panic!("{example}: answer is not JSON ({e}): {stdout}"));
+        assert!(answer.get("error").is_none(), "{example}: {answer}");
+    }
+    // The last two examples disconnected both tunnels.
+    a_client.wait_exit().await;
+    b_client.wait_exit().await;
+}
+
+/// `p0rt admin <args…>` against `host`; (success, stdout, stderr).
+async fn admin_cli(host: &Host, token: Option<&str>, args: &[&str]) -> (bool, String, String) {
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.arg("admin")
+        .arg("--remote")
+        .arg(format!("http://localhost:{}", host.http_port))
+        .args(args)
+        .env_remove("ADMIN_TOKEN")
+        .env_remove("P0RT_REMOTE");
+    if let Some(token) = token {
+        cmd.env("ADMIN_TOKEN", token);
+    }
+    let out = cmd.output().await.expect("run p0rt admin");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn p0rt_admin_commands_call_the_api() {
+    let sb = Sandbox::new();
+    let host = host_with_token(&sb).await;
+    let backend = Backend::start("admin-cli").await;
+    let alice = sb.key("alice");
+    let (mut client, name) = host.tunnel(&sb, &alice, &backend).await;
+
+    let (ok, _, err) = admin_cli(&host, None, &["status"]).await;
+    assert!(!ok);
+    assert!(
+        err.contains("401") && err.contains("export ADMIN_TOKEN"),
+        "{err}"
+    );
+    let (ok, _, err) = admin_cli(&host, Some("wrong-token-0123456789"), &["status"]).await;
+    assert!(!ok);
+    assert!(err.contains("wrong admin token"), "{err}");
+
+    let (ok, out, err) = admin_cli(&host, Some(TOKEN), &["status"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("tunnels: 1") && out.contains("store: json"),
+        "{out}"
+    );
+    let (ok, out, _) = admin_cli(&host, Some(TOKEN), &["tunnels"]).await;
+    assert!(ok);
+    assert!(
+        out.contains(&name) && out.contains(&alice.fingerprint()),
+        "{out}"
+    );
+    let (ok, out, _) = admin_cli(&host, Some(TOKEN), &["tunnels", "--json"]).await;
+    assert!(ok);
+    let answer: Value = serde_json::from_str(&out).expect("--json answers JSON");
+    assert_eq!(answer["tunnels"][0]["name"], name);
+
+    let (ok, out, err) = admin_cli(
+        &host,
+        Some(TOKEN),
+        &[
+            "ban",
+            "203.0.113.8",
+            "--seconds",
+            "60",
+            "--reason",
+            "cli test",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert!(out.contains("203.0.113.8: banned until"), "{out}");
+    let (_, out, _) = admin_cli(&host, Some(TOKEN), &["bans"]).await;
+    assert!(
+        out.contains("203.0.113.8") && out.contains("cli test"),
+        "{out}"
+    );
+    let (ok, _, _) = admin_cli(&host, Some(TOKEN), &["unban", "203.0.113.8"]).await;
+    assert!(ok);
+    let (ok, _, err) = admin_cli(&host, Some(TOKEN), &["unban", "203.0.113.8"]).await;
+    assert!(!ok && err.contains("404"), "{err}");
+
+    let fp = alice.fingerprint();
+    let (ok, out, err) = admin_cli(&host, Some(TOKEN), &["reserve", "cli-name", &fp]).await;
+    assert!(ok, "{err}");
+    assert_eq!(out, "cli-name: reserved\n");
+    let (_, out, _) = admin_cli(&host, Some(TOKEN), &["reservations"]).await;
+    assert!(out.contains("cli-name") && out.contains(&fp), "{out}");
+    let (ok, _, _) = admin_cli(&host, Some(TOKEN), &["release", "cli-name"]).await;
+    assert!(ok);
+    let (ok, out, _) = admin_cli(&host, Some(TOKEN), &["domains", "--per-page", "10"]).await;
+    assert!(ok && out.contains(&name), "{out}");
+    let (ok, out, _) = admin_cli(&host, Some(TOKEN), &["plugins"]).await;
+    assert!(ok && out.contains("active"), "{out}");
+    let (ok, _, _) = admin_cli(&host, Some(TOKEN), &["reload-plugins"]).await;
+    assert!(ok);
+    let (ok, out, _) = admin_cli(&host, Some(TOKEN), &["scans"]).await;
+    assert!(ok && out.contains("0 scan jobs"), "{out}");
+
+    let (ok, out, err) = admin_cli(&host, Some(TOKEN), &["disconnect-key", &fp]).await;
+    assert!(ok, "{err}");
+    assert_eq!(out, format!("disconnected {name}\n"));
+    client.wait_exit().await;
+    let (ok, _, err) = admin_cli(&host, Some(TOKEN), &["disconnect", &name]).await;
+    assert!(!ok && err.contains("no live tunnel"), "{err}");
+}
