@@ -339,6 +339,39 @@ mod tests {
     }
 
     #[test]
+    fn yaml_then_env_unknown_keys_refused_secret_masked() {
+        use crate::config::{Config, ServeArgs};
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p0rt.yaml");
+        let secret = "yaml-secret-0123456789abcdef0123456789";
+        std::fs::write(
+            &file,
+            format!(
+                "storage:\n  type: redis\ncluster:\n  enabled: true\n  listen: 127.0.0.1:0\n  \
+                 secret: {secret}\n  host_id: edge-1\n  lease_seconds: 5\n"
+            ),
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(file.clone()),
+            ..Default::default()
+        };
+        let env = |k: &str| (k == "CLUSTER_LEASE_SECONDS").then(|| "7".to_string());
+        let c = Config::load(&args, &env).unwrap();
+        assert!(c.cluster.enabled);
+        assert_eq!(c.cluster.host_id(), "edge-1");
+        assert_eq!(
+            c.cluster.lease,
+            Duration::from_secs(7),
+            "env beats the file"
+        );
+        assert!(!format!("{c:?}").contains(secret), "the secret is masked");
+        std::fs::write(&file, "cluster:\n  secert: x\n").unwrap();
+        let e = Config::load(&args, &|_| None).unwrap_err().to_string();
+        assert!(e.contains("secert"), "{e}");
+    }
+
+    #[test]
     fn env_values_are_parsed_and_bad_ones_named() {
         let get = |k: &str| match k {
             "CLUSTER_ENABLED" => Some("true".to_string()),
