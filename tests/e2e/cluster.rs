@@ -330,6 +330,20 @@ async fn three_hosts(cluster: bool) {
 
     // The same key connecting to B while its tunnel is on C: B serves it at once, C lets
     // its old tunnel go (and routes to B); no request reaches the old session.
+    // A download in flight on C's session when the takeover comes finishes intact.
+    let in_flight = http_client()
+        .get(c.url(&format!("/bytes/{TEN_MB}")))
+        .header("host", c.host_header(&name))
+        .send()
+        .await
+        .expect("download starts");
+    assert_eq!(in_flight.status(), 200);
+    let mut in_flight = in_flight.bytes_stream();
+    let first = tokio::time::timeout(WAIT, in_flight.next())
+        .await
+        .expect("first bytes")
+        .expect("a chunk")
+        .expect("body");
     let on_b = Backend::start("on-b").await;
     let _client_b = b
         .ssh(&sb, &key)
@@ -343,6 +357,21 @@ async fn three_hosts(cluster: bool) {
             .then_some(())
     })
     .await;
+    let rest = async {
+        let mut hasher = Sha256::new();
+        hasher.update(&first);
+        let mut len = first.len() as u64;
+        while let Some(chunk) = in_flight.next().await {
+            let chunk = chunk.expect("the in-flight download was cut");
+            len += chunk.len() as u64;
+            hasher.update(&chunk);
+        }
+        (len, hex::encode(hasher.finalize()))
+    };
+    let (len, digest) = tokio::time::timeout(TRANSFER_TIMEOUT, rest)
+        .await
+        .expect("in-flight download timed out");
+    assert_eq!((len, digest), (TEN_MB, pattern_sha256(TEN_MB)));
     let hits_c = on_c.hits();
     for _ in 0..20 {
         assert_eq!(c.whoami(&name).await, (200, "on-b".to_string()));
