@@ -534,3 +534,118 @@ async fn p0rt_admin_commands_call_the_api() {
     let (ok, _, err) = admin_cli(&host, Some(TOKEN), &["disconnect", &name]).await;
     assert!(!ok && err.contains("no live tunnel"), "{err}");
 }
+
+/// The value of the sample `name` (with its labels, as printed) in a Prometheus text.
+fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            rest.strip_prefix(' ')?.trim().parse().ok()
+        })
+        .unwrap_or(0.0)
+}
+
+async fn scrape(host: &Host, token: Option<&str>) -> (StatusCode, String) {
+    let mut req = http_client().get(host.url("/metrics")).header(
+        reqwest::header::HOST,
+        format!("localhost:{}", host.http_port),
+    );
+    if let Some(token) = token {
+        req = req.bearer_auth(token);
+    }
+    let res = req.send().await.expect("GET /metrics");
+    (res.status(), res.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn metrics_move_when_requests_go_through_a_tunnel() {
+    let sb = Sandbox::new();
+    let host = host_with_token(&sb).await;
+    let backend = Backend::start("admin-metrics").await;
+    let alice = sb.key("alice");
+    let (_client, name) = host.tunnel(&sb, &alice, &backend).await;
+
+    let (status, _) = scrape(&host, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = scrape(&host, Some("wrong-token-0123456789")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, before) = scrape(&host, Some(TOKEN)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(sample(&before, "p0rt_tunnels_live"), 1.0, "{before}");
+    assert!(
+        sample(&before, "p0rt_ssh_connections_total") >= 2.0,
+        "{before}"
+    );
+    assert_eq!(sample(&before, "p0rt_redis_enabled"), 0.0);
+
+    for _ in 0..2 {
+        assert_eq!(
+            host.get(&name, "/bytes/5000")
+                .await
+                .bytes()
+                .await
+                .unwrap()
+                .len(),
+            5000
+        );
+    }
+    assert_eq!(host.get(&name, "/missing").await.status(), 404);
+    let (_, after) = scrape(&host, Some(TOKEN)).await;
+    let two = r#"p0rt_http_requests_total{class="2xx"}"#;
+    let four = r#"p0rt_http_requests_total{class="4xx"}"#;
+    assert_eq!(sample(&after, two), sample(&before, two) + 2.0, "{after}");
+    assert_eq!(sample(&after, four), sample(&before, four) + 1.0, "{after}");
+    assert!(
+        sample(&after, "p0rt_http_response_bytes_total")
+            >= sample(&before, "p0rt_http_response_bytes_total") + 10_000.0,
+        "{after}"
+    );
+    let count = "p0rt_http_request_duration_seconds_count";
+    assert_eq!(
+        sample(&after, count),
+        sample(&before, count) + 3.0,
+        "{after}"
+    );
+    // No per-name labels, ever.
+    assert!(!after.contains(&name), "{after}");
+}
+
+#[tokio::test]
+async fn metrics_count_refused_keys_and_bans() {
+    let sb = Sandbox::new();
+    let (good, bad) = (sb.key("good"), sb.key("bad"));
+    let allowed = sb.join("authorized_keys");
+    std::fs::write(&allowed, format!("{}\n", good.public)).unwrap();
+    let config = HostConfig::flags(&sb.data_dir())
+        .arg("--authorized-keys")
+        .arg(allowed.to_string_lossy())
+        .env("BAN_TIERS", "2:1h");
+    let host = Host::start_with(&sb, config).await;
+    for _ in 0..3 {
+        let out = host
+            .ssh(&sb, &bad)
+            .args(["-b", "127.0.0.6"])
+            .command("info")
+            .output()
+            .await;
+        assert!(!out.status.success());
+    }
+    // Loopback without a token set: served.
+    let text = eventually(WAIT, "the ban to show in the metrics", || async {
+        let (status, text) = scrape(&host, None).await;
+        assert_eq!(status, StatusCode::OK);
+        (sample(&text, "p0rt_bans_active") == 1.0).then_some(text)
+    })
+    .await;
+    assert!(
+        sample(
+            &text,
+            r#"p0rt_ssh_auth_failures_total{reason="key_refused"}"#
+        ) >= 2.0,
+        "{text}"
+    );
+    assert!(
+        sample(&text, r#"p0rt_ssh_auth_failures_total{reason="banned"}"#) >= 1.0,
+        "{text}"
+    );
+}

@@ -315,7 +315,8 @@ async fn handle(req: Request<Incoming>, conn: &Conn, edge: Arc<HttpEdge>) -> Res
     let result = phases(req, &mut ctx, &edge).await;
     log(&ctx, &result);
     let response = result.unwrap_or_else(|e| e.response());
-    let mut response = crate::metrics::count_response(ctx.tunnel.as_ref(), declared_in, response);
+    let mut response =
+        crate::metrics::count_response(ctx.tunnel.as_ref(), declared_in, ctx.started, response);
     if conn.tls
         && let Some(policy) = &conn.policy
     {
@@ -331,6 +332,9 @@ async fn phases(
     edge: &HttpEdge,
 ) -> Result<Response<Body>, EdgeError> {
     let label = match route::route(req.method(), req.headers(), req.uri(), &edge.domain)? {
+        Target::Base if req.uri().path() == "/metrics" => {
+            return Ok(crate::metrics::serve(req.headers(), ctx.peer, edge).await);
+        }
         Target::Base if req.uri().path().starts_with(crate::admin::api::API_PREFIX) => {
             return Ok(crate::admin::api::handle(req, ctx.peer, edge).await);
         }

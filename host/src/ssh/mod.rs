@@ -200,6 +200,7 @@ pub async fn serve(
             }
         };
         let _ = socket.set_nodelay(true);
+        crate::metrics::ssh_connection();
         let (config, edge, guards, disconnect) = (
             config.clone(),
             edge.clone(),
@@ -210,6 +211,7 @@ pub async fn serve(
             // Checked here, not in the accept loop: a ban lookup in Redis must not hold up
             // accepting other clients.
             if let Some(ban) = edge.bans.banned(peer.ip()).await {
+                crate::metrics::ssh_auth_failure("banned");
                 tracing::debug!(
                     "refusing ssh connection from {peer}: banned until {} ({})",
                     ban.until,
@@ -847,6 +849,7 @@ impl Connection {
 impl Drop for Connection {
     fn drop(&mut self) {
         if self.key.is_none() && self.auth_refused {
+            crate::metrics::ssh_auth_failure("key_refused");
             let (bans, ip) = (self.edge.bans.clone(), self.peer.ip());
             tokio::spawn(async move {
                 match bans.record_failure(ip, "ssh authentication failed").await {
