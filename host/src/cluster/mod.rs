@@ -126,6 +126,7 @@ pub async fn start(
         cluster.lease.as_secs(),
         link.display
     );
+    cluster.warn_if_id_taken().await;
     tunnels.set_placement(cluster.clone());
     Ok(Some(Started { cluster, listener }))
 }
@@ -137,6 +138,29 @@ impl Cluster {
 
     pub fn signer(&self) -> &auth::Signer {
         &self.signer
+    }
+
+    /// Two live hosts with one id would ignore each other's tunnels: say so at start.
+    async fn warn_if_id_taken(&self) {
+        let key = hosts::key(&self.prefix, &self.id);
+        let found: Result<Option<String>, _> = self
+            .link
+            .query(redis::cmd("GET").arg(&key), leases::LOCATE_TIMEOUT)
+            .await;
+        let other = found
+            .ok()
+            .flatten()
+            .and_then(|v| serde_json::from_str::<hosts::HostRecord>(&v).ok())
+            .filter(|record| record.advertise != self.advertise);
+        if let Some(other) = other {
+            tracing::warn!(
+                "cluster: another host with id {} ({}) was alive within the lease; two live \
+                 hosts with one id do not forward to each other: give each its own \
+                 CLUSTER_HOST_ID (or none: the default is random)",
+                self.id,
+                other.advertise
+            );
+        }
     }
 
     fn held(&self) -> std::sync::MutexGuard<'_, HashMap<TunnelName, Held>> {
