@@ -649,3 +649,49 @@ async fn metrics_count_refused_keys_and_bans() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn ssh_stats_shows_the_keys_own_counters_and_help_what_it_may_do() {
+    let sb = Sandbox::new();
+    let host = Host::start(&sb).await;
+    let backend = Backend::start("admin-stats").await;
+    let (alice, bob) = (sb.key("alice"), sb.key("bob"));
+    let (_a, a_name) = host.tunnel(&sb, &alice, &backend).await;
+    let (_b, b_name) = host.tunnel(&sb, &bob, &backend).await;
+    for _ in 0..2 {
+        let body = host.get(&a_name, "/bytes/700").await.bytes().await.unwrap();
+        assert_eq!(body.len(), 700);
+    }
+
+    let out = host.ssh(&sb, &alice).command("stats").output().await;
+    assert!(out.status.success(), "{:?}", out.stderr);
+    let text = strip_ansi(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains(&a_name))
+        .unwrap_or_else(|| panic!("{a_name} in {text:?}"));
+    // wait_served's /whoami requests count too; the two downloads are at least 1400 B out.
+    let requests: u64 = line
+        .split("requests ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(requests >= 3, "{line}");
+    let out_bytes: u64 = line
+        .split("out ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(out_bytes >= 1400, "{line}");
+    // Only the key's own tunnels.
+    assert!(!text.contains(&b_name), "{text}");
+
+    let out = host.ssh(&sb, &alice).command("help").output().await;
+    assert!(out.status.success());
+    assert!(out.stdout.contains("stats"), "{}", out.stdout);
+    assert!(out.stdout.contains("this key: up to"), "{}", out.stdout);
+    let out = host.ssh(&sb, &alice).command("stats extra").output().await;
+    assert!(!out.status.success());
+}

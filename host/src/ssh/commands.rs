@@ -1,5 +1,5 @@
 //! Exec commands a key may run: `ssh … info`, `ssh … scan [--json] [--checks a,b]
-//! [--ports 22,80] [target]`, `ssh … token [--revoke]`, `ssh … help`.
+//! [--ports 22,80] [target]`, `ssh … token [--revoke]`, `ssh … stats`, `ssh … help`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +22,7 @@ const BAR_CELLS: usize = 24;
 pub const HELP: &str = "\
 p0rt commands (ssh -p <port> <host> <command>):
   info                 your key's name and URL
+  stats                your live tunnels and their counters (requests, bytes)
   scan [name]          scan your live tunnels (or one of them) for what they expose
        --json          print the report as JSON
        --checks a,b    only these checks: reachability, headers, paths, cors, cookies, errors
@@ -36,6 +37,7 @@ p0rt commands (ssh -p <port> <host> <command>):
 pub enum Command {
     Info,
     Help,
+    Stats,
     Scan { request: ScanRequest, json: bool },
     Token { revoke: bool },
 }
@@ -48,6 +50,7 @@ pub fn parse(line: &str) -> Result<Command, String> {
     match command {
         "info" if rest.is_empty() => Ok(Command::Info),
         "help" | "--help" => Ok(Command::Help),
+        "stats" if rest.is_empty() => Ok(Command::Stats),
         "token" => match rest.as_slice() {
             [] => Ok(Command::Token { revoke: false }),
             ["--revoke"] => Ok(Command::Token { revoke: true }),
@@ -55,10 +58,47 @@ pub fn parse(line: &str) -> Result<Command, String> {
         },
         "scan" => parse_scan(&rest),
         _ => Err(format!(
-            "unknown command {:?}; commands: info, scan, token, help, or tunnel options (key=value)",
+            "unknown command {:?}; commands: info, stats, scan, token, help, or tunnel options (key=value)",
             line.trim().chars().take(64).collect::<String>()
         )),
     }
+}
+
+/// `ssh … help`: the commands, then what this host offers this key.
+pub fn help_text(max_tunnels: usize, tier: Option<&str>) -> String {
+    let mut text = HELP.to_string();
+    text.push_str(&format!(
+        "\nthis key: up to {max_tunnels} live tunnels at once (-R 80:… or -R name:80:…)"
+    ));
+    if let Some(tier) = tier {
+        text.push_str(&format!(", tier {tier}"));
+    }
+    text.push('\n');
+    text
+}
+
+/// `ssh … stats`: the key's live tunnels (on this host) with their counters.
+pub fn stats_text(tunnels: &[Arc<crate::tunnels::Tunnel>], urls: &PublicUrls) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    if tunnels.is_empty() {
+        return "no live tunnels for this key (ssh -R 80:localhost:3000 … opens one)\n".into();
+    }
+    let now = crate::unix_now();
+    let mut list: Vec<_> = tunnels.iter().collect();
+    list.sort_by(|a, b| a.name.as_str().cmp(b.name.as_str()));
+    let mut text = String::new();
+    for t in list {
+        text.push_str(&format!(
+            "{}  up {}  requests {}  out {} B  in {} B  in flight {}\n",
+            urls.of(t.name.as_str()),
+            ago(now - t.since).trim_end_matches(" ago"),
+            t.stats.requests.load(Relaxed),
+            t.stats.bytes_out.load(Relaxed),
+            t.stats.bytes_in.load(Relaxed),
+            t.in_flight.load(Relaxed),
+        ));
+    }
+    text
 }
 
 fn parse_scan(words: &[&str]) -> Result<Command, String> {

@@ -1176,7 +1176,25 @@ impl russh::server::Handler for Connection {
                 let (text, named) = self.info_text().await;
                 self.finish(session, channel, &text, if named { 0 } else { 1 })
             }
-            Command::Help => self.finish(session, channel, commands::HELP, 0),
+            Command::Help => {
+                let max = self.edge.tunnels.max_tunnels_per_key();
+                let text = commands::help_text(max, self.options.tier());
+                self.finish(session, channel, &text, 0)
+            }
+            Command::Stats => {
+                let mine: Vec<_> = match &self.key {
+                    Some(key) => self
+                        .edge
+                        .tunnels
+                        .live_tunnels()
+                        .into_iter()
+                        .filter(|t| t.owner == key.hash)
+                        .collect(),
+                    None => Vec::new(),
+                };
+                let text = commands::stats_text(&mine, &self.edge.urls);
+                self.finish(session, channel, &text, 0)
+            }
             Command::Token { revoke } => {
                 let (text, status) = self.token_command(revoke).await;
                 self.finish(session, channel, &text, status)
