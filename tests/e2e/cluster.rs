@@ -444,3 +444,69 @@ async fn clustering_without_redis_or_secret_is_refused_naming_the_setting() {
         assert!(!stderr.contains(SECRET), "the secret was printed: {stderr}");
     }
 }
+
+/// The request policy runs once, on the owning host, with the owner's session options: a
+/// tunnel on A locked with `auth=…` asks a visitor of B for credentials (B itself knows
+/// nothing of them), admits the right ones, and the owner's terminal on A logs the requests
+/// that came through B.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_owners_options_and_request_log_apply_through_another_host() {
+    let sb = Sandbox::new();
+    let redis = SharedRedis::start(false).await;
+    let url = redis.url();
+    let key = sb.key("locked");
+    let a = Host::start_with(&sb, cluster_host(&sb, "host-a", &url)).await;
+    let b = Host::start_with(&sb, cluster_host(&sb, "host-b", &url)).await;
+    let backend = Backend::start("locked").await;
+    let password = "c0rrect-h0rse-Battery";
+    let (session, name) =
+        crate::policy::options_tunnel(&a, &sb, &key, &backend, &format!("auth=alice:{password}"))
+            .await;
+    let client = http_client();
+    let via_b = |credentials: Option<&str>| {
+        let request = client
+            .get(b.url("/whoami"))
+            .header("host", b.host_header(&name));
+        match credentials {
+            Some(pass) => request.basic_auth("alice", Some(pass)),
+            None => request,
+        }
+    };
+    // Until B sees the location record, it answers 503 (offline) rather than 401.
+    eventually(WAIT, "B forwards to A", || async {
+        let res = via_b(None).send().await.ok()?;
+        (res.status() == 401).then_some(())
+    })
+    .await;
+    let hits = backend.hits();
+    let res = via_b(Some("wrong")).send().await.unwrap();
+    assert_eq!(res.status(), 401);
+    assert!(
+        res.headers()
+            .get("www-authenticate")
+            .is_some_and(|v| v.to_str().unwrap().starts_with("Basic realm=")),
+        "{res:?}"
+    );
+    assert_eq!(
+        backend.hits(),
+        hits,
+        "a refused request reached the backend"
+    );
+    let res = via_b(Some(password)).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.text().await.unwrap(), "locked");
+    let mut session = session;
+    session
+        .wait_line("the owner's log of the request through B", |l| {
+            l.starts_with("GET /whoami 200")
+        })
+        .await;
+    assert!(
+        session
+            .lines()
+            .iter()
+            .any(|l| l.starts_with("GET /whoami 401")),
+        "{:?}",
+        session.lines()
+    );
+}
