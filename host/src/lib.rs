@@ -29,6 +29,7 @@
 //! - [`cluster`]: several hosts on one Redis serving every tunnel (leases, forwarding).
 //! - [`config`]: layered configuration (defaults < YAML < environment < flags).
 //! - [`admin`]: the operator's admin API (`/api/v1/`) and `p0rt admin …`.
+//! - [`logs`]: the host's log, text or JSON (`LOG_FORMAT`).
 //! - [`server`]: wires the pieces together, runs and stops them ([`shutdown`]: the stop signal).
 
 pub mod admin;
@@ -37,6 +38,7 @@ pub mod cache;
 pub mod cluster;
 pub mod config;
 pub mod http;
+pub mod logs;
 pub mod metrics;
 pub mod names;
 pub mod password;

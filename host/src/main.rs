@@ -1,6 +1,5 @@
 //! `p0rt`: command-line entry point. All logic lives in the library.
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -345,14 +344,10 @@ fn run_admin_command(args: &p0rt::admin::cli::AdminArgs) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,russh=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
-        .init();
+    if let Err(e) = p0rt::logs::init() {
+        eprintln!("p0rt: configuration error: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let args = match cli.command {
         Some(Command::Serve(args)) => args,
         Some(Command::Plugin(command)) => return run_plugin_command(command),

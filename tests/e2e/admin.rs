@@ -695,3 +695,33 @@ async fn ssh_stats_shows_the_keys_own_counters_and_help_what_it_may_do() {
     let out = host.ssh(&sb, &alice).command("stats extra").output().await;
     assert!(!out.status.success());
 }
+
+#[tokio::test]
+async fn log_format_json_writes_one_json_object_per_line() {
+    let sb = Sandbox::new();
+    let config = HostConfig::flags(&sb.data_dir()).env("LOG_FORMAT", "json");
+    let host = Host::start_with(&sb, config).await;
+    let backend = Backend::start("admin-logs").await;
+    let alice = sb.key("alice");
+    let (_client, _name) = host.tunnel(&sb, &alice, &backend).await;
+    let log = host.log();
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() >= 3, "{log}");
+    for line in &lines {
+        let value: Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        assert!(
+            value["level"].is_string() && value["fields"].is_object(),
+            "{line}"
+        );
+    }
+    assert!(log.contains("ssh edge listening"), "{log}");
+
+    let bad = HostConfig::flags(&sb.data_dir()).env("LOG_FORMAT", "xml");
+    let (code, stderr) = run_host_to_exit(&sb, &bad, WAIT).await;
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("LOG_FORMAT") && stderr.contains("text or json"),
+        "{stderr}"
+    );
+}
