@@ -807,6 +807,8 @@ pub const ENV_VARS: &[&str] = &[
     "CLUSTER_SECRET",
     "CLUSTER_HOST_ID",
     "CLUSTER_LEASE_SECONDS",
+    // crate::logs::LOG_FORMAT_VAR, read before the configuration
+    "LOG_FORMAT",
 ];
 
 fn parse_env<T: std::str::FromStr>(

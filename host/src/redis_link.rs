@@ -410,13 +410,12 @@ impl RedisLink {
                     .get_async_pubsub()
                     .await
                     .map_err(err),
-                RedisTarget::Sentinel { .. } => {
-                    self.sentinel_client()
-                        .await?
-                        .get_async_pubsub()
-                        .await
-                        .map_err(err)
-                }
+                RedisTarget::Sentinel { .. } => self
+                    .sentinel_client()
+                    .await?
+                    .get_async_pubsub()
+                    .await
+                    .map_err(err),
                 RedisTarget::Cluster { nodes, password } => {
                     let mut last = RedisOpError::Unreachable("no cluster node".into());
                     for node in nodes {

@@ -7,9 +7,9 @@ mod backend;
 mod support;
 
 mod abuse_http;
-mod admin;
 mod abuse_shared;
 mod abuse_ssh;
+mod admin;
 mod bans;
 mod cluster;
 mod edge_errors;

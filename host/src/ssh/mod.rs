@@ -468,7 +468,11 @@ impl TunnelLink for SshLink {
     async fn disconnect(&self, reason: &str) {
         let _ = self
             .handle
-            .disconnect(russh::Disconnect::ByApplication, reason.into(), String::new())
+            .disconnect(
+                russh::Disconnect::ByApplication,
+                reason.into(),
+                String::new(),
+            )
             .await;
     }
 }

@@ -14,10 +14,10 @@ mod registry;
 
 use std::sync::{Arc, OnceLock};
 
-pub use placement::{Placement, RemoteTunnel};
 pub use naming::{MAX_NAME_ATTEMPTS, NamingError};
 pub use options::SessionOptions;
 pub use output::{SESSION_OUTPUT_LINE_MAX, SESSION_OUTPUT_QUEUE, SessionOutput, SessionOutputSink};
+pub use placement::{Placement, RemoteTunnel};
 pub use registry::{
     LinkError, Refused, Registry, SessionId, Tunnel, TunnelLink, TunnelStats, UpstreamIo,
 };
