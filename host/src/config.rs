@@ -151,6 +151,8 @@ pub struct Config {
     pub redis_ca_cert: Option<PathBuf>,
     /// Token that grants non-loopback clients access to `/domain-stats` (`Authorization: Bearer …`).
     pub admin_token: Option<Secret>,
+    /// `admin.path` (`ADMIN_PATH`): where the web console lives on the base domain.
+    pub admin_path: String,
     pub plugins_dir: PathBuf,
     /// `false`: built-in namer, no rate limiting, scan jobs denied.
     pub plugins_enabled: bool,
@@ -213,6 +215,7 @@ impl Default for Config {
             enable_redis: true,
             redis_ca_cert: None,
             admin_token: None,
+            admin_path: DEFAULT_ADMIN_PATH.to_string(),
             plugins_dir: PathBuf::from(DEFAULT_PLUGINS_DIR),
             plugins_enabled: true,
             scan: crate::scan::ScanSettings::default(),
@@ -610,6 +613,7 @@ pub struct StorageLayer {
 #[serde(deny_unknown_fields, default)]
 pub struct AdminLayer {
     pub token: Option<Secret>,
+    pub path: Option<String>,
 }
 
 /// Flags of `p0rt serve`. Each flag overrides its environment variable and YAML key.
@@ -760,6 +764,7 @@ pub const ENV_VARS: &[&str] = &[
     "BAN_EXEMPT",
     "BAN_TIERS",
     "ADMIN_TOKEN",
+    "ADMIN_PATH",
     "PLUGINS_DIR",
     "PLUGINS_ENABLED",
     "ENABLE_REDIS",
@@ -993,6 +998,9 @@ pub fn env_layer(get: &dyn Fn(&str) -> Option<String>) -> Result<Layer, ConfigEr
     }
     if let Some(v) = get("ADMIN_TOKEN") {
         layer.admin.token = Some(Secret::new(v));
+    }
+    if let Some(v) = get("ADMIN_PATH") {
+        layer.admin.path = Some(v);
     }
     if let Some(v) = get("ENABLE_REDIS") {
         layer.storage.enable_redis = Some(parse_env("ENABLE_REDIS", &v, "true or false")?);
@@ -1321,6 +1329,7 @@ impl Config {
         if admin.token.is_some() {
             self.admin_token = admin.token;
         }
+        set(&mut self.admin_path, admin.path);
         set(&mut self.plugins_dir, plugins.dir);
         set(&mut self.plugins_enabled, plugins.enabled);
         let settings = &mut self.scan;
@@ -1475,6 +1484,10 @@ impl Config {
                 problem: format!("must be at least {MIN_ADMIN_TOKEN_LEN} characters long"),
             });
         }
+        check_admin_path(&self.admin_path).map_err(|problem| ConfigError::Invalid {
+            key: "admin.path",
+            problem,
+        })?;
         Ok(())
     }
 
@@ -1610,6 +1623,39 @@ pub struct SettingsError(pub String);
 
 /// Shortest admin token accepted, so a guessable token cannot open `/domain-stats`.
 pub const MIN_ADMIN_TOKEN_LEN: usize = 16;
+/// Where the web console lives on the base domain unless `admin.path` says otherwise.
+pub const DEFAULT_ADMIN_PATH: &str = "/admin";
+/// Longest `admin.path` accepted.
+pub const MAX_ADMIN_PATH_LEN: usize = 64;
+/// Base-domain paths the console may not take (or sit under): the host's own endpoints.
+const RESERVED_BASE_PATHS: [&str; 5] = ["/api", "/metrics", "/health", "/status", "/domain-stats"];
+
+/// Why an `admin.path` is unusable: it must be `/` followed by letters, digits, `-`, `_`
+/// or further `/`-separated parts, with no trailing `/`, and not one of the host's paths.
+pub fn check_admin_path(path: &str) -> Result<(), String> {
+    let shape_ok = path.len() > 1
+        && path.len() <= MAX_ADMIN_PATH_LEN
+        && path.starts_with('/')
+        && !path.ends_with('/')
+        && !path.contains("//")
+        && path
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'/');
+    if !shape_ok {
+        return Err(format!(
+            "{path:?} must be like /admin: a / then letters, digits, - or _ (parts separated \
+             by /, no trailing /), at most {MAX_ADMIN_PATH_LEN} characters"
+        ));
+    }
+    let lower = path.to_ascii_lowercase();
+    if let Some(taken) = RESERVED_BASE_PATHS
+        .iter()
+        .find(|r| lower == **r || lower.starts_with(&format!("{r}/")))
+    {
+        return Err(format!("{path:?} would hide the host's own {taken}"));
+    }
+    Ok(())
+}
 
 fn set<T>(slot: &mut T, value: Option<T>) {
     if let Some(v) = value {

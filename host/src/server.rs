@@ -165,6 +165,10 @@ pub async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<
         bans: bans.clone(),
         plugins: plugins.clone(),
         started: std::time::Instant::now(),
+        console: crate::admin::console::ConsoleState::new(
+            &config.admin_path,
+            config.public_scheme == crate::config::PublicScheme::Https,
+        ),
     });
     let ssh = Arc::new(SshEdge {
         limits: config.ssh_limits,

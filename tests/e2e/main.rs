@@ -12,6 +12,7 @@ mod abuse_ssh;
 mod admin;
 mod bans;
 mod cluster;
+mod console;
 mod edge_errors;
 mod edge_review;
 mod flow_control;

@@ -49,7 +49,7 @@ pub const MAX_BAN: Duration = Duration::from_secs(366 * 24 * 60 * 60);
 /// What a disconnected client is told.
 const DISCONNECT_REASON: &str = "disconnected by the p0rt operator";
 
-type Answer = Result<(StatusCode, Value), AdminError>;
+pub(super) type Answer = Result<(StatusCode, Value), AdminError>;
 
 fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
     full(status, "application/json", format!("{value}\n"))
@@ -156,7 +156,7 @@ async fn route(req: Request<Incoming>, edge: &HttpEdge, state: &AdminState) -> A
 }
 
 /// Percent-decodes one path part (a fingerprint's `+`, `/` and `:` arrive encoded).
-fn decode(part: &str) -> Result<String, AdminError> {
+pub(super) fn decode(part: &str) -> Result<String, AdminError> {
     let bytes = part.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -179,7 +179,7 @@ fn decode(part: &str) -> Result<String, AdminError> {
     String::from_utf8(out).map_err(|_| AdminError::BadRequest(format!("{part:?} is not UTF-8")))
 }
 
-fn parse_ip(text: &str) -> Result<IpAddr, AdminError> {
+pub(super) fn parse_ip(text: &str) -> Result<IpAddr, AdminError> {
     text.parse()
         .map_err(|_| AdminError::BadRequest(format!("{text:?} is not an IP address")))
 }
@@ -200,7 +200,7 @@ async fn read_json<T: for<'de> Deserialize<'de>>(req: Request<Incoming>) -> Resu
     serde_json::from_slice(bytes).map_err(|e| AdminError::BadRequest(format!("bad JSON body: {e}")))
 }
 
-fn status(edge: &HttpEdge, state: &AdminState) -> Value {
+pub(super) fn status(edge: &HttpEdge, state: &AdminState) -> Value {
     let redis = match edge.cache.health() {
         RedisHealth::Healthy { latency_ms } => {
             json!({ "status": "healthy", "latency_ms": latency_ms })
@@ -226,9 +226,14 @@ fn status(edge: &HttpEdge, state: &AdminState) -> Value {
     })
 }
 
-fn tunnels(edge: &HttpEdge) -> Value {
+pub(super) fn tunnels(edge: &HttpEdge) -> Value {
+    tunnels_of(&edge.tunnels)
+}
+
+/// `GET tunnels`'s answer from the tunnel registry alone (the console's live stream).
+pub(super) fn tunnels_of(service: &crate::tunnels::TunnelService) -> Value {
     use std::sync::atomic::Ordering::Relaxed;
-    let mut list = edge.tunnels.live_tunnels();
+    let mut list = service.live_tunnels();
     list.sort_by(|a, b| a.name.as_str().cmp(b.name.as_str()));
     let tunnels: Vec<Value> = list
         .iter()
@@ -248,7 +253,7 @@ fn tunnels(edge: &HttpEdge) -> Value {
     json!({ "tunnels": tunnels })
 }
 
-async fn disconnect_name(edge: &HttpEdge, name: &str) -> Answer {
+pub(super) async fn disconnect_name(edge: &HttpEdge, name: &str) -> Answer {
     let Some(tunnel) = edge
         .tunnels
         .live_tunnels()
@@ -323,7 +328,7 @@ fn paging(query: &str) -> Result<(usize, usize), AdminError> {
     Ok((page, per_page))
 }
 
-async fn domains(edge: &HttpEdge, query: &str) -> Answer {
+pub(super) async fn domains(edge: &HttpEdge, query: &str) -> Answer {
     let (page, per_page) = paging(query)?;
     let mut records = edge
         .store
@@ -353,7 +358,7 @@ fn reservation_error(e: ReservationError) -> AdminError {
     }
 }
 
-async fn reservations(edge: &HttpEdge) -> Answer {
+pub(super) async fn reservations(edge: &HttpEdge) -> Answer {
     let list = edge
         .store
         .reservations()
@@ -417,7 +422,7 @@ async fn release(edge: &HttpEdge, name: &str) -> Answer {
     }
 }
 
-async fn bans(state: &AdminState) -> Answer {
+pub(super) async fn bans(state: &AdminState) -> Answer {
     let list = state
         .bans
         .list()
@@ -428,12 +433,12 @@ async fn bans(state: &AdminState) -> Answer {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct BanBody {
-    seconds: Option<u64>,
-    reason: Option<String>,
+pub(super) struct BanBody {
+    pub(super) seconds: Option<u64>,
+    pub(super) reason: Option<String>,
 }
 
-async fn ban(state: &AdminState, ip: IpAddr, body: BanBody) -> Answer {
+pub(super) async fn ban(state: &AdminState, ip: IpAddr, body: BanBody) -> Answer {
     let length = match body.seconds {
         None => DEFAULT_BAN,
         Some(0) => return Err(AdminError::BadRequest("seconds must be ≥ 1".into())),
@@ -463,7 +468,7 @@ async fn ban(state: &AdminState, ip: IpAddr, body: BanBody) -> Answer {
     }
 }
 
-async fn unban(state: &AdminState, ip: IpAddr) -> Answer {
+pub(super) async fn unban(state: &AdminState, ip: IpAddr) -> Answer {
     match state.bans.unban(ip).await {
         Ok(true) => Ok((StatusCode::OK, json!({ "unbanned": ip }))),
         Ok(false) => Err(AdminError::NotFound(format!("{ip} is not banned"))),

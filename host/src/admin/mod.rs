@@ -1,5 +1,5 @@
 //! The operator's surface: the admin API (`/api/v1/…` on the base domain, [`api`]) and the
-//! `p0rt admin …` commands that call it ([`cli`]).
+//! `p0rt admin …` commands that call it ([`cli`]), and the web console ([`console`]).
 //!
 //! Who may call: with `ADMIN_TOKEN` set, whoever presents it (`Authorization: Bearer …` or
 //! P0rt's `X-API-Key: …`, compared in constant time); with no token, loopback clients only,
@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod console;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -36,6 +37,8 @@ pub struct AdminState {
     pub plugins: Arc<PolicyPlugins>,
     /// When the host started, for the uptime.
     pub started: Instant,
+    /// The web console's settings and live streams ([`console`]).
+    pub console: console::ConsoleState,
 }
 
 /// Why an admin request was refused or failed; each says whose fault it is via its status.

@@ -338,6 +338,14 @@ async fn phases(
         Target::Base if req.uri().path().starts_with(crate::admin::api::API_PREFIX) => {
             return Ok(crate::admin::api::handle(req, ctx.peer, edge).await);
         }
+        Target::Base
+            if edge
+                .admin
+                .as_ref()
+                .is_some_and(|a| a.console.owns(req.uri().path())) =>
+        {
+            return Ok(crate::admin::console::handle(req, ctx.peer, edge).await);
+        }
         Target::Base if req.uri().path().starts_with("/api/") => {
             return api::handle(req, edge).await.ok_or(EdgeError::UnknownName);
         }
