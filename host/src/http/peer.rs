@@ -38,48 +38,16 @@ pub const MAX_INTERNAL_CONNECTIONS: usize = 4096;
 /// names the backend) arrives before the edge gives up on it.
 const PEER_RESPONSE_SLACK: Duration = Duration::from_secs(2);
 
-/// Headers that describe one hop (RFC 9110 §7.6.1); an upgrade keeps `Upgrade` and
-/// `Connection: upgrade`.
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-
-fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .collect()
-}
-
 fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
-        && connection_tokens(headers).iter().any(|t| t == "upgrade")
+        && super::proxy::connection_tokens(headers).any(|t| t == "upgrade")
 }
 
-/// Removes hop-by-hop headers (and those `Connection` names); keeps an upgrade's own two.
+/// The proxy's hop-by-hop stripping, keeping an upgrade's own two headers.
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        headers.remove(header::CONTENT_LENGTH);
-    }
     let upgrade_value = headers.get(header::UPGRADE).cloned();
-    for token in connection_tokens(headers) {
-        if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
-            headers.remove(name);
-        }
-    }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
-    }
+    super::proxy::strip_hop_by_hop(headers);
+    headers.remove(header::UPGRADE);
     if upgrade && let Some(value) = upgrade_value {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, value);

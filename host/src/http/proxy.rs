@@ -301,7 +301,7 @@ fn is_upgrade(headers: &HeaderMap) -> bool {
 }
 
 /// The lowercase tokens of every `Connection` header.
-fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = String> + '_ {
+pub(super) fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = String> + '_ {
     headers
         .get_all(header::CONNECTION)
         .iter()
@@ -310,7 +310,7 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = String> + '_ {
         .map(|t| t.trim().to_ascii_lowercase())
 }
 
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // A message framed by Transfer-Encoding has no length of its own: Transfer-Encoding
     // overrides Content-Length, and a proxy must drop the stale length before forwarding
     // (RFC 9112 §6.3). Kept, it would cut the re-framed body short.

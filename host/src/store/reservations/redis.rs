@@ -54,6 +54,15 @@ end
 return 0
 ";
 
+/// Outcome of [`RedisReservations::claim`].
+enum Claim {
+    Claimed,
+    /// The name is reserved for this other fingerprint.
+    NameHeldBy(String),
+    /// The key holds this other reserved name.
+    KeyHolds(String),
+}
+
 pub struct RedisReservations {
     link: Arc<RedisLink>,
     prefix: String,
@@ -224,6 +233,39 @@ impl RedisReservations {
             .map_err(unavailable)
     }
 
+    /// Takes `name` for `fingerprint` with two one-key claims: the name's key (set if
+    /// absent), then the key's back-pointer. When the key already holds another live
+    /// reservation, the name's claim is given back if `release_on_conflict` (it was new).
+    async fn claim(
+        &self,
+        name: &TunnelName,
+        fingerprint: &str,
+        release_on_conflict: bool,
+    ) -> Result<Claim, ReservationError> {
+        let domain_key = self.domain_key(name.as_str());
+        let holder = self.set_if_absent(&domain_key, fingerprint).await?;
+        if holder != fingerprint {
+            return Ok(Claim::NameHeldBy(holder));
+        }
+        let fingerprint_key = self.fingerprint_key(fingerprint);
+        let held = self.set_if_absent(&fingerprint_key, name.as_str()).await?;
+        if held != name.as_str() {
+            // Another name, unless that one's domain key no longer points here (stale).
+            let other_holder = self
+                .get(&self.domain_key(&held))
+                .await
+                .map_err(unavailable)?;
+            if other_holder.ok().flatten().as_deref() == Some(fingerprint) {
+                if release_on_conflict {
+                    self.compare_and_delete(&domain_key, fingerprint).await?;
+                }
+                return Ok(Claim::KeyHolds(held));
+            }
+            self.set(&fingerprint_key, name.as_str()).await?;
+        }
+        Ok(Claim::Claimed)
+    }
+
     fn forget(&self, name: &str, fingerprint: &str) {
         self.remembered.invalidate(&format!("h:{name}"));
         self.remembered.invalidate(&format!("n:{fingerprint}"));
@@ -338,32 +380,20 @@ impl Reservations for RedisReservations {
     ) -> Result<Added, ReservationError> {
         // Whatever is there must be readable before anything is written.
         let existing = self.read(name.as_str()).await?;
-        let domain_key = self.domain_key(name.as_str());
-        let holder = self.set_if_absent(&domain_key, fingerprint).await?;
-        if holder != fingerprint {
-            return Err(ReservationError::Conflict(format!(
-                "{name} is already reserved for another key ({holder}); remove that \
-                 reservation first"
-            )));
-        }
-        let fingerprint_key = self.fingerprint_key(fingerprint);
-        let held = self.set_if_absent(&fingerprint_key, name.as_str()).await?;
-        if held != name.as_str() {
-            // Another name, unless that one's domain key no longer points here (stale).
-            let other_holder = self
-                .get(&self.domain_key(&held))
-                .await
-                .map_err(unavailable)?;
-            if other_holder.ok().flatten().as_deref() == Some(fingerprint) {
-                if existing.is_none() {
-                    self.compare_and_delete(&domain_key, fingerprint).await?;
-                }
+        match self.claim(name, fingerprint, existing.is_none()).await? {
+            Claim::Claimed => {}
+            Claim::NameHeldBy(holder) => {
+                return Err(ReservationError::Conflict(format!(
+                    "{name} is already reserved for another key ({holder}); remove that \
+                     reservation first"
+                )));
+            }
+            Claim::KeyHolds(held) => {
                 return Err(ReservationError::Conflict(format!(
                     "key {fingerprint} already holds the reservation {held}; a key holds one \
                      reserved name: remove {held} first"
                 )));
             }
-            self.set(&fingerprint_key, name.as_str()).await?;
         }
         let added = match existing {
             Some(old) if old.fingerprint == fingerprint => Added::Renewed(old.renewed(comment)),
@@ -393,29 +423,20 @@ impl Reservations for RedisReservations {
             });
         }
         // The same two one-key claims as `add`, so an import never races an add.
-        let domain_key = self.domain_key(name.as_str());
-        let holder = self.set_if_absent(&domain_key, fingerprint).await?;
-        if holder != fingerprint {
-            return Ok(Import::Conflict(format!(
-                "{name} is reserved for {holder} here and for {fingerprint} in the source; \
-                 nothing changed"
-            )));
-        }
-        let fingerprint_key = self.fingerprint_key(fingerprint);
-        let held = self.set_if_absent(&fingerprint_key, name.as_str()).await?;
-        if held != name.as_str() {
-            let other_holder = self
-                .get(&self.domain_key(&held))
-                .await
-                .map_err(unavailable)?;
-            if other_holder.ok().flatten().as_deref() == Some(fingerprint) {
-                self.compare_and_delete(&domain_key, fingerprint).await?;
+        match self.claim(&name, fingerprint, true).await? {
+            Claim::Claimed => {}
+            Claim::NameHeldBy(holder) => {
+                return Ok(Import::Conflict(format!(
+                    "{name} is reserved for {holder} here and for {fingerprint} in the source; \
+                     nothing changed"
+                )));
+            }
+            Claim::KeyHolds(held) => {
                 return Ok(Import::Conflict(format!(
                     "key {fingerprint} holds the reservation {held} here and {name} in the \
                      source; nothing changed"
                 )));
             }
-            self.set(&fingerprint_key, name.as_str()).await?;
         }
         self.write_details(&copy).await?;
         self.forget(name.as_str(), fingerprint);
