@@ -38,6 +38,7 @@ pub mod cache;
 pub mod cluster;
 pub mod config;
 pub mod http;
+pub mod listen;
 pub mod logs;
 pub mod metrics;
 pub mod names;

@@ -11,6 +11,7 @@ use crate::cache::Cache;
 use crate::config::{CertSetting, Config, SettingsError, StorageKind};
 use crate::http::HttpEdge;
 use crate::http::upstream::{UPSTREAM_IDLE_TIMEOUT, UpstreamPool};
+use crate::listen::listen;
 use crate::plugins::{PluginOptions, PolicyPlugins};
 use crate::scan::queue::{JobBackend, MemoryJobs};
 use crate::scan::redis_queue::RedisJobs;
@@ -106,22 +107,18 @@ pub async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<
     plugins.log_status();
     plugins.spawn_watcher();
 
-    let ssh_listener = TcpListener::bind((config.ssh_bind, config.ssh_port))
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen for SSH on {}:{} (ssh.port / SSH_SERVER_PORT)",
-                config.ssh_bind, config.ssh_port
-            )
-        })?;
-    let http_listener = TcpListener::bind((config.http_bind, config.http_port))
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen for HTTP on {}:{} (http.port / HTTP_PORT)",
-                config.http_bind, config.http_port
-            )
-        })?;
+    let ssh_listener = listen((config.ssh_bind, config.ssh_port).into()).with_context(|| {
+        format!(
+            "cannot listen for SSH on {}:{} (ssh.port / SSH_SERVER_PORT)",
+            config.ssh_bind, config.ssh_port
+        )
+    })?;
+    let http_listener = listen((config.http_bind, config.http_port).into()).with_context(|| {
+        format!(
+            "cannot listen for HTTP on {}:{} (http.port / HTTP_PORT)",
+            config.http_bind, config.http_port
+        )
+    })?;
     let https = https_listener(&config, &store, link.as_ref()).await?;
     let ssh_port = ssh_listener.local_addr()?.port();
     let http_port = http_listener.local_addr()?.port();
@@ -299,7 +296,7 @@ async fn https_listener(
         }
     };
     let bind = config.https.bind.unwrap_or(config.http_bind);
-    let listener = TcpListener::bind((bind, port)).await.with_context(|| {
+    let listener = listen((bind, port).into()).with_context(|| {
         format!("cannot listen for HTTPS on {bind}:{port} (https.port / HTTPS_PORT)")
     })?;
     Ok(Some(crate::http::HttpsListener {

@@ -91,12 +91,10 @@ pub async fn start(
         return Ok(None);
     }
     let link = link.ok_or(ClusterError::NoRedis)?;
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| ClusterError::Bind {
-            addr: config.listen,
-            source,
-        })?;
+    let listener = crate::listen::listen(config.listen).map_err(|source| ClusterError::Bind {
+        addr: config.listen,
+        source,
+    })?;
     let bound = listener.local_addr().map_err(|source| ClusterError::Bind {
         addr: config.listen,
         source,
