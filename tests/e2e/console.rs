@@ -378,8 +378,15 @@ async fn in_a_real_browser_the_console_shows_a_live_tunnel_and_disconnects_it() 
     browser.screenshot_not_blank(&sb, "login").await;
     browser.type_into("#token", "wrong-token-wrong-token").await;
     browser.click("#login-submit").await;
-    let source = browser.source().await;
-    assert!(source.contains("Wrong admin token"), "{source}");
+    // The click starts a navigation; the new page may not be there yet when it returns.
+    eventually(BROWSER_WAIT, "the login refusal page", || async {
+        browser
+            .source()
+            .await
+            .contains("Wrong admin token")
+            .then_some(())
+    })
+    .await;
     browser.screenshot_not_blank(&sb, "login-refused").await;
 
     // The right one opens the tunnels page, with the live tunnel.
@@ -435,5 +442,160 @@ async fn in_a_real_browser_the_console_shows_a_live_tunnel_and_disconnects_it() 
     browser.screenshot_not_blank(&sb, "disconnected").await;
 
     browser.click("#logout").await;
-    assert!(browser.source().await.contains("id=\"token\""));
+    eventually(BROWSER_WAIT, "the login page after logging out", || async {
+        browser
+            .source()
+            .await
+            .contains("id=\"token\"")
+            .then_some(())
+    })
+    .await;
+}
+
+/// Logs in to `host`'s console; the session cookie (`name=value`).
+async fn console_login(host: &Host) -> String {
+    let res = base_request(host, reqwest::Method::POST, "/admin/login")
+        .form(&[("token", TOKEN)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        res.status(),
+        StatusCode::SEE_OTHER,
+        "login on port {}",
+        host.http_port
+    );
+    header(&res, "set-cookie")
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// What a console page answers to `cookie`: 200 when the session holds, a redirect to the
+/// login page when it does not.
+async fn console_page_status(host: &Host, cookie: &str) -> StatusCode {
+    base_request(host, reqwest::Method::GET, "/admin/names")
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+/// Issue 17: a console session lives in the cache (`session:{id}`): with the cache in Redis
+/// it is shared by the hosts on it and survives a restart; the cache holds a digest of the
+/// cookie, not the cookie; a host with another admin token does not honour it.
+#[tokio::test]
+async fn console_sessions_in_redis_are_shared_survive_restarts_and_follow_the_token() {
+    use crate::redis_support::RedisServer;
+    require_tools();
+    let redis = RedisServer::start().await;
+    let sb = Sandbox::new();
+    let on_redis = |dir: &str, token: &str| {
+        HostConfig::flags(&sb.join(dir))
+            .env("STORAGE_TYPE", "redis")
+            .env("REDIS_URL", redis.url())
+            .env("ADMIN_TOKEN", token)
+    };
+    let mut a = Host::start_with(&sb, on_redis("a", TOKEN)).await;
+    let b = Host::start_with(&sb, on_redis("b", TOKEN)).await;
+    let cookie = console_login(&a).await;
+    assert_eq!(console_page_status(&a, &cookie).await, StatusCode::OK);
+    assert_eq!(
+        console_page_status(&b, &cookie).await,
+        StatusCode::OK,
+        "another host on the same Redis does not know the session"
+    );
+
+    // The cache holds session:{sha256(cookie value)}, with the TTL, and not the value.
+    let value = cookie.split_once('=').unwrap().1.to_string();
+    let mut conn = redis.client().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*session:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let digest = {
+        use sha2::Digest as _;
+        hex::encode(sha2::Sha256::digest(value.as_bytes()))
+    };
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert!(keys[0].ends_with(&format!("session:{digest}")), "{keys:?}");
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(&keys[0])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(ttl > 7 * 3600 && ttl <= 8 * 3600, "session TTL {ttl}s");
+    let all: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for key in &all {
+        assert!(
+            !key.contains(&value),
+            "the cookie value is a Redis key: {key}"
+        );
+        let kind: String = redis::cmd("TYPE")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if kind == "string" {
+            let stored: Vec<u8> = redis::cmd("GET")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert!(
+                !String::from_utf8_lossy(&stored).contains(&value),
+                "the cookie value is stored under {key}"
+            );
+        }
+    }
+
+    // A restart of the host that issued it keeps the session.
+    a.restart().await;
+    assert_eq!(console_page_status(&a, &cookie).await, StatusCode::OK);
+
+    // A host on the same Redis with another admin token refuses it (a token change ends
+    // the sessions made with the old one); a forged cookie is refused everywhere.
+    let c = Host::start_with(&sb, on_redis("c", "another-console-token-0123")).await;
+    assert_eq!(
+        console_page_status(&c, &cookie).await,
+        StatusCode::SEE_OTHER
+    );
+    let forged = format!("p0rt_console={}", "a".repeat(64));
+    assert_eq!(
+        console_page_status(&a, &forged).await,
+        StatusCode::SEE_OTHER
+    );
+    // Logging out on B ends the session on A too.
+    let page = base_request(&b, reqwest::Method::GET, "/admin/plugins")
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let csrf = page
+        .split("name=\"csrf-token\" content=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("csrf meta tag")
+        .to_string();
+    let res = base_request(&b, reqwest::Method::POST, "/admin/logout")
+        .header("cookie", &cookie)
+        .header("x-csrf-token", &csrf)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::SEE_OTHER);
+    assert_eq!(
+        console_page_status(&a, &cookie).await,
+        StatusCode::SEE_OTHER
+    );
 }

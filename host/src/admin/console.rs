@@ -3,7 +3,10 @@
 //!
 //! - Log in with the admin token (`POST {path}/login`, compared in constant time); the host
 //!   then keeps a session in the cache under `session:{id}` ([`SESSION_TTL`]), so hosts on
-//!   one Redis share it and it survives a restart there. The cookie is `HttpOnly`,
+//!   one Redis share it and it survives a restart there. `{id}` is the SHA-256 of the
+//!   cookie's value, so whoever can read the cache cannot log in with what they read; and a
+//!   session remembers a digest of the token it logged in with, so changing `ADMIN_TOKEN`
+//!   ends every session made with the old one. The cookie is `HttpOnly`,
 //!   `SameSite=Strict`, scoped to the console's path, and `Secure` when the public scheme is
 //!   https. With no `ADMIN_TOKEN` set there is nothing to log in with: the console refuses.
 //! - Failed logins count per client address in the cache; after [`MAX_FAILED_LOGINS`] in
@@ -101,6 +104,18 @@ struct Session {
     csrf: String,
     /// Unix seconds.
     created: i64,
+    /// [`token_digest`] of the admin token the session logged in with.
+    #[serde(default)]
+    token: String,
+}
+
+/// A digest of the admin token, kept in sessions to end them when the token changes.
+fn token_digest(token: &crate::config::Secret) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(format!(
+        "p0rt console token\n{}",
+        token.expose()
+    )))
 }
 
 /// Why a console request was refused.
@@ -193,7 +208,9 @@ async fn serve(
         }
         _ => {}
     }
-    let Some((id, session)) = current_session(req.headers(), &edge.cache).await else {
+    let Some((id, session)) =
+        current_session(req.headers(), &edge.cache, edge.admin_token.as_ref()).await
+    else {
         return match (sub.as_str(), read_only) {
             ("", true) => Ok(html(StatusCode::OK, login_page(base, None))),
             ("/events", _) => Err(ConsoleError::LoggedOut),
@@ -295,12 +312,23 @@ async fn serve(
     }
 }
 
+/// The cache key of the session whose cookie value is `id`: its SHA-256, never the id.
 fn session_key(id: &str) -> String {
-    format!("session:{id}")
+    use sha2::Digest as _;
+    format!(
+        "session:{}",
+        hex::encode(sha2::Sha256::digest(id.as_bytes()))
+    )
 }
 
-/// The session named by the request's cookie, if it exists in the cache.
-async fn current_session(headers: &HeaderMap, cache: &Cache) -> Option<(String, Session)> {
+/// The session named by the request's cookie, if it exists in the cache and was made with
+/// the admin token in force now.
+async fn current_session(
+    headers: &HeaderMap,
+    cache: &Cache,
+    token: Option<&crate::config::Secret>,
+) -> Option<(String, Session)> {
+    let token = token?;
     let id = headers
         .get_all(header::COOKIE)
         .iter()
@@ -314,7 +342,11 @@ async fn current_session(headers: &HeaderMap, cache: &Cache) -> Option<(String, 
         return None;
     }
     let raw = cache.get(&session_key(&id)).await?;
-    let session = serde_json::from_slice(&raw).ok()?;
+    let session: Session = serde_json::from_slice(&raw).ok()?;
+    let current = token_digest(token);
+    if !bool::from(session.token.as_bytes().ct_eq(current.as_bytes())) {
+        return None;
+    }
     Some((id, session))
 }
 
@@ -373,6 +405,7 @@ async fn login(
         created: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64),
+        token: token_digest(token),
     };
     let value = serde_json::to_vec(&session).unwrap_or_default();
     edge.cache
