@@ -252,6 +252,7 @@ impl Runtime {
         };
         let interface = format!("p0rt:policy/{}@", role.interface());
         let info = PluginInfo {
+            label: crate::metrics::plugin_label(&spec.name),
             name: spec.name.into(),
             sha256,
             role,
@@ -344,6 +345,8 @@ impl Origin {
 /// What identifies a loaded plugin, whatever its role.
 pub struct PluginInfo {
     pub name: Arc<str>,
+    /// The name as a metrics label value (bounded, see [`crate::metrics::plugin_label`]).
+    pub label: Arc<str>,
     pub sha256: String,
     pub role: Role,
     /// Version of `p0rt:policy` the plugin was built against, from its export name.
@@ -504,6 +507,7 @@ impl<B: RoleBinding> Plugin<B> {
 
     /// Counts a failure toward benching, unless the host caused it.
     fn record_failure(&self, error: &PluginError) {
+        crate::metrics::plugin_failure(self.info.role.interface(), &self.info.label, error.word());
         let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
         if let PluginError::HostFault(_) = error {
             if !std::mem::replace(&mut health.host_faulted, true) {
