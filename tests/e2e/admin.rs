@@ -1169,7 +1169,8 @@ async fn a_separate_metrics_listener_serves_only_metrics() {
     assert_eq!(res.status(), StatusCode::OK);
     let text = res.text().await.unwrap();
     assert_eq!(sample(&text, "p0rt_tunnels_live"), 0.0, "{text}");
-    assert!(text.contains("p0rt_plugin_decisions"), "{text}");
+    assert_eq!(sample(&text, "p0rt_redis_enabled"), 0.0, "{text}");
+    assert!(text.contains("p0rt_bans_active"), "{text}");
     let res = http_client()
         .get(url("/api/v1/status"))
         .bearer_auth(TOKEN)
