@@ -852,6 +852,21 @@ async fn metrics_count_plugin_decisions_failures_cache_and_scans() {
         ) >= 1.0,
         "{after}"
     );
+    // GET plugins has the same counts per plugin, and when each loaded.
+    let (_, plugins) = call(&host, Method::GET, "plugins", None).await;
+    let entry = |name: &str| {
+        plugins["plugins"]
+            .as_array()
+            .and_then(|l| l.iter().find(|p| p["name"] == name).cloned())
+            .unwrap_or_else(|| panic!("{name} in {plugins}"))
+    };
+    let (ratelimit, hostile) = (entry("ratelimit"), entry("hostile"));
+    assert!(ratelimit["decisions"].as_u64().unwrap() >= 3, "{ratelimit}");
+    assert!(
+        ratelimit["loaded_at"].as_i64().unwrap() > 1_600_000_000,
+        "{ratelimit}"
+    );
+    assert!(hostile["failures"].as_u64().unwrap() >= 1, "{hostile}");
     // The rate limiter counts in the cache, which is memory here.
     let memory = [r#"backend="memory""#];
     let ops = "p0rt_cache_operations_total";

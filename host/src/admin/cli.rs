@@ -404,7 +404,11 @@ fn text(command: &AdminCommand, answer: &Value) -> String {
                     s(&p["role"]),
                     &hash[..hash.len().min(12)],
                     if p["active"] == true {
-                        "active".to_string()
+                        format!(
+                            "active, {} decisions, {} failures",
+                            s(&p["decisions"]),
+                            s(&p["failures"])
+                        )
                     } else {
                         s(&p["error"])
                     },

@@ -28,6 +28,11 @@ pub const FALLBACK_REQUESTS_PER_IP_PER_MINUTE: i64 = 600;
 
 /// Counts one answer of `plugin` (see [`crate::metrics::plugin_decision`]).
 fn decided<B: RoleBinding>(plugin: &Plugin<B>, verdict: &'static str) {
+    plugin
+        .info
+        .counts
+        .decisions
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     crate::metrics::plugin_decision(B::ROLE.interface(), &plugin.info.label, verdict);
 }
 
