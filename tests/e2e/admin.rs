@@ -1205,3 +1205,84 @@ async fn a_separate_metrics_listener_serves_only_metrics() {
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("METRICS_LISTEN"), "{stderr}");
 }
+
+/// On Redis, name and key bans are shared: a ban made through one host holds on another
+/// host on the same Redis within moments.
+#[tokio::test(flavor = "multi_thread")]
+async fn name_and_key_bans_are_shared_by_hosts_on_one_redis() {
+    crate::redis_support::require_redis();
+    let redis = crate::redis_support::RedisServer::start().await;
+    let (sb_a, sb_b) = (Sandbox::new(), Sandbox::new());
+    let on_redis = |sb: &Sandbox| {
+        HostConfig::flags(&sb.data_dir())
+            .env("REDIS_URL", redis.url())
+            .env("STORAGE_TYPE", "json")
+            .env("ADMIN_TOKEN", TOKEN)
+    };
+    let a = Host::start_with(&sb_a, on_redis(&sb_a)).await;
+    let b = Host::start_with(&sb_b, on_redis(&sb_b)).await;
+    let backend = Backend::start("admin-shared-bans").await;
+    let (alice, bob) = (sb_b.key("alice"), sb_b.key("bob"));
+    let (mut a_client, a_name) = b.tunnel(&sb_b, &alice, &backend).await;
+    let (_b_client, b_name) = b.tunnel(&sb_b, &bob, &backend).await;
+
+    // Banned through host A, enforced by host B.
+    let (status, body) = call(
+        &a,
+        Method::POST,
+        &format!("bans/names/{a_name}"),
+        Some(json!({"reason": "shared"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    a_client.wait_exit().await;
+    eventually(WAIT, "host B to answer 410 for the banned name", || async {
+        (b.get(&a_name, "/whoami").await.status() == 410).then_some(())
+    })
+    .await;
+    let fp = bob.fingerprint();
+    let (status, _) = call(
+        &a,
+        Method::POST,
+        &format!("bans/keys/{}", encoded(&fp)),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    b.wait_status(&b_name, 503).await;
+    let out = b.ssh(&sb_b, &bob).command("info").output().await;
+    assert!(!out.status.success());
+    assert!(
+        out.stderr.contains("is banned on this host"),
+        "{}",
+        out.stderr
+    );
+    // Both hosts list them; lifted through host B, host A sees them gone.
+    let (_, bans) = call(&b, Method::GET, "bans", None).await;
+    assert_eq!(bans["names"][0]["name"], a_name.as_str(), "{bans}");
+    assert_eq!(bans["keys"][0]["key"], fp.as_str(), "{bans}");
+    let (status, _) = call(&b, Method::DELETE, &format!("bans/names/{a_name}"), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = call(
+        &b,
+        Method::DELETE,
+        &format!("bans/keys/{}", encoded(&fp)),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, bans) = call(&a, Method::GET, "bans", None).await;
+    assert_eq!(
+        (&bans["names"], &bans["keys"]),
+        (&json!([]), &json!([])),
+        "{bans}"
+    );
+    assert!(
+        b.ssh(&sb_b, &bob)
+            .command("info")
+            .output()
+            .await
+            .status
+            .success()
+    );
+}

@@ -901,7 +901,7 @@ impl Drop for Connection {
         self.edge.sessions.remove(self.id);
         for name in &self.forwards {
             if self.edge.tunnels.close(name, self.id) {
-                tracing::info!("tunnel {name} down");
+                tracing::info!(peer = %self.peer, "tunnel {name} down: its ssh connection ended");
             }
         }
     }
