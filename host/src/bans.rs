@@ -12,6 +12,12 @@
 //!
 //! Redis keys, under the configured prefix: `ban:{ip}` → the ban as JSON, expiring with it;
 //! `ban:failures:{ip}` → the failure count, expiring [`FAILURE_MEMORY`] after the last one.
+//!
+//! The operator's bans of names and keys live beside them ([`identity`]).
+
+pub mod identity;
+
+pub use identity::{Identity, IdentityBan};
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -50,6 +56,8 @@ pub enum BanError {
     Unavailable(String),
     #[error("{0} is exempt from bans (security.ban_exempt); remove it there first")]
     Exempt(IpAddr),
+    #[error("the ban list holds {0} name and key bans, the most it keeps; lift some first")]
+    Full(usize),
 }
 
 /// One ban.
@@ -147,6 +155,12 @@ struct BanFile {
     /// address → (failures, unix seconds of the last one)
     #[serde(default)]
     failures: BTreeMap<IpAddr, (u32, i64)>,
+    /// The operator's name bans, by name ([`identity`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    names: BTreeMap<String, IdentityBan>,
+    /// The operator's key bans, by fingerprint or key hash ([`identity`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    keys: BTreeMap<String, IdentityBan>,
 }
 
 struct FileState {
@@ -171,6 +185,10 @@ enum Backend {
 pub struct BanList {
     backend: Backend,
     pub policy: BanPolicy,
+    /// This host's copy of the name and key bans ([`identity`]).
+    identity: std::sync::RwLock<Arc<identity::Snapshot>>,
+    /// Woken when this host changed a name or key ban.
+    changed: tokio::sync::Notify,
 }
 
 fn now() -> i64 {
@@ -216,6 +234,7 @@ impl BanList {
     pub fn open_file(data_dir: &Path, policy: BanPolicy) -> Result<BanList, BanError> {
         let path = data_dir.join(BANS_FILE_NAME);
         let data = read_file(&path)?;
+        let snapshot = identity::Snapshot::of_file(&data);
         Ok(BanList {
             backend: Backend::File {
                 state: tokio::sync::Mutex::new(FileState {
@@ -226,6 +245,8 @@ impl BanList {
                 path,
             },
             policy,
+            identity: std::sync::RwLock::new(Arc::new(snapshot)),
+            changed: Default::default(),
         })
     }
 
@@ -236,6 +257,8 @@ impl BanList {
                 prefix: prefix.to_string(),
             },
             policy,
+            identity: Default::default(),
+            changed: Default::default(),
         }
     }
 

@@ -248,6 +248,15 @@ impl RedisCache {
     }
 }
 
+/// Backend label of operations Redis served.
+const REDIS: &str = "redis";
+/// Backend label of operations the in-memory cache served (Redis off, unhealthy or failing).
+const MEMORY: &str = "memory";
+
+fn counted(backend: &'static str, op: &'static str) {
+    crate::metrics::cache_op(backend, op);
+}
+
 /// The cache as callers see it: Redis while it is healthy, memory otherwise. Cloning shares
 /// the same data. Values written to memory during an outage stay there (they are caches).
 #[derive(Clone, Default)]
@@ -331,8 +340,10 @@ impl Cache {
                 .on_redis::<Option<Vec<u8>>>(redis, redis::cmd("GET").arg(redis.key(key)))
                 .await
         {
+            counted(REDIS, "get");
             return value.map(Bytes::from);
         }
+        counted(MEMORY, "get");
         self.memory.get(key)
     }
 
@@ -346,9 +357,11 @@ impl Cache {
                 .arg("PX")
                 .arg(ttl.as_millis().max(1) as u64);
             if self.on_redis::<()>(redis, &cmd).await.is_some() {
+                counted(REDIS, "set");
                 return;
             }
         }
+        counted(MEMORY, "set");
         self.memory.set(key, value, Some(ttl));
     }
 
@@ -358,8 +371,10 @@ impl Cache {
                 .on_redis::<i64>(redis, redis::cmd("DEL").arg(redis.key(key)))
                 .await
         {
+            counted(REDIS, "delete");
             return n > 0;
         }
+        counted(MEMORY, "delete");
         self.memory.delete(key)
     }
 
@@ -369,8 +384,10 @@ impl Cache {
                 .on_redis::<i64>(redis, redis::cmd("EXISTS").arg(redis.key(key)))
                 .await
         {
+            counted(REDIS, "exists");
             return n > 0;
         }
+        counted(MEMORY, "exists");
         self.memory.exists(key)
     }
 
@@ -388,10 +405,14 @@ impl Cache {
                 .arg(amount)
                 .arg(ttl.map_or(0, |t| t.as_secs().max(1)));
             match redis.link.query::<i64>(&cmd, REDIS_CACHE_OP_TIMEOUT).await {
-                Ok(value) => return Ok(value),
+                Ok(value) => {
+                    counted(REDIS, "increment");
+                    return Ok(value);
+                }
                 Err(RedisOpError::Other(text))
                     if text.contains("not an integer") || text.contains("overflow") =>
                 {
+                    counted(REDIS, "increment");
                     return Err(if text.contains("overflow") {
                         CacheError::Overflow {
                             key: key.to_string(),
@@ -405,6 +426,7 @@ impl Cache {
                 Err(e) => redis.mark_unhealthy(&e),
             }
         }
+        counted(MEMORY, "increment");
         self.memory.increment(key, amount, ttl)
     }
 
@@ -434,6 +456,9 @@ impl Cache {
                 .await
             {
                 Ok(values) if values.len() == ops.len() => {
+                    for _ in &values {
+                        counted(REDIS, "increment");
+                    }
                     return values.into_iter().map(Ok).collect();
                 }
                 // A counter holding a non-integer fails the whole pipeline; the one-by-one
@@ -462,8 +487,10 @@ impl Cache {
                 )
                 .await
         {
+            counted(REDIS, "expire");
             return n > 0;
         }
+        counted(MEMORY, "expire");
         self.memory.expire(key, ttl)
     }
 }

@@ -153,6 +153,9 @@ pub struct Config {
     pub admin_token: Option<Secret>,
     /// `admin.path` (`ADMIN_PATH`): where the web console lives on the base domain.
     pub admin_path: String,
+    /// `metrics.listen` (`METRICS_LISTEN`): an address serving `/metrics` on its own, beside
+    /// the base domain's; `None`: none.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     pub plugins_dir: PathBuf,
     /// `false`: built-in namer, no rate limiting, scan jobs denied.
     pub plugins_enabled: bool,
@@ -216,6 +219,7 @@ impl Default for Config {
             redis_ca_cert: None,
             admin_token: None,
             admin_path: DEFAULT_ADMIN_PATH.to_string(),
+            metrics_listen: None,
             plugins_dir: PathBuf::from(DEFAULT_PLUGINS_DIR),
             plugins_enabled: true,
             scan: crate::scan::ScanSettings::default(),
@@ -272,6 +276,7 @@ pub struct Layer {
     pub domain: DomainLayer,
     pub storage: StorageLayer,
     pub admin: AdminLayer,
+    pub metrics: MetricsLayer,
     pub plugins: PluginsLayer,
     pub scan: ScanLayer,
     pub security: SecurityLayer,
@@ -609,6 +614,14 @@ pub struct StorageLayer {
     pub redis_ca_cert: Option<PathBuf>,
 }
 
+/// `metrics.*`: see docs/api.md, "Metrics".
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsLayer {
+    /// Address and port of a listener serving only `/metrics`.
+    pub listen: Option<std::net::SocketAddr>,
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminLayer {
@@ -681,6 +694,9 @@ pub struct ServeArgs {
     /// Run without plugins: built-in namer, no rate limiting, scans denied [env: PLUGINS_ENABLED=false]
     #[arg(long)]
     pub no_plugins: bool,
+    /// Also serve /metrics on this address and port, alone [env: METRICS_LISTEN] [default: none]
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl ServeArgs {
@@ -724,6 +740,9 @@ impl ServeArgs {
                 redis_ca_cert: self.redis_ca_cert.clone(),
             },
             admin: AdminLayer::default(),
+            metrics: MetricsLayer {
+                listen: self.metrics_listen,
+            },
             plugins: PluginsLayer {
                 dir: self.plugins_dir.clone(),
                 enabled: self.no_plugins.then_some(false),
@@ -765,6 +784,7 @@ pub const ENV_VARS: &[&str] = &[
     "BAN_TIERS",
     "ADMIN_TOKEN",
     "ADMIN_PATH",
+    "METRICS_LISTEN",
     "PLUGINS_DIR",
     "PLUGINS_ENABLED",
     "ENABLE_REDIS",
@@ -1001,6 +1021,13 @@ pub fn env_layer(get: &dyn Fn(&str) -> Option<String>) -> Result<Layer, ConfigEr
     }
     if let Some(v) = get("ADMIN_PATH") {
         layer.admin.path = Some(v);
+    }
+    if let Some(v) = get("METRICS_LISTEN") {
+        layer.metrics.listen = Some(parse_env(
+            "METRICS_LISTEN",
+            &v,
+            "an address and port such as 127.0.0.1:9100",
+        )?);
     }
     if let Some(v) = get("ENABLE_REDIS") {
         layer.storage.enable_redis = Some(parse_env("ENABLE_REDIS", &v, "true or false")?);
@@ -1264,6 +1291,7 @@ impl Config {
             domain,
             storage,
             admin,
+            metrics,
             plugins,
             scan,
             security,
@@ -1330,6 +1358,9 @@ impl Config {
             self.admin_token = admin.token;
         }
         set(&mut self.admin_path, admin.path);
+        if metrics.listen.is_some() {
+            self.metrics_listen = metrics.listen;
+        }
         set(&mut self.plugins_dir, plugins.dir);
         set(&mut self.plugins_enabled, plugins.enabled);
         let settings = &mut self.scan;

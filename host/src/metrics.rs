@@ -2,15 +2,20 @@
 //! process-wide Prometheus registry served at `/metrics` on the base domain (to the same
 //! callers as the admin API, see [`crate::admin::authorize`]).
 //!
-//! Labels are bounded: status classes, fixed reason words; never a tunnel name, key or
-//! address. The hot paths call the one-line functions here ([`ssh_connection`],
-//! [`ssh_auth_failure`], [`count_response`]); gauges that mirror state (live tunnels, bans,
-//! Redis health) are read when scraped.
+//! Labels are bounded: status classes, fixed reason and verdict words, plugin roles, cache
+//! backends and operations, scan job states; never a tunnel name, key or address. Plugin
+//! names are the one label taken from outside the code (file names in the plugins
+//! directory, which only the operator writes): each is reduced to a safe label once, when
+//! the plugin loads ([`plugin_label`]), and after [`MAX_PLUGIN_LABELS`] distinct names every
+//! further one counts as `other`, so even a directory rewritten forever adds a bounded number
+//! of series. The hot paths call the one-line functions here ([`ssh_connection`],
+//! [`ssh_auth_failure`], [`count_response`], [`plugin_decision`], [`cache_op`]…); gauges that
+//! mirror state (live tunnels, bans, Redis health) are read when scraped.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -33,6 +38,12 @@ use crate::tunnels::{Tunnel, TunnelStats};
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// Latency buckets: 1 ms doubling to about 33 s.
 const LATENCY_BUCKETS: (f64, f64, u16) = (0.001, 2.0, 16);
+/// Most distinct plugin names used as label values; later ones count as [`OTHER_PLUGIN`].
+pub const MAX_PLUGIN_LABELS: usize = 32;
+/// Longest plugin name kept in a label value (longer ones are cut).
+pub const MAX_PLUGIN_LABEL_CHARS: usize = 64;
+/// The label value of plugins beyond [`MAX_PLUGIN_LABELS`].
+pub const OTHER_PLUGIN: &str = "other";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Class {
@@ -44,6 +55,42 @@ struct Reason {
     reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Decision {
+    role: &'static str,
+    plugin: Arc<str>,
+    verdict: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Failure {
+    role: &'static str,
+    plugin: Arc<str>,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Fallback {
+    role: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheOp {
+    backend: &'static str,
+    op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct State {
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Kind {
+    kind: &'static str,
+}
+
 struct Metrics {
     registry: Registry,
     ssh_connections: Counter,
@@ -53,9 +100,14 @@ struct Metrics {
     bytes_out: Counter,
     latency: Histogram,
     tunnels: Gauge,
-    bans: Gauge,
+    bans: Family<Kind, Gauge>,
     redis_healthy: Gauge,
     redis_enabled: Gauge,
+    plugin_decisions: Family<Decision, Counter>,
+    plugin_failures: Family<Failure, Counter>,
+    plugin_fallbacks: Family<Fallback, Counter>,
+    cache_ops: Family<CacheOp, Counter>,
+    scan_jobs: Family<State, Counter>,
 }
 
 fn metrics() -> &'static Metrics {
@@ -75,9 +127,14 @@ fn metrics() -> &'static Metrics {
                 LATENCY_BUCKETS.2,
             )),
             tunnels: Gauge::default(),
-            bans: Gauge::default(),
+            bans: Family::default(),
             redis_healthy: Gauge::default(),
             redis_enabled: Gauge::default(),
+            plugin_decisions: Family::default(),
+            plugin_failures: Family::default(),
+            plugin_fallbacks: Family::default(),
+            cache_ops: Family::default(),
+            scan_jobs: Family::default(),
         };
         registry.register(
             "ssh_connections",
@@ -114,7 +171,11 @@ fn metrics() -> &'static Metrics {
             "Live tunnels on this host",
             m.tunnels.clone(),
         );
-        registry.register("bans_active", "Addresses banned now", m.bans.clone());
+        registry.register(
+            "bans_active",
+            "Bans in force, by kind (address, name, key)",
+            m.bans.clone(),
+        );
         registry.register(
             "redis_healthy",
             "1 when the cache's Redis answers, else 0",
@@ -124,6 +185,32 @@ fn metrics() -> &'static Metrics {
             "redis_enabled",
             "1 when the host uses Redis for its cache",
             m.redis_enabled.clone(),
+        );
+        registry.register(
+            "plugin_decisions",
+            "Answers of policy plugins (rate-limit answers reused from a lease included), by \
+             role, plugin and verdict",
+            m.plugin_decisions.clone(),
+        );
+        registry.register(
+            "plugin_failures",
+            "Calls a policy plugin failed, by role, plugin and reason",
+            m.plugin_failures.clone(),
+        );
+        registry.register(
+            "plugin_fallbacks",
+            "Decisions the host's fallback made because a plugin could not, by role and reason",
+            m.plugin_fallbacks.clone(),
+        );
+        registry.register(
+            "cache_operations",
+            "Cache operations, by the backend that served them (redis, memory) and operation",
+            m.cache_ops.clone(),
+        );
+        registry.register(
+            "scan_jobs",
+            "Scan jobs that reached each state on this host",
+            m.scan_jobs.clone(),
         );
         Metrics { registry, ..m }
     })
@@ -140,6 +227,81 @@ pub fn ssh_auth_failure(reason: &'static str) {
         .ssh_auth_failures
         .get_or_create(&Reason { reason })
         .inc();
+}
+
+/// The label value for a plugin named `name`: its name made safe for the text format
+/// (letters, digits, `-`, `_`, `.`; anything else becomes `_`) and cut to
+/// [`MAX_PLUGIN_LABEL_CHARS`], or [`OTHER_PLUGIN`] once [`MAX_PLUGIN_LABELS`] distinct names
+/// have been seen. Called when a plugin loads, never per call.
+pub fn plugin_label(name: &str) -> Arc<str> {
+    static SEEN: Mutex<Vec<Arc<str>>> = Mutex::new(Vec::new());
+    let clean: String = name
+        .chars()
+        .take(MAX_PLUGIN_LABEL_CHARS)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(known) = seen.iter().find(|s| &***s == clean.as_str()) {
+        return known.clone();
+    }
+    if seen.len() >= MAX_PLUGIN_LABELS {
+        return Arc::from(OTHER_PLUGIN);
+    }
+    let label: Arc<str> = Arc::from(clean);
+    seen.push(label.clone());
+    label
+}
+
+/// One answer of a plugin in `role` (the role's WIT interface name) labelled `plugin` (see
+/// [`plugin_label`]); `verdict` is one of the role's fixed words.
+pub fn plugin_decision(role: &'static str, plugin: &Arc<str>, verdict: &'static str) {
+    metrics()
+        .plugin_decisions
+        .get_or_create(&Decision {
+            role,
+            plugin: plugin.clone(),
+            verdict,
+        })
+        .inc();
+}
+
+/// One failed call of a plugin; `reason` is a fixed word ([`crate::plugins::PluginError::word`]).
+pub fn plugin_failure(role: &'static str, plugin: &Arc<str>, reason: &'static str) {
+    metrics()
+        .plugin_failures
+        .get_or_create(&Failure {
+            role,
+            plugin: plugin.clone(),
+            reason,
+        })
+        .inc();
+}
+
+/// One decision made by the host's fallback for `role`, because of `reason` (a fixed word).
+pub fn plugin_fallback(role: &'static str, reason: &'static str) {
+    metrics()
+        .plugin_fallbacks
+        .get_or_create(&Fallback { role, reason })
+        .inc();
+}
+
+/// One cache operation `op` served by `backend` (`redis` or `memory`).
+pub fn cache_op(backend: &'static str, op: &'static str) {
+    metrics()
+        .cache_ops
+        .get_or_create(&CacheOp { backend, op })
+        .inc();
+}
+
+/// One scan job reached `state` on this host.
+pub fn scan_job(state: &'static str) {
+    metrics().scan_jobs.get_or_create(&State { state }).inc();
 }
 
 fn class(status: StatusCode) -> &'static str {
@@ -237,14 +399,111 @@ pub async fn serve(headers: &HeaderMap, peer: SocketAddr, edge: &HttpEdge) -> Re
     };
     m.redis_enabled.set(enabled);
     m.redis_healthy.set(healthy);
-    if let Some(admin) = &edge.admin
-        && let Ok(bans) = admin.bans.list().await
-    {
-        m.bans.set(bans.len() as i64);
+    if let Some(admin) = &edge.admin {
+        if let Ok(bans) = admin.bans.list().await {
+            m.bans
+                .get_or_create(&Kind { kind: "address" })
+                .set(bans.len() as i64);
+        }
+        let (names, keys) = admin.bans.identity_counts();
+        m.bans
+            .get_or_create(&Kind { kind: "name" })
+            .set(names as i64);
+        m.bans.get_or_create(&Kind { kind: "key" }).set(keys as i64);
     }
     let mut text = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &m.registry) {
         tracing::warn!("encoding metrics failed: {e}");
     }
     full(StatusCode::OK, CONTENT_TYPE, text)
+}
+
+/// Connections the separate metrics listener serves at once (scrapers are few).
+pub const MAX_LISTENER_CONNECTIONS: usize = 16;
+/// Time a client of the metrics listener has to send its request headers.
+const LISTENER_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The separate metrics listener (`metrics.listen`): `GET /metrics` and nothing else, to
+/// the same callers as the base domain's (the admin token, or direct loopback clients when
+/// none is set), whatever the `Host` header. Runs until `stop`.
+pub async fn serve_listener(
+    listener: tokio::net::TcpListener,
+    edge: Arc<HttpEdge>,
+    mut stop: crate::shutdown::Stop,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_LISTENER_CONNECTIONS));
+    loop {
+        let (socket, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!("metrics listener accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stop.stopped() => return,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
+        let edge = edge.clone();
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let edge = edge.clone();
+                    async move {
+                        let response = if req.uri().path() != "/metrics" {
+                            full(
+                                StatusCode::NOT_FOUND,
+                                "text/plain; charset=utf-8",
+                                "only /metrics is served here\n",
+                            )
+                        } else if req.method() != http::Method::GET
+                            && req.method() != http::Method::HEAD
+                        {
+                            full(
+                                StatusCode::METHOD_NOT_ALLOWED,
+                                "text/plain; charset=utf-8",
+                                "GET /metrics\n",
+                            )
+                        } else {
+                            serve(req.headers(), peer, &edge).await
+                        };
+                        Ok::<_, std::convert::Infallible>(response)
+                    }
+                });
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(LISTENER_HEADER_TIMEOUT);
+            if let Err(e) = builder
+                .serve_connection(TokioIo::new(socket), service)
+                .await
+            {
+                tracing::debug!("metrics connection from {peer}: {e}");
+            }
+            drop(slot);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plugin_labels_are_safe_and_bounded() {
+        assert_eq!(&*plugin_label("ratelimit"), "ratelimit");
+        assert_eq!(&*plugin_label("we\"ird\nname{x}"), "we_ird_name_x_");
+        assert_eq!(plugin_label(&"x".repeat(500)).len(), MAX_PLUGIN_LABEL_CHARS);
+        for i in 0..MAX_PLUGIN_LABELS * 2 {
+            let label = plugin_label(&format!("many-{i}"));
+            assert!(label.starts_with("many-") || &*label == OTHER_PLUGIN);
+        }
+        assert_eq!(&*plugin_label("one-more-name"), OTHER_PLUGIN);
+        // Names seen before keep their label.
+        assert_eq!(&*plugin_label("ratelimit"), "ratelimit");
+    }
 }

@@ -120,6 +120,16 @@ pub async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<
         )
     })?;
     let https = https_listener(&config, &store, link.as_ref()).await?;
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr).await.with_context(|| {
+                format!("cannot listen for metrics on {addr} (metrics.listen / METRICS_LISTEN)")
+            })?;
+            tracing::info!("metrics listening on {}", listener.local_addr()?);
+            Some(listener)
+        }
+        None => None,
+    };
     let ssh_port = ssh_listener.local_addr()?.port();
     let http_port = http_listener.local_addr()?.port();
     let https_port = match &https {
@@ -155,6 +165,9 @@ pub async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<
         None => crate::bans::BanList::open_file(&config.data_dir, policy)
             .map_err(|e| SettingsError(e.to_string()))?,
     });
+    if let Err(e) = bans.refresh().await {
+        tracing::warn!("cannot read the name and key bans yet ({e}); retrying in the background");
+    }
     let access = KeyAccess::from_config(&config, link.as_ref())
         .await
         .map_err(SettingsError)?;
@@ -177,6 +190,7 @@ pub async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<
         domain: config.domain.clone(),
         scans: scans.clone(),
         tokens: tokens.clone(),
+        sessions: Default::default(),
     });
     let http = Arc::new(HttpEdge {
         tunnels,
@@ -201,6 +215,7 @@ pub async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<
 
     let (stop_tx, stop) = crate::shutdown::channel();
     let (disconnect_tx, disconnect) = crate::shutdown::channel();
+    let ssh_edge = ssh.clone();
     let mut ssh_task = tokio::spawn(crate::ssh::serve(
         ssh_listener,
         ssh,
@@ -209,6 +224,7 @@ pub async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<
         disconnect,
     ));
     scans.spawn_workers(stop.clone());
+    crate::ssh::banned::spawn_enforcer(ssh_edge, stop.clone());
     let listeners = crate::http::Listeners {
         http: http_listener,
         https,
@@ -218,6 +234,13 @@ pub async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<
         let task = crate::http::peer::serve_internal(started.listener, http.clone(), stop.clone());
         (started.cluster, tokio::spawn(task))
     });
+    if let Some(listener) = metrics_listener {
+        tokio::spawn(crate::metrics::serve_listener(
+            listener,
+            http.clone(),
+            stop.clone(),
+        ));
+    }
     let mut http_task = tokio::spawn(crate::http::serve_edge(listeners, http, stop));
     if let Some(path) = &ready_file {
         let ready = Ready {

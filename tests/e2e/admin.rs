@@ -545,6 +545,25 @@ fn sample(text: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The sum of the samples of metric `name` whose labels include every `label="value"` in
+/// `labels` (in any order).
+fn total(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            let (set, value) = match rest.strip_prefix('{') {
+                Some(rest) => rest.split_once("} ")?,
+                None => ("", rest.strip_prefix(' ')?),
+            };
+            let parts: Vec<&str> = set.split(',').collect();
+            labels
+                .iter()
+                .all(|l| parts.contains(l))
+                .then(|| value.trim().parse::<f64>().ok())?
+        })
+        .sum()
+}
+
 async fn scrape(host: &Host, token: Option<&str>) -> (StatusCode, String) {
     let mut req = http_client().get(host.url("/metrics")).header(
         reqwest::header::HOST,
@@ -634,7 +653,7 @@ async fn metrics_count_refused_keys_and_bans() {
     let text = eventually(WAIT, "the ban to show in the metrics", || async {
         let (status, text) = scrape(&host, None).await;
         assert_eq!(status, StatusCode::OK);
-        (sample(&text, "p0rt_bans_active") == 1.0).then_some(text)
+        (sample(&text, r#"p0rt_bans_active{kind="address"}"#) == 1.0).then_some(text)
     })
     .await;
     assert!(
@@ -723,5 +742,547 @@ async fn log_format_json_writes_one_json_object_per_line() {
     assert!(
         stderr.contains("LOG_FORMAT") && stderr.contains("text or json"),
         "{stderr}"
+    );
+}
+
+/// Plugin decisions (the bundled rate limiter's denials), a trapping plugin's failures and
+/// the fallback that answered instead, cache operations in memory and scan jobs by state,
+/// all after real traffic through a real `ssh -R` tunnel.
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_plugin_decisions_failures_cache_and_scans() {
+    use crate::plugins::{bundled, client_from, fixture, install, plugins_dir, read};
+    let sb = Sandbox::new();
+    let dir = plugins_dir(&sb);
+    // The bundled rate limiter, 2 requests a minute per address; the hostile fixture as the
+    // naming plugin, trapping on every call.
+    install(
+        &dir,
+        "ratelimit",
+        &read(&bundled("ratelimit.wasm")),
+        Some(json!({ "config": {
+            "per_ip": { "limit": 2, "window_seconds": 60 },
+            "per_tunnel": { "limit": 0, "window_seconds": 60 },
+            "per_key": { "limit": 0, "window_seconds": 60 },
+        }})),
+    );
+    install(
+        &dir,
+        "hostile",
+        &read(&fixture("fixture_hostile.wasm")),
+        Some(json!({ "role": "naming", "config": { "mode": "trap" } })),
+    );
+    let config = HostConfig::flags(&sb.data_dir())
+        .arg("--plugins-dir")
+        .arg(dir.to_string_lossy())
+        .env("ADMIN_TOKEN", TOKEN);
+    let host = Host::start_with(&sb, config).await;
+    let backend = Backend::start("admin-plugin-metrics").await;
+    let alice = sb.key("alice");
+    eventually(WAIT, "both plugins to be active", || async {
+        let (_, list) = call(&host, Method::GET, "plugins", None).await;
+        let names: Vec<String> = list["plugins"]
+            .as_array()?
+            .iter()
+            .filter(|p| p["active"] == true)
+            .map(|p| p["name"].as_str().unwrap_or("").to_string())
+            .collect();
+        (names.iter().any(|n| n == "ratelimit") && names.iter().any(|n| n == "hostile"))
+            .then_some(())
+    })
+    .await;
+    let (_, before) = scrape(&host, Some(TOKEN)).await;
+    // The naming plugin traps: the key still gets the built-in name.
+    let (_client, name) = host.tunnel(&sb, &alice, &backend).await;
+
+    let decisions = "p0rt_plugin_decisions_total";
+    let deny = [
+        r#"role="rate-limit""#,
+        r#"plugin="ratelimit""#,
+        r#"verdict="deny""#,
+    ];
+    let allow = [
+        r#"role="rate-limit""#,
+        r#"plugin="ratelimit""#,
+        r#"verdict="allow""#,
+    ];
+    // 8 requests from one address over a limit of 2: at least one is denied even if the
+    // minute rolls over in between. (A plugin call that misses its deadline on a busy
+    // machine falls back to the built-in limiter, which admits: then the next address.)
+    let mut after = String::new();
+    for ip in ["127.0.0.2", "127.0.0.3", "127.0.0.4"] {
+        let client = client_from(ip);
+        let mut statuses = Vec::new();
+        for _ in 0..8 {
+            let res = client
+                .get(host.url("/whoami"))
+                .header(reqwest::header::HOST, host.host_header(&name))
+                .send()
+                .await
+                .unwrap();
+            statuses.push(res.status().as_u16());
+        }
+        after = scrape(&host, Some(TOKEN)).await.1;
+        if statuses.contains(&429) {
+            break;
+        }
+    }
+    assert!(
+        total(&after, decisions, &deny) >= 1.0,
+        "no rate-limit denial counted:\n{after}"
+    );
+    assert!(
+        total(&after, decisions, &allow) >= total(&before, decisions, &allow) + 2.0,
+        "{after}"
+    );
+    // The trapping naming plugin: failures by role, plugin and reason; the fallback by role.
+    let trap = [
+        r#"role="naming""#,
+        r#"plugin="hostile""#,
+        r#"reason="trap""#,
+    ];
+    assert!(
+        total(&after, "p0rt_plugin_failures_total", &trap) >= 1.0,
+        "{after}"
+    );
+    assert!(
+        total(
+            &after,
+            "p0rt_plugin_fallbacks_total",
+            &[r#"role="naming""#, r#"reason="trap""#]
+        ) >= 1.0,
+        "{after}"
+    );
+    // GET plugins has the same counts per plugin, and when each loaded.
+    let (_, plugins) = call(&host, Method::GET, "plugins", None).await;
+    let entry = |name: &str| {
+        plugins["plugins"]
+            .as_array()
+            .and_then(|l| l.iter().find(|p| p["name"] == name).cloned())
+            .unwrap_or_else(|| panic!("{name} in {plugins}"))
+    };
+    let (ratelimit, hostile) = (entry("ratelimit"), entry("hostile"));
+    assert!(ratelimit["decisions"].as_u64().unwrap() >= 3, "{ratelimit}");
+    assert!(
+        ratelimit["loaded_at"].as_i64().unwrap() > 1_600_000_000,
+        "{ratelimit}"
+    );
+    assert!(hostile["failures"].as_u64().unwrap() >= 1, "{hostile}");
+    // The rate limiter counts in the cache, which is memory here.
+    let memory = [r#"backend="memory""#];
+    let ops = "p0rt_cache_operations_total";
+    assert!(
+        total(&after, ops, &memory) > total(&before, ops, &memory),
+        "{after}"
+    );
+    assert_eq!(total(&after, ops, &[r#"backend="redis""#]), 0.0, "{after}");
+
+    // A scan of the key's tunnel: queued, running, then a final state.
+    let out = host.ssh(&sb, &alice).command("scan --json").output().await;
+    assert!(out.status.success(), "{}\n{}", out.stdout, host.log());
+    let scans = "p0rt_scan_jobs_total";
+    let text = eventually(WAIT, "the scan job to be counted as finished", || async {
+        let (_, text) = scrape(&host, Some(TOKEN)).await;
+        let finished: f64 = ["done", "failed"]
+            .iter()
+            .map(|s| total(&text, scans, &[&format!("state=\"{s}\"")]))
+            .sum();
+        (finished >= 1.0).then_some(text)
+    })
+    .await;
+    assert!(total(&text, scans, &[r#"state="queued""#]) >= 1.0, "{text}");
+    assert!(
+        total(&text, scans, &[r#"state="running""#]) >= 1.0,
+        "{text}"
+    );
+    assert!(
+        total(
+            &text,
+            decisions,
+            &[r#"role="scan-admission""#, r#"verdict="accept""#]
+        ) >= 1.0,
+        "{text}"
+    );
+    // Labels stay bounded: never a tunnel name, key or address.
+    assert!(!text.contains(&name), "{text}");
+    assert!(!text.contains("127.0.0.2"), "{text}");
+}
+
+/// On a host whose cache is Redis, cache operations are counted for the redis backend.
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_cache_operations_on_redis() {
+    crate::redis_support::require_redis();
+    let redis = crate::redis_support::RedisServer::start().await;
+    let sb = Sandbox::new();
+    let config = HostConfig::flags(&sb.data_dir())
+        .env("REDIS_URL", redis.url())
+        .env("STORAGE_TYPE", "json")
+        .env("ADMIN_TOKEN", TOKEN);
+    let host = Host::start_with(&sb, config).await;
+    let backend = Backend::start("admin-redis-metrics").await;
+    let alice = sb.key("alice");
+    // The cache goes to Redis once its health checker has seen it answer.
+    eventually(WAIT, "the cache to use redis", || async {
+        let (_, status) = call(&host, Method::GET, "status", None).await;
+        (status["redis"]["status"] == "healthy").then_some(())
+    })
+    .await;
+    let (_client, name) = host.tunnel(&sb, &alice, &backend).await;
+    let ops = "p0rt_cache_operations_total";
+    let text = eventually(WAIT, "cache operations on redis", || async {
+        assert_eq!(host.whoami(&name).await.0, 200);
+        let (_, text) = scrape(&host, Some(TOKEN)).await;
+        (total(&text, ops, &[r#"backend="redis""#]) >= 1.0).then_some(text)
+    })
+    .await;
+    assert_eq!(sample(&text, "p0rt_redis_enabled"), 1.0, "{text}");
+    assert_eq!(sample(&text, "p0rt_redis_healthy"), 1.0, "{text}");
+}
+
+/// A fingerprint as the admin API's path takes it (percent-encoded).
+fn encoded(fingerprint: &str) -> String {
+    fingerprint
+        .replace(':', "%3A")
+        .replace('+', "%2B")
+        .replace('/', "%2F")
+}
+
+/// Name bans: a live tunnel on the name is closed, the name answers 410, `ssh -R` for it is
+/// refused, and lifting the ban restores it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_banned_name_is_closed_refused_and_answers_410_until_unbanned() {
+    let sb = Sandbox::new();
+    let host = host_with_token(&sb).await;
+    let backend = Backend::start("admin-name-ban").await;
+    let (alice, bob) = (sb.key("alice"), sb.key("bob"));
+    let (mut a_client, a_name) = host.tunnel(&sb, &alice, &backend).await;
+    let (_b_client, b_name) = host.tunnel(&sb, &bob, &backend).await;
+
+    let (status, body) = call(
+        &host,
+        Method::POST,
+        &format!("bans/names/{a_name}"),
+        Some(json!({"reason": "phishing page"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["ban"]["name"], a_name.as_str(), "{body}");
+    assert_eq!(body["ban"]["until"], Value::Null, "{body}");
+    // Its only tunnel closed, the connection ends, telling the owner why.
+    a_client.wait_exit().await;
+    assert!(
+        a_client.stderr().contains("banned") || host.log().contains("the name is banned"),
+        "{}",
+        a_client.stderr()
+    );
+    let (_, list) = call(&host, Method::GET, "tunnels", None).await;
+    assert!(tunnel_entry(&list, &a_name).is_none(), "{list}");
+    // The host log has a line for the tunnel closing, with the reason, and one for the
+    // connection it ended, with its key.
+    let log = crate::plugins::wait_log(
+        &host,
+        &format!("tunnel {a_name} down: the name is banned (phishing page)"),
+    )
+    .await;
+    let key_line = format!("(key {}) ", alice.fingerprint());
+    let log = if log.contains(&key_line) {
+        log
+    } else {
+        crate::plugins::wait_log(&host, &key_line).await
+    };
+    assert!(log.contains(&format!("tunnel {a_name} up")), "{log}");
+    let res = host.get(&a_name, "/whoami").await;
+    assert_eq!(res.status(), 410);
+    let text = res.text().await.unwrap();
+    assert!(text.contains("banned"), "{text}");
+    // Other names are served.
+    assert_eq!(host.whoami(&b_name).await.0, 200);
+
+    // ssh -R for the name is refused, with the reason in the host's log.
+    let out = host
+        .ssh(&sb, &alice)
+        .args(["-N", "-R", &format!("80:127.0.0.1:{}", backend.port)])
+        .output()
+        .await;
+    assert!(!out.status.success(), "-R for a banned name was accepted");
+    assert!(
+        out.stderr.contains("remote port forwarding failed"),
+        "{}",
+        out.stderr
+    );
+    crate::plugins::wait_log(
+        &host,
+        &format!("refused -R 80: {a_name} is banned on this host by its operator (phishing page)"),
+    )
+    .await;
+
+    let (_, bans) = call(&host, Method::GET, "bans", None).await;
+    assert_eq!(bans["names"][0]["name"], a_name.as_str(), "{bans}");
+    assert_eq!(bans["names"][0]["reason"], "phishing page", "{bans}");
+    let (_, metrics) = scrape(&host, Some(TOKEN)).await;
+    assert_eq!(
+        sample(&metrics, r#"p0rt_bans_active{kind="name"}"#),
+        1.0,
+        "{metrics}"
+    );
+    assert!(!metrics.contains(&a_name), "{metrics}");
+
+    // Bad input.
+    for (path, body) in [
+        ("bans/names/Bad_Name", json!({})),
+        (
+            &format!("bans/names/{b_name}") as &str,
+            json!({"seconds": 0}),
+        ),
+        ("bans/names/x", json!({"seconds": 999_999_999u64})),
+    ] {
+        let (status, answer) = call(&host, Method::POST, path, Some(body)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {answer}");
+    }
+
+    // Lifted: the name serves again.
+    let (status, _) = call(&host, Method::DELETE, &format!("bans/names/{a_name}"), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = call(&host, Method::DELETE, &format!("bans/names/{a_name}"), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (_again, name) = host.tunnel(&sb, &alice, &backend).await;
+    assert_eq!(name, a_name);
+    assert_eq!(host.whoami(&a_name).await.0, 200);
+}
+
+/// Key bans: the key's session is closed and its next login refused with a message; other
+/// keys are unaffected; a ban by key hash works too; lifting it lets the key in again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_banned_key_is_disconnected_and_refused_until_unbanned() {
+    let sb = Sandbox::new();
+    let host = host_with_token(&sb).await;
+    let backend = Backend::start("admin-key-ban").await;
+    let (alice, bob, carol) = (sb.key("alice"), sb.key("bob"), sb.key("carol"));
+    let (mut a_client, _a_name) = host.tunnel(&sb, &alice, &backend).await;
+    let (_b_client, b_name) = host.tunnel(&sb, &bob, &backend).await;
+    let (mut c_client, _c_name) = host.tunnel(&sb, &carol, &backend).await;
+
+    let fp = alice.fingerprint();
+    let (status, body) = call(
+        &host,
+        Method::POST,
+        &format!("bans/keys/{}", encoded(&fp)),
+        Some(json!({"seconds": 3600, "reason": "spam"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["ban"]["key"], fp.as_str(), "{body}");
+    assert!(body["ban"]["until"].as_i64().is_some(), "{body}");
+    a_client.wait_exit().await;
+    assert!(
+        a_client.stderr().contains("is banned on this host"),
+        "{}",
+        a_client.stderr()
+    );
+    let out = host.ssh(&sb, &alice).command("info").output().await;
+    assert!(
+        !out.status.success(),
+        "a banned key logged in: {}",
+        out.stdout
+    );
+    assert!(
+        out.stderr.contains(&format!(
+            "key {fp} is banned on this host by its operator (spam)"
+        )),
+        "{}",
+        out.stderr
+    );
+    // Bob is unaffected.
+    assert_eq!(host.whoami(&b_name).await.0, 200);
+    assert!(
+        host.ssh(&sb, &bob)
+            .command("info")
+            .output()
+            .await
+            .status
+            .success()
+    );
+
+    // By key hash.
+    let hash = carol.key_hash();
+    let (status, body) = call(&host, Method::POST, &format!("bans/keys/{hash}"), None).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    c_client.wait_exit().await;
+    assert!(
+        !host
+            .ssh(&sb, &carol)
+            .command("info")
+            .output()
+            .await
+            .status
+            .success()
+    );
+
+    let (_, bans) = call(&host, Method::GET, "bans", None).await;
+    assert_eq!(bans["keys"].as_array().map(Vec::len), Some(2), "{bans}");
+    let (_, metrics) = scrape(&host, Some(TOKEN)).await;
+    assert_eq!(
+        sample(&metrics, r#"p0rt_bans_active{kind="key"}"#),
+        2.0,
+        "{metrics}"
+    );
+    assert!(
+        sample(
+            &metrics,
+            r#"p0rt_ssh_auth_failures_total{reason="key_banned"}"#
+        ) >= 2.0,
+        "{metrics}"
+    );
+    for bad in ["bans/keys/nope", "bans/keys/SHA256%3Ashort"] {
+        let (status, answer) = call(&host, Method::POST, bad, None).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {answer}");
+    }
+
+    // The CLI lists and lifts them.
+    let (ok, out, err) = admin_cli(&host, Some(TOKEN), &["bans"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains(&format!("key {fp}")) && out.contains("spam"),
+        "{out}"
+    );
+    let (ok, out, err) = admin_cli(&host, Some(TOKEN), &["unban-key", &fp]).await;
+    assert!(ok, "{err}");
+    assert_eq!(out, format!("{fp}: ban lifted\n"));
+    let (ok, _, err) = admin_cli(&host, Some(TOKEN), &["unban-key", &hash]).await;
+    assert!(ok, "{err}");
+    let out = host.ssh(&sb, &alice).command("info").output().await;
+    assert!(out.status.success(), "{}", out.stderr);
+    let (ok, out, err) = admin_cli(
+        &host,
+        Some(TOKEN),
+        &["ban-name", "cli-banned", "--reason", "x"],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert_eq!(out, "cli-banned: banned until lifted\n");
+    let (ok, _, err) = admin_cli(&host, Some(TOKEN), &["unban-name", "cli-banned"]).await;
+    assert!(ok, "{err}");
+}
+
+/// `metrics.listen`: `/metrics` alone on its own address, to the same callers.
+#[tokio::test]
+async fn a_separate_metrics_listener_serves_only_metrics() {
+    let sb = Sandbox::new();
+    let port = free_port();
+    let config = HostConfig::flags(&sb.data_dir())
+        .env("ADMIN_TOKEN", TOKEN)
+        .env("METRICS_LISTEN", format!("127.0.0.1:{port}"));
+    let host = Host::start_with(&sb, config).await;
+    let url = |path: &str| format!("http://127.0.0.1:{port}{path}");
+    let res = http_client().get(url("/metrics")).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    let res = http_client()
+        .get(url("/metrics"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let text = res.text().await.unwrap();
+    assert_eq!(sample(&text, "p0rt_tunnels_live"), 0.0, "{text}");
+    assert_eq!(sample(&text, "p0rt_redis_enabled"), 0.0, "{text}");
+    assert!(text.contains("p0rt_bans_active"), "{text}");
+    let res = http_client()
+        .get(url("/api/v1/status"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+    // The base domain's /metrics still answers.
+    assert_eq!(scrape(&host, Some(TOKEN)).await.0, StatusCode::OK);
+    assert!(
+        host.log()
+            .contains(&format!("metrics listening on 127.0.0.1:{port}"))
+    );
+
+    let bad = HostConfig::flags(&sb.data_dir()).env("METRICS_LISTEN", "nope");
+    let (code, stderr) = run_host_to_exit(&sb, &bad, WAIT).await;
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("METRICS_LISTEN"), "{stderr}");
+}
+
+/// On Redis, name and key bans are shared: a ban made through one host holds on another
+/// host on the same Redis within moments.
+#[tokio::test(flavor = "multi_thread")]
+async fn name_and_key_bans_are_shared_by_hosts_on_one_redis() {
+    crate::redis_support::require_redis();
+    let redis = crate::redis_support::RedisServer::start().await;
+    let (sb_a, sb_b) = (Sandbox::new(), Sandbox::new());
+    let on_redis = |sb: &Sandbox| {
+        HostConfig::flags(&sb.data_dir())
+            .env("REDIS_URL", redis.url())
+            .env("STORAGE_TYPE", "json")
+            .env("ADMIN_TOKEN", TOKEN)
+    };
+    let a = Host::start_with(&sb_a, on_redis(&sb_a)).await;
+    let b = Host::start_with(&sb_b, on_redis(&sb_b)).await;
+    let backend = Backend::start("admin-shared-bans").await;
+    let (alice, bob) = (sb_b.key("alice"), sb_b.key("bob"));
+    let (mut a_client, a_name) = b.tunnel(&sb_b, &alice, &backend).await;
+    let (_b_client, b_name) = b.tunnel(&sb_b, &bob, &backend).await;
+
+    // Banned through host A, enforced by host B.
+    let (status, body) = call(
+        &a,
+        Method::POST,
+        &format!("bans/names/{a_name}"),
+        Some(json!({"reason": "shared"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    a_client.wait_exit().await;
+    eventually(WAIT, "host B to answer 410 for the banned name", || async {
+        (b.get(&a_name, "/whoami").await.status() == 410).then_some(())
+    })
+    .await;
+    let fp = bob.fingerprint();
+    let (status, _) = call(
+        &a,
+        Method::POST,
+        &format!("bans/keys/{}", encoded(&fp)),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    b.wait_status(&b_name, 503).await;
+    let out = b.ssh(&sb_b, &bob).command("info").output().await;
+    assert!(!out.status.success());
+    assert!(
+        out.stderr.contains("is banned on this host"),
+        "{}",
+        out.stderr
+    );
+    // Both hosts list them; lifted through host B, host A sees them gone.
+    let (_, bans) = call(&b, Method::GET, "bans", None).await;
+    assert_eq!(bans["names"][0]["name"], a_name.as_str(), "{bans}");
+    assert_eq!(bans["keys"][0]["key"], fp.as_str(), "{bans}");
+    let (status, _) = call(&b, Method::DELETE, &format!("bans/names/{a_name}"), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = call(
+        &b,
+        Method::DELETE,
+        &format!("bans/keys/{}", encoded(&fp)),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, bans) = call(&a, Method::GET, "bans", None).await;
+    assert_eq!(
+        (&bans["names"], &bans["keys"]),
+        (&json!([]), &json!([])),
+        "{bans}"
+    );
+    assert!(
+        b.ssh(&sb_b, &bob)
+            .command("info")
+            .output()
+            .await
+            .status
+            .success()
     );
 }

@@ -325,6 +325,82 @@ async fn the_console_over_http_sets_safe_cookies_and_wants_the_csrf_token() {
     assert_eq!(res.status(), StatusCode::OK);
     assert!(res.text().await.unwrap().contains("plugins reloaded"));
 
+    // Name and key bans from the bans page: refused without the CSRF token, done with it.
+    let ban_name = [
+        ("kind", "name"),
+        ("target", "kept-out"),
+        ("reason", "console test"),
+    ];
+    let res = base_request(&host, reqwest::Method::POST, "/admin/bans/identity")
+        .header("cookie", &session)
+        .form(&ban_name)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    let bans = || async {
+        let res = base_request(&host, reqwest::Method::GET, "/api/v1/bans")
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        serde_json::from_str::<Value>(&res.text().await.unwrap()).unwrap()
+    };
+    assert_eq!(bans().await["names"], serde_json::json!([]));
+    let mut form = ban_name.to_vec();
+    form.push(("csrf", csrf.as_str()));
+    let res = base_request(&host, reqwest::Method::POST, "/admin/bans/identity")
+        .header("cookie", &session)
+        .form(&form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let html = res.text().await.unwrap();
+    assert!(
+        html.contains("banned name kept-out") && html.contains("id=\"name-bans\""),
+        "{html}"
+    );
+    assert_eq!(bans().await["names"][0]["name"], "kept-out");
+    let fingerprint = sb.key("console-banned").fingerprint();
+    let res = base_request(&host, reqwest::Method::POST, "/admin/bans/identity")
+        .header("cookie", &session)
+        .form(&[
+            ("kind", "key"),
+            ("target", fingerprint.as_str()),
+            ("seconds", "60"),
+            ("csrf", csrf.as_str()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(bans().await["keys"][0]["key"], fingerprint.as_str());
+    for path in [
+        "/admin/bans/names/kept-out/unban".to_string(),
+        format!(
+            "/admin/bans/keys/{}/unban",
+            fingerprint
+                .replace(':', "%3A")
+                .replace('+', "%2B")
+                .replace('/', "%2F")
+        ),
+    ] {
+        let res = base_request(&host, reqwest::Method::POST, &path)
+            .header("cookie", &session)
+            .form(&[("csrf", csrf.as_str())])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "{path}");
+        assert!(res.text().await.unwrap().contains("unbanned"), "{path}");
+    }
+    let after = bans().await;
+    assert_eq!(
+        (&after["names"], &after["keys"]),
+        (&serde_json::json!([]), &serde_json::json!([]))
+    );
+
     // Logging out ends the session: the cookie no longer opens pages.
     let res = base_request(&host, reqwest::Method::POST, "/admin/logout")
         .header("cookie", &session)

@@ -10,6 +10,7 @@
 //! | `GET domains?page=&per_page=` | stored names, by name, paged |
 //! | `GET reservations`, `POST`/`DELETE reservations/{name}` | name reservations |
 //! | `GET bans`, `POST`/`DELETE bans/addresses/{ip}` | address bans |
+//! | `POST`/`DELETE bans/names/{name}`, `POST`/`DELETE bans/keys/{key}` | name and key bans |
 //! | `GET plugins`, `POST plugins/reload` | plugin status; rescan the plugin directory |
 //! | `GET scans` | every scan job |
 //!
@@ -28,6 +29,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{AdminError, AdminState, authorize};
+use crate::bans::{BanError, Identity, IdentityBan};
 use crate::cache::RedisHealth;
 use crate::http::{Body, HttpEdge, full};
 use crate::store::reservations::{Added, ReservationError, check_fingerprint, check_name};
@@ -135,6 +137,31 @@ async fn route(req: Request<Incoming>, edge: &HttpEdge, state: &AdminState) -> A
         }
         (["bans", "addresses", ip], &Method::DELETE) => unban(state, parse_ip(&decode(ip)?)?).await,
         (["bans", "addresses", _], _) => Err(AdminError::MethodNotAllowed("POST, DELETE")),
+        (["bans", "names", name], &Method::POST) => {
+            let name = check_name(&decode(name)?).map_err(reservation_error)?;
+            let body: BanBody = read_json(req).await?;
+            ban_identity(state, Identity::Name, name.as_str(), body).await
+        }
+        (["bans", "names", name], &Method::DELETE) => {
+            let name = check_name(&decode(name)?).map_err(reservation_error)?;
+            unban_identity(state, Identity::Name, name.as_str()).await
+        }
+        (["bans", "names", _], _) => Err(AdminError::MethodNotAllowed("POST, DELETE")),
+        // As for `keys/`: a fingerprint's base64 may hold `/`.
+        (["bans", "keys", _, ..], &Method::POST) => {
+            let key = parse_key(&decode(
+                rest.trim_end_matches('/').trim_start_matches("bans/keys/"),
+            )?)?;
+            let body: BanBody = read_json(req).await?;
+            ban_identity(state, Identity::Key, &key, body).await
+        }
+        (["bans", "keys", _, ..], &Method::DELETE) => {
+            let key = parse_key(&decode(
+                rest.trim_end_matches('/').trim_start_matches("bans/keys/"),
+            )?)?;
+            unban_identity(state, Identity::Key, &key).await
+        }
+        (["bans", "keys", _, ..], _) => Err(AdminError::MethodNotAllowed("POST, DELETE")),
         (["plugins"], &Method::GET) => {
             Ok((StatusCode::OK, json!({ "plugins": state.plugins.status() })))
         }
@@ -177,6 +204,11 @@ pub(super) fn decode(part: &str) -> Result<String, AdminError> {
         }
     }
     String::from_utf8(out).map_err(|_| AdminError::BadRequest(format!("{part:?} is not UTF-8")))
+}
+
+/// A key as a ban names it (see [`crate::bans::identity::check_key`]).
+pub(super) fn parse_key(text: &str) -> Result<String, AdminError> {
+    crate::bans::identity::check_key(text).map_err(AdminError::BadRequest)
 }
 
 pub(super) fn parse_ip(text: &str) -> Result<IpAddr, AdminError> {
@@ -422,13 +454,96 @@ async fn release(edge: &HttpEdge, name: &str) -> Answer {
     }
 }
 
+fn ban_error(e: BanError) -> AdminError {
+    match e {
+        e @ BanError::Exempt(_) => AdminError::Conflict(e.to_string()),
+        e @ BanError::Full(_) => AdminError::Conflict(e.to_string()),
+        e => AdminError::Unavailable(e.to_string()),
+    }
+}
+
+/// A name or key ban as the API shows it: `name` or `key`, `since`, `until` (null: until
+/// lifted), `reason`.
+pub(super) fn identity_json(kind: Identity, ban: &IdentityBan) -> Value {
+    json!({
+        kind.as_str(): ban.target,
+        "since": ban.since,
+        "until": ban.until,
+        "reason": ban.reason,
+    })
+}
+
 pub(super) async fn bans(state: &AdminState) -> Answer {
-    let list = state
+    let list = state.bans.list().await.map_err(ban_error)?;
+    let mut out = json!({ "addresses": list });
+    for (kind, field) in [(Identity::Name, "names"), (Identity::Key, "keys")] {
+        let bans = state.bans.list_identities(kind).await.map_err(ban_error)?;
+        out[field] = bans.iter().map(|b| identity_json(kind, b)).collect();
+    }
+    Ok((StatusCode::OK, out))
+}
+
+/// The length a ban body asks for: `None` (the default) until lifted.
+fn identity_length(seconds: Option<u64>) -> Result<Option<Duration>, AdminError> {
+    match seconds {
+        None => Ok(None),
+        Some(0) => Err(AdminError::BadRequest("seconds must be ≥ 1".into())),
+        Some(s) if s > MAX_BAN.as_secs() => Err(AdminError::BadRequest(format!(
+            "seconds is at most {} (leave it out for a ban until lifted)",
+            MAX_BAN.as_secs()
+        ))),
+        Some(s) => Ok(Some(Duration::from_secs(s))),
+    }
+}
+
+/// Bans a name or a key (already checked); its live tunnels and sessions are closed by the
+/// SSH edge's enforcer within moments.
+pub(super) async fn ban_identity(
+    state: &AdminState,
+    kind: Identity,
+    target: &str,
+    body: BanBody,
+) -> Answer {
+    let length = identity_length(body.seconds)?;
+    let reason = body
+        .reason
+        .unwrap_or_else(|| "banned by the operator".into());
+    if reason.chars().any(char::is_control) {
+        return Err(AdminError::BadRequest(
+            "the reason may not hold control characters".into(),
+        ));
+    }
+    let ban = state
         .bans
-        .list()
+        .ban_identity(kind, target, length, &reason)
         .await
-        .map_err(|e| AdminError::Unavailable(e.to_string()))?;
-    Ok((StatusCode::OK, json!({ "addresses": list })))
+        .map_err(ban_error)?;
+    tracing::info!(
+        "admin: banned {} {target} {} ({reason})",
+        kind.as_str(),
+        match length {
+            Some(l) => format!("for {} s", l.as_secs()),
+            None => "until lifted".into(),
+        }
+    );
+    Ok((
+        StatusCode::CREATED,
+        json!({ "ban": identity_json(kind, &ban) }),
+    ))
+}
+
+pub(super) async fn unban_identity(state: &AdminState, kind: Identity, target: &str) -> Answer {
+    match state.bans.unban_identity(kind, target).await {
+        Ok(true) => {
+            tracing::info!("admin: lifted the ban of {} {target}", kind.as_str());
+            Ok((StatusCode::OK, json!({ "unbanned": target })))
+        }
+        Ok(false) => Err(AdminError::NotFound(format!(
+            "{} {target} is not banned",
+            kind.as_str()
+        ))),
+        Err(e) => Err(ban_error(e)),
+    }
 }
 
 #[derive(Deserialize)]
@@ -463,8 +578,7 @@ pub(super) async fn ban(state: &AdminState, ip: IpAddr, body: BanBody) -> Answer
             tracing::info!("admin: banned {ip} for {} s", length.as_secs());
             Ok((StatusCode::CREATED, json!({ "ban": ban })))
         }
-        Err(e @ crate::bans::BanError::Exempt(_)) => Err(AdminError::Conflict(e.to_string())),
-        Err(e) => Err(AdminError::Unavailable(e.to_string())),
+        Err(e) => Err(ban_error(e)),
     }
 }
 

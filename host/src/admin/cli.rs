@@ -63,7 +63,7 @@ pub enum AdminCommand {
     },
     /// Lift the reservation of NAME
     Release { name: String },
-    /// Banned addresses
+    /// Banned addresses, names and keys
     Bans,
     /// Ban ADDRESS from SSH
     Ban {
@@ -76,6 +76,30 @@ pub enum AdminCommand {
     },
     /// Lift the ban of ADDRESS
     Unban { address: std::net::IpAddr },
+    /// Ban NAME for every key: its live tunnel is closed, `ssh -R` for it refused, HTTP
+    /// for it answers 410
+    BanName {
+        name: String,
+        /// Length of the ban (default: until lifted)
+        #[arg(long)]
+        seconds: Option<u64>,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Lift the ban of NAME
+    UnbanName { name: String },
+    /// Ban the key KEY (its SHA256:… fingerprint or its key hash): its sessions are
+    /// closed and its logins refused
+    BanKey {
+        key: String,
+        /// Length of the ban (default: until lifted)
+        #[arg(long)]
+        seconds: Option<u64>,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Lift the ban of KEY
+    UnbanKey { key: String },
     /// Plugins: role, hash, origin, errors
     Plugins,
     /// Rescan the plugin directory now
@@ -148,6 +172,26 @@ impl AdminCommand {
                 Some(json!({ "seconds": seconds, "reason": reason })),
             ),
             Unban { address } => (Method::DELETE, format!("bans/addresses/{address}"), None),
+            BanName {
+                name,
+                seconds,
+                reason,
+            } => (
+                Method::POST,
+                format!("bans/names/{}", encode(name)),
+                Some(json!({ "seconds": seconds, "reason": reason })),
+            ),
+            UnbanName { name } => (Method::DELETE, format!("bans/names/{}", encode(name)), None),
+            BanKey {
+                key,
+                seconds,
+                reason,
+            } => (
+                Method::POST,
+                format!("bans/keys/{}", encode(key)),
+                Some(json!({ "seconds": seconds, "reason": reason })),
+            ),
+            UnbanKey { key } => (Method::DELETE, format!("bans/keys/{}", encode(key)), None),
             Plugins => (Method::GET, "plugins".into(), None),
             ReloadPlugins => (Method::POST, "plugins/reload".into(), None),
             Scans => (Method::GET, "scans".into(), None),
@@ -315,13 +359,22 @@ fn text(command: &AdminCommand, answer: &Value) -> String {
         Reserve { name, .. } => out.push_str(&format!("{name}: reserved\n")),
         Release { name } => out.push_str(&format!("{name}: released\n")),
         Bans => {
-            for b in answer["addresses"].as_array().cloned().unwrap_or_default() {
-                out.push_str(&format!(
-                    "{}  until {}  {}\n",
-                    s(&b["ip"]),
-                    s(&b["until"]),
-                    s(&b["reason"])
-                ));
+            for (list, field, what) in [
+                ("addresses", "ip", "address"),
+                ("names", "name", "name"),
+                ("keys", "key", "key"),
+            ] {
+                for b in answer[list].as_array().cloned().unwrap_or_default() {
+                    let until = match &b["until"] {
+                        Value::Null => "lifted".to_string(),
+                        until => s(until),
+                    };
+                    out.push_str(&format!(
+                        "{what} {}  until {until}  {}\n",
+                        s(&b[field]),
+                        s(&b["reason"])
+                    ));
+                }
             }
             if out.is_empty() {
                 out.push_str("no bans\n");
@@ -332,6 +385,16 @@ fn text(command: &AdminCommand, answer: &Value) -> String {
             s(&answer["ban"]["until"])
         )),
         Unban { address } => out.push_str(&format!("{address}: ban lifted\n")),
+        BanName { name: target, .. } | BanKey { key: target, .. } => {
+            let until = match &answer["ban"]["until"] {
+                Value::Null => "lifted".to_string(),
+                until => s(until),
+            };
+            out.push_str(&format!("{target}: banned until {until}\n"));
+        }
+        UnbanName { name: target } | UnbanKey { key: target } => {
+            out.push_str(&format!("{target}: ban lifted\n"))
+        }
         Plugins | ReloadPlugins => {
             for p in answer["plugins"].as_array().cloned().unwrap_or_default() {
                 let hash = s(&p["sha256"]);
@@ -341,7 +404,11 @@ fn text(command: &AdminCommand, answer: &Value) -> String {
                     s(&p["role"]),
                     &hash[..hash.len().min(12)],
                     if p["active"] == true {
-                        "active".to_string()
+                        format!(
+                            "active, {} decisions, {} failures",
+                            s(&p["decisions"]),
+                            s(&p["failures"])
+                        )
                     } else {
                         s(&p["error"])
                     },

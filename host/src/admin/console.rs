@@ -35,6 +35,7 @@ use serde_json::Value;
 use subtle::ConstantTimeEq;
 
 use super::{AdminError, AdminState, api, token_matches};
+use crate::bans::Identity;
 use crate::cache::Cache;
 use crate::http::{Body, HttpEdge, full};
 
@@ -299,6 +300,36 @@ async fn serve(
             api::unban(state, ip).await?;
             bans_page(state, base, &session, Some(&format!("unbanned {ip}"))).await
         }
+        ["bans", "identity"] => {
+            let (kind, target) = identity_target(
+                form.get("kind").map_or("", |s| s.trim()),
+                form.get("target").map_or("", |s| s.trim()),
+            )?;
+            let seconds = match form
+                .get("seconds")
+                .map(|s| s.trim())
+                .filter(|s| !s.is_empty())
+            {
+                None => None,
+                Some(s) => Some(s.parse::<u64>().map_err(|_| {
+                    AdminError::BadRequest("seconds must be a whole number".into())
+                })?),
+            };
+            let reason = form
+                .get("reason")
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty());
+            api::ban_identity(state, kind, &target, api::BanBody { seconds, reason }).await?;
+            let notice = format!("banned {} {target}", kind.as_str());
+            bans_page(state, base, &session, Some(&notice)).await
+        }
+        ["bans", kind @ ("names" | "keys"), target, "unban"] => {
+            let kind = if *kind == "names" { "name" } else { "key" };
+            let (kind, target) = identity_target(kind, &api::decode(target)?)?;
+            api::unban_identity(state, kind, &target).await?;
+            let notice = format!("unbanned {} {target}", kind.as_str());
+            bans_page(state, base, &session, Some(&notice)).await
+        }
         ["plugins", "reload"] => {
             state.plugins.reload().await;
             Ok(plugins_page(
@@ -309,6 +340,17 @@ async fn serve(
             ))
         }
         _ => Err(AdminError::NotFound(format!("no console action {base}{sub}")).into()),
+    }
+}
+
+/// A name or key to ban from the console's form: `kind` is `name` or `key`.
+fn identity_target(kind: &str, target: &str) -> Result<(Identity, String), AdminError> {
+    match kind {
+        "name" => crate::store::reservations::check_name(target)
+            .map(|n| (Identity::Name, n.to_string()))
+            .map_err(|e| AdminError::BadRequest(e.to_string())),
+        "key" => api::parse_key(target).map(|k| (Identity::Key, k)),
+        _ => Err(AdminError::BadRequest("ban a name or a key".into())),
     }
 }
 
@@ -800,19 +842,54 @@ async fn bans_page(
             esc(&path_part(ip))
         )
     };
+    let unban_identity = |field: &'static str, list: &'static str| {
+        let (b, csrf) = (b.clone(), csrf.clone());
+        move |row: &Value| {
+            let target = row[field].as_str().unwrap_or_default();
+            format!(
+                "<form method=\"post\" action=\"{b}/bans/{list}/{}/unban\">{csrf}\
+                 <button type=\"submit\" class=\"unban\">Unban</button></form>",
+                esc(&path_part(target))
+            )
+        }
+    };
+    let (unban_name, unban_key) = (
+        unban_identity("name", "names"),
+        unban_identity("key", "keys"),
+    );
     let empty = Vec::new();
     let content = format!(
-        "<form method=\"post\" action=\"{b}/bans\" id=\"ban\" class=\"inline\">{csrf}\
+        "<h2>Addresses</h2>\
+         <form method=\"post\" action=\"{b}/bans\" id=\"ban\" class=\"inline\">{csrf}\
          <label>Address <input name=\"ip\" id=\"ban-ip\" required></label>\
          <label>Seconds <input name=\"seconds\" inputmode=\"numeric\" \
          placeholder=\"{}\"></label><label>Reason <input name=\"reason\"></label>\
-         <button type=\"submit\">Ban</button></form>{}",
+         <button type=\"submit\">Ban</button></form>{}\
+         <h2>Names and keys</h2>\
+         <form method=\"post\" action=\"{b}/bans/identity\" id=\"ban-identity\" \
+         class=\"inline\">{csrf}<label>Ban <select name=\"kind\" id=\"ban-kind\">\
+         <option value=\"name\">name</option><option value=\"key\">key</option></select>\
+         </label><label>Name or key <input name=\"target\" id=\"ban-target\" required \
+         placeholder=\"name, SHA256:… or key hash\"></label>\
+         <label>Seconds <input name=\"seconds\" inputmode=\"numeric\" \
+         placeholder=\"until lifted\"></label><label>Reason <input name=\"reason\"></label>\
+         <button type=\"submit\">Ban</button></form><h3>Names</h3>{}<h3>Keys</h3>{}",
         api::DEFAULT_BAN.as_secs(),
         json_table(
             "bans",
             bans["addresses"].as_array().unwrap_or(&empty),
             Some(&unban)
-        )
+        ),
+        json_table(
+            "name-bans",
+            bans["names"].as_array().unwrap_or(&empty),
+            Some(&unban_name)
+        ),
+        json_table(
+            "key-bans",
+            bans["keys"].as_array().unwrap_or(&empty),
+            Some(&unban_key)
+        ),
     );
     Ok(page(base, session, "Bans", notice, content))
 }

@@ -49,6 +49,9 @@ pub enum EdgeError {
     RequestBody(#[source] hyper::Error),
     #[error("no tunnel has this name.")]
     UnknownName,
+    /// The operator banned the name: served to nobody.
+    #[error("this name is banned on this host by its operator.")]
+    NameBanned,
     #[error("{0} is served to loopback clients or with the admin token.")]
     AdminOnly(&'static str),
     /// The request policy refused it; the message is the operator's policy's, not the client's.
@@ -117,6 +120,7 @@ impl EdgeError {
             | RequestBody(_)
             | RequestBodyStalled
             | UnknownName
+            | NameBanned
             | AdminOnly(_)
             | Denied { .. }
             | PolicyAnswer { .. }
@@ -133,6 +137,7 @@ impl EdgeError {
         match self {
             Connect => StatusCode::METHOD_NOT_ALLOWED,
             UnknownName => StatusCode::NOT_FOUND,
+            NameBanned => StatusCode::GONE,
             AdminOnly(_) => StatusCode::FORBIDDEN,
             Denied { status, .. } | PolicyAnswer { status, .. } | Redirect { status, .. } => {
                 *status

@@ -9,7 +9,7 @@
 //!
 //! Status codes the edge itself produces: 400 bad/missing/duplicate `Host` (or an
 //! absolute-form target that disagrees with it) or a malformed request body, 404 unknown
-//! name, 405 `CONNECT`, 503 known name whose tunnel is offline, 502 backend refused or
+//! name, 405 `CONNECT`, 410 a name the operator banned, 503 known name whose tunnel is offline, 502 backend refused or
 //! reset, 431 oversized headers, 408 slow headers (connection closed).
 
 pub mod acme;
@@ -355,6 +355,13 @@ async fn phases(
         Target::Unknown => return Err(EdgeError::UnknownName),
         Target::Tunnel(label) => label,
     };
+    if edge
+        .admin
+        .as_ref()
+        .is_some_and(|a| a.bans.name_banned(&label).is_some())
+    {
+        return Err(EdgeError::NameBanned);
+    }
     let resolution = match ctx.forwarded {
         false => edge.tunnels.resolve(&label).await,
         true => edge.tunnels.resolve_here(&label).await,

@@ -13,9 +13,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::roles::RoleBinding;
 use super::roles::{RateLimit, RequestPolicy as RequestPolicyRole};
 use super::runtime::{Plugin, PluginInfo};
-use super::{PluginError, PolicyPlugins, roles};
+use super::{PluginError, PolicyPlugins, Role, roles};
 use crate::policy::{
     LabelApproval, NameChoice, NamingInput, NamingPolicy, RateDecision, RequestFacts,
     RequestPolicy, RequestVerdict, ScanDecision, ScanJob, ScanPolicy,
@@ -24,6 +25,33 @@ use crate::policy::{
 /// Requests per minute per client IP allowed by the built-in limiter that stands in for a
 /// failed rate-limit plugin.
 pub const FALLBACK_REQUESTS_PER_IP_PER_MINUTE: i64 = 600;
+
+/// Counts one answer of `plugin` (see [`crate::metrics::plugin_decision`]).
+fn decided<B: RoleBinding>(plugin: &Plugin<B>, verdict: &'static str) {
+    plugin
+        .info
+        .counts
+        .decisions
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    crate::metrics::plugin_decision(B::ROLE.interface(), &plugin.info.label, verdict);
+}
+
+fn rate_word(decision: &RateDecision) -> &'static str {
+    match decision {
+        RateDecision::Allow { .. } => "allow",
+        RateDecision::Deny { .. } => "deny",
+    }
+}
+
+fn verdict_word(verdict: &RequestVerdict) -> &'static str {
+    match verdict {
+        RequestVerdict::Admit(_) => "admit",
+        RequestVerdict::Deny { .. } => "deny",
+        RequestVerdict::Limited { .. } => "limit",
+        RequestVerdict::Redirect { .. } => "redirect",
+        RequestVerdict::RequireAuth(_) => "require_auth",
+    }
+}
 
 /// The naming answer when the plugin gave none.
 pub fn name_fallback(plugin: &PluginInfo, error: &PluginError) -> NameChoice {
@@ -37,9 +65,10 @@ pub fn scan_fallback(error: &PluginError) -> ScanDecision {
     }
 }
 
-/// Logs that `what` falls back. Benching and host faults were reported when they began,
-/// so they are not repeated per call.
+/// Logs (and counts) that `what` falls back. Benching and host faults were reported when
+/// they began, so they are not repeated per call.
 fn note(what: &str, plugin: &PluginInfo, error: &PluginError) {
+    crate::metrics::plugin_fallback(plugin.role.interface(), error.word());
     match error {
         PluginError::Benched(_) | PluginError::HostFault(_) => {
             tracing::debug!("{what}: plugin {}: {error}", plugin.id())
@@ -76,6 +105,14 @@ impl NamingPolicy for PolicyPlugins {
         };
         roles::choose_name(&plugin, input, false)
             .await
+            .inspect(|choice| {
+                let verdict = match choice {
+                    NameChoice::Name(_) => "name",
+                    NameChoice::Refused(_) => "refuse",
+                    NameChoice::Fallback(_) => "fallback",
+                };
+                decided(&plugin, verdict);
+            })
             .unwrap_or_else(|e| {
                 note("naming falls back to the built-in namer", &plugin.info, &e);
                 name_fallback(&plugin.info, &e)
@@ -88,6 +125,14 @@ impl NamingPolicy for PolicyPlugins {
         };
         roles::approve_label(&plugin, input, false)
             .await
+            .inspect(|approval| {
+                let verdict = match approval {
+                    LabelApproval::Approved => "approve",
+                    LabelApproval::GrantRequested => "grant",
+                    LabelApproval::Refused(_) => "refuse",
+                };
+                decided(&plugin, verdict);
+            })
             .unwrap_or_else(|e| {
                 note(
                     "label approval falls back to the built-in rule",
@@ -121,12 +166,14 @@ impl PolicyPlugins {
         if let Some(plugin) = plugin
             && let Some(decision) = plugin.leases.take(&facts.client_ip, &facts.name)
         {
+            decided(plugin, rate_word(&decision));
             return decision;
         }
         let (client_ip, name) = (facts.client_ip.clone(), facts.name.clone());
         if let Some(plugin) = plugin {
             match roles::check_request(plugin, facts, false).await {
                 Ok(decision) => {
+                    decided(plugin, rate_word(&decision));
                     plugin.leases.note(&client_ip, &name, &decision);
                     return decision;
                 }
@@ -206,6 +253,7 @@ impl RequestPolicy for PolicyPlugins {
         let owner_restricted = !facts.options.is_empty();
         roles::decide_request(&plugin, facts, false)
             .await
+            .inspect(|verdict| decided(&plugin, verdict_word(verdict)))
             .unwrap_or_else(|e| {
                 if owner_restricted {
                     note(
@@ -228,10 +276,23 @@ impl ScanPolicy for PolicyPlugins {
         match self.active().scan_admission {
             Some(plugin) => roles::admit_scan(&plugin, job, false)
                 .await
-                .unwrap_or_else(|e| scan_fallback(&e)),
-            None => ScanDecision::Reject {
-                reason: "no scan admission policy is loaded; scans are denied".into(),
-            },
+                .inspect(|decision| {
+                    let verdict = match decision {
+                        ScanDecision::Accept { .. } => "accept",
+                        ScanDecision::Reject { .. } => "reject",
+                    };
+                    decided(&plugin, verdict);
+                })
+                .unwrap_or_else(|e| {
+                    crate::metrics::plugin_fallback(Role::ScanAdmission.interface(), e.word());
+                    scan_fallback(&e)
+                }),
+            None => {
+                crate::metrics::plugin_fallback(Role::ScanAdmission.interface(), "no_plugin");
+                ScanDecision::Reject {
+                    reason: "no scan admission policy is loaded; scans are denied".into(),
+                }
+            }
         }
     }
 }

@@ -121,3 +121,26 @@ pub enum PluginError {
     #[error("sidecar {path}: {detail}")]
     Sidecar { path: PathBuf, detail: String },
 }
+
+impl PluginError {
+    /// One fixed word for the kind of failure (a metrics label).
+    pub fn word(&self) -> &'static str {
+        match self {
+            PluginError::Trap(_) => "trap",
+            PluginError::Timeout => "timeout",
+            PluginError::HostFault(_) => "host_fault",
+            PluginError::BadOutput(_) => "bad_output",
+            PluginError::Benched(_) => "benched",
+            PluginError::Instantiate(_) => "instantiate",
+            PluginError::InitRefused(_) => "init_refused",
+            PluginError::Engine(_)
+            | PluginError::TooLarge { .. }
+            | PluginError::Compile(_)
+            | PluginError::Link(_)
+            | PluginError::WrongWorld { .. }
+            | PluginError::Ambiguous { .. }
+            | PluginError::Read { .. }
+            | PluginError::Sidecar { .. } => "load",
+        }
+    }
+}

@@ -252,6 +252,9 @@ impl Runtime {
         };
         let interface = format!("p0rt:policy/{}@", role.interface());
         let info = PluginInfo {
+            loaded_at: crate::unix_now(),
+            counts: Arc::default(),
+            label: crate::metrics::plugin_label(&spec.name),
             name: spec.name.into(),
             sha256,
             role,
@@ -341,9 +344,23 @@ impl Origin {
     }
 }
 
+/// Answers and failures of one loaded plugin since it loaded (for `GET plugins`).
+#[derive(Debug, Default)]
+pub struct PluginCounts {
+    /// Answers it gave that the host used (rate-limit answers reused from a lease included).
+    pub decisions: std::sync::atomic::AtomicU64,
+    /// Calls it failed (host faults included, as in the metrics).
+    pub failures: std::sync::atomic::AtomicU64,
+}
+
 /// What identifies a loaded plugin, whatever its role.
 pub struct PluginInfo {
+    /// When it loaded, Unix seconds.
+    pub loaded_at: i64,
+    pub counts: Arc<PluginCounts>,
     pub name: Arc<str>,
+    /// The name as a metrics label value (bounded, see [`crate::metrics::plugin_label`]).
+    pub label: Arc<str>,
     pub sha256: String,
     pub role: Role,
     /// Version of `p0rt:policy` the plugin was built against, from its export name.
@@ -504,6 +521,11 @@ impl<B: RoleBinding> Plugin<B> {
 
     /// Counts a failure toward benching, unless the host caused it.
     fn record_failure(&self, error: &PluginError) {
+        self.info
+            .counts
+            .failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        crate::metrics::plugin_failure(self.info.role.interface(), &self.info.label, error.word());
         let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
         if let PluginError::HostFault(_) = error {
             if !std::mem::replace(&mut health.host_faulted, true) {

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -78,6 +79,12 @@ pub struct PluginStatus {
     pub origin: String,
     pub active: bool,
     pub error: Option<String>,
+    /// When the active version loaded, Unix seconds.
+    pub loaded_at: Option<i64>,
+    /// Answers the host used since it loaded.
+    pub decisions: Option<u64>,
+    /// Calls it failed since it loaded.
+    pub failures: Option<u64>,
 }
 
 /// Options for [`PolicyPlugins::start`].
@@ -269,6 +276,9 @@ impl PolicyPlugins {
                 origin: info.origin.describe(),
                 active: true,
                 error: benched,
+                loaded_at: Some(info.loaded_at),
+                decisions: Some(info.counts.decisions.load(Relaxed)),
+                failures: Some(info.counts.failures.load(Relaxed)),
             })
             .collect();
         let errors = self.errors.lock().unwrap_or_else(|p| p.into_inner());
@@ -284,6 +294,9 @@ impl PolicyPlugins {
                 origin: path.display().to_string(),
                 active: false,
                 error: Some(error.clone()),
+                loaded_at: None,
+                decisions: None,
+                failures: None,
             }
         }));
         out

@@ -175,6 +175,7 @@ impl JobRecord {
 
     /// Moves to a final state now.
     pub fn finish(&mut self, state: JobState, error: Option<String>) {
+        crate::metrics::scan_job(state.as_str());
         self.state = state;
         self.error = error;
         self.finished_at_ms = Some(now_ms());

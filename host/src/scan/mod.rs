@@ -354,6 +354,7 @@ impl ScanService {
             Err(e) => return Err(e.into()),
         }
         self.backend.remember(&job).await?;
+        crate::metrics::scan_job(JobState::Queued.as_str());
         self.wake.notify_waiters();
         tracing::info!(job = %job.id, target = job.target.label(), "scan queued");
         Ok(JobView {

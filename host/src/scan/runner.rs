@@ -120,6 +120,7 @@ impl ScanService {
             return;
         }
         job.state = JobState::Running;
+        crate::metrics::scan_job(JobState::Running.as_str());
         job.attempts += 1;
         job.started_at_ms = Some(now_ms());
         job.worker = Some(worker.to_string());

@@ -12,6 +12,7 @@
 
 mod access;
 pub mod admission;
+pub mod banned;
 mod commands;
 mod host_key;
 pub mod key_list;
@@ -21,8 +22,8 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -129,6 +130,8 @@ pub struct SshEdge {
     pub scans: Arc<ScanService>,
     /// For `ssh … token`.
     pub tokens: Arc<TokenStore>,
+    /// Authenticated sessions, for closing those of a banned key.
+    pub sessions: banned::LiveSessions,
 }
 
 /// Time sessions get to close after being told the host is going away.
@@ -244,7 +247,9 @@ async fn run_connection(
     let auth_timeout = edge.limits.auth_timeout;
     let deadline = tokio::time::Instant::now() + auth_timeout;
     let watch = pending.watch();
-    let authenticated = Arc::new(AtomicBool::new(false));
+    let connected_at = std::time::Instant::now();
+    // The authenticated key's fingerprint, once its signature is verified.
+    let authenticated: Arc<OnceLock<String>> = Arc::default();
     let handler = Connection::new(edge, guards, peer, authenticated.clone(), pending);
     let stream = Watched::new(socket, watch.clone());
     // Boxed: the handshake's future is over a kilobyte and would otherwise stay in this
@@ -269,10 +274,16 @@ async fn run_connection(
     let mut deadline_passed = false;
     loop {
         tokio::select! {
-            result = &mut session => return log_session_end(peer, result),
+            result = &mut session => {
+                let reason = match result {
+                    Ok(()) => "closed".to_string(),
+                    Err(e) => format!("ended: {e}"),
+                };
+                return log_session_end(peer, authenticated.get(), connected_at, &reason);
+            }
             _ = &mut auth_deadline, if !deadline_passed => {
                 deadline_passed = true;
-                if !authenticated.load(Ordering::Acquire) {
+                if authenticated.get().is_none() {
                     tracing::debug!("ssh client {peer} did not authenticate within {auth_timeout:?}");
                     let bye = handle.disconnect(
                         russh::Disconnect::ByApplication,
@@ -296,16 +307,33 @@ async fn run_connection(
                         String::new(),
                     )
                     .await;
-                return log_session_end(peer, session.await);
+                let _ = session.await;
+                return log_session_end(peer, authenticated.get(), connected_at, "closed: the host is shutting down");
             }
         }
     }
 }
 
-fn log_session_end(peer: SocketAddr, result: Result<(), russh::Error>) {
-    match result {
-        Ok(()) => tracing::debug!("ssh connection from {peer} closed"),
-        Err(e) => tracing::debug!("ssh connection from {peer} ended: {e}"),
+/// The one line an SSH connection leaves in the host log when it ends: at info for a
+/// connection that authenticated (with its key, how long it lasted and why it ended), at
+/// debug for one that never did (those are counted toward bans and summed up by admission,
+/// so a flood of them does not flood the log).
+fn log_session_end(
+    peer: SocketAddr,
+    key: Option<&String>,
+    started: std::time::Instant,
+    reason: &str,
+) {
+    let seconds = started.elapsed().as_secs();
+    match key {
+        Some(key) => tracing::info!(
+            peer = %peer,
+            key = %key,
+            "ssh connection from {peer} (key {key}) {reason} after {seconds} s"
+        ),
+        None => tracing::debug!(
+            "ssh connection from {peer} {reason} after {seconds} s without authenticating"
+        ),
     }
 }
 
@@ -549,7 +577,7 @@ struct Connection {
     peer: SocketAddr,
     edge: Arc<SshEdge>,
     guards: Arc<Guards>,
-    authenticated: Arc<AtomicBool>,
+    authenticated: Arc<OnceLock<String>>,
     /// The connection's place among unauthenticated ones, until its signature is verified.
     unauthenticated: Option<Unauthenticated>,
     /// From then on, its place in its key's connection quota.
@@ -580,7 +608,7 @@ impl Connection {
         edge: Arc<SshEdge>,
         guards: Arc<Guards>,
         peer: SocketAddr,
-        authenticated: Arc<AtomicBool>,
+        authenticated: Arc<OnceLock<String>>,
         unauthenticated: Unauthenticated,
     ) -> Self {
         let (output, sink) = SessionOutput::new();
@@ -818,6 +846,9 @@ impl Connection {
             .forward_name(&key, &main, label.as_ref())
             .await
             .map_err(|e| e.to_string())?;
+        if let Some(ban) = self.edge.bans.name_banned(name.as_str()) {
+            return Err(banned::name_message(name.as_str(), &ban));
+        }
         let link = Arc::new(SshLink {
             handle,
             bind_address: address.to_string(),
@@ -867,9 +898,10 @@ impl Drop for Connection {
                 }
             });
         }
+        self.edge.sessions.remove(self.id);
         for name in &self.forwards {
             if self.edge.tunnels.close(name, self.id) {
-                tracing::info!("tunnel {name} down");
+                tracing::info!(peer = %self.peer, "tunnel {name} down: its ssh connection ended");
             }
         }
     }
@@ -929,6 +961,26 @@ impl russh::server::Handler for Connection {
             hash: KeyHash::of_key(key.public_key),
             fingerprint: fingerprint(key.public_key),
         };
+        if let Some(ban) = self
+            .edge
+            .bans
+            .key_banned(&identity.fingerprint, identity.hash.as_str())
+        {
+            crate::metrics::ssh_auth_failure("key_banned");
+            tracing::info!(
+                peer = %self.peer,
+                "refused key {}: banned by the operator ({})",
+                identity.fingerprint,
+                ban.reason
+            );
+            // Accepted so the holder is told why (in `auth_succeeded`), then disconnected,
+            // as for a key the key list refuses; not counted against the address.
+            self.closing = Some((
+                russh::Disconnect::NoMoreAuthMethodsAvailable,
+                banned::key_message(&identity.fingerprint, &ban),
+            ));
+            return Ok(Auth::Accept);
+        }
         let Some(slot) = self.guards.keys.try_acquire(&identity.hash) else {
             let max = self.guards.keys.max();
             tracing::info!(
@@ -949,17 +1001,21 @@ impl russh::server::Handler for Connection {
             return Ok(Auth::Accept);
         };
         self.key_slot = Some(slot);
+        let _ = self.authenticated.set(identity.fingerprint.clone());
         self.key = Some(identity);
         // No tunnel exists yet: every tunnel of the connection carries the key's tier.
         self.options = Arc::new(SessionOptions::for_tier(tier));
         self.unauthenticated = None;
-        self.authenticated.store(true, Ordering::Release);
         Ok(Auth::Accept)
     }
 
     async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
         if let Some((reason, message)) = self.closing.take() {
             session.disconnect(reason, &message, "")?;
+        } else if let Some(key) = &self.key {
+            self.edge
+                .sessions
+                .add(self.id, key.clone(), session.handle());
         }
         Ok(())
     }
