@@ -9,8 +9,9 @@
 //!
 //! Status codes the edge itself produces: 400 bad/missing/duplicate `Host` (or an
 //! absolute-form target that disagrees with it) or a malformed request body, 404 unknown
-//! name, 405 `CONNECT`, 410 a name the operator banned, 503 known name whose tunnel is offline, 502 backend refused or
-//! reset, 431 oversized headers, 408 slow headers (connection closed).
+//! name, 405 `CONNECT`, 410 a name the operator banned, 503 known name whose tunnel is
+//! offline, 502 backend refused or reset, 431 oversized headers, 408 slow headers
+//! (connection closed).
 
 pub mod acme;
 mod api;

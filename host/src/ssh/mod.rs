@@ -308,7 +308,8 @@ async fn run_connection(
                     )
                     .await;
                 let _ = session.await;
-                return log_session_end(peer, authenticated.get(), connected_at, "closed: the host is shutting down");
+                let reason = "closed: the host is shutting down";
+                return log_session_end(peer, authenticated.get(), connected_at, reason);
             }
         }
     }
