@@ -153,6 +153,23 @@ enum PluginCommand {
 /// Exit code for configuration errors (same as for bad command-line flags).
 const EXIT_CONFIG: u8 = 2;
 
+/// Free heap memory glibc keeps at the top of an arena before giving it back to the kernel
+/// (its default is 128 KiB). A download through a tunnel allocates and frees up to a channel
+/// window (2 MiB) of SSH packets over and over; with the default, each round trimmed the
+/// arena and faulted the pages back in, ~5 % of the host's CPU on a 100 MiB GET. Twice the
+/// window keeps that memory; at most this much stays resident per arena when idle.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const MALLOC_TRIM_THRESHOLD: usize = 4 * 1024 * 1024;
+
+/// Sets [`MALLOC_TRIM_THRESHOLD`] (glibc only; other allocators keep their own policy).
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes a malloc tunable; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD as libc::c_int);
+    }
+}
+
 fn run_migrate(to: StorageKind, settings: ServeArgs) -> ExitCode {
     let (config, runtime) = match prepare(&settings) {
         Ok(ready) => ready,
@@ -357,6 +374,7 @@ fn main() -> ExitCode {
         Some(Command::Admin(args)) => return run_admin_command(&args),
         None => cli.serve,
     };
+    tune_allocator();
     let (config, runtime) = match prepare(&args) {
         Ok(ready) => ready,
         Err(code) => return code,

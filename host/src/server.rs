@@ -195,7 +195,11 @@ pub async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<
     let http = Arc::new(HttpEdge {
         tunnels,
         requests: plugins.clone(),
-        upstreams: UpstreamPool::new(UPSTREAM_IDLE_TIMEOUT),
+        // As many as the tunnel may have in flight, so a busy tunnel reuses every channel.
+        upstreams: UpstreamPool::with_max_per_tunnel(
+            UPSTREAM_IDLE_TIMEOUT,
+            config.http_limits.max_in_flight_per_tunnel,
+        ),
         store: store.clone(),
         cache,
         domain: config.domain.clone(),

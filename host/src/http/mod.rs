@@ -383,6 +383,7 @@ async fn phases(
 /// Phase 6, log: a line on the tunnel owner's terminal for every request that reached a
 /// live tunnel; errors also go to the host's log (see [`EdgeError::log`]).
 fn log(ctx: &RequestCtx, result: &Result<Response<Body>, EdgeError>) {
+    use std::fmt::Write as _;
     let tunnel = ctx.tunnel.as_deref();
     if let Err(e) = result {
         e.log(tunnel.map(|t| t.name.as_str()));
@@ -390,12 +391,6 @@ fn log(ctx: &RequestCtx, result: &Result<Response<Body>, EdgeError>) {
     let Some(tunnel) = tunnel else {
         return;
     };
-    let shown: String = ctx
-        .path
-        .chars()
-        .take(LOGGED_PATH_CHARS)
-        .filter(|c| !c.is_control())
-        .collect();
     let status = match result {
         Ok(response) => response.status(),
         Err(e) => e.status(),
@@ -403,19 +398,28 @@ fn log(ctx: &RequestCtx, result: &Result<Response<Body>, EdgeError>) {
     if let Err(e) = result {
         note_denial(tunnel, ctx, e);
     }
-    let outcome = match result {
-        Err(EdgeError::Denied { .. }) => "(rate limited)".to_string(),
-        Err(EdgeError::PolicyAnswer { .. }) => "(denied by the access policy)".to_string(),
-        Err(EdgeError::Redirect { .. }) => "(redirected by the access policy)".to_string(),
-        Err(EdgeError::AuthRequired { .. }) => "(credentials required)".to_string(),
-        Err(EdgeError::Busy) => "(tunnel busy)".to_string(),
-        _ => format!("{}ms", ctx.started.elapsed().as_millis()),
-    };
-    tunnel.output.line(format!(
-        "{} {shown} {} {outcome}",
-        ctx.method,
-        status.as_u16()
-    ));
+    // One string, written in place: this runs for every request.
+    let mut line = String::with_capacity(ctx.path.len().min(LOGGED_PATH_CHARS) + 32);
+    line.push_str(ctx.method.as_str());
+    line.push(' ');
+    line.extend(
+        ctx.path
+            .chars()
+            .take(LOGGED_PATH_CHARS)
+            .filter(|c| !c.is_control()),
+    );
+    let _ = write!(line, " {} ", status.as_u16());
+    match result {
+        Err(EdgeError::Denied { .. }) => line.push_str("(rate limited)"),
+        Err(EdgeError::PolicyAnswer { .. }) => line.push_str("(denied by the access policy)"),
+        Err(EdgeError::Redirect { .. }) => line.push_str("(redirected by the access policy)"),
+        Err(EdgeError::AuthRequired { .. }) => line.push_str("(credentials required)"),
+        Err(EdgeError::Busy) => line.push_str("(tunnel busy)"),
+        _ => {
+            let _ = write!(line, "{}ms", ctx.started.elapsed().as_millis());
+        }
+    }
+    tunnel.output.line(line);
 }
 
 /// A refusal by a policy or a limit, in the host log (throttled, see [`denials`]).

@@ -36,6 +36,11 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::TRANSFER_ENCODING,
 ];
 
+// The forwarded headers as names, not strings: a `&str` name is parsed again on every use.
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
 /// Request headers shown to the request policies as they are.
 const POLICY_HEADERS: [HeaderName; 6] = [
     header::USER_AGENT,
@@ -247,12 +252,12 @@ pub fn rewrite_headers(headers: &mut HeaderMap, peer: IpAddr, upgrade: bool, sch
         }
     }
     if let Ok(ip) = HeaderValue::from_str(&peer.to_string()) {
-        headers.insert("x-forwarded-for", ip);
+        headers.insert(X_FORWARDED_FOR, ip);
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static(scheme));
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
     match host {
-        Some(host) => headers.insert("x-forwarded-host", host),
-        None => headers.remove("x-forwarded-host"),
+        Some(host) => headers.insert(X_FORWARDED_HOST, host),
+        None => headers.remove(X_FORWARDED_HOST),
     };
 }
 
@@ -317,10 +322,21 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if headers.contains_key(header::TRANSFER_ENCODING) {
         headers.remove(header::CONTENT_LENGTH);
     }
-    // Headers named in Connection are hop-by-hop too.
-    let named: Vec<HeaderName> = connection_tokens(headers)
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .collect();
+    // Headers named in Connection are hop-by-hop too. Most messages name only `keep-alive`
+    // (removed below anyway) or `close` (an option, no header): nothing is collected (or
+    // allocated) for them. `HeaderName::from_bytes` lowercases.
+    let mut named: Vec<HeaderName> = Vec::new();
+    for value in headers.get_all(header::CONNECTION) {
+        let Ok(value) = value.to_str() else { continue };
+        for token in value.split(',').map(str::trim) {
+            let standard = ["keep-alive", "close"]
+                .iter()
+                .any(|t| token.eq_ignore_ascii_case(t));
+            if !standard && let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                named.push(name);
+            }
+        }
+    }
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
     }

@@ -101,6 +101,11 @@ struct Edge {
 
 impl Edge {
     async fn start(idle_timeout: Duration) -> Edge {
+        Edge::start_with_pool(idle_timeout, super::upstream::MAX_IDLE_UPSTREAMS_PER_TUNNEL).await
+    }
+
+    /// The same with an upstream pool keeping `max_per_tunnel` connections per tunnel.
+    async fn start_with_pool(idle_timeout: Duration, max_per_tunnel: usize) -> Edge {
         let dir = tempfile::tempdir().unwrap();
         let store = JsonStore::open(dir.path()).unwrap();
         let tunnels = Arc::new(TunnelService::new(store.clone(), Arc::new(BuiltinPolicy)));
@@ -119,7 +124,7 @@ impl Edge {
         let edge = Arc::new(HttpEdge {
             tunnels: tunnels.clone(),
             requests: Arc::new(BuiltinPolicy),
-            upstreams: UpstreamPool::new(idle_timeout),
+            upstreams: UpstreamPool::with_max_per_tunnel(idle_timeout, max_per_tunnel),
             store: store.clone(),
             cache: Cache::in_memory(),
             domain: "localhost".into(),
@@ -406,5 +411,55 @@ async fn a_reconnect_never_reuses_the_old_sessions_connections() {
     assert!(
         body.starts_with("new "),
         "served by the old session's connection: {body}"
+    );
+}
+
+#[tokio::test]
+async fn a_busy_tunnel_keeps_one_upstream_per_request_in_flight() {
+    // More than the default pool: a pool smaller than the requests in flight closed the
+    // surplus connections after every round and opened new channels for the next one.
+    const IN_FLIGHT: usize = 48;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    tokio::spawn({
+        let accepted = accepted.clone();
+        async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                accepted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let service = service_fn(|_req: Request<Incoming>| async {
+                        // Slow enough that every request of a round is in flight at once.
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                    });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(socket), service)
+                        .await;
+                });
+            }
+        }
+    });
+    let edge = Edge::start_with_pool(UPSTREAM_IDLE_PERIOD, IN_FLIGHT).await;
+    let (tunnel, _log) = edge.open("busy", "aa77", addr);
+    let round =
+        || futures_util::future::join_all((0..IN_FLIGHT).map(|_| edge.get("busy.localhost", "/")));
+
+    for (status, body) in round().await {
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), IN_FLIGHT);
+    assert_eq!(edge.edge.upstreams.idle_count(&tunnel), IN_FLIGHT);
+    for _ in 0..2 {
+        // A connection is ready again once its task has seen the last response end.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for (status, body) in round().await {
+            assert_eq!(status, StatusCode::OK, "{body}");
+        }
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        IN_FLIGHT,
+        "later rounds reuse the first round's connections"
     );
 }

@@ -19,7 +19,12 @@ use crate::tunnels::{LinkError, SessionId, Tunnel};
 
 /// Time allowed to open a channel through the SSH client to its local service.
 pub const CHANNEL_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
-/// Idle upstream HTTP connections kept per tunnel for reuse across requests.
+/// Upstream HTTP connections kept per tunnel for reuse across requests, unless the pool is
+/// built with another cap. The host passes the tunnel's in-flight cap
+/// (`http.limits.max_in_flight_per_tunnel`): a smaller pool makes a tunnel busier than the
+/// pool close a connection after every surplus response and open a new SSH channel (a round
+/// trip to the client and a new TCP connection to its service) for the next request; at 32,
+/// 64 concurrent visitors served fewer requests/s than 16.
 pub const MAX_IDLE_UPSTREAMS_PER_TUNNEL: usize = 32;
 /// An upstream connection unused this long is closed, so a quiet tunnel holds no channels.
 pub const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -50,11 +55,19 @@ type IdleMap = Mutex<HashMap<Key, Vec<Idle>>>;
 pub struct UpstreamPool {
     idle: Arc<IdleMap>,
     sweeper: JoinHandle<()>,
+    /// Connections kept per tunnel session.
+    max_per_tunnel: usize,
 }
 
 impl UpstreamPool {
-    /// A pool whose idle connections are closed after `idle_timeout`. Needs a tokio runtime.
+    /// A pool whose idle connections are closed after `idle_timeout`, keeping up to
+    /// [`MAX_IDLE_UPSTREAMS_PER_TUNNEL`] per tunnel. Needs a tokio runtime.
     pub fn new(idle_timeout: Duration) -> UpstreamPool {
+        UpstreamPool::with_max_per_tunnel(idle_timeout, MAX_IDLE_UPSTREAMS_PER_TUNNEL)
+    }
+
+    /// The same pool keeping up to `max_per_tunnel` connections per tunnel (at least one).
+    pub fn with_max_per_tunnel(idle_timeout: Duration, max_per_tunnel: usize) -> UpstreamPool {
         let idle = Arc::new(IdleMap::default());
         let sweeper = tokio::spawn({
             let idle = idle.clone();
@@ -67,7 +80,11 @@ impl UpstreamPool {
                 }
             }
         });
-        UpstreamPool { idle, sweeper }
+        UpstreamPool {
+            idle,
+            sweeper,
+            max_per_tunnel: max_per_tunnel.max(1),
+        }
     }
 
     /// A connection ready for a request: an idle one of this tunnel session if `reuse`,
@@ -89,7 +106,7 @@ impl UpstreamPool {
     pub fn put(&self, tunnel: &Tunnel, sender: SendRequest<Body>) {
         let mut idle = lock(&self.idle);
         let list = idle.entry(key(tunnel)).or_default();
-        if list.len() < MAX_IDLE_UPSTREAMS_PER_TUNNEL && !sender.is_closed() {
+        if list.len() < self.max_per_tunnel && !sender.is_closed() {
             list.push(Idle {
                 sender,
                 since: Instant::now(),
