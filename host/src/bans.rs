@@ -170,6 +170,19 @@ struct FileState {
     checked: Instant,
 }
 
+impl FileState {
+    /// Writes `next` to `path` (off the async threads) and makes it the state.
+    async fn commit(&mut self, path: &Path, next: BanFile) -> Result<(), BanError> {
+        let (path2, data) = (path.to_path_buf(), next.clone());
+        tokio::task::spawn_blocking(move || write_file(&path2, &data))
+            .await
+            .map_err(|e| BanError::Unavailable(e.to_string()))??;
+        self.data = next;
+        self.seen = mtime(path);
+        Ok(())
+    }
+}
+
 enum Backend {
     File {
         path: PathBuf,
@@ -331,13 +344,7 @@ impl BanList {
                 if let Some(ban) = &ban {
                     next.bans.insert(ip, ban.clone());
                 }
-                let path2 = path.clone();
-                let data = next.clone();
-                tokio::task::spawn_blocking(move || write_file(&path2, &data))
-                    .await
-                    .map_err(|e| BanError::Unavailable(e.to_string()))??;
-                state.data = next;
-                state.seen = mtime(path);
+                state.commit(path, next).await?;
                 Ok(ban)
             }
             Backend::Redis { link, prefix } => {
@@ -431,12 +438,7 @@ impl BanList {
                 let mut next = state.data.clone();
                 next.bans.retain(|_, b| b.until > now);
                 next.bans.insert(ip, ban.clone());
-                let (path2, data) = (path.clone(), next.clone());
-                tokio::task::spawn_blocking(move || write_file(&path2, &data))
-                    .await
-                    .map_err(|e| BanError::Unavailable(e.to_string()))??;
-                state.data = next;
-                state.seen = mtime(path);
+                state.commit(path, next).await?;
             }
             Backend::Redis { link, prefix } => {
                 link.query::<()>(
@@ -464,12 +466,7 @@ impl BanList {
                 let mut next = state.data.clone();
                 let was = next.bans.remove(&ip).is_some_and(|b| b.until > now());
                 next.failures.remove(&ip);
-                let (path2, data) = (path.clone(), next.clone());
-                tokio::task::spawn_blocking(move || write_file(&path2, &data))
-                    .await
-                    .map_err(|e| BanError::Unavailable(e.to_string()))??;
-                state.data = next;
-                state.seen = mtime(path);
+                state.commit(path, next).await?;
                 Ok(was)
             }
             Backend::Redis { link, prefix } => {

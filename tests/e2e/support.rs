@@ -807,7 +807,7 @@ impl Ssh {
         let stderr = Arc::new(Mutex::new(String::new()));
         let stdout = child.stdout.take().unwrap();
         let out_lines = lines.clone();
-        tokio::spawn(async move {
+        let stdout_reader = tokio::spawn(async move {
             let mut reader = BufReader::new(stdout).lines();
             while let Ok(Some(line)) = reader.next_line().await {
                 let line = strip_ansi(&line).trim_end_matches('\r').to_string();
@@ -816,7 +816,7 @@ impl Ssh {
         });
         let mut err_pipe = child.stderr.take().unwrap();
         let err_text = stderr.clone();
-        tokio::spawn(async move {
+        let stderr_reader = tokio::spawn(async move {
             let mut buf = [0u8; 4096];
             while let Ok(n) = err_pipe.read(&mut buf).await {
                 if n == 0 {
@@ -832,6 +832,7 @@ impl Ssh {
             child,
             lines,
             stderr,
+            readers: vec![stdout_reader, stderr_reader],
         }
     }
 
@@ -861,6 +862,8 @@ pub struct SshClient {
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
     stderr: Arc<Mutex<String>>,
+    /// The tasks copying ssh's stdout and stderr; they end at the pipes' EOF.
+    readers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl SshClient {
@@ -892,14 +895,21 @@ impl SshClient {
     }
 
     /// Waits for `ssh` to exit on its own.
+    /// Once it returns, [`SshClient::lines`] and [`SshClient::stderr`] hold everything ssh
+    /// wrote: the process can exit before the copying tasks have read its last words.
     pub async fn wait_exit(&mut self) -> ExitStatus {
-        match tokio::time::timeout(WAIT, self.child.wait()).await {
+        let status = match tokio::time::timeout(WAIT, self.child.wait()).await {
             Ok(status) => status.expect("wait ssh"),
             Err(_) => panic!(
                 "ssh still running after {WAIT:?}; stderr {:?}",
                 self.stderr()
             ),
+        };
+        for reader in self.readers.drain(..) {
+            // Bounded: a process ssh started could still hold the pipes open.
+            let _ = tokio::time::timeout(WAIT, reader).await;
         }
+        status
     }
 
     /// `Some(status)` if ssh has exited.

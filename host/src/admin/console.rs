@@ -278,21 +278,7 @@ async fn serve(
         }
         ["bans"] => {
             let ip = api::parse_ip(form.get("ip").map_or("", |s| s.trim()))?;
-            let seconds = match form
-                .get("seconds")
-                .map(|s| s.trim())
-                .filter(|s| !s.is_empty())
-            {
-                None => None,
-                Some(s) => Some(s.parse::<u64>().map_err(|_| {
-                    AdminError::BadRequest("seconds must be a whole number".into())
-                })?),
-            };
-            let reason = form
-                .get("reason")
-                .map(|s| s.trim().to_string())
-                .filter(|s| !s.is_empty());
-            api::ban(state, ip, api::BanBody { seconds, reason }).await?;
+            api::ban(state, ip, ban_body(&form)?).await?;
             bans_page(state, base, &session, Some(&format!("banned {ip}"))).await
         }
         ["bans", ip, "unban"] => {
@@ -305,21 +291,7 @@ async fn serve(
                 form.get("kind").map_or("", |s| s.trim()),
                 form.get("target").map_or("", |s| s.trim()),
             )?;
-            let seconds = match form
-                .get("seconds")
-                .map(|s| s.trim())
-                .filter(|s| !s.is_empty())
-            {
-                None => None,
-                Some(s) => Some(s.parse::<u64>().map_err(|_| {
-                    AdminError::BadRequest("seconds must be a whole number".into())
-                })?),
-            };
-            let reason = form
-                .get("reason")
-                .map(|s| s.trim().to_string())
-                .filter(|s| !s.is_empty());
-            api::ban_identity(state, kind, &target, api::BanBody { seconds, reason }).await?;
+            api::ban_identity(state, kind, &target, ban_body(&form)?).await?;
             let notice = format!("banned {} {target}", kind.as_str());
             bans_page(state, base, &session, Some(&notice)).await
         }
@@ -341,6 +313,19 @@ async fn serve(
         }
         _ => Err(AdminError::NotFound(format!("no console action {base}{sub}")).into()),
     }
+}
+
+/// A ban's length (`seconds`, empty: until lifted) and `reason` from the console's form.
+fn ban_body(form: &HashMap<String, String>) -> Result<api::BanBody, AdminError> {
+    let field = |name: &str| form.get(name).map(|s| s.trim()).filter(|s| !s.is_empty());
+    let seconds = field("seconds")
+        .map(|s| {
+            s.parse::<u64>()
+                .map_err(|_| AdminError::BadRequest("seconds must be a whole number".into()))
+        })
+        .transpose()?;
+    let reason = field("reason").map(str::to_string);
+    Ok(api::BanBody { seconds, reason })
 }
 
 /// A name or key to ban from the console's form: `kind` is `name` or `key`.

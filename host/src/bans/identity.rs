@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{BAN_OP_TIMEOUT, Backend, BanError, BanList, mtime, now, read_file, write_file};
+use super::{BAN_OP_TIMEOUT, Backend, BanError, BanList, mtime, now, read_file};
 
 /// How often a host renews its copy of the name and key bans from the store.
 pub const REFRESH_INTERVAL: Duration = Duration::from_secs(2);
@@ -230,12 +230,7 @@ impl BanList {
                     Identity::Name => next.names.insert(target.to_string(), ban.clone()),
                     Identity::Key => next.keys.insert(target.to_string(), ban.clone()),
                 };
-                let (path2, data) = (path.clone(), next.clone());
-                tokio::task::spawn_blocking(move || write_file(&path2, &data))
-                    .await
-                    .map_err(|e| BanError::Unavailable(e.to_string()))??;
-                state.data = next;
-                state.seen = mtime(path);
+                state.commit(path, next).await?;
             }
             Backend::Redis { link, prefix } => {
                 let hash = format!("{prefix}{}", kind.hash());
@@ -273,12 +268,7 @@ impl BanList {
                     Identity::Name => next.names.remove(target),
                     Identity::Key => next.keys.remove(target),
                 };
-                let (path2, data) = (path.clone(), next.clone());
-                tokio::task::spawn_blocking(move || write_file(&path2, &data))
-                    .await
-                    .map_err(|e| BanError::Unavailable(e.to_string()))??;
-                state.data = next;
-                state.seen = mtime(path);
+                state.commit(path, next).await?;
                 removed.is_some_and(|b| b.in_force(now))
             }
             Backend::Redis { link, prefix } => {
