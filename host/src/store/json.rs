@@ -34,12 +34,6 @@ pub const GRANTED_FILE_NAME: &str = "granted-names.json";
 pub const LOCK_FILE_NAME: &str = "p0rt.lock";
 /// How often batched `last_seen`/`use_count` updates reach the disk.
 pub const TOUCH_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
-/// A claim's write starts at least this long after the previous write ended. Every write
-/// serializes the whole file; in a storm of new keys (10 000 first connects in seconds)
-/// back-to-back writes kept a core busy rewriting `domains.json` (a quarter of the host's
-/// CPU while connecting). Waiting this long lets one write carry the claims of every
-/// connection that arrives meanwhile. A claim after a quiet spell is written at once.
-pub const CLAIM_WRITE_GATHER: Duration = Duration::from_millis(50);
 
 #[derive(Default)]
 struct Indexes {
@@ -66,9 +60,8 @@ pub struct JsonStore {
     /// Held for the life of the store; the OS releases the lock if the process dies.
     _lock: File,
     indexes: Mutex<Indexes>,
-    /// Serializes file writes so a slow write never interleaves with the next; holds when
-    /// the last write ended (for [`CLAIM_WRITE_GATHER`]).
-    writer: tokio::sync::Mutex<Option<std::time::Instant>>,
+    /// Serializes file writes so a slow write never interleaves with the next.
+    writer: tokio::sync::Mutex<()>,
     dirty: AtomicBool,
     /// Counts changes to the indexes; a claim waits until a write covers its change.
     changes: AtomicU64,
@@ -76,9 +69,6 @@ pub struct JsonStore {
     written: AtomicU64,
     /// `reservations.json` beside it (read only; `p0rt reservation` writes it).
     reservations: JsonReservations,
-    /// Writes of `domains.json` so far (tests).
-    #[cfg(test)]
-    writes: AtomicU64,
 }
 
 /// A timestamp as found on disk: P0rt writes RFC 3339 strings; unix seconds are accepted too.
@@ -332,12 +322,10 @@ impl JsonStore {
             dir: dir.to_path_buf(),
             _lock: lock,
             indexes: Mutex::new(indexes),
-            writer: tokio::sync::Mutex::new(None),
+            writer: tokio::sync::Mutex::new(()),
             dirty: AtomicBool::new(false),
             changes: AtomicU64::new(0),
             written: AtomicU64::new(0),
-            #[cfg(test)]
-            writes: AtomicU64::new(0),
         }))
     }
 
@@ -387,16 +375,9 @@ impl JsonStore {
         change: u64,
         undo: impl FnOnce(&mut Indexes),
     ) -> Result<(), StoreError> {
-        let mut last_write = self.writer.lock().await;
+        let _writing = self.writer.lock().await;
         if change != u64::MAX && self.written.load(Ordering::Acquire) >= change {
             return Ok(());
-        }
-        if change != u64::MAX
-            && let Some(wait) =
-                last_write.and_then(|end| CLAIM_WRITE_GATHER.checked_sub(end.elapsed()))
-        {
-            // Claims that arrive meanwhile queue on the writer and find themselves written.
-            tokio::time::sleep(wait).await;
         }
         self.dirty.store(false, Ordering::Release);
         // A copy of the records is taken under the index lock and serialized (sorted, JSON
@@ -429,9 +410,6 @@ impl JsonStore {
         })
         .await
         .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-        *last_write = Some(std::time::Instant::now());
-        #[cfg(test)]
-        self.writes.fetch_add(1, Ordering::Relaxed);
         match result {
             Ok(()) => {
                 self.written.fetch_max(included, Ordering::AcqRel);
@@ -656,28 +634,6 @@ mod tests {
             store.record_for_key("k").await.unwrap().unwrap().last_seen,
             1_641_081_600
         );
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_storm_of_claims_shares_writes() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = JsonStore::open(dir.path()).unwrap();
-        // One claim every 2 ms for 0.4 s, as when thousands of new keys connect at once.
-        let mut claims = tokio::task::JoinSet::new();
-        for i in 0..200 {
-            let store = store.clone();
-            claims.spawn(async move { store.claim(&format!("k{i}"), &format!("n{i}"), 1).await });
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        while let Some(claim) = claims.join_next().await {
-            assert!(matches!(claim.unwrap().unwrap(), Claim::Claimed(_)));
-        }
-        // Every claim is on disk, in far fewer writes than claims (one per 50 ms gather
-        // window: about 9; back to back, a write per claim or two).
-        let text = std::fs::read_to_string(dir.path().join(DOMAINS_FILE_NAME)).unwrap();
-        assert_eq!(parse_domains(&text).unwrap().by_key.len(), 200);
-        let writes = store.writes.load(Ordering::Relaxed);
-        assert!(writes <= 20, "{writes} writes for 200 claims");
     }
 
     #[tokio::test]
