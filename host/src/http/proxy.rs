@@ -322,17 +322,16 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if headers.contains_key(header::TRANSFER_ENCODING) {
         headers.remove(header::CONTENT_LENGTH);
     }
-    // Headers named in Connection are hop-by-hop too. Most messages name only `keep-alive`
-    // (removed below anyway) or `close` (an option, no header): nothing is collected (or
-    // allocated) for them. `HeaderName::from_bytes` lowercases.
+    // Headers named in Connection are hop-by-hop too. Most messages name only `keep-alive`,
+    // removed below anyway: nothing is collected (or allocated) for it, and no token is
+    // lowercased into a new string (`HeaderName::from_bytes` lowercases).
     let mut named: Vec<HeaderName> = Vec::new();
     for value in headers.get_all(header::CONNECTION) {
         let Ok(value) = value.to_str() else { continue };
         for token in value.split(',').map(str::trim) {
-            let standard = ["keep-alive", "close"]
-                .iter()
-                .any(|t| token.eq_ignore_ascii_case(t));
-            if !standard && let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+            if !token.eq_ignore_ascii_case("keep-alive")
+                && let Ok(name) = HeaderName::from_bytes(token.as_bytes())
+            {
                 named.push(name);
             }
         }
