@@ -230,6 +230,15 @@ fn base_request(host: &Host, method: reqwest::Method, path: &str) -> reqwest::Re
     )
 }
 
+/// The session's CSRF token, from a console page's `csrf-token` meta tag.
+fn csrf_of(html: &str) -> String {
+    html.split("name=\"csrf-token\" content=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("csrf meta tag")
+        .to_string()
+}
+
 fn header(res: &reqwest::Response, name: &str) -> String {
     res.headers()
         .get(name)
@@ -290,12 +299,7 @@ async fn the_console_over_http_sets_safe_cookies_and_wants_the_csrf_token() {
         .unwrap();
     assert_eq!(page.status(), StatusCode::OK);
     let html = page.text().await.unwrap();
-    let csrf = html
-        .split("name=\"csrf-token\" content=\"")
-        .nth(1)
-        .and_then(|rest| rest.split('"').next())
-        .expect("csrf meta tag")
-        .to_string();
+    let csrf = csrf_of(&html);
 
     // With the session cookie but without (or with a wrong) CSRF token: 403, nothing done.
     for (what, form) in [
@@ -657,12 +661,7 @@ async fn console_sessions_in_redis_are_shared_survive_restarts_and_follow_the_to
         .text()
         .await
         .unwrap();
-    let csrf = page
-        .split("name=\"csrf-token\" content=\"")
-        .nth(1)
-        .and_then(|rest| rest.split('"').next())
-        .expect("csrf meta tag")
-        .to_string();
+    let csrf = csrf_of(&page);
     let res = base_request(&b, reqwest::Method::POST, "/admin/logout")
         .header("cookie", &cookie)
         .header("x-csrf-token", &csrf)

@@ -496,6 +496,18 @@ fn identity_length(seconds: Option<u64>) -> Result<Option<Duration>, AdminError>
     }
 }
 
+/// A ban's reason as given (a default when none), refused if it holds control characters
+/// (it is shown in logs, ssh clients' terminals and the console).
+fn ban_reason(reason: Option<String>) -> Result<String, AdminError> {
+    let reason = reason.unwrap_or_else(|| "banned by the operator".into());
+    if reason.chars().any(char::is_control) {
+        return Err(AdminError::BadRequest(
+            "the reason may not hold control characters".into(),
+        ));
+    }
+    Ok(reason)
+}
+
 /// Bans a name or a key (already checked); its live tunnels and sessions are closed by the
 /// SSH edge's enforcer within moments.
 pub(super) async fn ban_identity(
@@ -505,14 +517,7 @@ pub(super) async fn ban_identity(
     body: BanBody,
 ) -> Answer {
     let length = identity_length(body.seconds)?;
-    let reason = body
-        .reason
-        .unwrap_or_else(|| "banned by the operator".into());
-    if reason.chars().any(char::is_control) {
-        return Err(AdminError::BadRequest(
-            "the reason may not hold control characters".into(),
-        ));
-    }
+    let reason = ban_reason(body.reason)?;
     let ban = state
         .bans
         .ban_identity(kind, target, length, &reason)
@@ -565,14 +570,7 @@ pub(super) async fn ban(state: &AdminState, ip: IpAddr, body: BanBody) -> Answer
         }
         Some(s) => Duration::from_secs(s),
     };
-    let reason = body
-        .reason
-        .unwrap_or_else(|| "banned by the operator".into());
-    if reason.chars().any(char::is_control) {
-        return Err(AdminError::BadRequest(
-            "the reason may not hold control characters".into(),
-        ));
-    }
+    let reason = ban_reason(body.reason)?;
     match state.bans.ban(ip, length, &reason).await {
         Ok(ban) => {
             tracing::info!("admin: banned {ip} for {} s", length.as_secs());
