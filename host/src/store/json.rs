@@ -42,35 +42,106 @@ struct Indexes {
     by_domain: HashMap<String, String>,
     /// granted name → its grant
     granted: BTreeMap<String, GrantedName>,
-    /// key hash → the record as it appears in `domains.json` (one map entry, see
-    /// [`render_entry`]), kept in key order, so a write joins bytes instead of sorting and
-    /// formatting every record again (at 10 000 records a write was ~3 MB of formatting).
-    rendered: BTreeMap<String, Arc<[u8]>>,
+    /// Record changes not yet taken by a write, in order: key hash → its new file entry (see
+    /// [`render_entry`]), or `None` when the record went away. Each record is formatted once,
+    /// when it changes; the writer applies these to its own copy of the file ([`FileImage`]).
+    pending: Vec<(String, Option<Vec<u8>>)>,
 }
 
 impl Indexes {
-    /// Adds (or replaces) `record` in both the key index and the rendered file entries.
+    /// Adds (or replaces) `record` in the key index, noting its new file entry.
     fn put(&mut self, record: DomainRecord) {
-        self.rendered.insert(
-            record.ssh_key_hash.clone(),
-            render_entry(&record.ssh_key_hash, &record),
-        );
+        let entry = render_entry(&record.ssh_key_hash, &record);
+        self.pending.push((record.ssh_key_hash.clone(), Some(entry)));
         self.by_key.insert(record.ssh_key_hash.clone(), record);
     }
 
-    /// Removes the key's record (not its domain binding) from the key index and the file.
+    /// Removes the key's record (not its domain binding), noting that it leaves the file.
     fn remove(&mut self, key: &str) {
-        self.by_key.remove(key);
-        self.rendered.remove(key);
+        if self.by_key.remove(key).is_some() {
+            self.pending.push((key.to_string(), None));
+        }
     }
 
-    /// Renders the key's record again after an update in place.
+    /// Notes the key's file entry again after its record was updated in place.
     fn rerender(&mut self, key: &str) {
         if let Some(record) = self.by_key.get(key) {
             let entry = render_entry(key, record);
-            self.rendered.insert(key.to_string(), entry);
+            self.pending.push((key.to_string(), Some(entry)));
         }
     }
+
+    /// Every record's entry, for a writer starting from nothing; clears the change log.
+    fn image(&mut self) -> FileImage {
+        self.pending.clear();
+        FileImage {
+            entries: self
+                .by_key
+                .iter()
+                .map(|(key, record)| (key.clone(), render_entry(key, record)))
+                .collect(),
+        }
+    }
+}
+
+/// The writer's copy of `domains.json`: every record's file entry, in key order. Only the
+/// holder of the store's writer touches it, so a write neither clones nor formats records,
+/// and the index lock is held only to take the change log.
+#[derive(Default)]
+struct FileImage {
+    entries: BTreeMap<String, Vec<u8>>,
+}
+
+impl FileImage {
+    fn apply(&mut self, changes: Vec<(String, Option<Vec<u8>>)>) {
+        for (key, entry) in changes {
+            match entry {
+                Some(entry) => self.entries.insert(key, entry),
+                None => self.entries.remove(&key),
+            };
+        }
+    }
+
+    /// Writes the whole file straight from the entries (vectored, no copy into one buffer),
+    /// byte for byte what [`serialize_domains`] gives for the same records.
+    fn write_to(&self, out: &mut impl Write) -> std::io::Result<()> {
+        if self.entries.is_empty() {
+            return out.write_all(b"{}\n");
+        }
+        // IOV_MAX on Linux; bigger batches are split by the kernel call anyway.
+        const BATCH: usize = 1024;
+        let mut slices: Vec<std::io::IoSlice<'_>> = Vec::with_capacity(BATCH);
+        slices.push(std::io::IoSlice::new(b"{\n"));
+        for (i, entry) in self.entries.values().enumerate() {
+            if i > 0 {
+                slices.push(std::io::IoSlice::new(b",\n"));
+            }
+            slices.push(std::io::IoSlice::new(entry));
+            if slices.len() >= BATCH - 1 {
+                write_all_vectored(out, &mut slices)?;
+            }
+        }
+        slices.push(std::io::IoSlice::new(b"\n}\n"));
+        write_all_vectored(out, &mut slices)
+    }
+}
+
+/// Writes every slice (`Write::write_all_vectored` is not stable yet), leaving `slices` empty.
+fn write_all_vectored(
+    out: &mut impl Write,
+    slices: &mut Vec<std::io::IoSlice<'_>>,
+) -> std::io::Result<()> {
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        match out.write_vectored(rest) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => std::io::IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    slices.clear();
+    Ok(())
 }
 
 /// One granted requested name, as in `granted-names.json`.
@@ -89,8 +160,9 @@ pub struct JsonStore {
     /// Held for the life of the store; the OS releases the lock if the process dies.
     _lock: File,
     indexes: Mutex<Indexes>,
-    /// Serializes file writes so a slow write never interleaves with the next.
-    writer: tokio::sync::Mutex<()>,
+    /// Serializes file writes so a slow write never interleaves with the next; holds the
+    /// writer's copy of the file (`None` until the first write, or after a write panicked).
+    writer: tokio::sync::Mutex<Option<FileImage>>,
     dirty: AtomicBool,
     /// Counts changes to the indexes; a claim waits until a write covers its change.
     changes: AtomicU64,
@@ -237,33 +309,21 @@ fn parse_domains(text: &str) -> Result<Indexes, String> {
                 record.domain
             ));
         }
-        indexes.by_domain.insert(record.domain.clone(), key);
-        indexes.put(record);
+        indexes.by_domain.insert(record.domain.clone(), key.clone());
+        // Not noted as a change: the writer's copy starts from the records as read.
+        indexes.by_key.insert(key, record);
     }
     Ok(indexes)
 }
 
 /// The file entry of one record, exactly as [`serialize_domains`] formats it inside the
 /// top-level object: `  "key": {\n    "domain": …\n  }` (no separator, no newline around).
-fn render_entry(key: &str, record: &DomainRecord) -> Arc<[u8]> {
-    let one = serialize_domains(std::iter::once((key, record)));
+fn render_entry(key: &str, record: &DomainRecord) -> Vec<u8> {
+    let mut one = serialize_domains(std::iter::once((key, record)));
     // `{\n` + entry + `\n}\n`
-    Arc::from(&one[2..one.len() - 3])
-}
-
-/// The whole `domains.json`, from entries in key order (as [`serialize_domains`] writes it).
-fn write_entries(out: &mut impl Write, entries: &[Arc<[u8]>]) -> std::io::Result<()> {
-    if entries.is_empty() {
-        return out.write_all(b"{}\n");
-    }
-    out.write_all(b"{\n")?;
-    for (i, entry) in entries.iter().enumerate() {
-        if i > 0 {
-            out.write_all(b",\n")?;
-        }
-        out.write_all(entry)?;
-    }
-    out.write_all(b"\n}\n")
+    one.truncate(one.len() - 3);
+    one.drain(..2);
+    one
 }
 
 fn serialize_domains<'a>(records: impl Iterator<Item = (&'a str, &'a DomainRecord)>) -> Vec<u8> {
@@ -335,11 +395,11 @@ pub(crate) fn write_atomically(path: &Path, dir: &Path, bytes: &[u8]) -> std::io
     write_atomically_with(path, dir, |file| file.write_all(bytes))
 }
 
-/// [`write_atomically`], the content written by `fill` (through a buffer).
+/// [`write_atomically`], the content written by `fill`.
 fn write_atomically_with(
     path: &Path,
     dir: &Path,
-    fill: impl FnOnce(&mut std::io::BufWriter<&mut File>) -> std::io::Result<()>,
+    fill: impl FnOnce(&mut File) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
     let tmp = path.with_extension("json.tmp");
     {
@@ -348,10 +408,7 @@ fn write_atomically_with(
             .create(true)
             .truncate(true)
             .open(&tmp)?;
-        let mut out = std::io::BufWriter::with_capacity(256 * 1024, &mut file);
-        fill(&mut out)?;
-        out.flush()?;
-        drop(out);
+        fill(&mut file)?;
         file.sync_all()?;
     }
     std::fs::rename(&tmp, path)?;
@@ -386,7 +443,7 @@ impl JsonStore {
             dir: dir.to_path_buf(),
             _lock: lock,
             indexes: Mutex::new(indexes),
-            writer: tokio::sync::Mutex::new(()),
+            writer: tokio::sync::Mutex::new(None),
             dirty: AtomicBool::new(false),
             changes: AtomicU64::new(0),
             written: AtomicU64::new(0),
@@ -439,17 +496,23 @@ impl JsonStore {
         change: u64,
         undo: impl FnOnce(&mut Indexes),
     ) -> Result<(), StoreError> {
-        let _writing = self.writer.lock().await;
+        let mut writing = self.writer.lock().await;
         if change != u64::MAX && self.written.load(Ordering::Acquire) >= change {
             return Ok(());
         }
         self.dirty.store(false, Ordering::Release);
-        // Each record is formatted once, when it changes; under the index lock a write only
-        // takes the rendered entries (in key order), and joins them on a blocking thread.
-        let (entries, granted, included) = {
-            let idx = self.lock();
+        // Under the index lock a write only takes the change log (each changed record was
+        // formatted when it changed); the writer's copy is brought up to date and written out
+        // on a blocking thread, so neither the store's readers nor an async worker wait.
+        let (mut image, changes, granted, included) = {
+            let mut idx = self.lock();
+            let (image, changes) = match writing.take() {
+                Some(image) => (image, std::mem::take(&mut idx.pending)),
+                None => (idx.image(), Vec::new()),
+            };
             (
-                idx.rendered.values().cloned().collect::<Vec<_>>(),
+                image,
+                changes,
                 // Not written (not even created) until a name has been granted.
                 (!idx.granted.is_empty()).then(|| serialize_granted(&idx)),
                 self.changes.load(Ordering::Acquire),
@@ -461,14 +524,23 @@ impl JsonStore {
             self.dir.clone(),
         );
         let result = tokio::task::spawn_blocking(move || {
-            write_atomically_with(&path, &dir, |out| write_entries(out, &entries))?;
-            match granted {
-                Some(granted) => write_atomically(&granted_path, &dir, &granted),
-                None => Ok(()),
-            }
+            image.apply(changes);
+            let written = write_atomically_with(&path, &dir, |file| image.write_to(file))
+                .and_then(|()| match granted {
+                    Some(granted) => write_atomically(&granted_path, &dir, &granted),
+                    None => Ok(()),
+                });
+            (image, written)
         })
-        .await
-        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        .await;
+        // A panicked write loses the copy: the next write starts again from the indexes.
+        let result = match result {
+            Ok((image, written)) => {
+                *writing = Some(image);
+                written
+            }
+            Err(e) => Err(std::io::Error::other(e)),
+        };
         match result {
             Ok(()) => {
                 self.written.fetch_max(included, Ordering::AcqRel);
@@ -821,7 +893,7 @@ mod tests {
                 let _writing = store.writer.blocking_lock();
                 let seen = match store.indexes.try_lock() {
                     Ok(idx) => Ok(idx.by_key.contains_key("refused")
-                        || idx.rendered.contains_key("refused")),
+                        || !idx.pending.iter().any(|(k, e)| k == "refused" && e.is_none())),
                     Err(_) => Err("got the writer before the failed claim was undone"),
                 };
                 report.send(seen).unwrap();
@@ -855,6 +927,16 @@ mod tests {
             Ok(false),
             "the next write would have stored the refused record"
         );
+        // The next write leaves it out, and is what a full rewrite gives.
+        std::fs::remove_file(store.path.with_extension("json.tmp")).unwrap();
+        store.claim("later", "later-name", 2).await.unwrap();
+        let text = std::fs::read_to_string(&store.path).unwrap();
+        assert!(!text.contains("refused-name") && text.contains("later-name"));
+        let full = {
+            let idx = store.lock();
+            serialize_domains(idx.by_key.iter().map(|(k, r)| (k.as_str(), r)))
+        };
+        assert_eq!(text.as_bytes(), full);
     }
 
     #[tokio::test]
@@ -899,7 +981,7 @@ mod tests {
             serialize_domains(idx.by_key.iter().map(|(k, r)| (k.as_str(), r)))
         };
         let mut empty = Vec::new();
-        write_entries(&mut empty, &[]).unwrap();
+        FileImage::default().write_to(&mut empty).unwrap();
         assert_eq!(empty, serialize_domains(std::iter::empty()));
 
         let dir = tempfile::tempdir().unwrap();
