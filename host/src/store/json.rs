@@ -54,7 +54,8 @@ impl Indexes {
     /// Adds (or replaces) `record` in the key index, noting its new file entry.
     fn put(&mut self, record: DomainRecord) {
         let entry = render_entry(&record.ssh_key_hash, &record);
-        self.pending.push((record.ssh_key_hash.clone(), Some(entry)));
+        self.pending
+            .push((record.ssh_key_hash.clone(), Some(entry)));
         self.by_key.insert(record.ssh_key_hash.clone(), record);
     }
 
@@ -508,10 +509,10 @@ impl JsonStore {
                 image.write_to(&mut out)?;
                 out.flush()
             })
-                .and_then(|()| match granted {
-                    Some(granted) => write_atomically(&granted_path, &dir, &granted),
-                    None => Ok(()),
-                });
+            .and_then(|()| match granted {
+                Some(granted) => write_atomically(&granted_path, &dir, &granted),
+                None => Ok(()),
+            });
             (image, written)
         })
         .await;
@@ -875,7 +876,10 @@ mod tests {
                 let _writing = store.writer.blocking_lock();
                 let seen = match store.indexes.try_lock() {
                     Ok(idx) => Ok(idx.by_key.contains_key("refused")
-                        || !idx.pending.iter().any(|(k, e)| k == "refused" && e.is_none())),
+                        || !idx
+                            .pending
+                            .iter()
+                            .any(|(k, e)| k == "refused" && e.is_none())),
                     Err(_) => Err("got the writer before the failed claim was undone"),
                 };
                 report.send(seen).unwrap();
@@ -979,7 +983,10 @@ mod tests {
             assert!(matches!(claim, Claim::Claimed(_)));
         }
         let text = std::fs::read(dir.path().join(DOMAINS_FILE_NAME)).unwrap();
-        assert_eq!(String::from_utf8(text).unwrap(), String::from_utf8(full(&store)).unwrap());
+        assert_eq!(
+            String::from_utf8(text).unwrap(),
+            String::from_utf8(full(&store)).unwrap()
+        );
 
         store.touch("abc123", 1_800_000_000).await.unwrap();
         store
