@@ -18,7 +18,11 @@
 //!
 //! Usage: swarm --addr 127.0.0.1:2222 [--count 1000] [--concurrency 100] [--timeout 60]
 //!              [--deadline 600] [--salt 1] [--max-seconds 900] [--hold stdin|signal]
-//!              [--names-file FILE]
+//!              [--names-file FILE] [--kex NAME]
+//!
+//! `--kex NAME` puts that key exchange first in the client's offer (the client picks; the
+//! default is russh's order, `mlkem768x25519-sha256` first, as OpenSSH 10 clients), to
+//! measure what a client choosing another one costs the host.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -52,13 +56,15 @@ struct Options {
     names_file: Option<String>,
     max_seconds: u64,
     hold_stdin: bool,
+    kex: Option<russh::kex::Name>,
 }
 
 fn usage(problem: &str) -> ! {
     eprintln!("swarm: {problem}");
     eprintln!(
         "usage: swarm --addr HOST:PORT [--count N] [--concurrency N] [--timeout SECS] \
-         [--deadline SECS] [--salt N] [--max-seconds SECS] [--hold stdin|signal] [--names-file FILE]"
+         [--deadline SECS] [--salt N] [--max-seconds SECS] [--hold stdin|signal] [--names-file FILE] \
+         [--kex NAME]"
     );
     std::process::exit(2);
 }
@@ -74,6 +80,7 @@ fn parse_options() -> Options {
         names_file: None,
         max_seconds: 900,
         hold_stdin: true,
+        kex: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -94,6 +101,13 @@ fn parse_options() -> Options {
             "--salt" => options.salt = number(&flag, value()),
             "--names-file" => options.names_file = Some(value()),
             "--max-seconds" => options.max_seconds = number(&flag, value()),
+            "--kex" => {
+                let name = value();
+                options.kex = Some(
+                    russh::kex::Name::try_from(name.as_str())
+                        .unwrap_or_else(|()| usage(&format!("--kex: unknown key exchange {name}"))),
+                );
+            }
             "--hold" => {
                 options.hold_stdin = match value().as_str() {
                     "stdin" => true,
@@ -323,10 +337,20 @@ async fn stop_signal(hold_stdin: bool, max_seconds: u64) -> &'static str {
 #[tokio::main]
 async fn main() {
     let options = parse_options();
+    let default_kex = russh::Preferred::default().kex;
+    let kex = match options.kex {
+        Some(first) => std::borrow::Cow::Owned(
+            std::iter::once(first)
+                .chain(default_kex.iter().copied().filter(|k| *k != first))
+                .collect(),
+        ),
+        None => default_kex,
+    };
     let config = Arc::new(client::Config {
         // The same cipher the OpenSSH clients of the benchmark are told to use.
         preferred: russh::Preferred {
             cipher: std::borrow::Cow::Borrowed(&[russh::cipher::CHACHA20_POLY1305]),
+            kex,
             ..Default::default()
         },
         nodelay: true,

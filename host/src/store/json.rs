@@ -30,6 +30,8 @@ use super::{Claim, DAY_SECS, DomainRecord, DomainStats, DomainStore, Grant, Impo
 pub const DOMAINS_FILE_NAME: &str = "domains.json";
 /// File of granted requested names, beside `domains.json`.
 pub const GRANTED_FILE_NAME: &str = "granted-names.json";
+/// Bytes handed to the kernel per write call when `domains.json` is written.
+const WRITE_BUFFER: usize = 256 * 1024;
 /// Lock file that keeps a second process off the same data directory.
 pub const LOCK_FILE_NAME: &str = "p0rt.lock";
 /// How often batched `last_seen`/`use_count` updates reach the disk.
@@ -42,6 +44,83 @@ struct Indexes {
     by_domain: HashMap<String, String>,
     /// granted name → its grant
     granted: BTreeMap<String, GrantedName>,
+    /// Record changes not yet taken by a write, in order: key hash → its new file entry (see
+    /// [`render_entry`]), or `None` when the record went away. Each record is formatted once,
+    /// when it changes; the writer applies these to its own copy of the file ([`FileImage`]).
+    pending: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl Indexes {
+    /// Adds (or replaces) `record` in the key index, noting its new file entry.
+    fn put(&mut self, record: DomainRecord) {
+        let entry = render_entry(&record.ssh_key_hash, &record);
+        self.pending
+            .push((record.ssh_key_hash.clone(), Some(entry)));
+        self.by_key.insert(record.ssh_key_hash.clone(), record);
+    }
+
+    /// Removes the key's record (not its domain binding), noting that it leaves the file.
+    fn remove(&mut self, key: &str) {
+        if self.by_key.remove(key).is_some() {
+            self.pending.push((key.to_string(), None));
+        }
+    }
+
+    /// Notes the key's file entry again after its record was updated in place.
+    fn rerender(&mut self, key: &str) {
+        if let Some(record) = self.by_key.get(key) {
+            let entry = render_entry(key, record);
+            self.pending.push((key.to_string(), Some(entry)));
+        }
+    }
+
+    /// Every record's entry, for a writer starting from nothing; clears the change log.
+    fn image(&mut self) -> FileImage {
+        self.pending.clear();
+        FileImage {
+            entries: self
+                .by_key
+                .iter()
+                .map(|(key, record)| (key.clone(), render_entry(key, record)))
+                .collect(),
+        }
+    }
+}
+
+/// The writer's copy of `domains.json`: every record's file entry, in key order. Only the
+/// holder of the store's writer touches it, so a write neither clones nor formats records,
+/// and the index lock is held only to take the change log.
+#[derive(Default)]
+struct FileImage {
+    entries: BTreeMap<String, Vec<u8>>,
+}
+
+impl FileImage {
+    fn apply(&mut self, changes: Vec<(String, Option<Vec<u8>>)>) {
+        for (key, entry) in changes {
+            match entry {
+                Some(entry) => self.entries.insert(key, entry),
+                None => self.entries.remove(&key),
+            };
+        }
+    }
+
+    /// Writes the whole file from the entries, byte for byte what [`serialize_domains`]
+    /// gives for the same records. The caller buffers it (vectored writes straight from the
+    /// entries measured no cheaper per handshake, and need more code).
+    fn write_to(&self, out: &mut impl Write) -> std::io::Result<()> {
+        if self.entries.is_empty() {
+            return out.write_all(b"{}\n");
+        }
+        out.write_all(b"{\n")?;
+        for (i, entry) in self.entries.values().enumerate() {
+            if i > 0 {
+                out.write_all(b",\n")?;
+            }
+            out.write_all(entry)?;
+        }
+        out.write_all(b"\n}\n")
+    }
 }
 
 /// One granted requested name, as in `granted-names.json`.
@@ -60,8 +139,9 @@ pub struct JsonStore {
     /// Held for the life of the store; the OS releases the lock if the process dies.
     _lock: File,
     indexes: Mutex<Indexes>,
-    /// Serializes file writes so a slow write never interleaves with the next.
-    writer: tokio::sync::Mutex<()>,
+    /// Serializes file writes so a slow write never interleaves with the next; holds the
+    /// writer's copy of the file (`None` until the first write, or after a write panicked).
+    writer: tokio::sync::Mutex<Option<FileImage>>,
     dirty: AtomicBool,
     /// Counts changes to the indexes; a claim waits until a write covers its change.
     changes: AtomicU64,
@@ -209,9 +289,20 @@ fn parse_domains(text: &str) -> Result<Indexes, String> {
             ));
         }
         indexes.by_domain.insert(record.domain.clone(), key.clone());
+        // Not noted as a change: the writer's copy starts from the records as read.
         indexes.by_key.insert(key, record);
     }
     Ok(indexes)
+}
+
+/// The file entry of one record, exactly as [`serialize_domains`] formats it inside the
+/// top-level object: `  "key": {\n    "domain": …\n  }` (no separator, no newline around).
+fn render_entry(key: &str, record: &DomainRecord) -> Vec<u8> {
+    let mut one = serialize_domains(std::iter::once((key, record)));
+    // `{\n` + entry + `\n}\n`
+    one.truncate(one.len() - 3);
+    one.drain(..2);
+    one
 }
 
 fn serialize_domains<'a>(records: impl Iterator<Item = (&'a str, &'a DomainRecord)>) -> Vec<u8> {
@@ -280,6 +371,15 @@ fn read_text(path: &Path) -> Result<Option<String>, StoreError> {
 
 /// temp file + fsync + rename + fsync(dir): readers see the old file or the new one, never half.
 pub(crate) fn write_atomically(path: &Path, dir: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_atomically_with(path, dir, |file| file.write_all(bytes))
+}
+
+/// [`write_atomically`], the content written by `fill`.
+fn write_atomically_with(
+    path: &Path,
+    dir: &Path,
+    fill: impl FnOnce(&mut File) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let tmp = path.with_extension("json.tmp");
     {
         let mut file = OpenOptions::new()
@@ -287,7 +387,7 @@ pub(crate) fn write_atomically(path: &Path, dir: &Path, bytes: &[u8]) -> std::io
             .create(true)
             .truncate(true)
             .open(&tmp)?;
-        file.write_all(bytes)?;
+        fill(&mut file)?;
         file.sync_all()?;
     }
     std::fs::rename(&tmp, path)?;
@@ -322,7 +422,7 @@ impl JsonStore {
             dir: dir.to_path_buf(),
             _lock: lock,
             indexes: Mutex::new(indexes),
-            writer: tokio::sync::Mutex::new(()),
+            writer: tokio::sync::Mutex::new(None),
             dirty: AtomicBool::new(false),
             changes: AtomicU64::new(0),
             written: AtomicU64::new(0),
@@ -375,21 +475,23 @@ impl JsonStore {
         change: u64,
         undo: impl FnOnce(&mut Indexes),
     ) -> Result<(), StoreError> {
-        let _writing = self.writer.lock().await;
+        let mut writing = self.writer.lock().await;
         if change != u64::MAX && self.written.load(Ordering::Acquire) >= change {
             return Ok(());
         }
         self.dirty.store(false, Ordering::Release);
-        // A copy of the records is taken under the index lock and serialized (sorted, JSON
-        // formatted: milliseconds for thousands of records) on a blocking thread, so neither
-        // the store's readers nor an async worker wait for the formatting.
-        let (records, granted, included) = {
-            let idx = self.lock();
+        // Under the index lock a write only takes the change log (each changed record was
+        // formatted when it changed); the writer's copy is brought up to date and written out
+        // on a blocking thread, so neither the store's readers nor an async worker wait.
+        let (mut image, changes, granted, included) = {
+            let mut idx = self.lock();
+            let (image, changes) = match writing.take() {
+                Some(image) => (image, std::mem::take(&mut idx.pending)),
+                None => (idx.image(), Vec::new()),
+            };
             (
-                idx.by_key
-                    .iter()
-                    .map(|(key, r)| (key.clone(), r.clone()))
-                    .collect::<Vec<_>>(),
+                image,
+                changes,
                 // Not written (not even created) until a name has been granted.
                 (!idx.granted.is_empty()).then(|| serialize_granted(&idx)),
                 self.changes.load(Ordering::Acquire),
@@ -401,15 +503,27 @@ impl JsonStore {
             self.dir.clone(),
         );
         let result = tokio::task::spawn_blocking(move || {
-            let bytes = serialize_domains(records.iter().map(|(key, r)| (key.as_str(), r)));
-            write_atomically(&path, &dir, &bytes)?;
-            match granted {
+            image.apply(changes);
+            let written = write_atomically_with(&path, &dir, |file| {
+                let mut out = std::io::BufWriter::with_capacity(WRITE_BUFFER, file);
+                image.write_to(&mut out)?;
+                out.flush()
+            })
+            .and_then(|()| match granted {
                 Some(granted) => write_atomically(&granted_path, &dir, &granted),
                 None => Ok(()),
-            }
+            });
+            (image, written)
         })
-        .await
-        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        .await;
+        // A panicked write loses the copy: the next write starts again from the indexes.
+        let result = match result {
+            Ok((image, written)) => {
+                *writing = Some(image);
+                written
+            }
+            Err(e) => Err(std::io::Error::other(e)),
+        };
         match result {
             Ok(()) => {
                 self.written.fetch_max(included, Ordering::AcqRel);
@@ -487,7 +601,7 @@ impl DomainStore for JsonStore {
             let record = DomainRecord::claimed(ssh_key_hash, domain, now);
             idx.by_domain
                 .insert(domain.to_string(), ssh_key_hash.to_string());
-            idx.by_key.insert(ssh_key_hash.to_string(), record.clone());
+            idx.put(record.clone());
             // Numbered under the index lock, so a write that saw this number saw this record.
             let change = self.changes.fetch_add(1, Ordering::AcqRel) + 1;
             (record, change)
@@ -495,7 +609,7 @@ impl DomainStore for JsonStore {
         let (record, change) = record;
         // Not durable, so not granted: undone, so memory and disk agree.
         self.persist_through(change, |idx| {
-            idx.by_key.remove(ssh_key_hash);
+            idx.remove(ssh_key_hash);
             idx.by_domain.remove(domain);
         })
         .await?;
@@ -513,8 +627,10 @@ impl DomainStore for JsonStore {
         };
         record.last_seen = record.last_seen.max(now);
         record.use_count = record.use_count.saturating_add(1);
+        let record = record.clone();
+        idx.rerender(ssh_key_hash);
         self.dirty.store(true, Ordering::Release);
-        Ok(Some(record.clone()))
+        Ok(Some(record))
     }
 
     async fn stats(&self, now: i64) -> Result<DomainStats, StoreError> {
@@ -563,8 +679,7 @@ impl DomainStore for JsonStore {
             }
             idx.by_domain
                 .insert(record.domain.clone(), record.ssh_key_hash.clone());
-            idx.by_key
-                .insert(record.ssh_key_hash.clone(), record.clone());
+            idx.put(record.clone());
         }
         self.dirty.store(true, Ordering::Release);
         Ok(Import::Imported)
@@ -760,7 +875,11 @@ mod tests {
             move || {
                 let _writing = store.writer.blocking_lock();
                 let seen = match store.indexes.try_lock() {
-                    Ok(idx) => Ok(idx.by_key.contains_key("refused")),
+                    Ok(idx) => Ok(idx.by_key.contains_key("refused")
+                        || !idx
+                            .pending
+                            .iter()
+                            .any(|(k, e)| k == "refused" && e.is_none())),
                     Err(_) => Err("got the writer before the failed claim was undone"),
                 };
                 report.send(seen).unwrap();
@@ -794,6 +913,16 @@ mod tests {
             Ok(false),
             "the next write would have stored the refused record"
         );
+        // The next write leaves it out, and is what a full rewrite gives.
+        std::fs::remove_file(store.path.with_extension("json.tmp")).unwrap();
+        store.claim("later", "later-name", 2).await.unwrap();
+        let text = std::fs::read_to_string(&store.path).unwrap();
+        assert!(!text.contains("refused-name") && text.contains("later-name"));
+        let full = {
+            let idx = store.lock();
+            serialize_domains(idx.by_key.iter().map(|(k, r)| (k.as_str(), r)))
+        };
+        assert_eq!(text.as_bytes(), full);
     }
 
     #[tokio::test]
@@ -826,6 +955,52 @@ mod tests {
         let text = std::fs::read_to_string(dir.path().join(DOMAINS_FILE_NAME)).unwrap();
         let on_disk = parse_domains(&text).unwrap();
         assert_eq!(on_disk.by_key.len(), 200);
+    }
+
+    /// The file a write joins from the per-record entries is byte for byte the file a full
+    /// sort-and-format of every record gives, after claims, touches, imports and a failed
+    /// (undone) claim, and the empty store's file too.
+    #[tokio::test]
+    async fn written_file_equals_a_full_rewrite() {
+        let full = |store: &JsonStore| {
+            let idx = store.lock();
+            serialize_domains(idx.by_key.iter().map(|(k, r)| (k.as_str(), r)))
+        };
+        let mut empty = Vec::new();
+        FileImage::default().write_to(&mut empty).unwrap();
+        assert_eq!(empty, serialize_domains(std::iter::empty()));
+
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(DOMAINS_FILE_NAME), P0RT_FILE).unwrap();
+        let store = JsonStore::open(dir.path()).unwrap();
+        // Keys claimed out of order, so entries land before, between and after others.
+        for i in [7u32, 3, 9, 0, 5, 1, 8, 2, 6, 4] {
+            let key = format!("{:064x}", u64::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let claim = store
+                .claim(&key, &format!("name-{i}"), 1_700_000_000 + i64::from(i))
+                .await
+                .unwrap();
+            assert!(matches!(claim, Claim::Claimed(_)));
+        }
+        let text = std::fs::read(dir.path().join(DOMAINS_FILE_NAME)).unwrap();
+        assert_eq!(
+            String::from_utf8(text).unwrap(),
+            String::from_utf8(full(&store)).unwrap()
+        );
+
+        store.touch("abc123", 1_800_000_000).await.unwrap();
+        store
+            .import(&DomainRecord::claimed("0000", "imported-name", 5))
+            .await
+            .unwrap();
+        store.flush().await.unwrap();
+        let text = std::fs::read_to_string(dir.path().join(DOMAINS_FILE_NAME)).unwrap();
+        assert_eq!(text, String::from_utf8(full(&store)).unwrap());
+        assert!(text.contains("\"use_count\": 43"), "{text}");
+        assert!(text.contains("\"2027-01-15T08:00:00Z\""), "{text}");
+        let reread = parse_domains(&text).unwrap();
+        assert_eq!(reread.by_key.len(), 12);
+        assert_eq!(reread.by_key, store.lock().by_key);
     }
 
     #[tokio::test]
