@@ -738,7 +738,9 @@ impl Session {
 
         map_err!(self.common.packet_writer.flush_into(&mut stream).await)?;
 
-        let (stream_read, mut stream_write) = stream.split();
+        let (mut stream_read, mut stream_write) = stream.split();
+        // p0rt patch: read several packets per syscall (see `ssh_read::ReadAhead`).
+        stream_read.read_ahead();
         let buffer = SSHBuffer::new();
 
         // Allow handing out references to the cipher
