@@ -816,6 +816,23 @@ impl Encrypted {
         Some(limits.rekey_time_limit.saturating_sub(elapsed))
     }
 
+    /// p0rt patch: when the rekey time limit is reached, as an instant (constant between
+    /// key exchanges, so the session loop can keep one timer), or `last_rekey` (already
+    /// past) once the write limit is reached; `None` when the exchange cannot be repeated.
+    pub(crate) fn rekey_deadline(
+        &self,
+        limits: &Limits,
+        writer: &PacketWriter,
+    ) -> Option<russh_util::time::Instant> {
+        if self.kex.skip_exchange() {
+            return None;
+        }
+        if writer.bytes_written() >= limits.rekey_write_limit {
+            return Some(self.last_rekey);
+        }
+        self.last_rekey.checked_add(limits.rekey_time_limit)
+    }
+
     pub fn new_channel_id(&mut self) -> ChannelId {
         self.last_channel_id += Wrapping(1);
         while self
