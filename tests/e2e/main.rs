@@ -24,6 +24,7 @@ mod names;
 mod p0rt_dropin;
 mod p0rt_names;
 mod p0rt_settings;
+mod packet_segments;
 mod plugins;
 mod plugins_review;
 mod policy;

@@ -59,6 +59,11 @@ pub(crate) struct Encrypted {
     pub rekey_wanted: bool,
     pub received_extensions: Vec<String>,
     pub extension_info_awaiters: HashMap<String, Vec<oneshot::Sender<()>>>,
+    /// p0rt patch: set whenever data is queued in a channel's `pending_data` (waiting for
+    /// the peer's window); [`Encrypted::has_any_pending_data`] scans the channels only
+    /// while it is set and clears it when none has any, so the session loop's check is O(1)
+    /// unless data waits for window.
+    pub(crate) maybe_pending: std::sync::atomic::AtomicBool,
 }
 
 pub(crate) struct CommonSession<Config> {
@@ -201,6 +206,7 @@ impl<C> CommonSession<C> {
             write: Vec::new(),
             write_cursor: 0,
             last_rekey: russh_util::time::Instant::now(),
+            maybe_pending: Default::default(),
             server_compression: newkeys.names.server_compression,
             client_compression: newkeys.names.client_compression,
             decompress: crate::compression::Decompress::None,
@@ -524,9 +530,18 @@ impl Encrypted {
     }
 
     pub(crate) fn has_any_pending_data(&self) -> bool {
-        self.channels
+        use std::sync::atomic::Ordering::Relaxed;
+        if !self.maybe_pending.load(Relaxed) {
+            return false;
+        }
+        let any = self
+            .channels
             .values()
-            .any(|channel| !channel.pending_data.is_empty())
+            .any(|channel| !channel.pending_data.is_empty());
+        if !any {
+            self.maybe_pending.store(false, Relaxed);
+        }
+        any
     }
 
     /// Push the largest amount of `&buf0[from..]` that can fit into
@@ -660,11 +675,13 @@ impl Encrypted {
         if let Some(channel) = self.channels.get_mut(&channel) {
             assert!(channel.confirmed);
             if !channel.pending_data.is_empty() || is_rekeying {
+                self.maybe_pending.store(true, std::sync::atomic::Ordering::Relaxed);
                 channel.pending_data.push_back((buf0, None, 0));
                 return Ok(());
             }
             let buf_len = Self::data_noqueue(&mut self.write, channel, &buf0, None, 0)?;
             if buf_len < buf0.len() {
+                self.maybe_pending.store(true, std::sync::atomic::Ordering::Relaxed);
                 channel.pending_data.push_back((buf0, None, buf_len))
             }
         } else {
@@ -684,6 +701,7 @@ impl Encrypted {
         if let Some(channel) = self.channels.get_mut(&channel) {
             assert!(channel.confirmed);
             if !channel.pending_data.is_empty() || is_rekeying {
+                self.maybe_pending.store(true, std::sync::atomic::Ordering::Relaxed);
                 channel.pending_data.push_back((buf0, None, 0));
                 return Ok(());
             }
@@ -693,6 +711,7 @@ impl Encrypted {
                 Self::data_noqueue(&mut self.write, channel, &buf0, None, 0)?
             };
             if buf_len < buf0.len() {
+                self.maybe_pending.store(true, std::sync::atomic::Ordering::Relaxed);
                 channel.pending_data.push_back((buf0, None, buf_len))
             }
         } else {
@@ -713,11 +732,13 @@ impl Encrypted {
         if let Some(channel) = self.channels.get_mut(&channel) {
             assert!(channel.confirmed);
             if !channel.pending_data.is_empty() || is_rekeying {
+                self.maybe_pending.store(true, std::sync::atomic::Ordering::Relaxed);
                 channel.pending_data.push_back((buf0, Some(ext), 0));
                 return Ok(());
             }
             let buf_len = Self::data_noqueue(&mut self.write, channel, &buf0, Some(ext), 0)?;
             if buf_len < buf0.len() {
+                self.maybe_pending.store(true, std::sync::atomic::Ordering::Relaxed);
                 channel.pending_data.push_back((buf0, Some(ext), buf_len))
             }
         }
@@ -736,6 +757,7 @@ impl Encrypted {
         if let Some(channel) = self.channels.get_mut(&channel) {
             assert!(channel.confirmed);
             if !channel.pending_data.is_empty() || is_rekeying {
+                self.maybe_pending.store(true, std::sync::atomic::Ordering::Relaxed);
                 channel.pending_data.push_back((buf0, Some(ext), 0));
                 return Ok(());
             }
@@ -745,6 +767,7 @@ impl Encrypted {
                 Self::data_noqueue(&mut self.write, channel, &buf0, Some(ext), 0)?
             };
             if buf_len < buf0.len() {
+                self.maybe_pending.store(true, std::sync::atomic::Ordering::Relaxed);
                 channel.pending_data.push_back((buf0, Some(ext), buf_len))
             }
         }
@@ -814,6 +837,23 @@ impl Encrypted {
         }
         let elapsed = russh_util::time::Instant::now().duration_since(self.last_rekey);
         Some(limits.rekey_time_limit.saturating_sub(elapsed))
+    }
+
+    /// p0rt patch: when the rekey time limit is reached, as an instant (constant between
+    /// key exchanges, so the session loop can keep one timer), or `last_rekey` (already
+    /// past) once the write limit is reached; `None` when the exchange cannot be repeated.
+    pub(crate) fn rekey_deadline(
+        &self,
+        limits: &Limits,
+        writer: &PacketWriter,
+    ) -> Option<russh_util::time::Instant> {
+        if self.kex.skip_exchange() {
+            return None;
+        }
+        if writer.bytes_written() >= limits.rekey_write_limit {
+            return Some(self.last_rekey);
+        }
+        self.last_rekey.checked_add(limits.rekey_time_limit)
     }
 
     pub fn new_channel_id(&mut self) -> ChannelId {
@@ -947,6 +987,7 @@ mod tests {
             write: Vec::new(),
             write_cursor: 0,
             last_rekey: russh_util::time::Instant::now(),
+            maybe_pending: Default::default(),
             server_compression: Compression::None,
             client_compression: Compression::None,
             decompress: Decompress::None,

@@ -1152,6 +1152,7 @@ mod tests {
             write: Vec::new(),
             write_cursor: 0,
             last_rekey: russh_util::time::Instant::now(),
+            maybe_pending: Default::default(),
             server_compression: Compression::None,
             client_compression: Compression::None,
             decompress: Decompress::None,

@@ -1,6 +1,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::ErrorKind;
 use std::sync::Arc;
+#[cfg(test)]
 use std::time::Duration;
 
 use channels::WindowSizeRef;
@@ -738,7 +739,9 @@ impl Session {
 
         map_err!(self.common.packet_writer.flush_into(&mut stream).await)?;
 
-        let (stream_read, mut stream_write) = stream.split();
+        let (mut stream_read, mut stream_write) = stream.split();
+        // p0rt patch: read several packets per syscall (see `ssh_read::ReadAhead`).
+        stream_read.read_ahead();
         let buffer = SSHBuffer::new();
 
         // Allow handing out references to the cipher
@@ -752,6 +755,12 @@ impl Session {
         let inactivity_timer =
             future_or_pending(self.common.config.inactivity_timeout, tokio::time::sleep);
         pin!(inactivity_timer);
+
+        // p0rt patch: one rekey timer for the session, moved when the deadline changes
+        // (after a key exchange), instead of a new timer registered and dropped per turn.
+        let rekey_timer = tokio::time::sleep_until(tokio::time::Instant::now());
+        pin!(rekey_timer);
+        let mut rekey_deadline: Option<russh_util::time::Instant> = None;
 
         let reading = start_reading(stream_read, buffer, opening_cipher);
         pin!(reading);
@@ -809,8 +818,15 @@ impl Session {
                 }
             }
 
-            let rekey_timer = future_or_pending(self.rekey_time_remaining(), tokio::time::sleep);
-            pin!(rekey_timer);
+            let deadline = self.rekey_deadline();
+            if deadline != rekey_deadline {
+                if let Some(deadline) = deadline {
+                    rekey_timer
+                        .as_mut()
+                        .reset(tokio::time::Instant::from_std(deadline));
+                }
+                rekey_deadline = deadline;
+            }
 
             tokio::select! {
                 r = &mut reading => {
@@ -866,7 +882,7 @@ impl Session {
                     }
                     reading.set(start_reading(stream_read, buffer, opening_cipher));
                 }
-                () = &mut rekey_timer => {
+                () = &mut rekey_timer, if rekey_deadline.is_some() => {
                     // The flush after the select sees the elapsed limit.
                     debug!("rekey time limit reached");
                 }
@@ -1066,6 +1082,18 @@ impl Session {
                 .is_some_and(|enc| Self::automatic_rekey_eligible(&enc.state))
     }
 
+    /// p0rt patch: [`Encrypted::rekey_deadline`] when an automatic rekey is allowed.
+    fn rekey_deadline(&self) -> Option<russh_util::time::Instant> {
+        if !self.automatic_rekey_allowed() {
+            return None;
+        }
+        self.common
+            .encrypted
+            .as_ref()?
+            .rekey_deadline(&self.common.config.limits, &self.common.packet_writer)
+    }
+
+    #[cfg(test)]
     fn rekey_time_remaining(&self) -> Option<Duration> {
         if !self.automatic_rekey_allowed() {
             return None;
@@ -1756,6 +1784,7 @@ mod tests {
                     write: Vec::new(),
                     write_cursor: 0,
                     last_rekey: russh_util::time::Instant::now(),
+                    maybe_pending: Default::default(),
                     server_compression: Compression::None,
                     client_compression: Compression::None,
                     decompress: Decompress::Zlib(flate2::Decompress::new(true)),
