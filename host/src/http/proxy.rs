@@ -2,7 +2,6 @@
 //! filter the response. Bodies stream both ways without buffering; an `Upgrade` request
 //! (WebSocket) is piped byte for byte only after the backend's `101`.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -81,7 +80,7 @@ pub async fn admit(
     }
     let options = tunnel.options.current(tunnel.opened).await;
     let facts = RequestFacts {
-        client_ip: ctx.client_ip.to_string(),
+        client_ip: ctx.client_ip_text().to_string(),
         host,
         name: tunnel.name.to_string(),
         owner_key_hash: tunnel.owner.to_string(),
@@ -184,7 +183,12 @@ pub async fn forward(
     let client_upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
     let upgrade = client_upgrade.is_some();
     let (mut parts, body) = req.into_parts();
-    rewrite_headers(&mut parts.headers, ctx.client_ip, upgrade, ctx.scheme);
+    rewrite_headers(
+        &mut parts.headers,
+        &ctx.client_ip_header,
+        upgrade,
+        ctx.scheme,
+    );
     // After the host's own rewrite, so `x-forwarded-host` still names what the client asked
     // for when a policy rewrites `host`.
     apply_edits(&mut parts.headers, &edits.request);
@@ -238,27 +242,36 @@ pub async fn forward(
 }
 
 /// Phase 4, rewrite: hop-by-hop headers go; forwarded headers describe this hop only,
-/// never what the client claims (p0rt is the edge). `scheme`: `http` or `https`, how the
-/// client reached the edge (`X-Forwarded-Proto`).
-pub fn rewrite_headers(headers: &mut HeaderMap, peer: IpAddr, upgrade: bool, scheme: &'static str) {
+/// never what the client claims (p0rt is the edge). `client_ip`: the client's address as
+/// text (`X-Forwarded-For`, formatted once per connection); `scheme`: `http` or `https`,
+/// how the client reached the edge (`X-Forwarded-Proto`).
+pub fn rewrite_headers(
+    headers: &mut HeaderMap,
+    client_ip: &HeaderValue,
+    upgrade: bool,
+    scheme: &'static str,
+) {
     let host = headers.get(header::HOST).cloned();
-    let upgrade_header = headers.get(header::UPGRADE).cloned();
-    strip_hop_by_hop(headers);
-    headers.remove(header::UPGRADE);
+    // `Upgrade` is never forwarded as it came: an upgrade gets exactly its own back below.
+    let upgrade_header = strip(headers, &REQUEST_HOP_BY_HOP);
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         if let Some(value) = upgrade_header {
             headers.insert(header::UPGRADE, value);
         }
     }
-    if let Ok(ip) = HeaderValue::from_str(&peer.to_string()) {
-        headers.insert(X_FORWARDED_FOR, ip);
-    }
+    headers.insert(X_FORWARDED_FOR, client_ip.clone());
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
     match host {
         Some(host) => headers.insert(X_FORWARDED_HOST, host),
         None => headers.remove(X_FORWARDED_HOST),
     };
+}
+
+/// An address as a header value (`X-Forwarded-For`).
+pub(super) fn ip_header(ip: std::net::IpAddr) -> HeaderValue {
+    // An address's text is always a valid header value.
+    HeaderValue::from_str(&ip.to_string()).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
 /// Phase 5, filter: the backend's response without its hop-by-hop headers; its body is cut
@@ -316,6 +329,41 @@ pub(super) fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = Str
 }
 
 pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    strip(headers, &HOP_BY_HOP);
+}
+
+/// Request headers never forwarded as they came: the hop-by-hop ones, and `Upgrade` (put
+/// back by [`rewrite_headers`] for an upgrade only).
+const REQUEST_HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes the headers in `names` (whose first entry is `Connection`) and those named in
+/// `Connection`; returns the last one's first value if it was there. The names present are
+/// found in one pass over the map's names, and only those are removed: removing a name
+/// that is absent still hashes it, which for a typical message was every one of them.
+fn strip(headers: &mut HeaderMap, names: &[HeaderName]) -> Option<HeaderValue> {
+    debug_assert!(names.len() <= 8 && names[0] == header::CONNECTION);
+    let mut present = 0u8;
+    for name in headers.keys() {
+        if let Some(i) = names.iter().position(|n| n == name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
+        return None;
+    }
+    let last = names.len() - 1;
+    let kept = (present & (1 << last) != 0)
+        .then(|| headers.get(&names[last]).cloned())
+        .flatten();
     // A message framed by Transfer-Encoding has no length of its own: Transfer-Encoding
     // overrides Content-Length, and a proxy must drop the stale length before forwarding
     // (RFC 9112 §6.3). Kept, it would cut the re-framed body short.
@@ -325,20 +373,28 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Headers named in Connection are hop-by-hop too. Most messages name only `keep-alive`,
     // removed below anyway: nothing is collected (or allocated) for it, and no token is
     // lowercased into a new string (`HeaderName::from_bytes` lowercases).
-    let mut named: Vec<HeaderName> = Vec::new();
-    for value in headers.get_all(header::CONNECTION) {
-        let Ok(value) = value.to_str() else { continue };
-        for token in value.split(',').map(str::trim) {
-            if !token.eq_ignore_ascii_case("keep-alive")
-                && let Ok(name) = HeaderName::from_bytes(token.as_bytes())
-            {
-                named.push(name);
+    if present & 1 != 0 {
+        let mut named: Vec<HeaderName> = Vec::new();
+        for value in headers.get_all(header::CONNECTION) {
+            let Ok(value) = value.to_str() else { continue };
+            for token in value.split(',').map(str::trim) {
+                if !token.eq_ignore_ascii_case("keep-alive")
+                    && let Ok(name) = HeaderName::from_bytes(token.as_bytes())
+                {
+                    named.push(name);
+                }
             }
         }
+        for name in &named {
+            headers.remove(name);
+        }
     }
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
+    for (i, name) in names.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
+    kept
 }
 
 #[cfg(test)]
@@ -379,7 +435,12 @@ mod tests {
             ("upgrade", "websocket"),
             ("accept", "*/*"),
         ]);
-        rewrite_headers(&mut headers, "192.0.2.7".parse().unwrap(), false, "http");
+        rewrite_headers(
+            &mut headers,
+            &ip_header("192.0.2.7".parse().unwrap()),
+            false,
+            "http",
+        );
         assert_eq!(get(&headers, "x-forwarded-for"), ["192.0.2.7"]);
         assert_eq!(get(&headers, "x-forwarded-proto"), ["http"]);
         assert_eq!(get(&headers, "x-forwarded-host"), ["a.localhost:8080"]);
@@ -399,7 +460,12 @@ mod tests {
             ("upgrade", "websocket"),
         ]);
         assert!(is_upgrade(&headers));
-        rewrite_headers(&mut headers, "::1".parse().unwrap(), true, "https");
+        rewrite_headers(
+            &mut headers,
+            &ip_header("::1".parse().unwrap()),
+            true,
+            "https",
+        );
         assert_eq!(get(&headers, "connection"), ["upgrade"]);
         assert_eq!(get(&headers, "upgrade"), ["websocket"]);
         assert_eq!(get(&headers, "x-forwarded-for"), ["::1"]);

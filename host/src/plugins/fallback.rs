@@ -33,7 +33,8 @@ fn decided<B: RoleBinding>(plugin: &Plugin<B>, verdict: &'static str) {
         .counts
         .decisions
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    crate::metrics::plugin_decision(B::ROLE.interface(), &plugin.info.label, verdict);
+    debug_assert_eq!(B::ROLE, plugin.info.role);
+    plugin.info.decisions.inc(verdict);
 }
 
 fn rate_word(decision: &RateDecision) -> &'static str {

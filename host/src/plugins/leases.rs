@@ -35,9 +35,12 @@ impl Entry {
     }
 }
 
+/// Looked up for every request: hashed with foldhash (seeded per process), not SipHash.
+type Entries = HashMap<String, Entry, foldhash::fast::RandomState>;
+
 #[derive(Default)]
 pub struct Leases {
-    entries: Mutex<HashMap<String, Entry>>,
+    entries: Mutex<Entries>,
 }
 
 fn key(client_ip: &str, name: &str) -> String {
@@ -49,7 +52,7 @@ fn key(client_ip: &str, name: &str) -> String {
 }
 
 impl Leases {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
         // Every update is a single insert or decrement, so a poisoned map is still sound.
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
