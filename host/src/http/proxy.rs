@@ -24,17 +24,6 @@ use crate::policy::{
 };
 use crate::tunnels::Tunnel;
 
-/// Headers that describe one hop and are never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [HeaderName; 7] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
-
 // The forwarded headers as names, not strings: a `&str` name is parsed again on every use.
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -62,6 +51,16 @@ pub async fn admit(
     tunnel: &Tunnel,
     policy: &dyn RequestPolicy,
 ) -> Result<HeaderEdits, EdgeError> {
+    let options = tunnel.options.current(tunnel.opened).await;
+    // Most requests are decided without their facts (a rate limiter's lease): nothing is
+    // copied out of the request for them.
+    if let Some(verdict) = policy.check_cached(
+        ctx.client_ip_text(),
+        tunnel.name.as_str(),
+        !options.is_empty(),
+    ) {
+        return settle(verdict, req.headers());
+    }
     let host = req
         .headers()
         .get(header::HOST)
@@ -78,7 +77,6 @@ pub async fn admit(
     if req.headers().contains_key(header::AUTHORIZATION) {
         headers.push(("authorization".into(), "present".into()));
     }
-    let options = tunnel.options.current(tunnel.opened).await;
     let facts = RequestFacts {
         client_ip: ctx.client_ip_text().to_string(),
         host,
@@ -91,7 +89,12 @@ pub async fn admit(
         options: options.to_vec(),
         scheme: ctx.scheme.into(),
     };
-    match policy.check_request(facts).await {
+    settle(policy.check_request(facts).await, req.headers())
+}
+
+/// What the edge does with a verdict: forward with header edits, or answer itself.
+fn settle(verdict: RequestVerdict, headers: &HeaderMap) -> Result<HeaderEdits, EdgeError> {
+    match verdict {
         RequestVerdict::Admit(edits) => Ok(edits),
         RequestVerdict::Limited {
             status,
@@ -114,7 +117,7 @@ pub async fn admit(
         RequestVerdict::Redirect { status, location } => {
             Err(EdgeError::Redirect { status, location })
         }
-        RequestVerdict::RequireAuth(auth) => check_basic_auth(req.headers(), auth),
+        RequestVerdict::RequireAuth(auth) => check_basic_auth(headers, auth),
     }
 }
 
@@ -253,7 +256,7 @@ pub fn rewrite_headers(
 ) {
     let host = headers.get(header::HOST).cloned();
     // `Upgrade` is never forwarded as it came: an upgrade gets exactly its own back below.
-    let upgrade_header = strip(headers, &REQUEST_HOP_BY_HOP);
+    let upgrade_header = strip(headers, true);
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         if let Some(value) = upgrade_header {
@@ -329,12 +332,12 @@ pub(super) fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = Str
 }
 
 pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    strip(headers, &HOP_BY_HOP);
+    strip(headers, false);
 }
 
-/// Request headers never forwarded as they came: the hop-by-hop ones, and `Upgrade` (put
-/// back by [`rewrite_headers`] for an upgrade only).
-const REQUEST_HOP_BY_HOP: [HeaderName; 8] = [
+/// Headers that describe one hop and are never forwarded (RFC 9110 §7.6.1), then `Upgrade`,
+/// which a request forwards only for an upgrade (put back by [`rewrite_headers`]).
+const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -345,29 +348,46 @@ const REQUEST_HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
-/// Removes the headers in `names` (whose first entry is `Connection`) and those named in
-/// `Connection`; returns the last one's first value if it was there. The names present are
-/// found in one pass over the map's names, and only those are removed: removing a name
-/// that is absent still hashes it, which for a typical message was every one of them.
-fn strip(headers: &mut HeaderMap, names: &[HeaderName]) -> Option<HeaderValue> {
-    debug_assert!(names.len() <= 8 && names[0] == header::CONNECTION);
-    let mut present = 0u8;
+/// Where `name` is in [`HOP_BY_HOP`].
+fn hop_by_hop_index(name: &HeaderName) -> Option<u32> {
+    // Names are lowercase; the match compares lengths first.
+    Some(match name.as_str() {
+        "connection" => 0,
+        "keep-alive" => 1,
+        "proxy-connection" => 2,
+        "proxy-authenticate" => 3,
+        "te" => 4,
+        "trailer" => 5,
+        "transfer-encoding" => 6,
+        "upgrade" => 7,
+        _ => return None,
+    })
+}
+
+/// Removes the hop-by-hop headers and those named in `Connection`; with `upgrade`, also
+/// `Upgrade`, whose first value it returns. The names present are found in one pass over
+/// the map's names, and only those are removed: removing an absent name still hashes it,
+/// which for a typical message was every one of them.
+fn strip(headers: &mut HeaderMap, upgrade: bool) -> Option<HeaderValue> {
+    let count = if upgrade { 8 } else { 7 };
+    let mut present = 0u32;
     for name in headers.keys() {
-        if let Some(i) = names.iter().position(|n| n == name) {
+        if let Some(i) = hop_by_hop_index(name)
+            && i < count
+        {
             present |= 1 << i;
         }
     }
     if present == 0 {
         return None;
     }
-    let last = names.len() - 1;
-    let kept = (present & (1 << last) != 0)
-        .then(|| headers.get(&names[last]).cloned())
+    let upgrade_value = (present & (1 << 7) != 0)
+        .then(|| headers.get(header::UPGRADE).cloned())
         .flatten();
     // A message framed by Transfer-Encoding has no length of its own: Transfer-Encoding
     // overrides Content-Length, and a proxy must drop the stale length before forwarding
     // (RFC 9112 §6.3). Kept, it would cut the re-framed body short.
-    if headers.contains_key(header::TRANSFER_ENCODING) {
+    if present & (1 << 6) != 0 {
         headers.remove(header::CONTENT_LENGTH);
     }
     // Headers named in Connection are hop-by-hop too. Most messages name only `keep-alive`,
@@ -389,12 +409,12 @@ fn strip(headers: &mut HeaderMap, names: &[HeaderName]) -> Option<HeaderValue> {
             headers.remove(name);
         }
     }
-    for (i, name) in names.iter().enumerate() {
+    for (i, name) in HOP_BY_HOP[..count as usize].iter().enumerate() {
         if present & (1 << i) != 0 {
             headers.remove(name);
         }
     }
-    kept
+    upgrade_value
 }
 
 #[cfg(test)]
@@ -475,6 +495,40 @@ mod tests {
             "a TLS request says so"
         );
         assert!(!headers.contains_key("x-secret"));
+    }
+
+    #[test]
+    fn every_hop_by_hop_header_goes_and_nothing_else() {
+        let mut headers = map(&[
+            ("connection", "close"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("proxy-authenticate", "Basic"),
+            ("te", "trailers"),
+            ("trailer", "x-sum"),
+            ("upgrade", "h2c"),
+            ("content-type", "text/plain"),
+            ("x-other", "1"),
+        ]);
+        strip_hop_by_hop(&mut headers);
+        // A response's `Upgrade` is the backend's to send (a 101 is piped as it came).
+        let left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["upgrade", "content-type", "x-other"], "{headers:?}");
+        // A message without any is left as it was.
+        let before = map(&[("content-type", "text/plain"), ("content-length", "3")]);
+        let mut after = before.clone();
+        strip_hop_by_hop(&mut after);
+        assert_eq!(after, before);
+        // `Connection: close` names no header; `Connection: upgrade` on a plain request
+        // takes `Upgrade` with it.
+        let mut headers = map(&[("connection", "upgrade"), ("upgrade", "websocket")]);
+        rewrite_headers(
+            &mut headers,
+            &ip_header("::1".parse().unwrap()),
+            false,
+            "http",
+        );
+        assert!(!headers.contains_key("upgrade"), "{headers:?}");
     }
 
     #[test]
