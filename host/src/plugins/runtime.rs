@@ -772,3 +772,40 @@ impl<B: RoleBinding> Plugin<B> {
         Ok(answer)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// After the epoch clock parked (no call for longer than [`EPOCH_LINGER`]), a call that
+    /// starts wakes it: a plugin stuck in a loop still meets its epoch deadline.
+    #[test]
+    fn a_call_after_the_clock_parked_still_meets_its_deadline() {
+        let mut config = wasmtime::Config::new();
+        config.epoch_interruption(true);
+        let engine = Engine::new(&config).unwrap();
+        epoch::register(&engine).unwrap();
+        let module = wasmtime::Module::new(
+            &engine,
+            r#"(module (func (export "spin") (loop $l (br $l))))"#,
+        )
+        .unwrap();
+        // Long enough for the clock to park when no other test runs a call.
+        std::thread::sleep(EPOCH_LINGER * 2);
+        let mut store = Store::new(&engine, ());
+        let instance = wasmtime::Instance::new(&mut store, &module, &[]).unwrap();
+        let spin = instance
+            .get_typed_func::<(), ()>(&mut store, "spin")
+            .unwrap();
+        let running = epoch::running();
+        assert!(epoch::calls_running() >= 1);
+        store.set_epoch_deadline(2);
+        let trap = spin.call(&mut store, ()).unwrap_err();
+        drop(running);
+        assert_eq!(
+            trap.downcast_ref::<wasmtime::Trap>(),
+            Some(&wasmtime::Trap::Interrupt),
+            "{trap:#}"
+        );
+    }
+}
