@@ -17,7 +17,7 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Response, StatusCode};
@@ -271,6 +271,48 @@ pub fn plugin_decision(role: &'static str, plugin: &Arc<str>, verdict: &'static 
         .inc();
 }
 
+/// One plugin's answers by verdict ([`plugin_decision`] for the plugin's role and label),
+/// counted without hashing the label set on every answer: each verdict's counter is looked
+/// up in the family once, on its first use, and kept.
+pub struct DecisionCounters {
+    role: &'static str,
+    plugin: Arc<str>,
+    by_verdict: std::sync::RwLock<Vec<(&'static str, Counter)>>,
+}
+
+impl DecisionCounters {
+    pub fn new(role: &'static str, plugin: Arc<str>) -> DecisionCounters {
+        DecisionCounters {
+            role,
+            plugin,
+            by_verdict: Default::default(),
+        }
+    }
+
+    /// One answer `verdict` (a fixed word).
+    pub fn inc(&self, verdict: &'static str) {
+        let known = self.by_verdict.read().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, counter)) = known.iter().find(|(v, _)| *v == verdict) {
+            counter.inc();
+            return;
+        }
+        drop(known);
+        let counter = metrics()
+            .plugin_decisions
+            .get_or_create(&Decision {
+                role: self.role,
+                plugin: self.plugin.clone(),
+                verdict,
+            })
+            .clone();
+        counter.inc();
+        let mut known = self.by_verdict.write().unwrap_or_else(|p| p.into_inner());
+        if !known.iter().any(|(v, _)| *v == verdict) {
+            known.push((verdict, counter));
+        }
+    }
+}
+
 /// One failed call of a plugin; `reason` is a fixed word ([`crate::plugins::PluginError::word`]).
 pub fn plugin_failure(role: &'static str, plugin: &Arc<str>, reason: &'static str) {
     metrics()
@@ -302,6 +344,21 @@ pub fn cache_op(backend: &'static str, op: &'static str) {
 /// One scan job reached `state` on this host.
 pub fn scan_job(state: &'static str) {
     metrics().scan_jobs.get_or_create(&State { state }).inc();
+}
+
+/// The request counter of `status`'s class. Each class's counter is looked up in the family
+/// (hashing its label set) once, on its first use, and kept: this runs for every request.
+fn class_counter(status: StatusCode) -> &'static Counter {
+    static CLASSES: [OnceLock<Counter>; 5] = [const { OnceLock::new() }; 5];
+    let class = class(status);
+    let index = match class.as_bytes()[0] {
+        b'1' => 0,
+        b'2' => 1,
+        b'3' => 2,
+        b'4' => 3,
+        _ => 4,
+    };
+    CLASSES[index].get_or_init(|| metrics().requests.get_or_create(&Class { class }).clone())
 }
 
 fn class(status: StatusCode) -> &'static str {
@@ -357,19 +414,15 @@ impl HttpBody for Counting {
 pub fn count_response(
     tunnel: Option<&Arc<Tunnel>>,
     declared_in: Option<u64>,
-    started: Instant,
+    elapsed: Duration,
     response: Response<Body>,
 ) -> Response<Body> {
     let Some(tunnel) = tunnel else {
         return response;
     };
     let m = metrics();
-    m.requests
-        .get_or_create(&Class {
-            class: class(response.status()),
-        })
-        .inc();
-    m.latency.observe(started.elapsed().as_secs_f64());
+    class_counter(response.status()).inc();
+    m.latency.observe(elapsed.as_secs_f64());
     m.bytes_in.inc_by(declared_in.unwrap_or(0));
     let stats = tunnel.stats.clone();
     stats.requests.fetch_add(1, Relaxed);

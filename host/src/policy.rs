@@ -198,6 +198,20 @@ pub trait NamingPolicy: Send + Sync {
 #[async_trait]
 pub trait RequestPolicy: Send + Sync {
     async fn check_request(&self, facts: RequestFacts) -> RequestVerdict;
+
+    /// The verdict for a request from `client_ip` to the tunnel `name` when it is known
+    /// without the request's facts (`owner_options`: the owner set options), else `None`,
+    /// and the edge builds the facts and asks [`check_request`](Self::check_request). Most
+    /// requests have one: the rate limiter's lease covers them, or no policy is loaded. The
+    /// answer must be the one `check_request` would give; by default there is none.
+    fn check_cached(
+        &self,
+        _client_ip: &str,
+        _name: &str,
+        _owner_options: bool,
+    ) -> Option<RequestVerdict> {
+        None
+    }
 }
 
 /// Admits or rejects scan jobs. Fails closed.
@@ -224,6 +238,10 @@ impl NamingPolicy for BuiltinPolicy {
 impl RequestPolicy for BuiltinPolicy {
     async fn check_request(&self, _facts: RequestFacts) -> RequestVerdict {
         RequestVerdict::admit()
+    }
+
+    fn check_cached(&self, _: &str, _: &str, _: bool) -> Option<RequestVerdict> {
+        Some(RequestVerdict::admit())
     }
 }
 

@@ -129,6 +129,8 @@ pub struct HttpsListener {
 /// How one connection arrived, as its requests see it.
 struct Conn {
     peer: SocketAddr,
+    /// The peer's address as text, formatted once for all of the connection's requests.
+    peer_ip: HeaderValue,
     tls: bool,
     policy: Option<Arc<HttpsPolicy>>,
 }
@@ -188,6 +190,7 @@ pub async fn serve_edge(listeners: Listeners, edge: Arc<HttpEdge>, mut stop: Sto
         let (edge, builder, stop) = (edge.clone(), builder.clone(), stop.clone());
         let conn = Conn {
             peer,
+            peer_ip: proxy::ip_header(peer.ip()),
             tls,
             policy: policy.clone(),
         };
@@ -279,6 +282,8 @@ struct RequestCtx {
     /// The client's address as the edge resolves it: the peer, or what a trusted proxy
     /// forwarded. What policies, logs and the backend's `X-Forwarded-For` see.
     client_ip: std::net::IpAddr,
+    /// `client_ip` as text.
+    client_ip_header: HeaderValue,
     started: Instant,
     method: Method,
     /// Path and query as sent: the backend's request target, and what the log shows.
@@ -299,10 +304,15 @@ async fn handle(req: Request<Incoming>, conn: &Conn, edge: Arc<HttpEdge>) -> Res
     {
         return redirect;
     }
+    let client_ip = edge.trusted_proxies.client_ip(peer.ip(), req.headers());
     let mut ctx = RequestCtx {
         peer,
         scheme: if conn.tls { "https" } else { "http" },
-        client_ip: edge.trusted_proxies.client_ip(peer.ip(), req.headers()),
+        client_ip,
+        client_ip_header: match client_ip == peer.ip() {
+            true => conn.peer_ip.clone(),
+            false => proxy::ip_header(client_ip),
+        },
         started: Instant::now(),
         method: req.method().clone(),
         path: req
@@ -314,10 +324,12 @@ async fn handle(req: Request<Incoming>, conn: &Conn, edge: Arc<HttpEdge>) -> Res
     };
     let declared_in = crate::metrics::declared_length(req.headers());
     let result = phases(req, &mut ctx, &edge).await;
-    log(&ctx, &result);
+    // One clock reading for the log line and the latency metric.
+    let elapsed = ctx.started.elapsed();
+    log(&ctx, &result, elapsed);
     let response = result.unwrap_or_else(|e| e.response());
     let mut response =
-        crate::metrics::count_response(ctx.tunnel.as_ref(), declared_in, ctx.started, response);
+        crate::metrics::count_response(ctx.tunnel.as_ref(), declared_in, elapsed, response);
     if conn.tls
         && let Some(policy) = &conn.policy
     {
@@ -382,8 +394,7 @@ async fn phases(
 
 /// Phase 6, log: a line on the tunnel owner's terminal for every request that reached a
 /// live tunnel; errors also go to the host's log (see [`EdgeError::log`]).
-fn log(ctx: &RequestCtx, result: &Result<Response<Body>, EdgeError>) {
-    use std::fmt::Write as _;
+fn log(ctx: &RequestCtx, result: &Result<Response<Body>, EdgeError>, elapsed: Duration) {
     let tunnel = ctx.tunnel.as_deref();
     if let Err(e) = result {
         e.log(tunnel.map(|t| t.name.as_str()));
@@ -408,7 +419,10 @@ fn log(ctx: &RequestCtx, result: &Result<Response<Body>, EdgeError>) {
             .take(LOGGED_PATH_CHARS)
             .filter(|c| !c.is_control()),
     );
-    let _ = write!(line, " {} ", status.as_u16());
+    // Written digit by digit: `write!` goes through `fmt::write` and its padding machinery.
+    line.push(' ');
+    line.push_str(status.as_str());
+    line.push(' ');
     match result {
         Err(EdgeError::Denied { .. }) => line.push_str("(rate limited)"),
         Err(EdgeError::PolicyAnswer { .. }) => line.push_str("(denied by the access policy)"),
@@ -416,10 +430,36 @@ fn log(ctx: &RequestCtx, result: &Result<Response<Body>, EdgeError>) {
         Err(EdgeError::AuthRequired { .. }) => line.push_str("(credentials required)"),
         Err(EdgeError::Busy) => line.push_str("(tunnel busy)"),
         _ => {
-            let _ = write!(line, "{}ms", ctx.started.elapsed().as_millis());
+            push_decimal(&mut line, elapsed.as_millis());
+            line.push_str("ms");
         }
     }
     tunnel.output.line(line);
+}
+
+/// Appends `n` in decimal.
+fn push_decimal(line: &mut String, n: u128) {
+    let mut digits = [0u8; 39];
+    let mut at = digits.len();
+    let mut n = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    // ASCII digits only.
+    line.push_str(std::str::from_utf8(&digits[at..]).unwrap_or("0"));
+}
+
+impl RequestCtx {
+    /// The client's address as text.
+    fn client_ip_text(&self) -> &str {
+        // Built from an address's text, so always ASCII.
+        self.client_ip_header.to_str().unwrap_or_default()
+    }
 }
 
 /// A refusal by a policy or a limit, in the host log (throttled, see [`denials`]).

@@ -189,6 +189,7 @@ async fn handle_internal(
         peer,
         scheme: if forwarded.https { "https" } else { "http" },
         client_ip: forwarded.client_ip,
+        client_ip_header: super::proxy::ip_header(forwarded.client_ip),
         started: Instant::now(),
         method: req.method().clone(),
         path,
@@ -196,7 +197,7 @@ async fn handle_internal(
         forwarded: true,
     };
     let result = super::phases(req, &mut ctx, &edge).await;
-    super::log(&ctx, &result);
+    super::log(&ctx, &result, ctx.started.elapsed());
     result.unwrap_or_else(|e| e.response())
 }
 

@@ -2,7 +2,6 @@
 //! filter the response. Bodies stream both ways without buffering; an `Upgrade` request
 //! (WebSocket) is piped byte for byte only after the backend's `101`.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -24,17 +23,6 @@ use crate::policy::{
     BasicAuth, HeaderEdit, HeaderEdits, RequestFacts, RequestPolicy, RequestVerdict,
 };
 use crate::tunnels::Tunnel;
-
-/// Headers that describe one hop and are never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [HeaderName; 7] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
 
 // The forwarded headers as names, not strings: a `&str` name is parsed again on every use.
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -63,6 +51,16 @@ pub async fn admit(
     tunnel: &Tunnel,
     policy: &dyn RequestPolicy,
 ) -> Result<HeaderEdits, EdgeError> {
+    let options = tunnel.options.current(tunnel.opened).await;
+    // Most requests are decided without their facts (a rate limiter's lease): nothing is
+    // copied out of the request for them.
+    if let Some(verdict) = policy.check_cached(
+        ctx.client_ip_text(),
+        tunnel.name.as_str(),
+        !options.is_empty(),
+    ) {
+        return settle(verdict, req.headers());
+    }
     let host = req
         .headers()
         .get(header::HOST)
@@ -79,9 +77,8 @@ pub async fn admit(
     if req.headers().contains_key(header::AUTHORIZATION) {
         headers.push(("authorization".into(), "present".into()));
     }
-    let options = tunnel.options.current(tunnel.opened).await;
     let facts = RequestFacts {
-        client_ip: ctx.client_ip.to_string(),
+        client_ip: ctx.client_ip_text().to_string(),
         host,
         name: tunnel.name.to_string(),
         owner_key_hash: tunnel.owner.to_string(),
@@ -92,7 +89,12 @@ pub async fn admit(
         options: options.to_vec(),
         scheme: ctx.scheme.into(),
     };
-    match policy.check_request(facts).await {
+    settle(policy.check_request(facts).await, req.headers())
+}
+
+/// What the edge does with a verdict: forward with header edits, or answer itself.
+fn settle(verdict: RequestVerdict, headers: &HeaderMap) -> Result<HeaderEdits, EdgeError> {
+    match verdict {
         RequestVerdict::Admit(edits) => Ok(edits),
         RequestVerdict::Limited {
             status,
@@ -115,7 +117,7 @@ pub async fn admit(
         RequestVerdict::Redirect { status, location } => {
             Err(EdgeError::Redirect { status, location })
         }
-        RequestVerdict::RequireAuth(auth) => check_basic_auth(req.headers(), auth),
+        RequestVerdict::RequireAuth(auth) => check_basic_auth(headers, auth),
     }
 }
 
@@ -184,7 +186,12 @@ pub async fn forward(
     let client_upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
     let upgrade = client_upgrade.is_some();
     let (mut parts, body) = req.into_parts();
-    rewrite_headers(&mut parts.headers, ctx.client_ip, upgrade, ctx.scheme);
+    rewrite_headers(
+        &mut parts.headers,
+        &ctx.client_ip_header,
+        upgrade,
+        ctx.scheme,
+    );
     // After the host's own rewrite, so `x-forwarded-host` still names what the client asked
     // for when a policy rewrites `host`.
     apply_edits(&mut parts.headers, &edits.request);
@@ -238,27 +245,36 @@ pub async fn forward(
 }
 
 /// Phase 4, rewrite: hop-by-hop headers go; forwarded headers describe this hop only,
-/// never what the client claims (p0rt is the edge). `scheme`: `http` or `https`, how the
-/// client reached the edge (`X-Forwarded-Proto`).
-pub fn rewrite_headers(headers: &mut HeaderMap, peer: IpAddr, upgrade: bool, scheme: &'static str) {
+/// never what the client claims (p0rt is the edge). `client_ip`: the client's address as
+/// text (`X-Forwarded-For`, formatted once per connection); `scheme`: `http` or `https`,
+/// how the client reached the edge (`X-Forwarded-Proto`).
+pub fn rewrite_headers(
+    headers: &mut HeaderMap,
+    client_ip: &HeaderValue,
+    upgrade: bool,
+    scheme: &'static str,
+) {
     let host = headers.get(header::HOST).cloned();
-    let upgrade_header = headers.get(header::UPGRADE).cloned();
-    strip_hop_by_hop(headers);
-    headers.remove(header::UPGRADE);
+    // `Upgrade` is never forwarded as it came: an upgrade gets exactly its own back below.
+    let upgrade_header = strip(headers, true);
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         if let Some(value) = upgrade_header {
             headers.insert(header::UPGRADE, value);
         }
     }
-    if let Ok(ip) = HeaderValue::from_str(&peer.to_string()) {
-        headers.insert(X_FORWARDED_FOR, ip);
-    }
+    headers.insert(X_FORWARDED_FOR, client_ip.clone());
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
     match host {
         Some(host) => headers.insert(X_FORWARDED_HOST, host),
         None => headers.remove(X_FORWARDED_HOST),
     };
+}
+
+/// An address as a header value (`X-Forwarded-For`).
+pub(super) fn ip_header(ip: std::net::IpAddr) -> HeaderValue {
+    // An address's text is always a valid header value.
+    HeaderValue::from_str(&ip.to_string()).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
 /// Phase 5, filter: the backend's response without its hop-by-hop headers; its body is cut
@@ -316,29 +332,89 @@ pub(super) fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = Str
 }
 
 pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    strip(headers, false);
+}
+
+/// Headers that describe one hop and are never forwarded (RFC 9110 §7.6.1), then `Upgrade`,
+/// which a request forwards only for an upgrade (put back by [`rewrite_headers`]).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Where `name` is in [`HOP_BY_HOP`].
+fn hop_by_hop_index(name: &HeaderName) -> Option<u32> {
+    // Names are lowercase; the match compares lengths first.
+    Some(match name.as_str() {
+        "connection" => 0,
+        "keep-alive" => 1,
+        "proxy-connection" => 2,
+        "proxy-authenticate" => 3,
+        "te" => 4,
+        "trailer" => 5,
+        "transfer-encoding" => 6,
+        "upgrade" => 7,
+        _ => return None,
+    })
+}
+
+/// Removes the hop-by-hop headers and those named in `Connection`; with `upgrade`, also
+/// `Upgrade`, whose first value it returns. The names present are found in one pass over
+/// the map's names, and only those are removed: removing an absent name still hashes it,
+/// which for a typical message was every one of them.
+fn strip(headers: &mut HeaderMap, upgrade: bool) -> Option<HeaderValue> {
+    let count = if upgrade { 8 } else { 7 };
+    let mut present = 0u32;
+    for name in headers.keys() {
+        if let Some(i) = hop_by_hop_index(name)
+            && i < count
+        {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
+        return None;
+    }
+    let upgrade_value = (present & (1 << 7) != 0)
+        .then(|| headers.get(header::UPGRADE).cloned())
+        .flatten();
     // A message framed by Transfer-Encoding has no length of its own: Transfer-Encoding
     // overrides Content-Length, and a proxy must drop the stale length before forwarding
     // (RFC 9112 §6.3). Kept, it would cut the re-framed body short.
-    if headers.contains_key(header::TRANSFER_ENCODING) {
+    if present & (1 << 6) != 0 {
         headers.remove(header::CONTENT_LENGTH);
     }
     // Headers named in Connection are hop-by-hop too. Most messages name only `keep-alive`,
     // removed below anyway: nothing is collected (or allocated) for it, and no token is
     // lowercased into a new string (`HeaderName::from_bytes` lowercases).
-    let mut named: Vec<HeaderName> = Vec::new();
-    for value in headers.get_all(header::CONNECTION) {
-        let Ok(value) = value.to_str() else { continue };
-        for token in value.split(',').map(str::trim) {
-            if !token.eq_ignore_ascii_case("keep-alive")
-                && let Ok(name) = HeaderName::from_bytes(token.as_bytes())
-            {
-                named.push(name);
+    if present & 1 != 0 {
+        let mut named: Vec<HeaderName> = Vec::new();
+        for value in headers.get_all(header::CONNECTION) {
+            let Ok(value) = value.to_str() else { continue };
+            for token in value.split(',').map(str::trim) {
+                if !token.eq_ignore_ascii_case("keep-alive")
+                    && let Ok(name) = HeaderName::from_bytes(token.as_bytes())
+                {
+                    named.push(name);
+                }
             }
         }
+        for name in &named {
+            headers.remove(name);
+        }
     }
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP[..count as usize].iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
+    upgrade_value
 }
 
 #[cfg(test)]
@@ -379,7 +455,12 @@ mod tests {
             ("upgrade", "websocket"),
             ("accept", "*/*"),
         ]);
-        rewrite_headers(&mut headers, "192.0.2.7".parse().unwrap(), false, "http");
+        rewrite_headers(
+            &mut headers,
+            &ip_header("192.0.2.7".parse().unwrap()),
+            false,
+            "http",
+        );
         assert_eq!(get(&headers, "x-forwarded-for"), ["192.0.2.7"]);
         assert_eq!(get(&headers, "x-forwarded-proto"), ["http"]);
         assert_eq!(get(&headers, "x-forwarded-host"), ["a.localhost:8080"]);
@@ -399,7 +480,12 @@ mod tests {
             ("upgrade", "websocket"),
         ]);
         assert!(is_upgrade(&headers));
-        rewrite_headers(&mut headers, "::1".parse().unwrap(), true, "https");
+        rewrite_headers(
+            &mut headers,
+            &ip_header("::1".parse().unwrap()),
+            true,
+            "https",
+        );
         assert_eq!(get(&headers, "connection"), ["upgrade"]);
         assert_eq!(get(&headers, "upgrade"), ["websocket"]);
         assert_eq!(get(&headers, "x-forwarded-for"), ["::1"]);
@@ -409,6 +495,41 @@ mod tests {
             "a TLS request says so"
         );
         assert!(!headers.contains_key("x-secret"));
+    }
+
+    #[test]
+    fn every_hop_by_hop_header_goes_and_nothing_else() {
+        let mut headers = map(&[
+            ("connection", "close"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("proxy-authenticate", "Basic"),
+            ("te", "trailers"),
+            ("trailer", "x-sum"),
+            ("upgrade", "h2c"),
+            ("content-type", "text/plain"),
+            ("x-other", "1"),
+        ]);
+        strip_hop_by_hop(&mut headers);
+        // A response's `Upgrade` is the backend's to send (a 101 is piped as it came).
+        let mut left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["content-type", "upgrade", "x-other"], "{headers:?}");
+        // A message without any is left as it was.
+        let before = map(&[("content-type", "text/plain"), ("content-length", "3")]);
+        let mut after = before.clone();
+        strip_hop_by_hop(&mut after);
+        assert_eq!(after, before);
+        // `Connection: close` names no header; `Connection: upgrade` on a plain request
+        // takes `Upgrade` with it.
+        let mut headers = map(&[("connection", "upgrade"), ("upgrade", "websocket")]);
+        rewrite_headers(
+            &mut headers,
+            &ip_header("::1".parse().unwrap()),
+            false,
+            "http",
+        );
+        assert!(!headers.contains_key("upgrade"), "{headers:?}");
     }
 
     #[test]

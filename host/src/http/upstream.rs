@@ -40,15 +40,23 @@ pub enum UpstreamError {
     Handshake(#[source] hyper::Error),
 }
 
-type Key = (TunnelName, SessionId);
-
 struct Idle {
     sender: SendRequest<Body>,
     /// Since when it has had nothing to do.
     since: Instant,
 }
 
-type IdleMap = Mutex<HashMap<Key, Vec<Idle>>>;
+/// Idle connections of one name served by a session.
+struct Named {
+    name: TunnelName,
+    idle: Vec<Idle>,
+}
+
+/// By session, then name (a session serves one name, or a few with sub-names). Looked up
+/// twice per request (take, put): by a number hashed with foldhash, not SipHash, and
+/// without building a key (a name would be cloned for every lookup).
+type Sessions = HashMap<SessionId, Vec<Named>, foldhash::fast::RandomState>;
+type IdleMap = Mutex<Sessions>;
 
 /// Idle upstream connections of every live tunnel. A sweeper closes those idle longer than
 /// the pool's timeout; it stops when the pool is dropped.
@@ -104,9 +112,22 @@ impl UpstreamPool {
     /// Keeps a connection for reuse. One still streaming its last response is kept too: it
     /// becomes ready once that response ends.
     pub fn put(&self, tunnel: &Tunnel, sender: SendRequest<Body>) {
+        if sender.is_closed() {
+            return;
+        }
         let mut idle = lock(&self.idle);
-        let list = idle.entry(key(tunnel)).or_default();
-        if list.len() < self.max_per_tunnel && !sender.is_closed() {
+        let names = idle.entry(tunnel.session).or_default();
+        let list = match names.iter().position(|n| n.name == tunnel.name) {
+            Some(i) => &mut names[i].idle,
+            None => {
+                names.push(Named {
+                    name: tunnel.name.clone(),
+                    idle: Vec::new(),
+                });
+                &mut names.last_mut().expect("just pushed").idle
+            }
+        };
+        if list.len() < self.max_per_tunnel {
             list.push(Idle {
                 sender,
                 since: Instant::now(),
@@ -117,12 +138,16 @@ impl UpstreamPool {
     /// Idle connections held for `tunnel` (tests).
     #[cfg(test)]
     pub fn idle_count(&self, tunnel: &Tunnel) -> usize {
-        lock(&self.idle).get(&key(tunnel)).map_or(0, Vec::len)
+        lock(&self.idle)
+            .get(&tunnel.session)
+            .and_then(|names| names.iter().find(|n| n.name == tunnel.name))
+            .map_or(0, |n| n.idle.len())
     }
 
     fn take(&self, tunnel: &Tunnel) -> Option<SendRequest<Body>> {
         let mut idle = lock(&self.idle);
-        let list = idle.get_mut(&key(tunnel))?;
+        let names = idle.get_mut(&tunnel.session)?;
+        let list = &mut names.iter_mut().find(|n| n.name == tunnel.name)?.idle;
         list.retain(|i| !i.sender.is_closed());
         let ready = list.iter().position(|i| i.sender.is_ready())?;
         Some(list.swap_remove(ready).sender)
@@ -135,11 +160,7 @@ impl Drop for UpstreamPool {
     }
 }
 
-fn key(tunnel: &Tunnel) -> Key {
-    (tunnel.name.clone(), tunnel.session)
-}
-
-fn lock(idle: &IdleMap) -> std::sync::MutexGuard<'_, HashMap<Key, Vec<Idle>>> {
+fn lock(idle: &IdleMap) -> std::sync::MutexGuard<'_, Sessions> {
     idle.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -148,14 +169,17 @@ fn lock(idle: &IdleMap) -> std::sync::MutexGuard<'_, HashMap<Key, Vec<Idle>>> {
 /// its idle clock.
 fn sweep(idle: &IdleMap, timeout: Duration, now: Instant) {
     let mut idle = lock(idle);
-    idle.retain(|_, list| {
-        list.retain_mut(|i| {
-            if !i.sender.is_ready() {
-                i.since = now;
-            }
-            !i.sender.is_closed() && now.duration_since(i.since) < timeout
+    idle.retain(|_, names| {
+        names.retain_mut(|named| {
+            named.idle.retain_mut(|i| {
+                if !i.sender.is_ready() {
+                    i.since = now;
+                }
+                !i.sender.is_closed() && now.duration_since(i.since) < timeout
+            });
+            !named.idle.is_empty()
         });
-        !list.is_empty()
+        !names.is_empty()
     });
 }
 

@@ -33,7 +33,8 @@ fn decided<B: RoleBinding>(plugin: &Plugin<B>, verdict: &'static str) {
         .counts
         .decisions
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    crate::metrics::plugin_decision(B::ROLE.interface(), &plugin.info.label, verdict);
+    debug_assert_eq!(B::ROLE, plugin.info.role);
+    plugin.info.decisions.inc(verdict);
 }
 
 fn rate_word(decision: &RateDecision) -> &'static str {
@@ -215,8 +216,50 @@ impl PolicyPlugins {
     }
 }
 
+/// The verdict for a refusal of the rate limiter; `None` for an admission.
+fn limited(rate: RateDecision) -> Option<RequestVerdict> {
+    match rate {
+        RateDecision::Deny {
+            status,
+            retry_after_seconds,
+            message,
+        } => Some(RequestVerdict::Limited {
+            status: http::StatusCode::from_u16(status)
+                .unwrap_or(http::StatusCode::TOO_MANY_REQUESTS),
+            retry_after_seconds,
+            message,
+        }),
+        RateDecision::Allow { .. } => None,
+    }
+}
+
 #[async_trait::async_trait]
 impl RequestPolicy for PolicyPlugins {
+    /// Known without the facts: with plugins disabled, admit; when the request policy does
+    /// not apply (none loaded, or it answered `needs-check` false and the owner set no
+    /// options), the rate limiter's held answer (a lease, or a recent denial), exactly as
+    /// [`check_request`](RequestPolicy::check_request) would use it.
+    fn check_cached(
+        &self,
+        client_ip: &str,
+        name: &str,
+        owner_options: bool,
+    ) -> Option<RequestVerdict> {
+        if !self.enabled() {
+            return Some(RequestVerdict::admit());
+        }
+        let active = self.active();
+        if let Some(policy) = &active.request_policy
+            && (owner_options || policy.memo.get() != Some(&false))
+        {
+            return None;
+        }
+        let plugin = active.rate_limit.as_ref()?;
+        let decision = plugin.leases.take(client_ip, name)?;
+        decided(plugin, rate_word(&decision));
+        Some(limited(decision).unwrap_or_else(RequestVerdict::admit))
+    }
+
     async fn check_request(&self, facts: RequestFacts) -> RequestVerdict {
         if !self.enabled() {
             return RequestVerdict::admit();
@@ -234,18 +277,8 @@ impl RequestPolicy for PolicyPlugins {
             ),
             None => (self.rate(active.rate_limit.as_ref(), facts).await, None),
         };
-        if let RateDecision::Deny {
-            status,
-            retry_after_seconds,
-            message,
-        } = rate
-        {
-            return RequestVerdict::Limited {
-                status: http::StatusCode::from_u16(status)
-                    .unwrap_or(http::StatusCode::TOO_MANY_REQUESTS),
-                retry_after_seconds,
-                message,
-            };
+        if let Some(limited) = limited(rate) {
+            return limited;
         }
         let (Some(plugin), Some(facts)) = (policy, facts) else {
             return RequestVerdict::admit();

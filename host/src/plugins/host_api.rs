@@ -46,6 +46,9 @@ pub struct CallClock {
     host_since: Option<Instant>,
     /// Set when a host operation failed for reasons of the host's own (store, Redis).
     pub fault: Option<String>,
+    /// Keeps the epoch clock ticking from the call's start until it is settled (or its
+    /// store dropped).
+    pub(super) running: Option<super::runtime::epoch::Running>,
 }
 
 impl CallClock {
@@ -53,6 +56,7 @@ impl CallClock {
     pub fn start(&mut self) {
         *self = CallClock {
             started: Some(Instant::now()),
+            running: Some(super::runtime::epoch::running()),
             ..CallClock::default()
         };
     }

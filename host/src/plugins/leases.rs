@@ -35,9 +35,12 @@ impl Entry {
     }
 }
 
+/// Looked up for every request: hashed with foldhash (seeded per process), not SipHash.
+type Entries = HashMap<String, Entry, foldhash::fast::RandomState>;
+
 #[derive(Default)]
 pub struct Leases {
-    entries: Mutex<HashMap<String, Entry>>,
+    entries: Mutex<Entries>,
 }
 
 fn key(client_ip: &str, name: &str) -> String {
@@ -48,8 +51,26 @@ fn key(client_ip: &str, name: &str) -> String {
     key
 }
 
+/// Runs `f` with the key of `client_ip` and `name`, built on the stack when it fits (it
+/// always does for an address and a DNS label): a lookup allocates nothing.
+fn with_key<R>(client_ip: &str, name: &str, f: impl FnOnce(&str) -> R) -> R {
+    let mut buf = [0u8; 128];
+    let len = client_ip.len() + 1 + name.len();
+    if len > buf.len() {
+        return f(&key(client_ip, name));
+    }
+    buf[..client_ip.len()].copy_from_slice(client_ip.as_bytes());
+    buf[client_ip.len()] = b' ';
+    buf[client_ip.len() + 1..len].copy_from_slice(name.as_bytes());
+    match std::str::from_utf8(&buf[..len]) {
+        Ok(key) => f(key),
+        // Two strings joined by a space are text; never reached.
+        Err(_) => f(&key(client_ip, name)),
+    }
+}
+
 impl Leases {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
         // Every update is a single insert or decrement, so a poisoned map is still sound.
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -58,23 +79,24 @@ impl Leases {
     /// request) or a recent denial.
     pub fn take(&self, client_ip: &str, name: &str) -> Option<RateDecision> {
         let now = Instant::now();
-        let key = key(client_ip, name);
-        let mut entries = self.lock();
-        let entry = entries.get_mut(&key)?;
-        if entry.until() <= now {
-            entries.remove(&key);
-            return None;
-        }
-        match entry {
-            Entry::Admit { left, .. } => {
-                *left -= 1;
-                if *left == 0 {
-                    entries.remove(&key);
-                }
-                Some(RateDecision::allow())
+        with_key(client_ip, name, |key| {
+            let mut entries = self.lock();
+            let entry = entries.get_mut(key)?;
+            if entry.until() <= now {
+                entries.remove(key);
+                return None;
             }
-            Entry::Deny { decision, .. } => Some(decision.clone()),
-        }
+            match entry {
+                Entry::Admit { left, .. } => {
+                    *left -= 1;
+                    if *left == 0 {
+                        entries.remove(key);
+                    }
+                    Some(RateDecision::allow())
+                }
+                Entry::Deny { decision, .. } => Some(decision.clone()),
+            }
+        })
     }
 
     /// Remembers what the plugin answered, if it can be reused.
@@ -131,6 +153,24 @@ mod tests {
     fn lease(requests: u32, millis: u32) -> RateDecision {
         RateDecision::Allow {
             lease: Some(RateLease { requests, millis }),
+        }
+    }
+
+    #[test]
+    fn a_long_key_is_kept_as_well_as_a_short_one() {
+        let leases = Leases::default();
+        let long = "n".repeat(200);
+        for name in ["a", long.as_str()] {
+            leases.note("2001:db8::1", name, &lease(2, 60_000));
+            assert_eq!(
+                leases.take("2001:db8::1", name),
+                Some(RateDecision::allow())
+            );
+            assert_eq!(
+                leases.take("2001:db8::1", name),
+                Some(RateDecision::allow())
+            );
+            assert_eq!(leases.take("2001:db8::1", name), None, "{name}: used up");
         }
     }
 

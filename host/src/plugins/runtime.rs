@@ -32,6 +32,8 @@ pub const MAX_PLUGIN_BYTES: usize = 16 * 1024 * 1024;
 pub const FUEL_PER_CALL: u64 = 20_000_000;
 /// Period of the epoch clock behind the plugin's deadline.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+/// How long the epoch clock keeps ticking after the last plugin call ended (see [`epoch`]).
+pub const EPOCH_LINGER: Duration = Duration::from_millis(250);
 /// The plugin's own running time per call (wall time minus host operations): a backstop
 /// for fuel. Time spent waiting in host imports does not count.
 pub const PLUGIN_DEADLINE: Duration = Duration::from_millis(100);
@@ -78,6 +80,119 @@ fn engine_config(pooling: bool) -> wasmtime::Config {
     config
 }
 
+/// The epoch clock behind every engine's plugin deadlines. One thread advances the epoch of
+/// each live engine every [`EPOCH_TICK`] while a plugin call runs, and for [`EPOCH_LINGER`]
+/// after the last one ended (a busy host keeps it running, and a call does no system call
+/// to wake it); then it parks, so an idle host has no wake-ups for it. A call that starts
+/// while it is parked wakes it before the plugin runs ([`running`]), so every call's
+/// deadline is enforced as before: it is counted in ticks from the call's start.
+pub(super) mod epoch {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+    use std::sync::{Mutex, OnceLock};
+    use std::thread::Thread;
+
+    use wasmtime::{Engine, EngineWeak};
+
+    use super::{EPOCH_LINGER, EPOCH_TICK};
+
+    struct Clock {
+        engines: Mutex<Vec<EngineWeak>>,
+        /// Plugin calls under way.
+        running: AtomicUsize,
+        /// Set by the ticker just before it parks.
+        parked: AtomicBool,
+        thread: OnceLock<Thread>,
+    }
+
+    static CLOCK: Clock = Clock {
+        engines: Mutex::new(Vec::new()),
+        running: AtomicUsize::new(0),
+        parked: AtomicBool::new(false),
+        thread: OnceLock::new(),
+    };
+
+    /// Ticks `engine`'s epoch from now on (while calls run); starts the ticker thread once.
+    pub fn register(engine: &Engine) -> std::io::Result<()> {
+        CLOCK
+            .engines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(engine.weak());
+        if CLOCK.thread.get().is_none() {
+            static START: Mutex<()> = Mutex::new(());
+            let _once = START.lock().unwrap_or_else(|p| p.into_inner());
+            if CLOCK.thread.get().is_none() {
+                let handle = std::thread::Builder::new()
+                    .name("p0rt-plugin-epoch".into())
+                    .spawn(tick)?;
+                let _ = CLOCK.thread.set(handle.thread().clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// Held while a plugin call runs: the epoch advances until every one is dropped.
+    #[derive(Debug)]
+    pub struct Running(());
+
+    /// Marks a plugin call as running, waking the ticker if it parked.
+    pub fn running() -> Running {
+        CLOCK.running.fetch_add(1, SeqCst);
+        // Paired with the ticker's store of `parked` then load of `running` (all SeqCst):
+        // either it sees this call and stays awake, or this sees it parked and wakes it.
+        if CLOCK.parked.load(SeqCst)
+            && let Some(thread) = CLOCK.thread.get()
+        {
+            thread.unpark();
+        }
+        Running(())
+    }
+
+    impl Drop for Running {
+        fn drop(&mut self) {
+            CLOCK.running.fetch_sub(1, SeqCst);
+        }
+    }
+
+    /// Plugin calls under way (tests).
+    #[cfg(test)]
+    pub fn calls_running() -> usize {
+        CLOCK.running.load(SeqCst)
+    }
+
+    fn tick() {
+        let linger = (EPOCH_LINGER.as_nanos() / EPOCH_TICK.as_nanos()).max(1) as u32;
+        let mut quiet = 0u32;
+        loop {
+            if CLOCK.running.load(SeqCst) == 0 {
+                quiet += 1;
+            } else {
+                quiet = 0;
+            }
+            if quiet > linger {
+                CLOCK.parked.store(true, SeqCst);
+                if CLOCK.running.load(SeqCst) == 0 {
+                    std::thread::park();
+                }
+                CLOCK.parked.store(false, SeqCst);
+                quiet = 0;
+            }
+            CLOCK
+                .engines
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|weak| match weak.upgrade() {
+                    Some(engine) => {
+                        engine.increment_epoch();
+                        true
+                    }
+                    None => false,
+                });
+            std::thread::sleep(EPOCH_TICK);
+        }
+    }
+}
+
 /// One engine and linker shared by every plugin.
 pub struct Runtime {
     engine: Engine,
@@ -111,17 +226,7 @@ impl Runtime {
             .map_err(|e| PluginError::Engine(wasm_error(e)))?;
         host_v2::Host_::add_to_linker::<PluginState, HasSelf<PluginState>>(&mut linker, |s| s)
             .map_err(|e| PluginError::Engine(wasm_error(e)))?;
-        let weak = engine.weak();
-        std::thread::Builder::new()
-            .name("p0rt-plugin-epoch".into())
-            .spawn(move || {
-                while let Some(engine) = weak.upgrade() {
-                    engine.increment_epoch();
-                    drop(engine);
-                    std::thread::sleep(EPOCH_TICK);
-                }
-            })
-            .map_err(|e| PluginError::Engine(e.to_string()))?;
+        epoch::register(&engine).map_err(|e| PluginError::Engine(e.to_string()))?;
         if let Some(dir) = &cache_dir
             && let Err(e) = std::fs::create_dir_all(dir)
         {
@@ -251,10 +356,12 @@ impl Runtime {
             None
         };
         let interface = format!("p0rt:policy/{}@", role.interface());
+        let label = crate::metrics::plugin_label(&spec.name);
         let info = PluginInfo {
             loaded_at: crate::unix_now(),
             counts: Arc::default(),
-            label: crate::metrics::plugin_label(&spec.name),
+            decisions: crate::metrics::DecisionCounters::new(role.interface(), label.clone()),
+            label,
             name: spec.name.into(),
             sha256,
             role,
@@ -361,6 +468,8 @@ pub struct PluginInfo {
     pub name: Arc<str>,
     /// The name as a metrics label value (bounded, see [`crate::metrics::plugin_label`]).
     pub label: Arc<str>,
+    /// Its answers in the metrics, by verdict.
+    pub decisions: crate::metrics::DecisionCounters,
     pub sha256: String,
     pub role: Role,
     /// Version of `p0rt:policy` the plugin was built against, from its export name.
@@ -479,6 +588,7 @@ fn settle<R>(
     plugin_error: fn(String) -> PluginError,
 ) -> Result<R, PluginError> {
     let clock = &mut store.data_mut().clock;
+    clock.running = None;
     match outcome {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(_)) if clock.fault.is_some() => Err(PluginError::HostFault(
@@ -660,5 +770,42 @@ impl<B: RoleBinding> Plugin<B> {
             self.return_warm(warm);
         }
         Ok(answer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// After the epoch clock parked (no call for longer than [`EPOCH_LINGER`]), a call that
+    /// starts wakes it: a plugin stuck in a loop still meets its epoch deadline.
+    #[test]
+    fn a_call_after_the_clock_parked_still_meets_its_deadline() {
+        let mut config = wasmtime::Config::new();
+        config.epoch_interruption(true);
+        let engine = Engine::new(&config).unwrap();
+        epoch::register(&engine).unwrap();
+        let module = wasmtime::Module::new(
+            &engine,
+            r#"(module (func (export "spin") (loop $l (br $l))))"#,
+        )
+        .unwrap();
+        // Long enough for the clock to park when no other test runs a call.
+        std::thread::sleep(EPOCH_LINGER * 2);
+        let mut store = Store::new(&engine, ());
+        let instance = wasmtime::Instance::new(&mut store, &module, &[]).unwrap();
+        let spin = instance
+            .get_typed_func::<(), ()>(&mut store, "spin")
+            .unwrap();
+        let running = epoch::running();
+        assert!(epoch::calls_running() >= 1);
+        store.set_epoch_deadline(2);
+        let trap = spin.call(&mut store, ()).unwrap_err();
+        drop(running);
+        assert_eq!(
+            trap.downcast_ref::<wasmtime::Trap>(),
+            Some(&wasmtime::Trap::Interrupt),
+            "{trap:#}"
+        );
     }
 }
