@@ -72,7 +72,11 @@ async fn proxy(to: u16, cut: Cut) -> u16 {
                 Cut::ByteByByte => {
                     let mut ok = true;
                     for byte in &buf[..n] {
-                        if host_write.write_all(std::slice::from_ref(byte)).await.is_err() {
+                        if host_write
+                            .write_all(std::slice::from_ref(byte))
+                            .await
+                            .is_err()
+                        {
                             ok = false;
                             break;
                         }
@@ -133,9 +137,8 @@ async fn transfers(host: &Host, name: &str, upload_sizes: &[usize]) {
                 .await
                 .unwrap_or_else(|e| panic!("POST of {n} bytes: {e}"));
             assert_eq!(res.status(), 200, "POST of {n} bytes");
-            let answer: Value =
-                serde_json::from_slice(&res.bytes().await.expect("sha256 answer"))
-                    .expect("sha256 answer is JSON");
+            let answer: Value = serde_json::from_slice(&res.bytes().await.expect("sha256 answer"))
+                .expect("sha256 answer is JSON");
             assert_eq!(answer["len"].as_u64(), Some(n as u64), "POST of {n} bytes");
             assert_eq!(answer["sha256"].as_str(), Some(expected.as_str()));
         }
@@ -194,7 +197,10 @@ async fn a_bogus_packet_length_closes_only_that_connection() {
         let closed = tokio::time::timeout(Duration::from_secs(30), raw.read_to_end(&mut sink))
             .await
             .is_ok();
-        assert!(closed, "the host kept a connection with packet length {length:#x} open");
+        assert!(
+            closed,
+            "the host kept a connection with packet length {length:#x} open"
+        );
     }
     let (status, body) = host.whoami(&name).await;
     assert_eq!((status, body.as_str()), (200, "bogus-length"));
