@@ -330,11 +330,7 @@ async fn idle_sockets_never_keep_requests_out_and_keep_alive_idles_are_closed() 
     );
     let mut host = Host::start_with(&sb, config).await;
     let startup = format!("headers and keep-alive idle {}s", deadline.as_secs());
-    assert!(
-        host.log().contains(&startup),
-        "no {startup:?} in the startup log:\n{}",
-        host.log()
-    );
+    host.wait_for_log(&startup).await;
     let host_pid = host.pid();
     let (host_soft, host_hard) = open_files_limit(host_pid);
     assert!(

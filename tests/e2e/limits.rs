@@ -20,7 +20,9 @@ async fn limit_settings_are_printed_and_enforced() {
         .env("HTTP_MAX_IN_FLIGHT_PER_TUNNEL", "2")
         .env("HTTP_BODY_IDLE_TIMEOUT_SECONDS", "7");
     let host = Host::start_with(&sb, config).await;
-    let log = host.log();
+    // The log only grows: once both lines are in, the second read holds both.
+    host.wait_for_log("http limits:").await;
+    let log = host.wait_for_log("ssh limits:").await;
     let ssh_line = log
         .lines()
         .find(|l| l.contains("ssh limits:"))

@@ -353,6 +353,16 @@ impl Host {
         strip_ansi(&std::fs::read_to_string(&self.log_path).unwrap_or_default())
     }
 
+    /// Stderr once it contains `needle`. Start-up lines written by a part that starts after
+    /// the ready file (the HTTP edge's limits, say) may come a moment later on a busy machine.
+    pub async fn wait_for_log(&self, needle: &str) -> String {
+        eventually(WAIT, &format!("{needle:?} in the host's log"), || async {
+            let log = self.log();
+            log.contains(needle).then_some(log)
+        })
+        .await
+    }
+
     pub fn pid(&self) -> u32 {
         self.child
             .as_ref()
