@@ -9,7 +9,7 @@
 //! the plugin loads ([`plugin_label`]), and after [`MAX_PLUGIN_LABELS`] distinct names every
 //! further one counts as `other`, so even a directory rewritten forever adds a bounded number
 //! of series. The hot paths call the one-line functions here ([`ssh_connection`],
-//! [`ssh_auth_failure`], [`count_response`], [`plugin_decision`], [`cache_op`]…); gauges that
+//! [`ssh_auth_failure`], [`count_response`], [`DecisionCounters`], [`cache_op`]…); gauges that
 //! mirror state (live tunnels, bans, Redis health) are read when scraped.
 
 use std::net::SocketAddr;
@@ -258,22 +258,10 @@ pub fn plugin_label(name: &str) -> Arc<str> {
     label
 }
 
-/// One answer of a plugin in `role` (the role's WIT interface name) labelled `plugin` (see
-/// [`plugin_label`]); `verdict` is one of the role's fixed words.
-pub fn plugin_decision(role: &'static str, plugin: &Arc<str>, verdict: &'static str) {
-    metrics()
-        .plugin_decisions
-        .get_or_create(&Decision {
-            role,
-            plugin: plugin.clone(),
-            verdict,
-        })
-        .inc();
-}
-
-/// One plugin's answers by verdict ([`plugin_decision`] for the plugin's role and label),
-/// counted without hashing the label set on every answer: each verdict's counter is looked
-/// up in the family once, on its first use, and kept.
+/// One plugin's answers by verdict: `p0rt_plugin_decisions_total` for its role (the role's
+/// WIT interface name) and label (see [`plugin_label`]), counted without hashing the label
+/// set on every answer: each verdict's counter is looked up in the family once, on its
+/// first use, and kept.
 pub struct DecisionCounters {
     role: &'static str,
     plugin: Arc<str>,

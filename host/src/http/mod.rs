@@ -419,7 +419,7 @@ fn log(ctx: &RequestCtx, result: &Result<Response<Body>, EdgeError>, elapsed: Du
             .take(LOGGED_PATH_CHARS)
             .filter(|c| !c.is_control()),
     );
-    // Written digit by digit: `write!` goes through `fmt::write` and its padding machinery.
+    // Not `write!`: it goes through `fmt::write` and its padding machinery per request.
     line.push(' ');
     line.push_str(status.as_str());
     line.push(' ');
@@ -430,28 +430,11 @@ fn log(ctx: &RequestCtx, result: &Result<Response<Body>, EdgeError>, elapsed: Du
         Err(EdgeError::AuthRequired { .. }) => line.push_str("(credentials required)"),
         Err(EdgeError::Busy) => line.push_str("(tunnel busy)"),
         _ => {
-            push_decimal(&mut line, elapsed.as_millis());
+            line.push_str(itoa::Buffer::new().format(elapsed.as_millis()));
             line.push_str("ms");
         }
     }
     tunnel.output.line(line);
-}
-
-/// Appends `n` in decimal.
-fn push_decimal(line: &mut String, n: u128) {
-    let mut digits = [0u8; 39];
-    let mut at = digits.len();
-    let mut n = n;
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    // ASCII digits only.
-    line.push_str(std::str::from_utf8(&digits[at..]).unwrap_or("0"));
 }
 
 impl RequestCtx {

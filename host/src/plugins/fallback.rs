@@ -26,7 +26,7 @@ use crate::policy::{
 /// failed rate-limit plugin.
 pub const FALLBACK_REQUESTS_PER_IP_PER_MINUTE: i64 = 600;
 
-/// Counts one answer of `plugin` (see [`crate::metrics::plugin_decision`]).
+/// Counts one answer of `plugin` (see [`crate::metrics::DecisionCounters`]).
 fn decided<B: RoleBinding>(plugin: &Plugin<B>, verdict: &'static str) {
     plugin
         .info
