@@ -40,6 +40,8 @@ pub const MAX_TABLES: usize = 16;
 #[derive(Debug, Default)]
 pub struct CallClock {
     started: Option<Instant>,
+    /// The plugin's own time allowed for this call.
+    deadline: Duration,
     /// Time spent in finished host operations.
     in_host: Duration,
     /// Start of the host operation under way, if any.
@@ -52,13 +54,20 @@ pub struct CallClock {
 }
 
 impl CallClock {
-    /// Starts timing a new call (instantiation, `init` or a decision).
-    pub fn start(&mut self) {
+    /// Starts timing a new call (instantiation, `init` or a decision) that may run for
+    /// `deadline` of its own time.
+    pub fn start(&mut self, deadline: Duration) {
         *self = CallClock {
             started: Some(Instant::now()),
+            deadline,
             running: Some(super::runtime::epoch::running()),
             ..CallClock::default()
         };
+    }
+
+    /// The plugin's own time allowed for the call under way.
+    pub fn deadline(&self) -> Duration {
+        self.deadline
     }
 
     /// Time spent in host operations so far, including one under way.

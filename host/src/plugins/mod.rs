@@ -106,8 +106,8 @@ pub enum PluginError {
     InitRefused(String),
     #[error("{0}")]
     Trap(String),
-    #[error("did not finish within {} ms", runtime::CALL_TIMEOUT.as_millis())]
-    Timeout,
+    #[error("did not finish within {} ms", .0.as_millis())]
+    Timeout(std::time::Duration),
     /// The host failed the call (a store or Redis error in a host import, host waits that
     /// used up the call's time); never counted against the plugin.
     #[error("host fault, not counted against the plugin ({0})")]
@@ -127,7 +127,7 @@ impl PluginError {
     pub fn word(&self) -> &'static str {
         match self {
             PluginError::Trap(_) => "trap",
-            PluginError::Timeout => "timeout",
+            PluginError::Timeout(_) => "timeout",
             PluginError::HostFault(_) => "host_fault",
             PluginError::BadOutput(_) => "bad_output",
             PluginError::Benched(_) => "benched",

@@ -40,6 +40,14 @@ pub const PLUGIN_DEADLINE: Duration = Duration::from_millis(100);
 /// Longest the host waits for one call, host operations included. When it runs out while
 /// the plugin's own time is under [`PLUGIN_DEADLINE`], the host was slow: a host fault.
 pub const CALL_TIMEOUT: Duration = Duration::from_millis(250);
+/// The plugin's own running time for the instantiation and `init` that load it (at start-up
+/// and on hot reload), in place of [`PLUGIN_DEADLINE`]. Loading is on no request's path, and
+/// the deadline is wall time: on a starved machine (seen at load average 14) a good plugin
+/// passed 100 ms and the host refused it. Fuel still bounds the plugin's work.
+pub const PLUGIN_LOAD_DEADLINE: Duration = Duration::from_secs(1);
+/// Longest the host waits for the instantiation or `init` that loads a plugin, host
+/// operations included (in place of [`CALL_TIMEOUT`]).
+pub const LOAD_TIMEOUT: Duration = Duration::from_secs(2);
 /// Wasm stack a plugin may use; deeper recursion traps.
 pub const MAX_WASM_STACK: usize = 512 * 1024;
 /// Warm instances kept per plugin for reuse.
@@ -417,7 +425,7 @@ impl Parts {
             memo: std::sync::OnceLock::new(),
             leases: super::leases::Leases::default(),
         });
-        let warm = plugin.instantiate().await?;
+        let warm = plugin.instantiate(CallLimits::LOAD).await?;
         plugin.return_warm(warm);
         Ok(plugin)
     }
@@ -568,23 +576,63 @@ fn ticks(left: Duration) -> u64 {
     (left.as_nanos() / EPOCH_TICK.as_nanos()).max(1) as u64
 }
 
+/// A store for one instance: the plugin's resource limits, and its deadline counted in the
+/// plugin's own time against the limits [`arm`] sets for each call.
+fn new_store(engine: &Engine, state: PluginState) -> Store<PluginState> {
+    let mut store = Store::new(engine, state);
+    store.limiter(|s| &mut s.limits);
+    // At the deadline, extend it by what the plugin has left of its own time: waits in
+    // host imports are the host's, not the plugin's.
+    store.epoch_deadline_callback(|ctx| {
+        let clock = &ctx.data().clock;
+        Ok(match clock.deadline().checked_sub(clock.own_time()) {
+            Some(left) if !left.is_zero() => UpdateDeadline::Continue(ticks(left)),
+            _ => UpdateDeadline::Interrupt,
+        })
+    });
+    store
+}
+
+/// The time limits of one call: the plugin's own time and the host's whole wait.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CallLimits {
+    /// The plugin's own running time (wall time minus host operations).
+    pub deadline: Duration,
+    /// The whole call, host operations included.
+    pub timeout: Duration,
+}
+
+impl CallLimits {
+    /// A decision on a request's or a connection's path, and any later instantiation.
+    pub const CALL: CallLimits = CallLimits {
+        deadline: PLUGIN_DEADLINE,
+        timeout: CALL_TIMEOUT,
+    };
+    /// The instantiation and `init` that load a plugin.
+    pub const LOAD: CallLimits = CallLimits {
+        deadline: PLUGIN_LOAD_DEADLINE,
+        timeout: LOAD_TIMEOUT,
+    };
+}
+
 /// Arms the store for one call: fresh fuel, deadline and clock.
-fn arm(store: &mut Store<PluginState>) -> Result<(), PluginError> {
-    store.data_mut().clock.start();
+fn arm(store: &mut Store<PluginState>, limits: CallLimits) -> Result<(), PluginError> {
+    store.data_mut().clock.start(limits.deadline);
     store
         .set_fuel(FUEL_PER_CALL)
         .map_err(|e| PluginError::Instantiate(wasm_error(e)))?;
-    store.set_epoch_deadline(ticks(PLUGIN_DEADLINE));
+    store.set_epoch_deadline(ticks(limits.deadline));
     Ok(())
 }
 
-/// The outcome of one armed call, bounded by [`CALL_TIMEOUT`].
+/// The outcome of one armed call, bounded by its [`CallLimits::timeout`].
 type Outcome<R> = Result<wasmtime::Result<R>, tokio::time::error::Elapsed>;
 
 /// Says whose fault a failed call is. `plugin_error` describes a failure of the plugin's own.
 fn settle<R>(
     outcome: Outcome<R>,
     store: &mut Store<PluginState>,
+    limits: CallLimits,
     plugin_error: fn(String) -> PluginError,
 ) -> Result<R, PluginError> {
     let clock = &mut store.data_mut().clock;
@@ -595,12 +643,12 @@ fn settle<R>(
             clock.fault.take().unwrap_or_default(),
         )),
         Ok(Err(e)) => Err(plugin_error(describe_trap(&e))),
-        Err(_) if clock.own_time() < PLUGIN_DEADLINE => Err(PluginError::HostFault(format!(
+        Err(_) if clock.own_time() < limits.deadline => Err(PluginError::HostFault(format!(
             "host operations took {} ms of the call's {} ms",
             clock.host_time().as_millis(),
-            CALL_TIMEOUT.as_millis()
+            limits.timeout.as_millis()
         ))),
-        Err(_) => Err(PluginError::Timeout),
+        Err(_) => Err(PluginError::Timeout(limits.timeout)),
     }
 }
 
@@ -664,26 +712,18 @@ impl<B: RoleBinding> Plugin<B> {
         }
     }
 
-    async fn instantiate(&self) -> Result<Warm<B>, PluginError> {
+    /// A new instance, `init` called, under `limits` ([`CallLimits::LOAD`] for the one that
+    /// loads the plugin).
+    async fn instantiate(&self, limits: CallLimits) -> Result<Warm<B>, PluginError> {
         let state = PluginState::new(
             self.info.name.clone(),
             self.cache.clone(),
             self.domains.clone(),
         );
-        let mut store = Store::new(self.pre.engine(), state);
-        store.limiter(|s| &mut s.limits);
-        // At the deadline, extend it by what the plugin has left of its own time: waits in
-        // host imports are the host's, not the plugin's.
-        store.epoch_deadline_callback(|ctx| {
-            let own = ctx.data().clock.own_time();
-            Ok(match PLUGIN_DEADLINE.checked_sub(own) {
-                Some(left) if !left.is_zero() => UpdateDeadline::Continue(ticks(left)),
-                _ => UpdateDeadline::Interrupt,
-            })
-        });
-        arm(&mut store)?;
-        let outcome = timeout(CALL_TIMEOUT, self.pre.instantiate_async(&mut store)).await;
-        let instance = settle(outcome, &mut store, PluginError::Instantiate)?;
+        let mut store = new_store(self.pre.engine(), state);
+        arm(&mut store, limits)?;
+        let outcome = timeout(limits.timeout, self.pre.instantiate_async(&mut store)).await;
+        let instance = settle(outcome, &mut store, limits, PluginError::Instantiate)?;
         let exports = B::load(&self.indices, &mut store, &instance)
             .map_err(|e| PluginError::Instantiate(wasm_error(e)))?;
         if let Some(init) = &self.init {
@@ -693,16 +733,16 @@ impl<B: RoleBinding> Plugin<B> {
                     let init = $indices
                         .load(&mut store, &instance)
                         .map_err(|e| PluginError::Instantiate(wasm_error(e)))?;
-                    arm(&mut store)?;
+                    arm(&mut store, limits)?;
                     let call = init.p0rt_policy_init().call_init(&mut store, &self.config);
-                    timeout(CALL_TIMEOUT, call).await
+                    timeout(limits.timeout, call).await
                 }};
             }
             let outcome = match init {
                 Versioned::V1(indices) => call_init!(indices),
                 Versioned::V2(indices) => call_init!(indices),
             };
-            let result = settle(outcome, &mut store, PluginError::Trap)?;
+            let result = settle(outcome, &mut store, limits, PluginError::Trap)?;
             result.map_err(PluginError::InitRefused)?;
         }
         Ok(Warm {
@@ -755,16 +795,17 @@ impl<B: RoleBinding> Plugin<B> {
         let warm = if fresh { None } else { self.take_warm() };
         let mut warm = match warm {
             Some(warm) => warm,
-            None => self.instantiate().await?,
+            None => self.instantiate(CallLimits::CALL).await?,
         };
-        arm(&mut warm.store)?;
+        let limits = CallLimits::CALL;
+        arm(&mut warm.store, limits)?;
         let outcome = timeout(
-            CALL_TIMEOUT,
+            limits.timeout,
             B::call(&warm.exports, &mut warm.store, request),
         )
         .await;
         // A failed instance is never reused.
-        let answer = settle(outcome, &mut warm.store, PluginError::Trap)?;
+        let answer = settle(outcome, &mut warm.store, limits, PluginError::Trap)?;
         warm.calls += 1;
         if !fresh {
             self.return_warm(warm);
@@ -776,6 +817,49 @@ impl<B: RoleBinding> Plugin<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The deadline a store enforces is the one its call was armed with: a plugin that
+    /// keeps running is stopped once it has used its own time under [`CallLimits::CALL`],
+    /// and runs on for the longer [`CallLimits::LOAD`] (what loading a plugin gets, so a
+    /// starved machine does not refuse a good plugin). Fuel is lifted so only time stops it.
+    #[test]
+    fn a_call_runs_until_the_deadline_it_was_armed_with() {
+        let engine = Engine::new(&engine_config(false)).unwrap();
+        epoch::register(&engine).unwrap();
+        let module = wasmtime::Module::new(
+            &engine,
+            r#"(module (func (export "spin") (loop $l (br $l))))"#,
+        )
+        .unwrap();
+        let run = |limits: CallLimits| {
+            let state = PluginState::new("spin".into(), crate::cache::Cache::in_memory(), None);
+            let mut store = new_store(&engine, state);
+            arm(&mut store, limits).unwrap();
+            store.set_fuel(u64::MAX).unwrap();
+            let instance = wasmtime::Instance::new(&mut store, &module, &[]).unwrap();
+            let spin = instance
+                .get_typed_func::<(), ()>(&mut store, "spin")
+                .unwrap();
+            let started = Instant::now();
+            let trap = spin.call(&mut store, ()).unwrap_err();
+            assert_eq!(
+                trap.downcast_ref::<wasmtime::Trap>(),
+                Some(&wasmtime::Trap::Interrupt),
+                "{trap:#}"
+            );
+            started.elapsed()
+        };
+        let call = run(CallLimits::CALL);
+        assert!(
+            call >= PLUGIN_DEADLINE - EPOCH_TICK,
+            "stopped after {call:?}"
+        );
+        let load = run(CallLimits::LOAD);
+        assert!(
+            load >= PLUGIN_LOAD_DEADLINE - EPOCH_TICK,
+            "a loading call stopped after {load:?}, before its own deadline"
+        );
+    }
 
     /// After the epoch clock parked (no call for longer than [`EPOCH_LINGER`]), a call that
     /// starts wakes it: a plugin stuck in a loop still meets its epoch deadline.
