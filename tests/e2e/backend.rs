@@ -8,11 +8,17 @@
 //! - `POST /gated-sha256`: as `/sha256`, but reads nothing until [`Backend::open_gate`] (a
 //!   backend that stops reading an upload).
 //! - `GET /ws`: WebSocket echo, upgraded through hyper (the `101` goes out first, frames after).
+//! - `ANY /vanish`: counted as a hit, then the connection is closed without an answer (a
+//!   backend that crashed on the request).
 //! - anything else: the backend's own `404`.
+//!
+//! [`Backend::start_with_keep_alive`] closes connections idle for a while, as nginx's
+//! `keepalive_timeout` or Node's `keepAliveTimeout` do.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -22,7 +28,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -70,7 +76,23 @@ struct State {
     /// Requests waiting at the gate of `/gated-sha256`.
     gated: AtomicUsize,
     gate: tokio::sync::watch::Sender<bool>,
+    /// Connections accepted so far.
+    accepted: AtomicUsize,
+    /// Connections open now.
+    open: AtomicUsize,
 }
+
+/// A request the backend drops: it closes the connection without answering.
+#[derive(Debug)]
+struct Vanished;
+
+impl std::fmt::Display for Vanished {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("closing without an answer (/vanish)")
+    }
+}
+
+impl std::error::Error for Vanished {}
 
 /// A running backend; stops when dropped.
 pub struct Backend {
@@ -83,6 +105,16 @@ pub struct Backend {
 impl Backend {
     /// Starts a backend on 127.0.0.1:0 in the current tokio runtime.
     pub async fn start(id: &str) -> Backend {
+        Backend::start_inner(id, None).await
+    }
+
+    /// The same, closing every connection that waits longer than `keep_alive` for its next
+    /// request (its first one included).
+    pub async fn start_with_keep_alive(id: &str, keep_alive: Duration) -> Backend {
+        Backend::start_inner(id, Some(keep_alive)).await
+    }
+
+    async fn start_inner(id: &str, keep_alive: Option<Duration>) -> Backend {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind backend");
@@ -93,6 +125,8 @@ impl Backend {
             produced: AtomicU64::new(0),
             gated: AtomicUsize::new(0),
             gate: tokio::sync::watch::Sender::new(false),
+            accepted: AtomicUsize::new(0),
+            open: AtomicUsize::new(0),
         });
         let st = state.clone();
         let task = tokio::spawn(async move {
@@ -101,16 +135,37 @@ impl Backend {
                     continue;
                 };
                 let st = st.clone();
+                st.accepted.fetch_add(1, Ordering::SeqCst);
+                st.open.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
-                    let service = service_fn(move |req| {
+                    let service = service_fn({
                         let st = st.clone();
-                        async move { Ok::<_, Infallible>(handle(req, st).await) }
+                        move |req: Request<Incoming>| {
+                            let st = st.clone();
+                            async move {
+                                if req.uri().path() == "/vanish" {
+                                    st.hits.fetch_add(1, Ordering::SeqCst);
+                                    // hyper closes the connection on a service error.
+                                    return Err(Vanished);
+                                }
+                                Ok(handle(req, st).await)
+                            }
+                        }
                     });
-                    let _ = http1::Builder::new()
-                        .keep_alive(true)
+                    let mut builder = http1::Builder::new();
+                    builder.keep_alive(true);
+                    if let Some(keep_alive) = keep_alive {
+                        // hyper's header timeout runs while a connection waits for its
+                        // next request too: an idle connection closes after it.
+                        builder
+                            .timer(TokioTimer::new())
+                            .header_read_timeout(keep_alive);
+                    }
+                    let _ = builder
                         .serve_connection(TokioIo::new(socket), service)
                         .with_upgrades()
                         .await;
+                    st.open.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
@@ -125,6 +180,16 @@ impl Backend {
     /// Requests this backend has received so far.
     pub fn hits(&self) -> usize {
         self.state.hits.load(Ordering::SeqCst)
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.state.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.state.open.load(Ordering::SeqCst)
     }
 
     /// Bytes of `/bytes/N` bodies handed to hyper so far.

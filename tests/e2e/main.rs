@@ -28,6 +28,7 @@ mod packet_segments;
 mod plugins;
 mod plugins_review;
 mod policy;
+mod pooled_upstreams;
 mod refusals;
 mod reservations;
 mod scaffold;

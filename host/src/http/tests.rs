@@ -463,3 +463,238 @@ async fn a_busy_tunnel_keeps_one_upstream_per_request_in_flight() {
         "later rounds reuse the first round's connections"
     );
 }
+
+/// A hand-written HTTP/1.1 backend, for what a well-behaved server does not do on cue. It
+/// closes a connection that waits longer than `keep_alive` for its next request (nginx's
+/// `keepalive_timeout`), closes one without answering a request for `/vanish` (a backend
+/// that crashed on it), streams `/stream` until the reader goes away, and answers `/chunked`
+/// with a chunked `ok`; anything else gets `ok` with a length. Every request it reads is
+/// recorded as `METHOD PATH BODY`.
+struct RawBackend {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    open: Arc<AtomicUsize>,
+    seen: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl RawBackend {
+    async fn start(keep_alive: Duration) -> RawBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let backend = RawBackend {
+            addr: listener.local_addr().unwrap(),
+            accepted: Arc::default(),
+            open: Arc::default(),
+            seen: Arc::default(),
+        };
+        let (accepted, open, seen) = (
+            backend.accepted.clone(),
+            backend.open.clone(),
+            backend.seen.clone(),
+        );
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                accepted.fetch_add(1, Ordering::SeqCst);
+                open.fetch_add(1, Ordering::SeqCst);
+                let (open, seen) = (open.clone(), seen.clone());
+                tokio::spawn(async move {
+                    RawBackend::serve(BufReader::new(socket), keep_alive, &seen).await;
+                    open.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        backend
+    }
+
+    /// Serves one connection until it should close.
+    async fn serve(
+        mut socket: BufReader<TcpStream>,
+        keep_alive: Duration,
+        seen: &std::sync::Mutex<Vec<String>>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        loop {
+            let mut request_line = String::new();
+            match tokio::time::timeout(keep_alive, socket.read_line(&mut request_line)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                // Idle too long, closed, or broken.
+                _ => return,
+            }
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                if socket.read_line(&mut line).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                let line = line.trim_end();
+                if line.is_empty() {
+                    break;
+                }
+                if let Some((name, value)) = line.split_once(':')
+                    && name.eq_ignore_ascii_case("content-length")
+                {
+                    length = value.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0u8; length];
+            if socket.read_exact(&mut body).await.is_err() {
+                return;
+            }
+            let mut words = request_line.split_whitespace();
+            let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+            seen.lock().unwrap().push(format!(
+                "{method} {path} {}",
+                String::from_utf8_lossy(&body)
+            ));
+            let socket = socket.get_mut();
+            let written = match path {
+                "/vanish" => return,
+                "/stream" => {
+                    let head = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+                    let _ = socket.write_all(head.as_bytes()).await;
+                    let chunk = format!("4000\r\n{}\r\n", "x".repeat(0x4000));
+                    while socket.write_all(chunk.as_bytes()).await.is_ok() {}
+                    return;
+                }
+                "/chunked" => {
+                    let answer = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+                                  2\r\nok\r\n0\r\n\r\n";
+                    socket.write_all(answer.as_bytes()).await
+                }
+                _ => {
+                    let answer = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    socket.write_all(answer.as_bytes()).await
+                }
+            };
+            if written.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn seen(&self) -> Vec<String> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Edge {
+    /// A POST with `body` on a new connection; status and body.
+    async fn post(&self, host: &str, path: &str, body: &'static str) -> (StatusCode, String) {
+        let io = TokioIo::new(TcpStream::connect(self.addr).await.unwrap());
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(conn);
+        let request = Request::post(path)
+            .header(header::HOST, host)
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        let status = response.status();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+}
+
+#[tokio::test]
+async fn a_pooled_connection_its_backend_closed_is_replaced_without_failing_the_request() {
+    let backend = RawBackend::start(Duration::from_millis(100)).await;
+    let edge = Edge::start(UPSTREAM_IDLE_PERIOD).await;
+    let (_tunnel, _log) = edge.open("kept", "ab12", backend.addr);
+
+    for round in 0..3 {
+        let (status, body) = edge.get("kept.localhost", "/page").await;
+        assert_eq!(
+            (status, body.as_str()),
+            (StatusCode::OK, "ok"),
+            "round {round}"
+        );
+        eventually("the backend to close its idle connection", || {
+            backend.open.load(Ordering::SeqCst) == 0
+        })
+        .await;
+        // Not idempotent: it must go out once, on a connection that is still open.
+        let (status, body) = edge.post("kept.localhost", "/form", "a=1").await;
+        assert_eq!(
+            (status, body.as_str()),
+            (StatusCode::OK, "ok"),
+            "round {round}"
+        );
+        eventually("the backend to close its idle connection", || {
+            backend.open.load(Ordering::SeqCst) == 0
+        })
+        .await;
+    }
+    let posts = backend
+        .seen()
+        .iter()
+        .filter(|r| *r == "POST /form a=1")
+        .count();
+    assert_eq!(posts, 3, "{:?}", backend.seen());
+    assert_eq!(backend.accepted.load(Ordering::SeqCst), 6);
+}
+
+#[tokio::test]
+async fn a_request_the_connection_took_is_never_sent_again() {
+    let backend = RawBackend::start(UPSTREAM_IDLE_PERIOD).await;
+    let edge = Edge::start(UPSTREAM_IDLE_PERIOD).await;
+    let (tunnel, _log) = edge.open("once", "cd34", backend.addr);
+
+    // On a pooled connection, then on a new one (the failed one is not kept).
+    assert_eq!(edge.get("once.localhost", "/").await.0, StatusCode::OK);
+    for round in 0..2 {
+        let (status, _) = edge.post("once.localhost", "/vanish", "pay=1").await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "round {round}");
+        assert_eq!(edge.edge.upstreams.idle_count(&tunnel), 0, "round {round}");
+    }
+    assert_eq!(
+        backend.seen(),
+        ["GET / ", "POST /vanish pay=1", "POST /vanish pay=1"]
+    );
+    assert_eq!(edge.get("once.localhost", "/").await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_response_read_to_its_end_hands_its_connection_back() {
+    let backend = RawBackend::start(UPSTREAM_IDLE_PERIOD).await;
+    let edge = Edge::start(UPSTREAM_IDLE_PERIOD).await;
+    let (tunnel, _log) = edge.open("back", "ef56", backend.addr);
+
+    // A length (the body is dropped at its length) and chunks (read to the last chunk).
+    for path in ["/", "/chunked", "/", "/chunked"] {
+        let (status, body) = edge.get("back.localhost", path).await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "ok"), "{path}");
+        assert_eq!(edge.edge.upstreams.idle_count(&tunnel), 1, "{path}");
+    }
+    assert_eq!(backend.accepted.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_visitor_leaving_mid_body_closes_its_upstream_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = RawBackend::start(UPSTREAM_IDLE_PERIOD).await;
+    let edge = Edge::start(UPSTREAM_IDLE_PERIOD).await;
+    let (_tunnel, _log) = edge.open("leave", "ab78", backend.addr);
+
+    let mut visitor = TcpStream::connect(edge.addr).await.unwrap();
+    visitor
+        .write_all(b"GET /stream HTTP/1.1\r\nHost: leave.localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut received = 0;
+    let mut buf = vec![0u8; 64 * 1024];
+    while received < 256 * 1024 {
+        let n = tokio::time::timeout(WAIT, visitor.read(&mut buf))
+            .await
+            .expect("the stream stalled")
+            .unwrap();
+        assert!(n > 0, "the edge ended the stream");
+        received += n;
+    }
+    assert_eq!(backend.open.load(Ordering::SeqCst), 1);
+    drop(visitor);
+    eventually("the stream's backend connection to close", || {
+        backend.open.load(Ordering::SeqCst) == 0
+    })
+    .await;
+    // The next request gets a new connection.
+    assert_eq!(edge.get("leave.localhost", "/").await.0, StatusCode::OK);
+    assert_eq!(backend.accepted.load(Ordering::SeqCst), 2);
+}
