@@ -1,7 +1,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::ErrorKind;
 use std::sync::Arc;
-#[cfg(test)]
 use std::time::Duration;
 
 use channels::WindowSizeRef;
@@ -12,9 +11,7 @@ use tokio::sync::mpsc::{Receiver, Sender, UnboundedReceiver, UnboundedSender, ch
 use tokio::sync::oneshot;
 
 use super::*;
-use crate::channels::{
-    Channel, ChannelMsg, ChannelReadHalf, ChannelRef, ChannelWriteHalf, CreditWake, ReceiveCredit,
-};
+use crate::channels::{Channel, ChannelMsg, ChannelReadHalf, ChannelRef, ChannelWriteHalf};
 use crate::helpers::NameList;
 use crate::kex::{EXTENSION_SUPPORT_AS_CLIENT, KexCause, SessionKexState};
 use crate::{ChannelOpenFailure, map_err, msg};
@@ -31,32 +28,11 @@ pub struct Session {
     pub(crate) pending_len: u32,
     pub(crate) channels: HashMap<ChannelId, ChannelRef>,
     pub(crate) open_global_requests: VecDeque<GlobalRequestResponse>,
-    /// p0rt patch: boxed, so an idle session does not carry an 800-byte key exchange.
-    pub(crate) kex: SessionKexState<Box<ServerKex>>,
+    pub(crate) kex: SessionKexState<ServerKex>,
 }
 
-/// What a session's two queues carry ([`Handle`] and the channels' write halves send it).
-///
-/// p0rt patch: kept small. Tokio allocates each queue's first block of 32 slots when the
-/// queue is made, so every connection paid 2 × 32 × `size_of::<MsgKind>()` (~13 KB) up
-/// front. Channel data, the one frequent message, travels inline; the rest is boxed.
 #[derive(Debug)]
 pub enum Msg {
-    /// `ChannelMsg::Data` for a channel.
-    ChannelData(ChannelId, bytes::Bytes),
-    /// Any other message.
-    Other(Box<MsgKind>),
-}
-
-impl From<MsgKind> for Msg {
-    fn from(kind: MsgKind) -> Self {
-        Msg::Other(Box::new(kind))
-    }
-}
-
-/// A session message other than channel data (see [`Msg`]).
-#[derive(Debug)]
-pub enum MsgKind {
     ChannelOpenAgent {
         channel_ref: ChannelRef,
     },
@@ -116,10 +92,7 @@ pub enum MsgKind {
 
 impl From<(ChannelId, ChannelMsg)> for Msg {
     fn from((id, msg): (ChannelId, ChannelMsg)) -> Self {
-        match msg {
-            ChannelMsg::Data { data } => Msg::ChannelData(id, data),
-            msg => MsgKind::Channel(id, msg).into(),
-        }
+        Msg::Channel(id, msg)
     }
 }
 
@@ -140,8 +113,6 @@ pub struct Handle {
     pub(crate) priority_sender: UnboundedSender<Msg>,
     pub(crate) sender: Sender<Msg>,
     pub(crate) channel_buffer_size: usize,
-    /// p0rt patch: readers of this session's channels wake its loop through this.
-    pub(crate) credit_wake: Arc<CreditWake>,
 }
 
 impl Handle {
@@ -153,10 +124,10 @@ impl Handle {
     ) -> Result<(), bytes::Bytes> {
         let data = data.into();
         self.sender
-            .send(Msg::ChannelData(id, data))
+            .send(Msg::Channel(id, ChannelMsg::Data { data }))
             .await
             .map_err(|e| match e.0 {
-                Msg::ChannelData(_, data) => data,
+                Msg::Channel(_, ChannelMsg::Data { data }) => data,
                 _ => unreachable!(),
             })
     }
@@ -170,16 +141,10 @@ impl Handle {
     ) -> Result<(), bytes::Bytes> {
         let data = data.into();
         self.sender
-            .send(Msg::from(MsgKind::Channel(
-                id,
-                ChannelMsg::ExtendedData { ext, data },
-            )))
+            .send(Msg::Channel(id, ChannelMsg::ExtendedData { ext, data }))
             .await
             .map_err(|e| match e.0 {
-                Msg::Other(kind) => match *kind {
-                    MsgKind::Channel(_, ChannelMsg::ExtendedData { data, .. }) => data,
-                    _ => unreachable!(),
-                },
+                Msg::Channel(_, ChannelMsg::ExtendedData { data, .. }) => data,
                 _ => unreachable!(),
             })
     }
@@ -187,7 +152,7 @@ impl Handle {
     /// Send EOF to the session referenced by this handler.
     pub async fn eof(&self, id: ChannelId) -> Result<(), ()> {
         self.sender
-            .send(Msg::from(MsgKind::Channel(id, ChannelMsg::Eof)))
+            .send(Msg::Channel(id, ChannelMsg::Eof))
             .await
             .map_err(|_| ())
     }
@@ -195,7 +160,7 @@ impl Handle {
     /// Send success to the session referenced by this handler.
     pub async fn channel_success(&self, id: ChannelId) -> Result<(), ()> {
         self.sender
-            .send(Msg::from(MsgKind::Channel(id, ChannelMsg::Success)))
+            .send(Msg::Channel(id, ChannelMsg::Success))
             .await
             .map_err(|_| ())
     }
@@ -203,7 +168,7 @@ impl Handle {
     /// Send failure to the session referenced by this handler.
     pub async fn channel_failure(&self, id: ChannelId) -> Result<(), ()> {
         self.sender
-            .send(Msg::from(MsgKind::Channel(id, ChannelMsg::Failure)))
+            .send(Msg::Channel(id, ChannelMsg::Failure))
             .await
             .map_err(|_| ())
     }
@@ -211,7 +176,7 @@ impl Handle {
     /// Close a channel.
     pub async fn close(&self, id: ChannelId) -> Result<(), ()> {
         self.sender
-            .send(Msg::from(MsgKind::Channel(id, ChannelMsg::Close)))
+            .send(Msg::Channel(id, ChannelMsg::Close))
             .await
             .map_err(|_| ())
     }
@@ -221,10 +186,7 @@ impl Handle {
     /// [RFC4254](https://tools.ietf.org/html/rfc4254#section-6.8).
     pub async fn xon_xoff_request(&self, id: ChannelId, client_can_do: bool) -> Result<(), ()> {
         self.sender
-            .send(Msg::from(MsgKind::Channel(
-                id,
-                ChannelMsg::XonXoff { client_can_do },
-            )))
+            .send(Msg::Channel(id, ChannelMsg::XonXoff { client_can_do }))
             .await
             .map_err(|_| ())
     }
@@ -232,10 +194,7 @@ impl Handle {
     /// Send the exit status of a program.
     pub async fn exit_status_request(&self, id: ChannelId, exit_status: u32) -> Result<(), ()> {
         self.sender
-            .send(Msg::from(MsgKind::Channel(
-                id,
-                ChannelMsg::ExitStatus { exit_status },
-            )))
+            .send(Msg::Channel(id, ChannelMsg::ExitStatus { exit_status }))
             .await
             .map_err(|_| ())
     }
@@ -244,11 +203,11 @@ impl Handle {
     pub async fn forward_tcpip(&self, address: String, port: u32) -> Result<u32, ()> {
         let (reply_send, reply_recv) = oneshot::channel();
         self.sender
-            .send(Msg::from(MsgKind::TcpIpForward {
+            .send(Msg::TcpIpForward {
                 reply_channel: Some(reply_send),
                 address,
                 port,
-            }))
+            })
             .await
             .map_err(|_| ())?;
 
@@ -266,11 +225,11 @@ impl Handle {
     pub async fn cancel_forward_tcpip(&self, address: String, port: u32) -> Result<(), ()> {
         let (reply_send, reply_recv) = oneshot::channel();
         self.sender
-            .send(Msg::from(MsgKind::CancelTcpIpForward {
+            .send(Msg::CancelTcpIpForward {
                 reply_channel: Some(reply_send),
                 address,
                 port,
-            }))
+            })
             .await
             .map_err(|_| ())?;
         match reply_recv.await {
@@ -288,16 +247,15 @@ impl Handle {
     /// [PROTOCOL.agent](https://datatracker.ietf.org/doc/html/draft-miller-ssh-agent).
     pub async fn channel_open_agent(&self) -> Result<Channel<Msg>, Error> {
         let (sender, receiver) = channel(self.channel_buffer_size);
-        let channel_ref = ChannelRef::credited(sender, self.credit_wake.clone());
-        let credit = channel_ref.credit.clone();
+        let channel_ref = ChannelRef::new(sender);
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
-            .send(Msg::from(MsgKind::ChannelOpenAgent { channel_ref }))
+            .send(Msg::ChannelOpenAgent { channel_ref })
             .await
             .map_err(|_| Error::SendError)?;
 
-        self.wait_channel_confirmation(receiver, window_size_ref, credit)
+        self.wait_channel_confirmation(receiver, window_size_ref)
             .await
     }
 
@@ -308,16 +266,15 @@ impl Handle {
     /// `confirmed` field of the corresponding `Channel`.
     pub async fn channel_open_session(&self) -> Result<Channel<Msg>, Error> {
         let (sender, receiver) = channel(self.channel_buffer_size);
-        let channel_ref = ChannelRef::credited(sender, self.credit_wake.clone());
-        let credit = channel_ref.credit.clone();
+        let channel_ref = ChannelRef::new(sender);
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
-            .send(Msg::from(MsgKind::ChannelOpenSession { channel_ref }))
+            .send(Msg::ChannelOpenSession { channel_ref })
             .await
             .map_err(|_| Error::SendError)?;
 
-        self.wait_channel_confirmation(receiver, window_size_ref, credit)
+        self.wait_channel_confirmation(receiver, window_size_ref)
             .await
     }
 
@@ -334,21 +291,20 @@ impl Handle {
         originator_port: u32,
     ) -> Result<Channel<Msg>, Error> {
         let (sender, receiver) = channel(self.channel_buffer_size);
-        let channel_ref = ChannelRef::credited(sender, self.credit_wake.clone());
-        let credit = channel_ref.credit.clone();
+        let channel_ref = ChannelRef::new(sender);
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
-            .send(Msg::from(MsgKind::ChannelOpenDirectTcpIp {
+            .send(Msg::ChannelOpenDirectTcpIp {
                 host_to_connect: host_to_connect.into(),
                 port_to_connect,
                 originator_address: originator_address.into(),
                 originator_port,
                 channel_ref,
-            }))
+            })
             .await
             .map_err(|_| Error::SendError)?;
-        self.wait_channel_confirmation(receiver, window_size_ref, credit)
+        self.wait_channel_confirmation(receiver, window_size_ref)
             .await
     }
 
@@ -358,18 +314,17 @@ impl Handle {
         socket_path: A,
     ) -> Result<Channel<Msg>, Error> {
         let (sender, receiver) = channel(self.channel_buffer_size);
-        let channel_ref = ChannelRef::credited(sender, self.credit_wake.clone());
-        let credit = channel_ref.credit.clone();
+        let channel_ref = ChannelRef::new(sender);
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
-            .send(Msg::from(MsgKind::ChannelOpenDirectStreamLocal {
+            .send(Msg::ChannelOpenDirectStreamLocal {
                 socket_path: socket_path.into(),
                 channel_ref,
-            }))
+            })
             .await
             .map_err(|_| Error::SendError)?;
-        self.wait_channel_confirmation(receiver, window_size_ref, credit)
+        self.wait_channel_confirmation(receiver, window_size_ref)
             .await
     }
 
@@ -381,21 +336,20 @@ impl Handle {
         originator_port: u32,
     ) -> Result<Channel<Msg>, Error> {
         let (sender, receiver) = channel(self.channel_buffer_size);
-        let channel_ref = ChannelRef::credited(sender, self.credit_wake.clone());
-        let credit = channel_ref.credit.clone();
+        let channel_ref = ChannelRef::new(sender);
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
-            .send(Msg::from(MsgKind::ChannelOpenForwardedTcpIp {
+            .send(Msg::ChannelOpenForwardedTcpIp {
                 connected_address: connected_address.into(),
                 connected_port,
                 originator_address: originator_address.into(),
                 originator_port,
                 channel_ref,
-            }))
+            })
             .await
             .map_err(|_| Error::SendError)?;
-        self.wait_channel_confirmation(receiver, window_size_ref, credit)
+        self.wait_channel_confirmation(receiver, window_size_ref)
             .await
     }
 
@@ -404,18 +358,17 @@ impl Handle {
         server_socket_path: A,
     ) -> Result<Channel<Msg>, Error> {
         let (sender, receiver) = channel(self.channel_buffer_size);
-        let channel_ref = ChannelRef::credited(sender, self.credit_wake.clone());
-        let credit = channel_ref.credit.clone();
+        let channel_ref = ChannelRef::new(sender);
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
-            .send(Msg::from(MsgKind::ChannelOpenForwardedStreamLocal {
+            .send(Msg::ChannelOpenForwardedStreamLocal {
                 server_socket_path: server_socket_path.into(),
                 channel_ref,
-            }))
+            })
             .await
             .map_err(|_| Error::SendError)?;
-        self.wait_channel_confirmation(receiver, window_size_ref, credit)
+        self.wait_channel_confirmation(receiver, window_size_ref)
             .await
     }
 
@@ -425,19 +378,18 @@ impl Handle {
         originator_port: u32,
     ) -> Result<Channel<Msg>, Error> {
         let (sender, receiver) = channel(self.channel_buffer_size);
-        let channel_ref = ChannelRef::credited(sender, self.credit_wake.clone());
-        let credit = channel_ref.credit.clone();
+        let channel_ref = ChannelRef::new(sender);
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
-            .send(Msg::from(MsgKind::ChannelOpenX11 {
+            .send(Msg::ChannelOpenX11 {
                 originator_address: originator_address.into(),
                 originator_port,
                 channel_ref,
-            }))
+            })
             .await
             .map_err(|_| Error::SendError)?;
-        self.wait_channel_confirmation(receiver, window_size_ref, credit)
+        self.wait_channel_confirmation(receiver, window_size_ref)
             .await
     }
 
@@ -445,7 +397,6 @@ impl Handle {
         &self,
         mut receiver: Receiver<ChannelMsg>,
         window_size_ref: WindowSizeRef,
-        credit: Option<Arc<ReceiveCredit>>,
     ) -> Result<Channel<Msg>, Error> {
         loop {
             match receiver.recv().await {
@@ -463,7 +414,7 @@ impl Handle {
                             max_packet_size,
                             window_size: window_size_ref,
                         },
-                        read_half: ChannelReadHalf { receiver, credit },
+                        read_half: ChannelReadHalf { receiver },
                     });
                 }
                 Some(ChannelMsg::OpenFailure(reason)) => {
@@ -489,7 +440,7 @@ impl Handle {
         lang_tag: String,
     ) -> Result<(), ()> {
         self.sender
-            .send(Msg::from(MsgKind::Channel(
+            .send(Msg::Channel(
                 id,
                 ChannelMsg::ExitSignal {
                     signal_name,
@@ -497,7 +448,7 @@ impl Handle {
                     error_message,
                     lang_tag,
                 },
-            )))
+            ))
             .await
             .map_err(|_| ())
     }
@@ -510,11 +461,11 @@ impl Handle {
         language_tag: String,
     ) -> Result<(), Error> {
         self.sender
-            .send(Msg::from(MsgKind::Disconnect {
+            .send(Msg::Disconnect {
                 reason,
                 description,
                 language_tag,
-            }))
+            })
             .await
             .map_err(|_| Error::SendError)
     }
@@ -541,81 +492,36 @@ impl Session {
         }
     }
 
-    /// p0rt patch: returns window to the peer for what the channel's reader consumed, plus
-    /// `consumed_now` bytes consumed without a reader.
-    pub(crate) fn return_window(
-        &mut self,
-        channel: ChannelId,
-        consumed_now: u32,
-    ) -> Result<bool, Error> {
-        let from_reader = self
-            .channels
-            .get(&channel)
-            .and_then(|chan| chan.credit.as_ref())
-            .map_or(0, |credit| credit.take());
-        let target = self.target_window_size;
-        match self.common.encrypted.as_mut() {
-            Some(enc) => Ok(enc.return_window(
-                channel,
-                consumed_now.saturating_add(from_reader),
-                target,
-            )?),
-            None => Ok(false),
-        }
-    }
-
-    /// p0rt patch: a reader woke the loop. Moves backlogged messages into queues that have
-    /// room, returns window for consumed data, and forgets channels that are closed and
-    /// fully delivered.
-    fn drain_channel_credit(&mut self) -> Result<(), Error> {
-        let target = self.target_window_size;
-        let Some(enc) = self.common.encrypted.as_mut() else {
-            return Ok(());
-        };
-        for (id, chan) in self.channels.iter_mut() {
-            let dropped = chan.drain_backlog();
-            let consumed = chan.credit.as_ref().map_or(0, |credit| credit.take());
-            enc.return_window(*id, dropped.saturating_add(consumed), target)?;
-        }
-        self.channels
-            .retain(|_, chan| !(chan.closed && chan.backlog_is_empty()));
-        Ok(())
-    }
-
     /// Dispatch a single message received on the session's internal channel
     /// (sent via [`Handle`]). Shared by the `select!` receiver arm and the
     /// pre-`select!` backlog drain so the two can't drift apart.
     fn dispatch_msg(&mut self, msg: Msg) -> Result<(), Error> {
-        let msg = match msg {
-            Msg::ChannelData(id, data) => return self.data(id, data),
-            Msg::Other(kind) => *kind,
-        };
         match msg {
-            MsgKind::Channel(id, ChannelMsg::Data { data }) => {
+            Msg::Channel(id, ChannelMsg::Data { data }) => {
                 self.data(id, data)?;
             }
-            MsgKind::Channel(id, ChannelMsg::ExtendedData { ext, data }) => {
+            Msg::Channel(id, ChannelMsg::ExtendedData { ext, data }) => {
                 self.extended_data(id, ext, data)?;
             }
-            MsgKind::Channel(id, ChannelMsg::Eof) => {
+            Msg::Channel(id, ChannelMsg::Eof) => {
                 self.eof(id)?;
             }
-            MsgKind::Channel(id, ChannelMsg::Close) => {
+            Msg::Channel(id, ChannelMsg::Close) => {
                 self.close(id)?;
             }
-            MsgKind::Channel(id, ChannelMsg::Success) => {
+            Msg::Channel(id, ChannelMsg::Success) => {
                 self.channel_success(id)?;
             }
-            MsgKind::Channel(id, ChannelMsg::Failure) => {
+            Msg::Channel(id, ChannelMsg::Failure) => {
                 self.channel_failure(id)?;
             }
-            MsgKind::Channel(id, ChannelMsg::XonXoff { client_can_do }) => {
+            Msg::Channel(id, ChannelMsg::XonXoff { client_can_do }) => {
                 self.xon_xoff_request(id, client_can_do)?;
             }
-            MsgKind::Channel(id, ChannelMsg::ExitStatus { exit_status }) => {
+            Msg::Channel(id, ChannelMsg::ExitStatus { exit_status }) => {
                 self.exit_status_request(id, exit_status)?;
             }
-            MsgKind::Channel(
+            Msg::Channel(
                 id,
                 ChannelMsg::ExitSignal {
                     signal_name,
@@ -626,18 +532,18 @@ impl Session {
             ) => {
                 self.exit_signal_request(id, signal_name, core_dumped, &error_message, &lang_tag)?;
             }
-            MsgKind::Channel(id, ChannelMsg::WindowAdjusted { new_size }) => {
+            Msg::Channel(id, ChannelMsg::WindowAdjusted { new_size }) => {
                 debug!("window adjusted to {new_size:?} for channel {id:?}");
             }
-            MsgKind::ChannelOpenAgent { channel_ref } => {
+            Msg::ChannelOpenAgent { channel_ref } => {
                 let id = self.channel_open_agent()?;
                 self.channels.insert(id, channel_ref);
             }
-            MsgKind::ChannelOpenSession { channel_ref } => {
+            Msg::ChannelOpenSession { channel_ref } => {
                 let id = self.channel_open_session()?;
                 self.channels.insert(id, channel_ref);
             }
-            MsgKind::ChannelOpenDirectTcpIp {
+            Msg::ChannelOpenDirectTcpIp {
                 host_to_connect,
                 port_to_connect,
                 originator_address,
@@ -652,14 +558,14 @@ impl Session {
                 )?;
                 self.channels.insert(id, channel_ref);
             }
-            MsgKind::ChannelOpenDirectStreamLocal {
+            Msg::ChannelOpenDirectStreamLocal {
                 socket_path,
                 channel_ref,
             } => {
                 let id = self.channel_open_direct_streamlocal(&socket_path)?;
                 self.channels.insert(id, channel_ref);
             }
-            MsgKind::ChannelOpenForwardedTcpIp {
+            Msg::ChannelOpenForwardedTcpIp {
                 connected_address,
                 connected_port,
                 originator_address,
@@ -674,14 +580,14 @@ impl Session {
                 )?;
                 self.channels.insert(id, channel_ref);
             }
-            MsgKind::ChannelOpenForwardedStreamLocal {
+            Msg::ChannelOpenForwardedStreamLocal {
                 server_socket_path,
                 channel_ref,
             } => {
                 let id = self.channel_open_forwarded_streamlocal(&server_socket_path)?;
                 self.channels.insert(id, channel_ref);
             }
-            MsgKind::ChannelOpenX11 {
+            Msg::ChannelOpenX11 {
                 originator_address,
                 originator_port,
                 channel_ref,
@@ -689,21 +595,21 @@ impl Session {
                 let id = self.channel_open_x11(&originator_address, originator_port)?;
                 self.channels.insert(id, channel_ref);
             }
-            MsgKind::TcpIpForward {
+            Msg::TcpIpForward {
                 address,
                 port,
                 reply_channel,
             } => {
                 self.tcpip_forward(&address, port, reply_channel)?;
             }
-            MsgKind::CancelTcpIpForward {
+            Msg::CancelTcpIpForward {
                 address,
                 port,
                 reply_channel,
             } => {
                 self.cancel_tcpip_forward(&address, port, reply_channel)?;
             }
-            MsgKind::Disconnect {
+            Msg::Disconnect {
                 reason,
                 description,
                 language_tag,
@@ -711,7 +617,7 @@ impl Session {
                 self.common
                     .disconnect(reason, &description, &language_tag)?;
             }
-            MsgKind::ChannelOpenReply { pending, result } => {
+            Msg::ChannelOpenReply { pending, result } => {
                 self.finalize_channel_open_reply(pending, result)?;
             }
             other => {
@@ -723,11 +629,8 @@ impl Session {
         Ok(())
     }
 
-    // p0rt patch: `self` is boxed (an async fn keeps its arguments twice, and the session
-    // is 2.5 KB), and `reply` below runs boxed, so an idle session's future is ~2 KB
-    // instead of ~13 KB.
     pub(crate) async fn run<H, R>(
-        mut self: Box<Self>,
+        mut self,
         mut stream: SshRead<R>,
         mut handler: H,
     ) -> Result<(), H::Error>
@@ -739,9 +642,7 @@ impl Session {
 
         map_err!(self.common.packet_writer.flush_into(&mut stream).await)?;
 
-        let (mut stream_read, mut stream_write) = stream.split();
-        // p0rt patch: read several packets per syscall (see `ssh_read::ReadAhead`).
-        stream_read.read_ahead();
+        let (stream_read, mut stream_write) = stream.split();
         let buffer = SSHBuffer::new();
 
         // Allow handing out references to the cipher
@@ -756,22 +657,14 @@ impl Session {
             future_or_pending(self.common.config.inactivity_timeout, tokio::time::sleep);
         pin!(inactivity_timer);
 
-        // p0rt patch: one rekey timer for the session, moved when the deadline changes
-        // (after a key exchange), instead of a new timer registered and dropped per turn.
-        let rekey_timer = tokio::time::sleep_until(tokio::time::Instant::now());
-        pin!(rekey_timer);
-        let mut rekey_deadline: Option<russh_util::time::Instant> = None;
-
         let reading = start_reading(stream_read, buffer, opening_cipher);
         pin!(reading);
         let mut is_reading = None;
-        let credit_wake = self.sender.credit_wake.clone();
 
         #[allow(clippy::panic)] // false positive in macro
         while !self.common.disconnected {
             self.common.received_data = false;
             let mut sent_keepalive = false;
-            let mut kex_done = false;
 
             // Drain messages already queued on the session channel (e.g. shell
             // output pushed via `Handle::data()` from a spawned task) before
@@ -818,15 +711,8 @@ impl Session {
                 }
             }
 
-            let deadline = self.rekey_deadline();
-            if deadline != rekey_deadline {
-                if let Some(deadline) = deadline {
-                    rekey_timer
-                        .as_mut()
-                        .reset(tokio::time::Instant::from_std(deadline));
-                }
-                rekey_deadline = deadline;
-            }
+            let rekey_timer = future_or_pending(self.rekey_time_remaining(), tokio::time::sleep);
+            pin!(rekey_timer);
 
             tokio::select! {
                 r = &mut reading => {
@@ -854,7 +740,7 @@ impl Session {
                             std::mem::swap(&mut opening_cipher, &mut self.common.remote_to_local);
 
                             let kex_was_active = self.kex.active();
-                            match Box::pin(reply(&mut self, &mut handler, &mut pkt)).await {
+                            match reply(&mut self, &mut handler, &mut pkt).await {
                                 Ok(_) => {},
                                 Err(e) => return Err(e),
                             }
@@ -862,11 +748,6 @@ impl Session {
 
                             if kex_was_active && !self.kex.active() {
                                 buffer.bytes = 0;
-                                // p0rt patch: a finished key exchange gives back the
-                                // buffers' memory (the KEXINITs are an idle connection's
-                                // largest packets; at a rekey, whatever traffic grew them to).
-                                buffer.buffer = Vec::new();
-                                kex_done = true;
                             } else if self.automatic_rekey_allowed()
                                 && buffer.bytes >= self.common.config.limits.rekey_read_limit
                             {
@@ -882,7 +763,7 @@ impl Session {
                     }
                     reading.set(start_reading(stream_read, buffer, opening_cipher));
                 }
-                () = &mut rekey_timer, if rekey_deadline.is_some() => {
+                () = &mut rekey_timer => {
                     // The flush after the select sees the elapsed limit.
                     debug!("rekey time limit reached");
                 }
@@ -898,10 +779,6 @@ impl Session {
                 () = &mut inactivity_timer => {
                     debug!("timeout");
                     return Err(crate::Error::InactivityTimeout.into());
-                }
-                // p0rt patch: a channel reader consumed data or made room for a backlog.
-                () = credit_wake.notify.notified(), if !self.kex.active() => {
-                    self.drain_channel_credit()?;
                 }
                 msg = self.priority_receiver.recv(), if !self.kex.active() => {
                     match msg {
@@ -937,9 +814,6 @@ impl Session {
                 inactivity_timer.as_mut(),
             )
             .await?;
-            if kex_done {
-                self.common.packet_writer.release_buffers();
-            }
 
             if self.common.received_data {
                 // Reset the number of failed keepalive attempts. We don't
@@ -1082,18 +956,6 @@ impl Session {
                 .is_some_and(|enc| Self::automatic_rekey_eligible(&enc.state))
     }
 
-    /// p0rt patch: [`Encrypted::rekey_deadline`] when an automatic rekey is allowed.
-    fn rekey_deadline(&self) -> Option<russh_util::time::Instant> {
-        if !self.automatic_rekey_allowed() {
-            return None;
-        }
-        self.common
-            .encrypted
-            .as_ref()?
-            .rekey_deadline(&self.common.config.limits, &self.common.packet_writer)
-    }
-
-    #[cfg(test)]
     fn rekey_time_remaining(&self) -> Option<Duration> {
         if !self.automatic_rekey_allowed() {
             return None;
@@ -1709,7 +1571,7 @@ impl Session {
         );
 
         kex.kexinit(&mut self.common.packet_writer)?;
-        self.kex = SessionKexState::InProgress(Box::new(kex));
+        self.kex = SessionKexState::InProgress(kex);
         Ok(())
     }
 }
@@ -1763,7 +1625,6 @@ mod tests {
             priority_sender,
             sender,
             channel_buffer_size: config.channel_buffer_size,
-            credit_wake: CreditWake::new(config.window_size),
         };
 
         Session {
@@ -1784,7 +1645,6 @@ mod tests {
                     write: Vec::new(),
                     write_cursor: 0,
                     last_rekey: russh_util::time::Instant::now(),
-                    maybe_pending: Default::default(),
                     server_compression: Compression::None,
                     client_compression: Compression::None,
                     decompress: Decompress::Zlib(flate2::Decompress::new(true)),
@@ -1962,7 +1822,7 @@ mod tests {
         peer: &mut tokio::io::DuplexStream,
         stream: tokio::io::DuplexStream,
     ) -> Option<u8> {
-        let event_loop = tokio::spawn(Box::new(session).run(SshRead::new(stream), TestHandler));
+        let event_loop = tokio::spawn(session.run(SshRead::new(stream), TestHandler));
         let mut buffer = SSHBuffer::new();
         let mut opening_key = cipher::clear::Key;
         let packet = cipher::read(peer, &mut buffer, &mut opening_key);
