@@ -512,6 +512,8 @@ pub(crate) struct ChannelParams {
     pending_data: std::collections::VecDeque<(bytes::Bytes, Option<u32>, usize)>,
     pending_eof: bool,
     pending_close: bool,
+    /// p0rt patch: bytes consumed on our side and not yet returned to the peer as window.
+    receive_credit_owed: u32,
 }
 
 impl ChannelParams {

@@ -71,13 +71,104 @@ impl std::fmt::Debug for ReadSshIdBuffer {
 /// connection, the `id` parameter is never used again.
 pub struct SshRead<R> {
     id: Option<ReadSshIdBuffer>,
+    /// p0rt patch: read-ahead, see [`SshRead::read_ahead`]. `None` when off (the default).
+    ahead: Option<ReadAhead>,
     pub r: R,
 }
+
+/// p0rt patch: bytes read from the stream beyond what the caller asked for.
+///
+/// The packet reader asks for a packet's first block, then for the rest of the packet:
+/// two reads of exactly the requested size, each a syscall, and a third that finds the
+/// socket empty (`EAGAIN`: tokio only forgets a socket's readiness after a short read).
+/// With read-ahead, a small request reads up to [`READ_AHEAD`] bytes at once: one syscall
+/// for every packet that has arrived, and a short read that lets tokio skip the `EAGAIN`.
+///
+/// The buffer is allocated when a read needs it and freed whenever the stream has nothing
+/// to read (`Pending`) and the buffer is empty, so an idle connection holds none of it.
+/// Requests of at least [`READ_AHEAD`] bytes (bulk data) bypass it once it is drained.
+#[derive(Default)]
+struct ReadAhead {
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+/// p0rt patch: the most read at once for small requests (see [`ReadAhead`]).
+pub(crate) const READ_AHEAD: usize = 16 * 1024;
 
 impl<R: AsyncRead + AsyncWrite> SshRead<R> {
     pub fn split(self) -> (SshRead<tokio::io::ReadHalf<R>>, tokio::io::WriteHalf<R>) {
         let (r, w) = tokio::io::split(self.r);
-        (SshRead { id: self.id, r }, w)
+        (
+            SshRead {
+                id: self.id,
+                ahead: self.ahead,
+                r,
+            },
+            w,
+        )
+    }
+}
+
+impl<R: AsyncRead + Unpin> SshRead<R> {
+    /// p0rt patch: turn read-ahead on (see [`ReadAhead`]). The server's session loop does,
+    /// once the identification string has been read; the client is unchanged.
+    pub(crate) fn read_ahead(&mut self) {
+        if self.ahead.is_none() {
+            self.ahead = Some(ReadAhead::default());
+        }
+    }
+
+    /// Read through the read-ahead buffer: serve what it holds; when it is empty, read
+    /// large requests directly and small ones into it.
+    fn poll_read_ahead(
+        &mut self,
+        cx: &mut Context,
+        buf: &mut ReadBuf,
+    ) -> Option<Poll<Result<(), std::io::Error>>> {
+        let ahead = self.ahead.as_mut()?;
+        if ahead.pos >= ahead.buf.len() {
+            if buf.remaining() >= READ_AHEAD {
+                return None;
+            }
+            ahead.buf.clear();
+            ahead.pos = 0;
+            ahead.buf.reserve_exact(READ_AHEAD);
+            let spare = ahead.buf.spare_capacity_mut();
+            let mut into = ReadBuf::uninit(spare);
+            match Pin::new(&mut self.r).poll_read(cx, &mut into) {
+                Poll::Ready(Ok(())) => {
+                    let n = into.filled().len();
+                    // SAFETY: `ReadBuf` guarantees the first `n` bytes of `spare`, the
+                    // buffer's spare capacity, were initialized by the read.
+                    #[allow(unsafe_code)]
+                    unsafe {
+                        ahead.buf.set_len(n)
+                    };
+                    if n == 0 {
+                        // End of stream: free the buffer, report EOF.
+                        ahead.buf = Vec::new();
+                        return Some(Poll::Ready(Ok(())));
+                    }
+                }
+                Poll::Ready(Err(e)) => {
+                    ahead.buf = Vec::new();
+                    return Some(Poll::Ready(Err(e)));
+                }
+                Poll::Pending => {
+                    // Nothing to read: an idle connection keeps no buffer.
+                    ahead.buf = Vec::new();
+                    return Some(Poll::Pending);
+                }
+            }
+        }
+        #[allow(clippy::indexing_slicing)] // pos < len, checked above or filled just now
+        let available = &ahead.buf[ahead.pos..];
+        let n = available.len().min(buf.remaining());
+        #[allow(clippy::indexing_slicing)] // n <= available.len()
+        buf.put_slice(&available[..n]);
+        ahead.pos += n;
+        Some(Poll::Ready(Ok(())))
     }
 }
 
@@ -98,7 +189,11 @@ impl<R: AsyncRead + Unpin> AsyncRead for SshRead<R> {
                 return Poll::Ready(Ok(()));
             }
         }
-        AsyncRead::poll_read(Pin::new(&mut self.get_mut().r), cx, buf)
+        let this = self.get_mut();
+        if let Some(polled) = this.poll_read_ahead(cx, buf) {
+            return polled;
+        }
+        AsyncRead::poll_read(Pin::new(&mut this.r), cx, buf)
     }
 }
 
@@ -136,6 +231,7 @@ impl<R: AsyncRead + Unpin> SshRead<R> {
     pub fn new(r: R) -> Self {
         SshRead {
             id: Some(ReadSshIdBuffer::new()),
+            ahead: None,
             r,
         }
     }

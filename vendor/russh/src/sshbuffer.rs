@@ -607,6 +607,14 @@ impl PacketWriter {
         self.write_buffer.seqn = Wrapping(0);
     }
 
+    /// p0rt patch: gives back the buffers' memory; what is not flushed yet stays.
+    pub(crate) fn release_buffers(&mut self) {
+        if self.write_buffer.buffer.is_empty() {
+            self.write_buffer.buffer = Vec::new();
+        }
+        self.packet_buffer = Vec::new();
+    }
+
     pub async fn flush_into<W: AsyncWrite + Unpin>(&mut self, w: &mut W) -> std::io::Result<()> {
         if !self.write_buffer.buffer.is_empty() {
             w.write_all(&self.write_buffer.buffer).await?;

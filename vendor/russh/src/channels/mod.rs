@@ -11,6 +11,7 @@ pub mod io;
 
 mod channel_ref;
 pub use channel_ref::ChannelRef;
+pub(crate) use channel_ref::{CreditWake, ReceiveCredit};
 
 mod channel_stream;
 pub use channel_stream::ChannelStream;
@@ -145,6 +146,18 @@ impl WindowSizeRef {
 /// Allows you to read from a channel without borrowing the session
 pub struct ChannelReadHalf {
     pub(crate) receiver: Receiver<ChannelMsg>,
+    /// p0rt patch: tells the session what this reader consumed (server channels).
+    pub(crate) credit: Option<Arc<ReceiveCredit>>,
+}
+
+impl Drop for ChannelReadHalf {
+    fn drop(&mut self) {
+        // p0rt patch: wake the session so it drops what it still holds for this reader.
+        if let Some(credit) = &self.credit {
+            self.receiver.close();
+            credit.room_made(true);
+        }
+    }
 }
 
 impl std::fmt::Debug for ChannelReadHalf {
@@ -156,7 +169,23 @@ impl std::fmt::Debug for ChannelReadHalf {
 impl ChannelReadHalf {
     /// Awaits an incoming [`ChannelMsg`], this method returns [`None`] if the channel has been closed.
     pub async fn wait(&mut self) -> Option<ChannelMsg> {
-        self.receiver.recv().await
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// p0rt patch: every message leaves the queue here, so the session can return the
+    /// window for the data it held.
+    pub(crate) fn poll_recv(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<ChannelMsg>> {
+        let polled = self.receiver.poll_recv(cx);
+        if let (std::task::Poll::Ready(Some(msg)), Some(credit)) = (&polled, &self.credit) {
+            match channel_ref::data_len(msg) {
+                0 => credit.room_made(false),
+                bytes => credit.consumed(bytes as usize),
+            }
+        }
+        polled
     }
 
     /// Make a reader for the [`Channel`] to receive [`ChannelMsg::Data`]
@@ -467,10 +496,15 @@ impl<S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static> Channel<S> {
         max_packet_size: u32,
         window_size: u32,
         channel_buffer_size: usize,
+        credit_wake: Option<Arc<CreditWake>>,
     ) -> (Self, ChannelRef) {
         let (tx, rx) = tokio::sync::mpsc::channel(channel_buffer_size);
         let window_size = WindowSizeRef::new(window_size);
-        let read_half = ChannelReadHalf { receiver: rx };
+        let channel_ref = ChannelRef::with_window(tx, window_size.clone(), credit_wake);
+        let read_half = ChannelReadHalf {
+            receiver: rx,
+            credit: channel_ref.credit.clone(),
+        };
         let write_half = ChannelWriteHalf {
             id,
             sender,
@@ -483,10 +517,7 @@ impl<S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static> Channel<S> {
                 write_half,
                 read_half,
             },
-            ChannelRef {
-                sender: tx,
-                window_size,
-            },
+            channel_ref,
         )
     }
 

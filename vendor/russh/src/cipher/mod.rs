@@ -298,9 +298,15 @@ pub(crate) async fn read<R: AsyncRead + Unpin>(
     cipher: &mut (dyn OpeningKey + Send),
 ) -> Result<usize, Error> {
     if buffer.len == 0 {
-        let mut len = vec![0; cipher.packet_length_to_read_for_block_length()];
+        // p0rt patch: the first block on the stack, not in a new `Vec` per packet (block
+        // ciphers probe 16 bytes, the AEAD and EtM modes 4).
+        let mut first_block = [0u8; 32];
+        let len = first_block
+            .get_mut(..cipher.packet_length_to_read_for_block_length())
+            .ok_or(Error::Inconsistent)?;
 
-        stream.read_exact(&mut len).await?;
+        stream.read_exact(len).await?;
+        let len = &*len;
         trace!("reading, len = {len:?}");
         {
             let seqn = buffer.seqn.0;

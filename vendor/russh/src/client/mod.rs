@@ -759,7 +759,10 @@ impl<H: Handler> Handle<H> {
                             max_packet_size,
                             window_size: window_size_ref,
                         },
-                        read_half: ChannelReadHalf { receiver },
+                        read_half: ChannelReadHalf {
+                            receiver,
+                            credit: None,
+                        },
                     });
                 }
                 Some(ChannelMsg::OpenFailure(reason)) => {
@@ -2172,6 +2175,7 @@ mod tests {
                     write: Vec::new(),
                     write_cursor: 0,
                     last_rekey: russh_util::time::Instant::now(),
+                    maybe_pending: Default::default(),
                     server_compression: Compression::None,
                     client_compression: Compression::None,
                     decompress: Decompress::None,
@@ -2479,6 +2483,7 @@ mod tests {
                     write: Vec::new(),
                     write_cursor: 0,
                     last_rekey: russh_util::time::Instant::now(),
+                    maybe_pending: Default::default(),
                     server_compression: Compression::None,
                     client_compression: Compression::None,
                     decompress: Decompress::Zlib(flate2::Decompress::new(true)),

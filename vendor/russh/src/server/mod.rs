@@ -1112,6 +1112,7 @@ where
         priority_sender,
         sender,
         channel_buffer_size: config.channel_buffer_size,
+        credit_wake: crate::channels::CreditWake::new(config.window_size),
     };
 
     let common = read_ssh_id(config, &mut stream).await?;
@@ -1130,7 +1131,8 @@ where
 
     session.begin_rekey()?;
 
-    let join = russh_util::runtime::spawn(session.run(stream, handler));
+    // p0rt patch: boxed, so the spawning wrapper (which holds its future twice) stays small.
+    let join = russh_util::runtime::spawn(Box::pin(Box::new(session).run(stream, handler)));
 
     Ok(RunningSession { handle, join })
 }
@@ -1239,14 +1241,14 @@ async fn reply<H: Handler + Send>(
     #[allow(clippy::collapsible_if)]
     if is_kex_msg {
         if let SessionKexState::InProgress(kex) = session.kex.take() {
-            let progress = kex
+            let progress = (*kex)
                 .step(Some(pkt), &mut session.common.packet_writer, handler)
                 .await?;
 
             match progress {
                 KexProgress::NeedsReply { kex, reset_seqn } => {
                     debug!("kex impl continues: {kex:?}");
-                    session.kex = SessionKexState::InProgress(kex);
+                    session.kex = SessionKexState::InProgress(Box::new(kex));
                     if reset_seqn {
                         debug!("kex impl requests seqno reset");
                         session.common.reset_seqn();
@@ -1262,6 +1264,7 @@ async fn reply<H: Handler + Send>(
                         {
                             let common = &mut session.common;
                             common.newkeys(newkeys);
+                            common.forget_kex_payloads();
                             if let Some(enc) = common.encrypted.as_mut() {
                                 enc.last_rekey = Instant::now();
                                 enc.flush_all_pending_with_writer(
@@ -1290,6 +1293,7 @@ async fn reply<H: Handler + Send>(
                         );
 
                         session.maybe_send_ext_info()?;
+                        session.common.forget_kex_payloads();
                     }
 
                     session.kex = SessionKexState::Idle;

@@ -1,6 +1,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::ErrorKind;
 use std::sync::Arc;
+#[cfg(test)]
 use std::time::Duration;
 
 use channels::WindowSizeRef;
@@ -11,7 +12,9 @@ use tokio::sync::mpsc::{Receiver, Sender, UnboundedReceiver, UnboundedSender, ch
 use tokio::sync::oneshot;
 
 use super::*;
-use crate::channels::{Channel, ChannelMsg, ChannelReadHalf, ChannelRef, ChannelWriteHalf};
+use crate::channels::{
+    Channel, ChannelMsg, ChannelReadHalf, ChannelRef, ChannelWriteHalf, CreditWake, ReceiveCredit,
+};
 use crate::helpers::NameList;
 use crate::kex::{EXTENSION_SUPPORT_AS_CLIENT, KexCause, SessionKexState};
 use crate::{ChannelOpenFailure, map_err, msg};
@@ -28,11 +31,32 @@ pub struct Session {
     pub(crate) pending_len: u32,
     pub(crate) channels: HashMap<ChannelId, ChannelRef>,
     pub(crate) open_global_requests: VecDeque<GlobalRequestResponse>,
-    pub(crate) kex: SessionKexState<ServerKex>,
+    /// p0rt patch: boxed, so an idle session does not carry an 800-byte key exchange.
+    pub(crate) kex: SessionKexState<Box<ServerKex>>,
 }
 
+/// What a session's two queues carry ([`Handle`] and the channels' write halves send it).
+///
+/// p0rt patch: kept small. Tokio allocates each queue's first block of 32 slots when the
+/// queue is made, so every connection paid 2 × 32 × `size_of::<MsgKind>()` (~13 KB) up
+/// front. Channel data, the one frequent message, travels inline; the rest is boxed.
 #[derive(Debug)]
 pub enum Msg {
+    /// `ChannelMsg::Data` for a channel.
+    ChannelData(ChannelId, bytes::Bytes),
+    /// Any other message.
+    Other(Box<MsgKind>),
+}
+
+impl From<MsgKind> for Msg {
+    fn from(kind: MsgKind) -> Self {
+        Msg::Other(Box::new(kind))
+    }
+}
+
+/// A session message other than channel data (see [`Msg`]).
+#[derive(Debug)]
+pub enum MsgKind {
     ChannelOpenAgent {
         channel_ref: ChannelRef,
     },
@@ -92,7 +116,10 @@ pub enum Msg {
 
 impl From<(ChannelId, ChannelMsg)> for Msg {
     fn from((id, msg): (ChannelId, ChannelMsg)) -> Self {
-        Msg::Channel(id, msg)
+        match msg {
+            ChannelMsg::Data { data } => Msg::ChannelData(id, data),
+            msg => MsgKind::Channel(id, msg).into(),
+        }
     }
 }
 
@@ -113,6 +140,8 @@ pub struct Handle {
     pub(crate) priority_sender: UnboundedSender<Msg>,
     pub(crate) sender: Sender<Msg>,
     pub(crate) channel_buffer_size: usize,
+    /// p0rt patch: readers of this session's channels wake its loop through this.
+    pub(crate) credit_wake: Arc<CreditWake>,
 }
 
 impl Handle {
@@ -124,10 +153,10 @@ impl Handle {
     ) -> Result<(), bytes::Bytes> {
         let data = data.into();
         self.sender
-            .send(Msg::Channel(id, ChannelMsg::Data { data }))
+            .send(Msg::ChannelData(id, data))
             .await
             .map_err(|e| match e.0 {
-                Msg::Channel(_, ChannelMsg::Data { data }) => data,
+                Msg::ChannelData(_, data) => data,
                 _ => unreachable!(),
             })
     }
@@ -141,10 +170,16 @@ impl Handle {
     ) -> Result<(), bytes::Bytes> {
         let data = data.into();
         self.sender
-            .send(Msg::Channel(id, ChannelMsg::ExtendedData { ext, data }))
+            .send(Msg::from(MsgKind::Channel(
+                id,
+                ChannelMsg::ExtendedData { ext, data },
+            )))
             .await
             .map_err(|e| match e.0 {
-                Msg::Channel(_, ChannelMsg::ExtendedData { data, .. }) => data,
+                Msg::Other(kind) => match *kind {
+                    MsgKind::Channel(_, ChannelMsg::ExtendedData { data, .. }) => data,
+                    _ => unreachable!(),
+                },
                 _ => unreachable!(),
             })
     }
@@ -152,7 +187,7 @@ impl Handle {
     /// Send EOF to the session referenced by this handler.
     pub async fn eof(&self, id: ChannelId) -> Result<(), ()> {
         self.sender
-            .send(Msg::Channel(id, ChannelMsg::Eof))
+            .send(Msg::from(MsgKind::Channel(id, ChannelMsg::Eof)))
             .await
             .map_err(|_| ())
     }
@@ -160,7 +195,7 @@ impl Handle {
     /// Send success to the session referenced by this handler.
     pub async fn channel_success(&self, id: ChannelId) -> Result<(), ()> {
         self.sender
-            .send(Msg::Channel(id, ChannelMsg::Success))
+            .send(Msg::from(MsgKind::Channel(id, ChannelMsg::Success)))
             .await
             .map_err(|_| ())
     }
@@ -168,7 +203,7 @@ impl Handle {
     /// Send failure to the session referenced by this handler.
     pub async fn channel_failure(&self, id: ChannelId) -> Result<(), ()> {
         self.sender
-            .send(Msg::Channel(id, ChannelMsg::Failure))
+            .send(Msg::from(MsgKind::Channel(id, ChannelMsg::Failure)))
             .await
             .map_err(|_| ())
     }
@@ -176,7 +211,7 @@ impl Handle {
     /// Close a channel.
     pub async fn close(&self, id: ChannelId) -> Result<(), ()> {
         self.sender
-            .send(Msg::Channel(id, ChannelMsg::Close))
+            .send(Msg::from(MsgKind::Channel(id, ChannelMsg::Close)))
             .await
             .map_err(|_| ())
     }
@@ -186,7 +221,10 @@ impl Handle {
     /// [RFC4254](https://tools.ietf.org/html/rfc4254#section-6.8).
     pub async fn xon_xoff_request(&self, id: ChannelId, client_can_do: bool) -> Result<(), ()> {
         self.sender
-            .send(Msg::Channel(id, ChannelMsg::XonXoff { client_can_do }))
+            .send(Msg::from(MsgKind::Channel(
+                id,
+                ChannelMsg::XonXoff { client_can_do },
+            )))
             .await
             .map_err(|_| ())
     }
@@ -194,7 +232,10 @@ impl Handle {
     /// Send the exit status of a program.
     pub async fn exit_status_request(&self, id: ChannelId, exit_status: u32) -> Result<(), ()> {
         self.sender
-            .send(Msg::Channel(id, ChannelMsg::ExitStatus { exit_status }))
+            .send(Msg::from(MsgKind::Channel(
+                id,
+                ChannelMsg::ExitStatus { exit_status },
+            )))
             .await
             .map_err(|_| ())
     }
@@ -203,11 +244,11 @@ impl Handle {
     pub async fn forward_tcpip(&self, address: String, port: u32) -> Result<u32, ()> {
         let (reply_send, reply_recv) = oneshot::channel();
         self.sender
-            .send(Msg::TcpIpForward {
+            .send(Msg::from(MsgKind::TcpIpForward {
                 reply_channel: Some(reply_send),
                 address,
                 port,
-            })
+            }))
             .await
             .map_err(|_| ())?;
 
@@ -225,11 +266,11 @@ impl Handle {
     pub async fn cancel_forward_tcpip(&self, address: String, port: u32) -> Result<(), ()> {
         let (reply_send, reply_recv) = oneshot::channel();
         self.sender
-            .send(Msg::CancelTcpIpForward {
+            .send(Msg::from(MsgKind::CancelTcpIpForward {
                 reply_channel: Some(reply_send),
                 address,
                 port,
-            })
+            }))
             .await
             .map_err(|_| ())?;
         match reply_recv.await {
@@ -247,15 +288,16 @@ impl Handle {
     /// [PROTOCOL.agent](https://datatracker.ietf.org/doc/html/draft-miller-ssh-agent).
     pub async fn channel_open_agent(&self) -> Result<Channel<Msg>, Error> {
         let (sender, receiver) = channel(self.channel_buffer_size);
-        let channel_ref = ChannelRef::new(sender);
+        let channel_ref = ChannelRef::credited(sender, self.credit_wake.clone());
+        let credit = channel_ref.credit.clone();
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
-            .send(Msg::ChannelOpenAgent { channel_ref })
+            .send(Msg::from(MsgKind::ChannelOpenAgent { channel_ref }))
             .await
             .map_err(|_| Error::SendError)?;
 
-        self.wait_channel_confirmation(receiver, window_size_ref)
+        self.wait_channel_confirmation(receiver, window_size_ref, credit)
             .await
     }
 
@@ -266,15 +308,16 @@ impl Handle {
     /// `confirmed` field of the corresponding `Channel`.
     pub async fn channel_open_session(&self) -> Result<Channel<Msg>, Error> {
         let (sender, receiver) = channel(self.channel_buffer_size);
-        let channel_ref = ChannelRef::new(sender);
+        let channel_ref = ChannelRef::credited(sender, self.credit_wake.clone());
+        let credit = channel_ref.credit.clone();
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
-            .send(Msg::ChannelOpenSession { channel_ref })
+            .send(Msg::from(MsgKind::ChannelOpenSession { channel_ref }))
             .await
             .map_err(|_| Error::SendError)?;
 
-        self.wait_channel_confirmation(receiver, window_size_ref)
+        self.wait_channel_confirmation(receiver, window_size_ref, credit)
             .await
     }
 
@@ -291,20 +334,21 @@ impl Handle {
         originator_port: u32,
     ) -> Result<Channel<Msg>, Error> {
         let (sender, receiver) = channel(self.channel_buffer_size);
-        let channel_ref = ChannelRef::new(sender);
+        let channel_ref = ChannelRef::credited(sender, self.credit_wake.clone());
+        let credit = channel_ref.credit.clone();
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
-            .send(Msg::ChannelOpenDirectTcpIp {
+            .send(Msg::from(MsgKind::ChannelOpenDirectTcpIp {
                 host_to_connect: host_to_connect.into(),
                 port_to_connect,
                 originator_address: originator_address.into(),
                 originator_port,
                 channel_ref,
-            })
+            }))
             .await
             .map_err(|_| Error::SendError)?;
-        self.wait_channel_confirmation(receiver, window_size_ref)
+        self.wait_channel_confirmation(receiver, window_size_ref, credit)
             .await
     }
 
@@ -314,17 +358,18 @@ impl Handle {
         socket_path: A,
     ) -> Result<Channel<Msg>, Error> {
         let (sender, receiver) = channel(self.channel_buffer_size);
-        let channel_ref = ChannelRef::new(sender);
+        let channel_ref = ChannelRef::credited(sender, self.credit_wake.clone());
+        let credit = channel_ref.credit.clone();
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
-            .send(Msg::ChannelOpenDirectStreamLocal {
+            .send(Msg::from(MsgKind::ChannelOpenDirectStreamLocal {
                 socket_path: socket_path.into(),
                 channel_ref,
-            })
+            }))
             .await
             .map_err(|_| Error::SendError)?;
-        self.wait_channel_confirmation(receiver, window_size_ref)
+        self.wait_channel_confirmation(receiver, window_size_ref, credit)
             .await
     }
 
@@ -336,20 +381,21 @@ impl Handle {
         originator_port: u32,
     ) -> Result<Channel<Msg>, Error> {
         let (sender, receiver) = channel(self.channel_buffer_size);
-        let channel_ref = ChannelRef::new(sender);
+        let channel_ref = ChannelRef::credited(sender, self.credit_wake.clone());
+        let credit = channel_ref.credit.clone();
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
-            .send(Msg::ChannelOpenForwardedTcpIp {
+            .send(Msg::from(MsgKind::ChannelOpenForwardedTcpIp {
                 connected_address: connected_address.into(),
                 connected_port,
                 originator_address: originator_address.into(),
                 originator_port,
                 channel_ref,
-            })
+            }))
             .await
             .map_err(|_| Error::SendError)?;
-        self.wait_channel_confirmation(receiver, window_size_ref)
+        self.wait_channel_confirmation(receiver, window_size_ref, credit)
             .await
     }
 
@@ -358,17 +404,18 @@ impl Handle {
         server_socket_path: A,
     ) -> Result<Channel<Msg>, Error> {
         let (sender, receiver) = channel(self.channel_buffer_size);
-        let channel_ref = ChannelRef::new(sender);
+        let channel_ref = ChannelRef::credited(sender, self.credit_wake.clone());
+        let credit = channel_ref.credit.clone();
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
-            .send(Msg::ChannelOpenForwardedStreamLocal {
+            .send(Msg::from(MsgKind::ChannelOpenForwardedStreamLocal {
                 server_socket_path: server_socket_path.into(),
                 channel_ref,
-            })
+            }))
             .await
             .map_err(|_| Error::SendError)?;
-        self.wait_channel_confirmation(receiver, window_size_ref)
+        self.wait_channel_confirmation(receiver, window_size_ref, credit)
             .await
     }
 
@@ -378,18 +425,19 @@ impl Handle {
         originator_port: u32,
     ) -> Result<Channel<Msg>, Error> {
         let (sender, receiver) = channel(self.channel_buffer_size);
-        let channel_ref = ChannelRef::new(sender);
+        let channel_ref = ChannelRef::credited(sender, self.credit_wake.clone());
+        let credit = channel_ref.credit.clone();
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
-            .send(Msg::ChannelOpenX11 {
+            .send(Msg::from(MsgKind::ChannelOpenX11 {
                 originator_address: originator_address.into(),
                 originator_port,
                 channel_ref,
-            })
+            }))
             .await
             .map_err(|_| Error::SendError)?;
-        self.wait_channel_confirmation(receiver, window_size_ref)
+        self.wait_channel_confirmation(receiver, window_size_ref, credit)
             .await
     }
 
@@ -397,6 +445,7 @@ impl Handle {
         &self,
         mut receiver: Receiver<ChannelMsg>,
         window_size_ref: WindowSizeRef,
+        credit: Option<Arc<ReceiveCredit>>,
     ) -> Result<Channel<Msg>, Error> {
         loop {
             match receiver.recv().await {
@@ -414,7 +463,7 @@ impl Handle {
                             max_packet_size,
                             window_size: window_size_ref,
                         },
-                        read_half: ChannelReadHalf { receiver },
+                        read_half: ChannelReadHalf { receiver, credit },
                     });
                 }
                 Some(ChannelMsg::OpenFailure(reason)) => {
@@ -440,7 +489,7 @@ impl Handle {
         lang_tag: String,
     ) -> Result<(), ()> {
         self.sender
-            .send(Msg::Channel(
+            .send(Msg::from(MsgKind::Channel(
                 id,
                 ChannelMsg::ExitSignal {
                     signal_name,
@@ -448,7 +497,7 @@ impl Handle {
                     error_message,
                     lang_tag,
                 },
-            ))
+            )))
             .await
             .map_err(|_| ())
     }
@@ -461,11 +510,11 @@ impl Handle {
         language_tag: String,
     ) -> Result<(), Error> {
         self.sender
-            .send(Msg::Disconnect {
+            .send(Msg::from(MsgKind::Disconnect {
                 reason,
                 description,
                 language_tag,
-            })
+            }))
             .await
             .map_err(|_| Error::SendError)
     }
@@ -492,36 +541,81 @@ impl Session {
         }
     }
 
+    /// p0rt patch: returns window to the peer for what the channel's reader consumed, plus
+    /// `consumed_now` bytes consumed without a reader.
+    pub(crate) fn return_window(
+        &mut self,
+        channel: ChannelId,
+        consumed_now: u32,
+    ) -> Result<bool, Error> {
+        let from_reader = self
+            .channels
+            .get(&channel)
+            .and_then(|chan| chan.credit.as_ref())
+            .map_or(0, |credit| credit.take());
+        let target = self.target_window_size;
+        match self.common.encrypted.as_mut() {
+            Some(enc) => Ok(enc.return_window(
+                channel,
+                consumed_now.saturating_add(from_reader),
+                target,
+            )?),
+            None => Ok(false),
+        }
+    }
+
+    /// p0rt patch: a reader woke the loop. Moves backlogged messages into queues that have
+    /// room, returns window for consumed data, and forgets channels that are closed and
+    /// fully delivered.
+    fn drain_channel_credit(&mut self) -> Result<(), Error> {
+        let target = self.target_window_size;
+        let Some(enc) = self.common.encrypted.as_mut() else {
+            return Ok(());
+        };
+        for (id, chan) in self.channels.iter_mut() {
+            let dropped = chan.drain_backlog();
+            let consumed = chan.credit.as_ref().map_or(0, |credit| credit.take());
+            enc.return_window(*id, dropped.saturating_add(consumed), target)?;
+        }
+        self.channels
+            .retain(|_, chan| !(chan.closed && chan.backlog_is_empty()));
+        Ok(())
+    }
+
     /// Dispatch a single message received on the session's internal channel
     /// (sent via [`Handle`]). Shared by the `select!` receiver arm and the
     /// pre-`select!` backlog drain so the two can't drift apart.
     fn dispatch_msg(&mut self, msg: Msg) -> Result<(), Error> {
+        let msg = match msg {
+            Msg::ChannelData(id, data) => return self.data(id, data),
+            Msg::Other(kind) => *kind,
+        };
         match msg {
-            Msg::Channel(id, ChannelMsg::Data { data }) => {
+            MsgKind::Channel(id, ChannelMsg::Data { data }) => {
                 self.data(id, data)?;
             }
-            Msg::Channel(id, ChannelMsg::ExtendedData { ext, data }) => {
+            MsgKind::Channel(id, ChannelMsg::ExtendedData { ext, data }) => {
                 self.extended_data(id, ext, data)?;
             }
-            Msg::Channel(id, ChannelMsg::Eof) => {
+            MsgKind::Channel(id, ChannelMsg::Eof) => {
                 self.eof(id)?;
             }
-            Msg::Channel(id, ChannelMsg::Close) => {
+            MsgKind::Channel(id, ChannelMsg::Close) => {
                 self.close(id)?;
             }
-            Msg::Channel(id, ChannelMsg::Success) => {
+            MsgKind::Channel(id, ChannelMsg::Success) => {
                 self.channel_success(id)?;
             }
-            Msg::Channel(id, ChannelMsg::Failure) => {
+            MsgKind::Channel(id, ChannelMsg::Failure) => {
                 self.channel_failure(id)?;
             }
-            Msg::Channel(id, ChannelMsg::XonXoff { client_can_do }) => {
+            MsgKind::Channel(id, ChannelMsg::XonXoff { client_can_do }) => {
                 self.xon_xoff_request(id, client_can_do)?;
             }
-            Msg::Channel(id, ChannelMsg::ExitStatus { exit_status }) => {
+            MsgKind::Channel(id, ChannelMsg::ExitStatus { exit_status }) => {
                 self.exit_status_request(id, exit_status)?;
             }
-            Msg::Channel(
+            MsgKind::Channel(
                 id,
                 ChannelMsg::ExitSignal {
                     signal_name,
@@ -532,18 +626,18 @@ impl Session {
             ) => {
                 self.exit_signal_request(id, signal_name, core_dumped, &error_message, &lang_tag)?;
             }
-            Msg::Channel(id, ChannelMsg::WindowAdjusted { new_size }) => {
+            MsgKind::Channel(id, ChannelMsg::WindowAdjusted { new_size }) => {
                 debug!("window adjusted to {new_size:?} for channel {id:?}");
             }
-            Msg::ChannelOpenAgent { channel_ref } => {
+            MsgKind::ChannelOpenAgent { channel_ref } => {
                 let id = self.channel_open_agent()?;
                 self.channels.insert(id, channel_ref);
             }
-            Msg::ChannelOpenSession { channel_ref } => {
+            MsgKind::ChannelOpenSession { channel_ref } => {
                 let id = self.channel_open_session()?;
                 self.channels.insert(id, channel_ref);
             }
-            Msg::ChannelOpenDirectTcpIp {
+            MsgKind::ChannelOpenDirectTcpIp {
                 host_to_connect,
                 port_to_connect,
                 originator_address,
@@ -558,14 +652,14 @@ impl Session {
                 )?;
                 self.channels.insert(id, channel_ref);
             }
-            Msg::ChannelOpenDirectStreamLocal {
+            MsgKind::ChannelOpenDirectStreamLocal {
                 socket_path,
                 channel_ref,
             } => {
                 let id = self.channel_open_direct_streamlocal(&socket_path)?;
                 self.channels.insert(id, channel_ref);
             }
-            Msg::ChannelOpenForwardedTcpIp {
+            MsgKind::ChannelOpenForwardedTcpIp {
                 connected_address,
                 connected_port,
                 originator_address,
@@ -580,14 +674,14 @@ impl Session {
                 )?;
                 self.channels.insert(id, channel_ref);
             }
-            Msg::ChannelOpenForwardedStreamLocal {
+            MsgKind::ChannelOpenForwardedStreamLocal {
                 server_socket_path,
                 channel_ref,
             } => {
                 let id = self.channel_open_forwarded_streamlocal(&server_socket_path)?;
                 self.channels.insert(id, channel_ref);
             }
-            Msg::ChannelOpenX11 {
+            MsgKind::ChannelOpenX11 {
                 originator_address,
                 originator_port,
                 channel_ref,
@@ -595,21 +689,21 @@ impl Session {
                 let id = self.channel_open_x11(&originator_address, originator_port)?;
                 self.channels.insert(id, channel_ref);
             }
-            Msg::TcpIpForward {
+            MsgKind::TcpIpForward {
                 address,
                 port,
                 reply_channel,
             } => {
                 self.tcpip_forward(&address, port, reply_channel)?;
             }
-            Msg::CancelTcpIpForward {
+            MsgKind::CancelTcpIpForward {
                 address,
                 port,
                 reply_channel,
             } => {
                 self.cancel_tcpip_forward(&address, port, reply_channel)?;
             }
-            Msg::Disconnect {
+            MsgKind::Disconnect {
                 reason,
                 description,
                 language_tag,
@@ -617,7 +711,7 @@ impl Session {
                 self.common
                     .disconnect(reason, &description, &language_tag)?;
             }
-            Msg::ChannelOpenReply { pending, result } => {
+            MsgKind::ChannelOpenReply { pending, result } => {
                 self.finalize_channel_open_reply(pending, result)?;
             }
             other => {
@@ -629,8 +723,11 @@ impl Session {
         Ok(())
     }
 
+    // p0rt patch: `self` is boxed (an async fn keeps its arguments twice, and the session
+    // is 2.5 KB), and `reply` below runs boxed, so an idle session's future is ~2 KB
+    // instead of ~13 KB.
     pub(crate) async fn run<H, R>(
-        mut self,
+        mut self: Box<Self>,
         mut stream: SshRead<R>,
         mut handler: H,
     ) -> Result<(), H::Error>
@@ -642,7 +739,9 @@ impl Session {
 
         map_err!(self.common.packet_writer.flush_into(&mut stream).await)?;
 
-        let (stream_read, mut stream_write) = stream.split();
+        let (mut stream_read, mut stream_write) = stream.split();
+        // p0rt patch: read several packets per syscall (see `ssh_read::ReadAhead`).
+        stream_read.read_ahead();
         let buffer = SSHBuffer::new();
 
         // Allow handing out references to the cipher
@@ -657,14 +756,22 @@ impl Session {
             future_or_pending(self.common.config.inactivity_timeout, tokio::time::sleep);
         pin!(inactivity_timer);
 
+        // p0rt patch: one rekey timer for the session, moved when the deadline changes
+        // (after a key exchange), instead of a new timer registered and dropped per turn.
+        let rekey_timer = tokio::time::sleep_until(tokio::time::Instant::now());
+        pin!(rekey_timer);
+        let mut rekey_deadline: Option<russh_util::time::Instant> = None;
+
         let reading = start_reading(stream_read, buffer, opening_cipher);
         pin!(reading);
         let mut is_reading = None;
+        let credit_wake = self.sender.credit_wake.clone();
 
         #[allow(clippy::panic)] // false positive in macro
         while !self.common.disconnected {
             self.common.received_data = false;
             let mut sent_keepalive = false;
+            let mut kex_done = false;
 
             // Drain messages already queued on the session channel (e.g. shell
             // output pushed via `Handle::data()` from a spawned task) before
@@ -711,8 +818,15 @@ impl Session {
                 }
             }
 
-            let rekey_timer = future_or_pending(self.rekey_time_remaining(), tokio::time::sleep);
-            pin!(rekey_timer);
+            let deadline = self.rekey_deadline();
+            if deadline != rekey_deadline {
+                if let Some(deadline) = deadline {
+                    rekey_timer
+                        .as_mut()
+                        .reset(tokio::time::Instant::from_std(deadline));
+                }
+                rekey_deadline = deadline;
+            }
 
             tokio::select! {
                 r = &mut reading => {
@@ -740,7 +854,7 @@ impl Session {
                             std::mem::swap(&mut opening_cipher, &mut self.common.remote_to_local);
 
                             let kex_was_active = self.kex.active();
-                            match reply(&mut self, &mut handler, &mut pkt).await {
+                            match Box::pin(reply(&mut self, &mut handler, &mut pkt)).await {
                                 Ok(_) => {},
                                 Err(e) => return Err(e),
                             }
@@ -748,6 +862,11 @@ impl Session {
 
                             if kex_was_active && !self.kex.active() {
                                 buffer.bytes = 0;
+                                // p0rt patch: a finished key exchange gives back the
+                                // buffers' memory (the KEXINITs are an idle connection's
+                                // largest packets; at a rekey, whatever traffic grew them to).
+                                buffer.buffer = Vec::new();
+                                kex_done = true;
                             } else if self.automatic_rekey_allowed()
                                 && buffer.bytes >= self.common.config.limits.rekey_read_limit
                             {
@@ -763,7 +882,7 @@ impl Session {
                     }
                     reading.set(start_reading(stream_read, buffer, opening_cipher));
                 }
-                () = &mut rekey_timer => {
+                () = &mut rekey_timer, if rekey_deadline.is_some() => {
                     // The flush after the select sees the elapsed limit.
                     debug!("rekey time limit reached");
                 }
@@ -779,6 +898,10 @@ impl Session {
                 () = &mut inactivity_timer => {
                     debug!("timeout");
                     return Err(crate::Error::InactivityTimeout.into());
+                }
+                // p0rt patch: a channel reader consumed data or made room for a backlog.
+                () = credit_wake.notify.notified(), if !self.kex.active() => {
+                    self.drain_channel_credit()?;
                 }
                 msg = self.priority_receiver.recv(), if !self.kex.active() => {
                     match msg {
@@ -814,6 +937,9 @@ impl Session {
                 inactivity_timer.as_mut(),
             )
             .await?;
+            if kex_done {
+                self.common.packet_writer.release_buffers();
+            }
 
             if self.common.received_data {
                 // Reset the number of failed keepalive attempts. We don't
@@ -956,6 +1082,18 @@ impl Session {
                 .is_some_and(|enc| Self::automatic_rekey_eligible(&enc.state))
     }
 
+    /// p0rt patch: [`Encrypted::rekey_deadline`] when an automatic rekey is allowed.
+    fn rekey_deadline(&self) -> Option<russh_util::time::Instant> {
+        if !self.automatic_rekey_allowed() {
+            return None;
+        }
+        self.common
+            .encrypted
+            .as_ref()?
+            .rekey_deadline(&self.common.config.limits, &self.common.packet_writer)
+    }
+
+    #[cfg(test)]
     fn rekey_time_remaining(&self) -> Option<Duration> {
         if !self.automatic_rekey_allowed() {
             return None;
@@ -1571,7 +1709,7 @@ impl Session {
         );
 
         kex.kexinit(&mut self.common.packet_writer)?;
-        self.kex = SessionKexState::InProgress(kex);
+        self.kex = SessionKexState::InProgress(Box::new(kex));
         Ok(())
     }
 }
@@ -1625,6 +1763,7 @@ mod tests {
             priority_sender,
             sender,
             channel_buffer_size: config.channel_buffer_size,
+            credit_wake: CreditWake::new(config.window_size),
         };
 
         Session {
@@ -1645,6 +1784,7 @@ mod tests {
                     write: Vec::new(),
                     write_cursor: 0,
                     last_rekey: russh_util::time::Instant::now(),
+                    maybe_pending: Default::default(),
                     server_compression: Compression::None,
                     client_compression: Compression::None,
                     decompress: Decompress::Zlib(flate2::Decompress::new(true)),
@@ -1822,7 +1962,7 @@ mod tests {
         peer: &mut tokio::io::DuplexStream,
         stream: tokio::io::DuplexStream,
     ) -> Option<u8> {
-        let event_loop = tokio::spawn(session.run(SshRead::new(stream), TestHandler));
+        let event_loop = tokio::spawn(Box::new(session).run(SshRead::new(stream), TestHandler));
         let mut buffer = SSHBuffer::new();
         let mut opening_key = cipher::clear::Key;
         let packet = cipher::read(peer, &mut buffer, &mut opening_key);

@@ -80,12 +80,27 @@ where
     }
 
     fn poll_writable(&mut self, cx: &mut Context<'_>, buf_len: usize) -> Poll<NonZeroUsize> {
-        let window_size = self.window_size.clone();
-        let window_size_fut = self
-            .window_size_fut
-            .get_or_insert_with(|| Box::pin(window_size.lock_owned()));
-        let mut window_size = ready!(window_size_fut.poll_unpin(cx));
-        self.window_size_fut.take();
+        // p0rt patch: take the window's lock without a boxed future when it is free (the
+        // common case); the boxed `lock_owned` future only when it is held.
+        let mut window_size = match self.window_size_fut.as_mut() {
+            Some(window_size_fut) => {
+                let guard = ready!(window_size_fut.poll_unpin(cx));
+                self.window_size_fut = None;
+                guard
+            }
+            None => match self.window_size.clone().try_lock_owned() {
+                Ok(guard) => guard,
+                Err(_) => {
+                    let window_size = self.window_size.clone();
+                    let window_size_fut = self
+                        .window_size_fut
+                        .insert(Box::pin(window_size.lock_owned()));
+                    let guard = ready!(window_size_fut.poll_unpin(cx));
+                    self.window_size_fut = None;
+                    guard
+                }
+            },
+        };
 
         let writable = (self.max_packet_size).min(*window_size).min(buf_len as u32) as usize;
 
@@ -170,6 +185,21 @@ where
             x
         } else {
             let (msg, writable) = ready!(self.poll_mk_msg(cx, buf));
+            // p0rt patch: a free slot in the session's queue is taken without the boxed
+            // `reserve_owned` future (and the sender clone it needs).
+            let msg = match self.sender.try_reserve() {
+                Ok(permit) => {
+                    permit.send((self.id, msg).into());
+                    return Poll::Ready(Ok(writable.into()));
+                }
+                Err(mpsc::error::TrySendError::Closed(())) => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "channel closed",
+                    )));
+                }
+                Err(mpsc::error::TrySendError::Full(())) => msg,
+            };
             self.activate(msg, writable.into())
         };
         let r = ready!(send_fut.as_mut().poll_unpin(cx));
