@@ -1015,6 +1015,7 @@ mod tests {
             pending_data: VecDeque::from([(Bytes::from_static(b"hello"), None, 0)]),
             pending_eof,
             pending_close,
+            receive_credit_owed: 0,
         }
     }
 
@@ -1069,6 +1070,7 @@ mod tests {
             pending_data: VecDeque::from([(Bytes::from_static(b"hello"), None, 0)]),
             pending_eof,
             pending_close,
+            receive_credit_owed: 0,
         }
     }
 
