@@ -6,6 +6,15 @@
 //! [`TOUCH_FLUSH_INTERVAL`]. Every write is temp file + fsync + rename + fsync(dir), so a crash
 //! leaves either the old or the new file. A file that cannot be read is never replaced.
 //!
+//! A large store does not rewrite all of `domains.json` for every claim: the records changed
+//! since it was last written whole go to `domains.delta.json` beside it (written the same
+//! way), which names the SHA-256 of the `domains.json` it extends. Opening the store, and
+//! [`read_records`], apply the delta only to that exact file; a delta left over from before
+//! a later whole write names another hash and is ignored. `domains.json` is written whole
+//! again once the delta holds [`1/DELTA_MAX_SHARE`](DELTA_MAX_SHARE) of the records, when a
+//! record goes away, on [`flush`](DomainStore::flush) (so after a clean stop it alone is
+//! complete, in P0rt's shape) and always while the store is under [`DELTA_MIN_RECORDS`].
+//!
 //! Requested names granted by the naming policy (p0rt's own, P0rt has none) live beside it in
 //! `granted-names.json` (name → owner key hash and time), so `domains.json` stays exactly
 //! P0rt's shape. That file is written only once a name has been granted.
@@ -20,6 +29,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -30,6 +40,15 @@ use super::{Claim, DAY_SECS, DomainRecord, DomainStats, DomainStore, Grant, Impo
 pub const DOMAINS_FILE_NAME: &str = "domains.json";
 /// File of granted requested names, beside `domains.json`.
 pub const GRANTED_FILE_NAME: &str = "granted-names.json";
+/// File of the records changed since `domains.json` was last written whole, beside it.
+pub const DELTA_FILE_NAME: &str = "domains.delta.json";
+/// Below this many records every write is the whole `domains.json` (cheap at that size, and
+/// the file alone is then always complete).
+pub const DELTA_MIN_RECORDS: usize = 2048;
+/// The delta file holds at most one record in this many before `domains.json` is written
+/// whole: each claim's write is O(delta), the whole file's O(records) once per that many
+/// changes (at 10 000 records a claim's write is ~30x smaller than the whole file).
+pub const DELTA_MAX_SHARE: usize = 16;
 /// Bytes handed to the kernel per write call when `domains.json` is written.
 const WRITE_BUFFER: usize = 256 * 1024;
 /// Lock file that keeps a second process off the same data directory.
@@ -83,6 +102,7 @@ impl Indexes {
                 .iter()
                 .map(|(key, record)| (key.clone(), render_entry(key, record)))
                 .collect(),
+            ..FileImage::default()
         }
     }
 }
@@ -93,16 +113,52 @@ impl Indexes {
 #[derive(Default)]
 struct FileImage {
     entries: BTreeMap<String, Vec<u8>>,
+    /// SHA-256 of `domains.json` as this writer last wrote it whole; `None` until it has.
+    base: Option<[u8; 32]>,
+    /// The entries changed since then, in key order: what the delta file holds.
+    delta: BTreeMap<String, Vec<u8>>,
+    /// A record went away since then (the delta file cannot say so).
+    removed: bool,
 }
 
 impl FileImage {
     fn apply(&mut self, changes: Vec<(String, Option<Vec<u8>>)>) {
         for (key, entry) in changes {
             match entry {
-                Some(entry) => self.entries.insert(key, entry),
-                None => self.entries.remove(&key),
+                Some(entry) => {
+                    self.delta.insert(key.clone(), entry.clone());
+                    self.entries.insert(key, entry);
+                }
+                None => {
+                    self.removed |= self.entries.remove(&key).is_some();
+                    self.delta.remove(&key);
+                }
             };
         }
+    }
+
+    /// Whether this write must be the whole `domains.json` rather than the delta file.
+    fn write_whole(&self, min_records: usize) -> bool {
+        self.base.is_none()
+            || self.removed
+            || self.entries.len() < min_records
+            || self.delta.len() > self.entries.len() / DELTA_MAX_SHARE
+    }
+
+    /// Writes the delta file: the base's hash and the changed records' entries, in key order.
+    fn write_delta_to(&self, base: &[u8; 32], out: &mut impl Write) -> std::io::Result<()> {
+        write!(
+            out,
+            "{{\n\"base_sha256\": \"{}\",\n\"records\": {{\n",
+            hex::encode(base)
+        )?;
+        for (i, entry) in self.delta.values().enumerate() {
+            if i > 0 {
+                out.write_all(b",\n")?;
+            }
+            out.write_all(entry)?;
+        }
+        out.write_all(b"\n}\n}\n")
     }
 
     /// Writes the whole file from the entries, byte for byte what [`serialize_domains`]
@@ -135,6 +191,9 @@ struct GrantedName {
 pub struct JsonStore {
     path: PathBuf,
     granted_path: PathBuf,
+    delta_path: PathBuf,
+    /// [`DELTA_MIN_RECORDS`]; smaller in tests.
+    delta_min_records: usize,
     dir: PathBuf,
     /// Held for the life of the store; the OS releases the lock if the process dies.
     _lock: File,
@@ -222,17 +281,80 @@ fn check_record(key: &str, record: RawRecord) -> Result<DomainRecord, String> {
     })
 }
 
-/// Reads the records of a `domains.json` without opening it as a store (no lock, no writes).
+/// Reads the records of a `domains.json`, with the delta file beside it if that extends this
+/// very file, without opening it as a store (no lock, no writes).
 pub fn read_records(path: &Path) -> Result<Vec<DomainRecord>, StoreError> {
     let text = std::fs::read_to_string(path).map_err(|source| StoreError::Io {
         path: path.to_path_buf(),
         source,
     })?;
-    let indexes = parse_domains(&text).map_err(|detail| StoreError::Corrupt {
+    let mut indexes = parse_domains(&text).map_err(|detail| StoreError::Corrupt {
         path: path.to_path_buf(),
         detail,
     })?;
+    apply_delta(&path.with_file_name(DELTA_FILE_NAME), &text, &mut indexes)?;
     Ok(indexes.by_key.into_values().collect())
+}
+
+/// The delta file as read: the hash of the `domains.json` it extends and the records changed
+/// since, in P0rt's record shape.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeltaFile {
+    base_sha256: String,
+    records: BTreeMap<String, RawRecord>,
+}
+
+/// Applies the delta file at `path` to indexes read from `domains` (its text), if the delta
+/// extends exactly that text; a delta for another `domains.json` (left over from before a
+/// later whole write) is ignored. Returns whether it was applied.
+fn apply_delta(path: &Path, domains: &str, indexes: &mut Indexes) -> Result<bool, StoreError> {
+    let Some(text) = read_text(path)? else {
+        return Ok(false);
+    };
+    let corrupt = |detail: String| StoreError::Corrupt {
+        path: path.to_path_buf(),
+        detail,
+    };
+    let delta: DeltaFile = serde_json::from_str(&text).map_err(|e| {
+        corrupt(format!(
+            "not a JSON object of base_sha256 and key hash → domain record ({e})"
+        ))
+    })?;
+    if delta.base_sha256 != hex::encode(Sha256::digest(domains.as_bytes())) {
+        tracing::info!(
+            "{} is older than {DOMAINS_FILE_NAME} (written whole since); ignoring it",
+            path.display()
+        );
+        return Ok(false);
+    }
+    for (key, record) in delta.records {
+        if let Some(inner) = &record.ssh_key_hash
+            && inner != &key
+        {
+            return Err(corrupt(format!(
+                "record {key} carries a different ssh_key_hash {inner}"
+            )));
+        }
+        let record = check_record(&key, record).map_err(corrupt)?;
+        match indexes.by_domain.get(&record.domain) {
+            Some(other) if other != &key => {
+                return Err(corrupt(format!(
+                    "domain {} is bound to two keys ({other} and {key})",
+                    record.domain
+                )));
+            }
+            _ => {}
+        }
+        if let Some(old) = indexes.by_key.get(&key)
+            && old.domain != record.domain
+        {
+            indexes.by_domain.remove(&old.domain);
+        }
+        indexes.by_domain.insert(record.domain.clone(), key.clone());
+        indexes.by_key.insert(key, record);
+    }
+    Ok(true)
 }
 
 /// Takes the data directory lock, held as long as the returned file lives.
@@ -394,18 +516,83 @@ fn write_atomically_with(
     File::open(dir)?.sync_all()
 }
 
+/// Passes writes on to `inner`, hashing what goes through.
+struct Hashing<W> {
+    inner: W,
+    hash: Sha256,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Writes `image` out: the whole `domains.json` (then the delta file is dropped), or, when
+/// `whole` is false and the image allows it, only the delta file.
+fn write_image(
+    image: &mut FileImage,
+    whole: bool,
+    min_records: usize,
+    path: &Path,
+    delta_path: &Path,
+    dir: &Path,
+) -> std::io::Result<()> {
+    if let (false, Some(base)) = (whole || image.write_whole(min_records), image.base) {
+        return write_atomically_with(delta_path, dir, |file| {
+            let mut out = std::io::BufWriter::with_capacity(WRITE_BUFFER, file);
+            image.write_delta_to(&base, &mut out)?;
+            out.flush()
+        });
+    }
+    let mut hash = None;
+    write_atomically_with(path, dir, |file| {
+        let mut out = Hashing {
+            inner: std::io::BufWriter::with_capacity(WRITE_BUFFER, file),
+            hash: Sha256::new(),
+        };
+        image.write_to(&mut out)?;
+        out.flush()?;
+        hash = Some(out.hash.finalize().into());
+        Ok(())
+    })?;
+    image.base = hash;
+    image.delta.clear();
+    image.removed = false;
+    // The delta now names a file that is gone, so it would be ignored; removed so that
+    // `domains.json` is visibly complete. Not fsynced: a delta that survives a crash is
+    // ignored all the same.
+    match std::fs::remove_file(delta_path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 impl JsonStore {
     /// Opens (or starts) the store in `dir`, taking the directory lock.
     /// A missing file is an empty store; an unreadable one is an error and is left as it is.
     pub fn open(dir: &Path) -> Result<Arc<JsonStore>, StoreError> {
         let lock = lock_data_dir(dir)?;
         let path = dir.join(DOMAINS_FILE_NAME);
-        let mut indexes = match read_text(&path)? {
-            Some(text) => parse_domains(&text).map_err(|detail| StoreError::Corrupt {
-                path: path.clone(),
-                detail,
-            })?,
-            None => Indexes::default(),
+        let delta_path = dir.join(DELTA_FILE_NAME);
+        let (mut indexes, delta_applied) = match read_text(&path)? {
+            Some(text) => {
+                let mut indexes = parse_domains(&text).map_err(|detail| StoreError::Corrupt {
+                    path: path.clone(),
+                    detail,
+                })?;
+                // Applied: the next flush writes it into `domains.json` (the flusher's, within
+                // TOUCH_FLUSH_INTERVAL, if no claim does first).
+                let applied = apply_delta(&delta_path, &text, &mut indexes)?;
+                (indexes, applied)
+            }
+            None => (Indexes::default(), false),
         };
         let granted_path = dir.join(GRANTED_FILE_NAME);
         if let Some(text) = read_text(&granted_path)? {
@@ -419,11 +606,13 @@ impl JsonStore {
             reservations,
             path,
             granted_path,
+            delta_path,
+            delta_min_records: DELTA_MIN_RECORDS,
             dir: dir.to_path_buf(),
             _lock: lock,
             indexes: Mutex::new(indexes),
             writer: tokio::sync::Mutex::new(None),
-            dirty: AtomicBool::new(false),
+            dirty: AtomicBool::new(delta_applied),
             changes: AtomicU64::new(0),
             written: AtomicU64::new(0),
         }))
@@ -463,20 +652,30 @@ impl JsonStore {
     }
 
     async fn persist(&self) -> Result<(), StoreError> {
-        self.persist_through(u64::MAX, |_| {}).await
+        self.persist_through(u64::MAX, false, |_| {}).await
     }
 
     /// Makes sure change number `change` is on disk. Group commit: whoever holds the writer
     /// writes everything changed so far, so claims queued behind it return without a write.
     /// If the write fails, `undo` runs before the writer is released, so no later write can
-    /// put on disk what the failed one was for.
+    /// put on disk what the failed one was for. `whole`: write all of `domains.json` and
+    /// drop the delta file, even if nothing changed since the last write.
     async fn persist_through(
         &self,
         change: u64,
+        whole: bool,
         undo: impl FnOnce(&mut Indexes),
     ) -> Result<(), StoreError> {
         let mut writing = self.writer.lock().await;
         if change != u64::MAX && self.written.load(Ordering::Acquire) >= change {
+            return Ok(());
+        }
+        if whole
+            && !self.dirty.load(Ordering::Acquire)
+            && writing
+                .as_ref()
+                .is_none_or(|image| image.delta.is_empty() && !image.removed)
+        {
             return Ok(());
         }
         self.dirty.store(false, Ordering::Release);
@@ -497,22 +696,20 @@ impl JsonStore {
                 self.changes.load(Ordering::Acquire),
             )
         };
-        let (path, granted_path, dir) = (
+        let (path, granted_path, delta_path, dir) = (
             self.path.clone(),
             self.granted_path.clone(),
+            self.delta_path.clone(),
             self.dir.clone(),
         );
+        let min_records = self.delta_min_records;
         let result = tokio::task::spawn_blocking(move || {
             image.apply(changes);
-            let written = write_atomically_with(&path, &dir, |file| {
-                let mut out = std::io::BufWriter::with_capacity(WRITE_BUFFER, file);
-                image.write_to(&mut out)?;
-                out.flush()
-            })
-            .and_then(|()| match granted {
-                Some(granted) => write_atomically(&granted_path, &dir, &granted),
-                None => Ok(()),
-            });
+            let written = write_image(&mut image, whole, min_records, &path, &delta_path, &dir)
+                .and_then(|()| match granted {
+                    Some(granted) => write_atomically(&granted_path, &dir, &granted),
+                    None => Ok(()),
+                });
             (image, written)
         })
         .await;
@@ -570,7 +767,7 @@ impl DomainStore for JsonStore {
             );
             self.changes.fetch_add(1, Ordering::AcqRel) + 1
         };
-        self.persist_through(change, |idx| {
+        self.persist_through(change, false, |idx| {
             idx.by_domain.remove(name);
             idx.granted.remove(name);
         })
@@ -608,7 +805,7 @@ impl DomainStore for JsonStore {
         };
         let (record, change) = record;
         // Not durable, so not granted: undone, so memory and disk agree.
-        self.persist_through(change, |idx| {
+        self.persist_through(change, false, |idx| {
             idx.remove(ssh_key_hash);
             idx.by_domain.remove(domain);
         })
@@ -685,11 +882,9 @@ impl DomainStore for JsonStore {
         Ok(Import::Imported)
     }
 
+    /// Writes what is pending, and `domains.json` whole, so that it alone holds every record.
     async fn flush(&self) -> Result<(), StoreError> {
-        if self.dirty.load(Ordering::Acquire) {
-            self.persist().await?;
-        }
-        Ok(())
+        self.persist_through(u64::MAX, true, |_| {}).await
     }
 
     fn kind(&self) -> &'static str {
@@ -1001,6 +1196,154 @@ mod tests {
         let reread = parse_domains(&text).unwrap();
         assert_eq!(reread.by_key.len(), 12);
         assert_eq!(reread.by_key, store.lock().by_key);
+    }
+
+    /// A store in `dir` with `n` records written whole, writing deltas from 8 records on.
+    async fn store_with_deltas(dir: &Path, n: usize) -> Arc<JsonStore> {
+        let mut store = JsonStore::open(dir).unwrap();
+        Arc::get_mut(&mut store).unwrap().delta_min_records = 8;
+        for i in 0..n {
+            let record = DomainRecord::claimed(&format!("key{i:03}"), &format!("name{i}"), 1);
+            store.import(&record).await.unwrap();
+        }
+        store.flush().await.unwrap();
+        store
+    }
+
+    fn delta_path(dir: &Path) -> PathBuf {
+        dir.join(DELTA_FILE_NAME)
+    }
+
+    /// A claim in a large store is durable in the delta file alone: a host that stops without
+    /// a flush finds it on the next start, and so does `read_records`; the next flush writes
+    /// `domains.json` whole (byte for byte a full rewrite) and drops the delta.
+    #[tokio::test]
+    async fn a_claim_in_the_delta_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_deltas(dir.path(), 64).await;
+        assert!(!delta_path(dir.path()).exists());
+        store.claim("new-key", "new-name", 5).await.unwrap();
+        store.touch("key007", 9).await.unwrap();
+        store.persist().await.unwrap();
+        let domains = std::fs::read_to_string(dir.path().join(DOMAINS_FILE_NAME)).unwrap();
+        assert!(!domains.contains("new-name"), "written whole");
+        let delta = std::fs::read_to_string(delta_path(dir.path())).unwrap();
+        assert!(
+            delta.contains("new-name") && delta.contains("key007"),
+            "{delta}"
+        );
+        assert!(!delta.contains("key008"), "only changed records: {delta}");
+        drop(store); // no flush: as a crash leaves it
+
+        let records = read_records(&dir.path().join(DOMAINS_FILE_NAME)).unwrap();
+        assert_eq!(records.len(), 65);
+        let store = JsonStore::open(dir.path()).unwrap();
+        let rec = store.record_for_key("new-key").await.unwrap().unwrap();
+        assert_eq!((rec.domain.as_str(), rec.first_seen), ("new-name", 5));
+        let touched = store.record_for_key("key007").await.unwrap().unwrap();
+        assert_eq!((touched.last_seen, touched.use_count), (9, 2));
+        assert_eq!(
+            store.owner_of("new-name").await.unwrap().as_deref(),
+            Some("new-key")
+        );
+        assert!(matches!(
+            store.claim("other-key", "new-name", 6).await.unwrap(),
+            Claim::Taken
+        ));
+
+        store.flush().await.unwrap();
+        assert!(!delta_path(dir.path()).exists());
+        let text = std::fs::read(dir.path().join(DOMAINS_FILE_NAME)).unwrap();
+        let idx = store.lock();
+        assert_eq!(
+            text,
+            serialize_domains(idx.by_key.iter().map(|(k, r)| (k.as_str(), r)))
+        );
+    }
+
+    /// Once the delta would hold more than one record in [`DELTA_MAX_SHARE`], the write is
+    /// `domains.json` whole, and the delta goes.
+    #[tokio::test]
+    async fn a_large_delta_is_folded_into_a_whole_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_deltas(dir.path(), 32).await;
+        let share = 32 / DELTA_MAX_SHARE;
+        for i in 0..share {
+            store
+                .claim(&format!("new{i}"), &format!("new-name{i}"), 5)
+                .await
+                .unwrap();
+            assert!(delta_path(dir.path()).exists());
+        }
+        store.claim("last", "last-name", 5).await.unwrap();
+        assert!(!delta_path(dir.path()).exists());
+        let domains = std::fs::read_to_string(dir.path().join(DOMAINS_FILE_NAME)).unwrap();
+        assert!(domains.contains("new-name0") && domains.contains("last-name"));
+    }
+
+    /// A delta is applied only to the `domains.json` whose hash it names; one left over from
+    /// before a later whole write is ignored. A delta that cannot be read, or that binds a
+    /// name to two keys, stops the store from opening, and nothing is rewritten.
+    #[tokio::test]
+    async fn a_delta_applies_only_to_its_own_file() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(store_with_deltas(dir.path(), 16).await);
+        let domains = std::fs::read(dir.path().join(DOMAINS_FILE_NAME)).unwrap();
+        let base = hex::encode(Sha256::digest(&domains));
+        let delta = |base: &str, key: &str, domain: &str| {
+            format!(
+                r#"{{"base_sha256":"{base}","records":{{"{key}":{{"domain":"{domain}","ssh_key_hash":"{key}","first_seen":"2024-01-01T00:00:00Z","last_seen":"2024-01-01T00:00:00Z","use_count":1}}}}}}"#
+            )
+        };
+
+        std::fs::write(
+            delta_path(dir.path()),
+            delta(&"0".repeat(64), "ghost", "ghost-name"),
+        )
+        .unwrap();
+        let store = JsonStore::open(dir.path()).unwrap();
+        assert!(
+            store.record_for_key("ghost").await.unwrap().is_none(),
+            "stale delta ignored"
+        );
+        drop(store);
+
+        std::fs::write(delta_path(dir.path()), delta(&base, "ghost", "ghost-name")).unwrap();
+        let store = JsonStore::open(dir.path()).unwrap();
+        assert!(
+            store.record_for_key("ghost").await.unwrap().is_some(),
+            "own delta applied"
+        );
+        drop(store);
+
+        // key003 renamed by the delta: its old name is free again, the new one is its own.
+        std::fs::write(delta_path(dir.path()), delta(&base, "key003", "renamed")).unwrap();
+        let store = JsonStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.owner_of("renamed").await.unwrap().as_deref(),
+            Some("key003")
+        );
+        assert!(store.owner_of("name3").await.unwrap().is_none());
+        drop(store);
+
+        for bad in [
+            delta(&base, "key004", "name5"), // name5 belongs to key005
+            "{not json".to_string(),
+            r#"{"base_sha256":"00","records":{},"extra":1}"#.to_string(),
+        ] {
+            std::fs::write(delta_path(dir.path()), &bad).unwrap();
+            let err = JsonStore::open(dir.path()).err().unwrap();
+            assert!(matches!(err, StoreError::Corrupt { .. }), "{bad}: {err}");
+            assert!(read_records(&dir.path().join(DOMAINS_FILE_NAME)).is_err());
+            assert_eq!(
+                std::fs::read_to_string(delta_path(dir.path())).unwrap(),
+                bad
+            );
+            assert_eq!(
+                std::fs::read(dir.path().join(DOMAINS_FILE_NAME)).unwrap(),
+                domains
+            );
+        }
     }
 
     #[tokio::test]

@@ -8,7 +8,7 @@ use ssh_encoding::Encode;
 use ssh_key::Algorithm;
 
 use super::*;
-use crate::helpers::sign_with_hash_alg;
+use crate::helpers::{sign_with_hash_alg, EncodedExt};
 use crate::kex::dh::biguint_to_mpint;
 use crate::kex::{KEXES, KexAlgorithm, KexAlgorithmImplementor, KexCause};
 use crate::keys::key::PrivateKeyWithHashAlg;
@@ -18,6 +18,36 @@ use crate::{msg, negotiation};
 
 thread_local! {
     static HASH_BUF: RefCell<CryptoVec> = RefCell::new(CryptoVec::new());
+    /// The last ed25519 host key this thread signed with, checked once. ssh-key's signer
+    /// derives the public key from the seed (a basepoint multiplication, ~14 us) and compares
+    /// it with the stored one before every signature, and a server signs every key exchange
+    /// with the same host key.
+    static ED25519_HOST_KEY: RefCell<Option<ed25519_dalek::SigningKey>> = const { RefCell::new(None) };
+}
+
+/// Signs the exchange hash with a host key: ed25519 keys through [`ED25519_HOST_KEY`], others
+/// as [`sign_with_hash_alg`] does.
+fn sign_host_key(key: &PrivateKeyWithHashAlg, data: &[u8]) -> ssh_key::Result<Vec<u8>> {
+    use ed25519_dalek::Signer;
+    use subtle::ConstantTimeEq;
+    let ssh_key::private::KeypairData::Ed25519(keypair) = key.key_data() else {
+        return sign_with_hash_alg(key, data);
+    };
+    let signature = ED25519_HOST_KEY.with(|cached| {
+        let mut cached = cached.borrow_mut();
+        let same = cached.as_ref().is_some_and(|signer| {
+            signer.verifying_key().as_bytes() == &keypair.public.0
+                && bool::from(signer.as_bytes().ct_eq(keypair.private.as_ref()))
+        });
+        if !same {
+            *cached = Some(ed25519_dalek::SigningKey::try_from(keypair)?);
+        }
+        match cached.as_ref() {
+            Some(signer) => Ok(signer.sign(data)),
+            None => Err(ssh_key::Error::Crypto),
+        }
+    })?;
+    ssh_key::Signature::new(Algorithm::Ed25519, signature.to_vec())?.encoded()
 }
 
 #[derive(Debug)]
@@ -350,7 +380,7 @@ impl ServerKex {
 
                 // Hash signature
                 debug!("signing with key {key:?}");
-                let signature = sign_with_hash_alg(
+                let signature = sign_host_key(
                     &PrivateKeyWithHashAlg::new(Arc::new(key.clone()), signature_hash_alg),
                     &hash,
                 )
