@@ -273,7 +273,10 @@ mod tests {
         let rc_pk = EncapsulationKey::<MlKem768>::new_from_slice(pk.as_slice()).unwrap();
         let (rc_ct, rc_shared) = rc_pk.encapsulate_with_rng(&mut rand::rng());
         let ct = MlKem768Ciphertext::try_from(rc_ct.as_slice()).unwrap();
-        assert_eq!(mlkem768::decapsulate(&sk, &ct).as_slice(), rc_shared.as_slice());
+        assert_eq!(
+            mlkem768::decapsulate(&sk, &ct).as_slice(),
+            rc_shared.as_slice()
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use ssh_encoding::Encode;
 use ssh_key::Algorithm;
 
 use super::*;
-use crate::helpers::{sign_with_hash_alg, EncodedExt};
+use crate::helpers::{EncodedExt, sign_with_hash_alg};
 use crate::kex::dh::biguint_to_mpint;
 use crate::kex::{KEXES, KexAlgorithm, KexAlgorithmImplementor, KexCause};
 use crate::keys::key::PrivateKeyWithHashAlg;
