@@ -414,32 +414,51 @@ async fn a_reconnect_never_reuses_the_old_sessions_connections() {
     );
 }
 
-#[tokio::test]
-async fn a_busy_tunnel_keeps_one_upstream_per_request_in_flight() {
-    // More than the default pool: a pool smaller than the requests in flight closed the
-    // surplus connections after every round and opened new channels for the next one.
-    const IN_FLIGHT: usize = 48;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    tokio::spawn({
-        let accepted = accepted.clone();
-        async move {
+/// A backend answering every request after `delay`, so that every request of a round is in
+/// flight at once. It counts the connections it accepted and those still open.
+struct SlowBackend {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    open: Arc<AtomicUsize>,
+}
+
+impl SlowBackend {
+    async fn start(delay: Duration) -> SlowBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let backend = SlowBackend {
+            addr: listener.local_addr().unwrap(),
+            accepted: Arc::default(),
+            open: Arc::default(),
+        };
+        let (accepted, open) = (backend.accepted.clone(), backend.open.clone());
+        tokio::spawn(async move {
             while let Ok((socket, _)) = listener.accept().await {
                 accepted.fetch_add(1, Ordering::SeqCst);
+                open.fetch_add(1, Ordering::SeqCst);
+                let open = open.clone();
                 tokio::spawn(async move {
-                    let service = service_fn(|_req: Request<Incoming>| async {
-                        // Slow enough that every request of a round is in flight at once.
-                        tokio::time::sleep(Duration::from_millis(300)).await;
+                    let service = service_fn(move |_req: Request<Incoming>| async move {
+                        tokio::time::sleep(delay).await;
                         Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
                     });
                     let _ = http1::Builder::new()
                         .serve_connection(TokioIo::new(socket), service)
                         .await;
+                    open.fetch_sub(1, Ordering::SeqCst);
                 });
             }
-        }
-    });
+        });
+        backend
+    }
+}
+
+#[tokio::test]
+async fn a_busy_tunnel_keeps_one_upstream_per_request_in_flight() {
+    // More than the default pool: a pool smaller than the requests in flight closed the
+    // surplus connections after every round and opened new channels for the next one.
+    const IN_FLIGHT: usize = 48;
+    let backend = SlowBackend::start(Duration::from_millis(300)).await;
+    let (addr, accepted) = (backend.addr, backend.accepted.clone());
     let edge = Edge::start_with_pool(UPSTREAM_IDLE_PERIOD, IN_FLIGHT).await;
     let (tunnel, _log) = edge.open("busy", "aa77", addr);
     let round =
@@ -462,6 +481,50 @@ async fn a_busy_tunnel_keeps_one_upstream_per_request_in_flight() {
         IN_FLIGHT,
         "later rounds reuse the first round's connections"
     );
+}
+
+#[tokio::test]
+async fn a_bursts_surplus_upstreams_close_once_unused_and_the_recent_ones_stay() {
+    use super::upstream::{UPSTREAM_IDLE_KEEP, UPSTREAM_SURPLUS_IDLE_TIMEOUT};
+    const BURST: usize = 8;
+    let backend = SlowBackend::start(Duration::from_millis(200)).await;
+    let edge = Edge::start(UPSTREAM_IDLE_PERIOD).await;
+    let (tunnel, _log) = edge.open("bursty", "bb88", backend.addr);
+    let burst =
+        || futures_util::future::join_all((0..BURST).map(|_| edge.get("bursty.localhost", "/")));
+    let one = || async {
+        let (status, body) = edge.get("bursty.localhost", "/").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    };
+
+    for (status, body) in burst().await {
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    assert_eq!(edge.edge.upstreams.idle_count(&tunnel), BURST);
+    // Right after the burst nothing is surplus yet: a request reuses one and keeps them all
+    // (a connection is ready again once its task has seen the last response end).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    one().await;
+    assert_eq!(edge.edge.upstreams.idle_count(&tunnel), BURST);
+    assert_eq!(backend.accepted.load(Ordering::SeqCst), BURST);
+
+    // Once the surplus has sat unused past its timeout, the next request closes it and
+    // keeps the most recently used connections.
+    tokio::time::sleep(UPSTREAM_SURPLUS_IDLE_TIMEOUT + Duration::from_millis(200)).await;
+    one().await;
+    assert_eq!(edge.edge.upstreams.idle_count(&tunnel), UPSTREAM_IDLE_KEEP);
+    let closed = async {
+        while backend.open.load(Ordering::SeqCst) > UPSTREAM_IDLE_KEEP {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), closed)
+        .await
+        .expect("the surplus connections reach the backend as closed");
+    // The kept ones serve the next requests: no new connection for a request at a time.
+    one().await;
+    one().await;
+    assert_eq!(backend.accepted.load(Ordering::SeqCst), BURST);
 }
 
 /// A hand-written HTTP/1.1 backend, for what a well-behaved server does not do on cue. It
