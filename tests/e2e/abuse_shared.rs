@@ -229,11 +229,12 @@ const PER_IP_MESSAGE: &str = "too many requests from your address";
 /// tunnel, on [`CONNECTIONS_PER_HOST`] connections per host, both hosts at once.
 ///
 /// Tolerance: none, the admitted count is exactly [`LIMIT`]. The counters live in Redis. A
-/// lease (the plugin counts up to 32 further requests of a busy client up front, and the
+/// lease (the plugin counts up to 64 further requests of a busy client up front, never more
+/// than a quarter of what a bucket has left, and the
 /// host admits them without asking) is counted in Redis before the host uses it, and the
 /// part of it that the other host's requests pushed over the limit meanwhile is given back,
 /// so the hosts together never admit more than the limit. Leased requests left unused would
-/// deny early (by at most one lease, ≤ 32, per host); none is left here, because the host
+/// deny early (by at most one lease, ≤ 64, per host); none is left here, because the host
 /// keeps a lease it holds when concurrent requests bring it another one (it adds them up)
 /// and each host sends more requests (96) than it can be admitted (40), so every leased
 /// request is used before its requests run out.

@@ -28,10 +28,11 @@
 //! is taken back out of the buckets after the denying one (a second call, on the deny path
 //! only), so one address over its own limit never uses up its tunnel's or owner's budget.
 //!
-//! Leases: a client that keeps sending is leased up to 32 further requests, counted up front
-//! in every bucket, which the host then admits without calling the plugin (until the earliest
-//! window ends, and for at most a minute). A lease never exceeds what any bucket has left,
-//! nor what the client already sent in this window; it is checked again once counted, and
+//! Leases: a client that keeps sending is leased up to 64 further requests (the most the host
+//! accepts), counted up front in every bucket, which the host then admits without calling the
+//! plugin (until the earliest window ends, and for at most a minute). A lease never exceeds a
+//! quarter of what any bucket has left, nor what the client already sent in this window; it
+//! is checked again once counted, and
 //! the part that other calls (another host on the same Redis) pushed over a limit in the
 //! meantime is given back, so limits are never exceeded. Requests leased but not sent stay
 //! counted, which can deny a client (or its tunnel) early by at most that many requests.
@@ -180,13 +181,19 @@ fn first_over_limit(counts: &[Count], values: &[i64]) -> Option<usize> {
         .position(|(count, value)| *value > i64::from(count.limit))
 }
 
-/// Most requests one lease covers.
-const MAX_LEASE: u32 = 32;
+/// Most requests one lease covers: the most the host accepts (`p0rt:policy` 0.2). A busy
+/// client calls the plugin once per lease, so this divides the plugin's cost per request
+/// (32 → 64: plugin share of the host's instructions per request at 16 visitors 5.1 % → see
+/// docs/benchmarks.md).
+const MAX_LEASE: u32 = 64;
+/// A lease takes at most this fraction (1/N) of what any bucket has left, so near a limit
+/// leases shrink, and requests leased but never sent cost others of the bucket little.
+const LEASE_SHARE_OF_LEFT: i64 = 4;
 
 /// How many further requests to lease to this client after an admitted request, given the
-/// buckets' new counts: no more than any bucket has left, and no more than the client has
-/// already sent in the first bucket's window (so a client that stops early leaves few counted
-/// requests unused). Fewer than 2 is not worth a second host call.
+/// buckets' new counts: no more than a quarter of what any bucket has left, and no more than
+/// the client has already sent in the first bucket's window (so a client that stops early
+/// leaves few counted requests unused). Fewer than 2 is not worth a second host call.
 fn lease_size(counts: &[Count], values: &[i64]) -> u32 {
     let Some(first) = values.first() else {
         return 0;
@@ -197,7 +204,9 @@ fn lease_size(counts: &[Count], values: &[i64]) -> u32 {
         .map(|(count, value)| i64::from(count.limit) - value)
         .min()
         .unwrap_or(0);
-    let size = (first - 1).min(left).clamp(0, i64::from(MAX_LEASE)) as u32;
+    let size = (first - 1)
+        .min(left / LEASE_SHARE_OF_LEFT)
+        .clamp(0, i64::from(MAX_LEASE)) as u32;
     if size < 2 { 0 } else { size }
 }
 
@@ -375,9 +384,12 @@ mod tests {
         // A first request gets no lease; a busy client up to MAX_LEASE.
         assert_eq!(lease_size(&c, &[1, 1, 1]), 0);
         assert_eq!(lease_size(&c, &[5, 10, 10]), 4);
-        assert_eq!(lease_size(&c, &[500, 500, 500]), MAX_LEASE);
-        // Never more than a bucket has left.
-        assert_eq!(lease_size(&c, &[500, 2990, 500]), 10);
+        assert_eq!(lease_size(&c, &[200, 200, 200]), MAX_LEASE);
+        // Never more than a quarter of what a bucket has left (per IP: 600 - 500).
+        assert_eq!(lease_size(&c, &[500, 500, 500]), 25);
+        assert_eq!(lease_size(&c, &[300, 2960, 300]), 10);
+        assert_eq!(lease_size(&c, &[590, 590, 590]), 2);
+        assert_eq!(lease_size(&c, &[595, 595, 595]), 0);
         assert_eq!(lease_size(&c, &[599, 600, 600]), 0);
         assert_eq!(lease_millis(&c), 60_000);
     }
