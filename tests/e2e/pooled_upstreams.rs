@@ -1,6 +1,7 @@
 //! Pooled upstream connections: one the backend closed while it sat idle is replaced without
-//! failing the visitor, a request that reached the backend is never sent a second time, and
-//! a visitor that leaves in the middle of a download closes that download's connection.
+//! failing the visitor, a request that reached the backend is never sent a second time, a
+//! visitor that leaves in the middle of a download closes that download's connection, and a
+//! burst's surplus is closed while the most recently used stay warm.
 
 use std::time::Duration;
 
@@ -135,4 +136,76 @@ async fn a_visitor_leaving_mid_download_closes_its_upstream_connection() {
         host.whoami(&name).await,
         (200, "leaver-backend".to_string())
     );
+}
+
+/// After a burst, the host closes the surplus channels (each costs the OpenSSH client on every
+/// turn of its event loop) once unused for a second, and keeps the 4 most recently used.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bursts_surplus_channels_close_and_the_recent_ones_stay_warm() {
+    /// Requests held in flight at once.
+    const BURST: usize = 8;
+    /// Connections the host keeps for the whole idle timeout (`UPSTREAM_IDLE_KEEP`).
+    const KEPT: usize = 4;
+    require_tools();
+    let sb = Sandbox::new();
+    let key = sb.key("bursty");
+    let backend = Backend::start("burst-backend").await;
+    let host = Host::start(&sb).await;
+    let (_client, name) = host.tunnel(&sb, &key, &backend).await;
+    let client = http_client();
+    let get_once = || async {
+        let res = client
+            .get(host.url("/whoami"))
+            .header("host", host.host_header(&name))
+            .send()
+            .await
+            .expect("GET through the edge");
+        assert_eq!(res.status().as_u16(), 200, "{}", host.log());
+    };
+    get_once().await;
+    let first = backend.accepted();
+
+    // Held at the backend's gate until all of them are in flight: one channel each.
+    let mut held = Vec::new();
+    for i in 0..BURST {
+        let request = client
+            .post(host.url("/gated-sha256"))
+            .header("host", host.host_header(&name))
+            .body(format!("burst {i}"));
+        held.push(tokio::spawn(async move {
+            request.send().await.map(|r| r.status().as_u16())
+        }));
+    }
+    eventually(WAIT, "the whole burst to wait at the gate", || async {
+        (backend.gated() == BURST).then_some(())
+    })
+    .await;
+    backend.open_gate();
+    for request in held {
+        assert_eq!(request.await.unwrap().expect("a held request"), 200);
+    }
+    let after_burst = backend.accepted();
+    assert!(
+        after_burst >= first + BURST - 1,
+        "the burst went out on {} new connections",
+        after_burst - first
+    );
+
+    // Past the surplus's second unused, the next request closes it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    get_once().await;
+    eventually(WAIT, "the surplus connections to close", || async {
+        (backend.open_connections() <= KEPT).then_some(())
+    })
+    .await;
+    // The kept ones serve requests one at a time: no new channel.
+    for _ in 0..3 {
+        get_once().await;
+    }
+    assert_eq!(
+        backend.accepted(),
+        after_burst,
+        "a request after the burst opened a new channel"
+    );
+    assert!(backend.open_connections() >= 1, "no connection kept warm");
 }
