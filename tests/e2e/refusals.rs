@@ -259,3 +259,60 @@ async fn authorized_keys_restricts_keys() {
     let now_allowed = host.info(&sb, &other).await;
     assert_ne!(now_allowed.name, info.name);
 }
+
+/// Signs `key` with `ca` into the `KEY-cert.pub` that `ssh -i KEY` offers on its own.
+fn certify(key: &Key, ca: &Key) {
+    let out = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-s"])
+        .arg(&ca.path)
+        .args(["-I", "certified", "-n", "p0rt", "-V", "+1h"])
+        .arg(key.path.with_extension("pub"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run ssh-keygen -s");
+    assert!(
+        out.status.success(),
+        "ssh-keygen -s failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// OpenSSH certificates are no way in: a name belongs to a plain public key. With a
+/// certificate beside the key (`ssh -i KEY` loads `KEY-cert.pub` too), the plain key still
+/// logs in under its name. A client that offers only the certificate is refused, and in open
+/// access that is no failed login of the address (no ban).
+#[tokio::test(flavor = "multi_thread")]
+async fn certificates_are_refused_and_the_plain_key_still_logs_in() {
+    require_tools();
+    let sb = Sandbox::new();
+    let host = Host::start(&sb).await;
+    let key = sb.key("certified");
+    let name = host.info(&sb, &key).await.name;
+    certify(&key, &sb.key("ca"));
+    assert_eq!(host.info(&sb, &key).await.name, name);
+
+    // More attempts than the first ban tier (3 failed connections).
+    for attempt in 1..=4 {
+        let out = host
+            .ssh(&sb, &key)
+            .opt("PubkeyAcceptedAlgorithms=ssh-ed25519-cert-v01@openssh.com")
+            .args(["-v"])
+            .command("info")
+            .output()
+            .await;
+        assert!(
+            out.stderr.contains("Offering public key") && out.stderr.contains("ED25519-CERT"),
+            "attempt {attempt}: the certificate was not offered: {}",
+            out.stderr
+        );
+        assert!(
+            !out.status.success() && !out.stdout.contains("name:"),
+            "attempt {attempt}: a certificate logged in: {} {}\n{}",
+            out.status,
+            out.stdout,
+            host.log()
+        );
+    }
+    assert_eq!(host.info(&sb, &key).await.name, name);
+    assert!(!host.log().contains("banned"), "{}", host.log());
+}
