@@ -662,6 +662,11 @@ async fn a_pooled_connection_its_backend_closed_is_replaced_without_failing_the_
     let edge = Edge::start(UPSTREAM_IDLE_PERIOD).await;
     let (_tunnel, _log) = edge.open("kept", "ab12", backend.addr);
 
+    let backend_closed_it = || {
+        eventually("the backend to close its idle connection", || {
+            backend.open.load(Ordering::SeqCst) == 0
+        })
+    };
     for round in 0..3 {
         let (status, body) = edge.get("kept.localhost", "/page").await;
         assert_eq!(
@@ -669,10 +674,7 @@ async fn a_pooled_connection_its_backend_closed_is_replaced_without_failing_the_
             (StatusCode::OK, "ok"),
             "round {round}"
         );
-        eventually("the backend to close its idle connection", || {
-            backend.open.load(Ordering::SeqCst) == 0
-        })
-        .await;
+        backend_closed_it().await;
         // Not idempotent: it must go out once, on a connection that is still open.
         let (status, body) = edge.post("kept.localhost", "/form", "a=1").await;
         assert_eq!(
@@ -680,10 +682,7 @@ async fn a_pooled_connection_its_backend_closed_is_replaced_without_failing_the_
             (StatusCode::OK, "ok"),
             "round {round}"
         );
-        eventually("the backend to close its idle connection", || {
-            backend.open.load(Ordering::SeqCst) == 0
-        })
-        .await;
+        backend_closed_it().await;
     }
     let posts = backend
         .seen()

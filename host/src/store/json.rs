@@ -1308,20 +1308,20 @@ mod tests {
             )
         };
 
-        std::fs::write(
-            delta_path(dir.path()),
-            delta(&"0".repeat(64), "ghost", "ghost-name"),
-        )
-        .unwrap();
-        let store = JsonStore::open(dir.path()).unwrap();
+        // The store as it opens with `text` in the delta file.
+        let open_with_delta = |text: String| {
+            std::fs::write(delta_path(dir.path()), text).unwrap();
+            JsonStore::open(dir.path()).unwrap()
+        };
+
+        let store = open_with_delta(delta(&"0".repeat(64), "ghost", "ghost-name"));
         assert!(
             store.record_for_key("ghost").await.unwrap().is_none(),
             "stale delta ignored"
         );
         drop(store);
 
-        std::fs::write(delta_path(dir.path()), delta(&base, "ghost", "ghost-name")).unwrap();
-        let store = JsonStore::open(dir.path()).unwrap();
+        let store = open_with_delta(delta(&base, "ghost", "ghost-name"));
         assert!(
             store.record_for_key("ghost").await.unwrap().is_some(),
             "own delta applied"
@@ -1329,8 +1329,7 @@ mod tests {
         drop(store);
 
         // key003 renamed by the delta: its old name is free again, the new one is its own.
-        std::fs::write(delta_path(dir.path()), delta(&base, "key003", "renamed")).unwrap();
-        let store = JsonStore::open(dir.path()).unwrap();
+        let store = open_with_delta(delta(&base, "key003", "renamed"));
         assert_eq!(
             store.owner_of("renamed").await.unwrap().as_deref(),
             Some("key003")

@@ -183,8 +183,8 @@ fn first_over_limit(counts: &[Count], values: &[i64]) -> Option<usize> {
 
 /// Most requests one lease covers: the most the host accepts (`p0rt:policy` 0.2). A busy
 /// client calls the plugin once per lease, so this divides the plugin's cost per request
-/// (32 → 64: plugin share of the host's instructions per request at 16 visitors 5.1 % → see
-/// docs/benchmarks.md).
+/// (32 → 64 took the plugins' share of the host's instructions per request at 16 visitors
+/// from 5.1 % to 2.4 %; docs/benchmarks.md).
 const MAX_LEASE: u32 = 64;
 /// A lease takes at most this fraction (1/N) of what any bucket has left, so near a limit
 /// leases shrink, and requests leased but never sent cost others of the bucket little.
