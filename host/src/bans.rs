@@ -11,7 +11,9 @@
 //! picks up a change to the file within [`FILE_RECHECK`].
 //!
 //! Redis keys, under the configured prefix: `ban:{ip}` → the ban as JSON, expiring with it;
-//! `ban:failures:{ip}` → the failure count, expiring [`FAILURE_MEMORY`] after the last one.
+//! `ban:failures:{ip}` → the failure count, expiring [`FAILURE_MEMORY`] after the last one;
+//! `bans:until` → a sorted set of the banned addresses scored by when their ban ends, which
+//! counts them (the metrics) without scanning the keyspace ([`BAN_INDEX_KEY`]).
 //!
 //! The operator's bans of names and keys live beside them ([`identity`]).
 
@@ -47,6 +49,17 @@ pub const FILE_RECHECK: Duration = Duration::from_secs(2);
 pub const BAN_OP_TIMEOUT: Duration = Duration::from_millis(300);
 /// Most addresses whose failures the file store remembers (the oldest are forgotten first).
 pub const MAX_TRACKED_ADDRESSES: usize = 100_000;
+/// Redis sorted set (under the prefix): each banned address, scored by the end of its ban.
+/// The metrics count bans from it (`ZCOUNT`) where they would otherwise scan every key in
+/// Redis at each scrape; `ban:{ip}` stays the record every lookup reads.
+pub const BAN_INDEX_KEY: &str = "bans:until";
+/// Set (under the prefix) once a host has added to [`BAN_INDEX_KEY`] the bans made before it
+/// existed, by an older version.
+const BAN_INDEX_FILLED_KEY: &str = "bans:until:filled";
+/// Ban records read at once when the bans are listed.
+const LIST_READS_IN_FLIGHT: usize = 32;
+/// Time budget of each `SCAN` step of listing the bans in Redis.
+const LIST_SCAN_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum BanError {
@@ -191,6 +204,8 @@ enum Backend {
     Redis {
         link: Arc<RedisLink>,
         prefix: String,
+        /// This host has seen [`BAN_INDEX_FILLED_KEY`] set (or set it).
+        index_filled: std::sync::atomic::AtomicBool,
     },
 }
 
@@ -202,6 +217,8 @@ pub struct BanList {
     identity: std::sync::RwLock<Arc<identity::Snapshot>>,
     /// Woken when this host changed a name or key ban.
     changed: tokio::sync::Notify,
+    /// On Redis: the last full read of the name and key bans.
+    identity_read: std::sync::Mutex<Option<identity::FullRead>>,
 }
 
 fn now() -> i64 {
@@ -260,6 +277,7 @@ impl BanList {
             policy,
             identity: std::sync::RwLock::new(Arc::new(snapshot)),
             changed: Default::default(),
+            identity_read: Default::default(),
         })
     }
 
@@ -268,10 +286,12 @@ impl BanList {
             backend: Backend::Redis {
                 link,
                 prefix: prefix.to_string(),
+                index_filled: Default::default(),
             },
             policy,
             identity: Default::default(),
             changed: Default::default(),
+            identity_read: Default::default(),
         }
     }
 
@@ -287,7 +307,7 @@ impl BanList {
                 let ban = state.data.bans.get(&ip)?;
                 (ban.until > now()).then(|| ban.clone())
             }
-            Backend::Redis { link, prefix } => {
+            Backend::Redis { link, prefix, .. } => {
                 let key = format!("{prefix}ban:{ip}");
                 match link
                     .query::<Option<String>>(redis::cmd("GET").arg(&key), BAN_OP_TIMEOUT)
@@ -347,7 +367,7 @@ impl BanList {
                 state.commit(path, next).await?;
                 Ok(ban)
             }
-            Backend::Redis { link, prefix } => {
+            Backend::Redis { link, prefix, .. } => {
                 let counter = format!("{prefix}ban:failures:{ip}");
                 let mut pipe = redis::pipe();
                 pipe.cmd("INCR")
@@ -374,6 +394,7 @@ impl BanList {
                     )
                     .await
                     .map_err(|e| BanError::Unavailable(e.to_string()))?;
+                    index_ban(link, prefix, ban).await;
                 }
                 Ok(ban)
             }
@@ -389,32 +410,45 @@ impl BanList {
                 reload_if_changed(path, &mut state);
                 state.data.bans.values().cloned().collect()
             }
-            Backend::Redis { link, prefix } => {
-                let keys = link
-                    .scan(
-                        &format!("{prefix}ban:*"),
-                        usize::MAX,
-                        Duration::from_secs(10),
-                    )
-                    .await
-                    .map_err(|e| BanError::Unavailable(e.to_string()))?;
-                let failures_prefix = format!("{prefix}ban:failures:");
-                let mut bans = Vec::new();
-                for key in keys.iter().filter(|k| !k.starts_with(&failures_prefix)) {
-                    let text: Option<String> = link
-                        .query(redis::cmd("GET").arg(key), BAN_OP_TIMEOUT)
-                        .await
-                        .map_err(|e| BanError::Unavailable(e.to_string()))?;
-                    if let Some(ban) = text.and_then(|t| serde_json::from_str::<Ban>(&t).ok()) {
-                        bans.push(ban);
-                    }
-                }
-                bans
-            }
+            Backend::Redis { link, prefix, .. } => read_all_bans(link, prefix).await?,
         };
         bans.retain(|b| b.until > now);
         bans.sort_by_key(|b| (b.until, b.ip));
         Ok(bans)
+    }
+
+    /// How many addresses are banned now (the metrics). On Redis, one `ZCOUNT` of
+    /// [`BAN_INDEX_KEY`]; the first call on a Redis no host has filled it for adds the bans
+    /// made before it existed (one scan of the keyspace, once).
+    pub async fn count(&self) -> Result<usize, BanError> {
+        let now = now();
+        match &self.backend {
+            Backend::File { path, state } => {
+                let mut state = state.lock().await;
+                reload_if_changed(path, &mut state);
+                Ok(state.data.bans.values().filter(|b| b.until > now).count())
+            }
+            Backend::Redis {
+                link,
+                prefix,
+                index_filled,
+            } => {
+                use std::sync::atomic::Ordering;
+                if !index_filled.load(Ordering::Acquire) {
+                    fill_index(link, prefix).await?;
+                    index_filled.store(true, Ordering::Release);
+                }
+                link.query(
+                    redis::cmd("ZCOUNT")
+                        .arg(format!("{prefix}{BAN_INDEX_KEY}"))
+                        .arg(format!("({now}"))
+                        .arg("+inf"),
+                    BAN_OP_TIMEOUT,
+                )
+                .await
+                .map_err(|e| BanError::Unavailable(e.to_string()))
+            }
+        }
     }
 
     /// Bans `ip` for `length` by the operator's hand (the admin API), replacing any ban it
@@ -440,7 +474,7 @@ impl BanList {
                 next.bans.insert(ip, ban.clone());
                 state.commit(path, next).await?;
             }
-            Backend::Redis { link, prefix } => {
+            Backend::Redis { link, prefix, .. } => {
                 link.query::<()>(
                     redis::cmd("SET")
                         .arg(format!("{prefix}ban:{ip}"))
@@ -451,6 +485,7 @@ impl BanList {
                 )
                 .await
                 .map_err(|e| BanError::Unavailable(e.to_string()))?;
+                index_ban(link, prefix, &ban).await;
             }
         }
         Ok(ban)
@@ -469,7 +504,7 @@ impl BanList {
                 state.commit(path, next).await?;
                 Ok(was)
             }
-            Backend::Redis { link, prefix } => {
+            Backend::Redis { link, prefix, .. } => {
                 let removed: i64 = link
                     .query(
                         redis::cmd("DEL").arg(format!("{prefix}ban:{ip}")),
@@ -483,10 +518,92 @@ impl BanList {
                 )
                 .await
                 .map_err(|e| BanError::Unavailable(e.to_string()))?;
+                if let Err(e) = link
+                    .query::<i64>(
+                        redis::cmd("ZREM")
+                            .arg(format!("{prefix}{BAN_INDEX_KEY}"))
+                            .arg(ip.to_string()),
+                        BAN_OP_TIMEOUT,
+                    )
+                    .await
+                {
+                    // The record is gone, which is what lookups read; only the count is off.
+                    tracing::warn!("the ban of {ip} is lifted, but its count stays: {e}");
+                }
                 Ok(removed > 0)
             }
         }
     }
+}
+
+/// Every ban record in Redis, read from `ban:{ip}` keys found by `SCAN` (the records, not
+/// the index: a listing must also show bans made by an older version), a few at a time.
+async fn read_all_bans(link: &Arc<RedisLink>, prefix: &str) -> Result<Vec<Ban>, BanError> {
+    use futures_util::{StreamExt, TryStreamExt};
+    let keys = link
+        .scan(&format!("{prefix}ban:*"), usize::MAX, LIST_SCAN_TIMEOUT)
+        .await
+        .map_err(|e| BanError::Unavailable(e.to_string()))?;
+    let failures_prefix = format!("{prefix}ban:failures:");
+    let texts: Vec<Option<String>> = futures_util::stream::iter(
+        keys.into_iter()
+            .filter(|k| !k.starts_with(&failures_prefix)),
+    )
+    .map(|key| async move {
+        link.query::<Option<String>>(redis::cmd("GET").arg(&key), BAN_OP_TIMEOUT)
+            .await
+            .map_err(|e| BanError::Unavailable(e.to_string()))
+    })
+    .buffer_unordered(LIST_READS_IN_FLIGHT)
+    .try_collect()
+    .await?;
+    Ok(texts
+        .into_iter()
+        .flatten()
+        .filter_map(|t| serde_json::from_str::<Ban>(&t).ok())
+        .collect())
+}
+
+/// Adds `ban` to [`BAN_INDEX_KEY`] and drops the bans there that have ended. Best effort:
+/// the record is written already, and lookups read only the record.
+async fn index_ban(link: &Arc<RedisLink>, prefix: &str, ban: &Ban) {
+    let index = format!("{prefix}{BAN_INDEX_KEY}");
+    let mut pipe = redis::pipe();
+    pipe.cmd("ZADD")
+        .arg(&index)
+        .arg(ban.until)
+        .arg(ban.ip.to_string())
+        .ignore()
+        .cmd("ZREMRANGEBYSCORE")
+        .arg(&index)
+        .arg("-inf")
+        .arg(now())
+        .ignore();
+    if let Err(e) = link.query_pipeline::<()>(&pipe, BAN_OP_TIMEOUT).await {
+        tracing::warn!("the ban of {} holds, but is not counted: {e}", ban.ip);
+    }
+}
+
+/// Adds to [`BAN_INDEX_KEY`] the bans in Redis made before it existed, once per Redis: skipped
+/// when [`BAN_INDEX_FILLED_KEY`] is set, which this sets afterwards.
+async fn fill_index(link: &Arc<RedisLink>, prefix: &str) -> Result<(), BanError> {
+    let filled_key = format!("{prefix}{BAN_INDEX_FILLED_KEY}");
+    let filled: bool = link
+        .query(redis::cmd("EXISTS").arg(&filled_key), BAN_OP_TIMEOUT)
+        .await
+        .map_err(|e| BanError::Unavailable(e.to_string()))?;
+    if filled {
+        return Ok(());
+    }
+    let now = now();
+    for ban in read_all_bans(link, prefix).await? {
+        if ban.until > now {
+            index_ban(link, prefix, &ban).await;
+        }
+    }
+    link.query::<()>(redis::cmd("SET").arg(&filled_key).arg(1), BAN_OP_TIMEOUT)
+        .await
+        .map_err(|e| BanError::Unavailable(e.to_string()))
 }
 
 /// The ban list the configuration points at: Redis when the host uses Redis, else the
@@ -502,14 +619,23 @@ pub async fn open_for(config: &crate::config::Config) -> anyhow::Result<BanList>
     })
 }
 
-/// `p0rt security bans`: a table (or JSON) of the bans in force.
-pub async fn list_text(bans: &BanList, json: bool) -> anyhow::Result<String> {
-    let list = bans.list().await?;
-    if json {
-        return Ok(serde_json::to_string_pretty(&list)? + "\n");
+impl BanList {
+    /// Every ban in force, as the admin API's `GET bans` answers: `addresses`, `names` and
+    /// `keys`, each soonest to end first.
+    pub async fn all_json(&self) -> Result<serde_json::Value, BanError> {
+        let mut out = serde_json::json!({ "addresses": self.list().await? });
+        for (kind, field) in [(Identity::Name, "names"), (Identity::Key, "keys")] {
+            let bans = self.list_identities(kind).await?;
+            out[field] = bans.iter().map(|b| b.to_json(kind)).collect();
+        }
+        Ok(out)
     }
-    if list.is_empty() {
-        return Ok("no addresses are banned\n".into());
+}
+
+/// `p0rt security bans`: tables (or JSON) of the bans in force: addresses, names, keys.
+pub async fn list_text(bans: &BanList, json: bool) -> anyhow::Result<String> {
+    if json {
+        return Ok(serde_json::to_string_pretty(&bans.all_json().await?)? + "\n");
     }
     let stamp = |secs: i64| {
         time::OffsetDateTime::from_unix_timestamp(secs)
@@ -520,10 +646,15 @@ pub async fn list_text(bans: &BanList, json: bool) -> anyhow::Result<String> {
             })
             .unwrap_or_else(|| secs.to_string())
     };
-    let mut out = format!(
-        "{:<40} {:<22} {:>8}  reason\n",
-        "address", "banned until (UTC)", "failures"
-    );
+    let list = bans.list().await?;
+    let mut out = if list.is_empty() {
+        "no addresses are banned\n".to_string()
+    } else {
+        format!(
+            "{:<40} {:<22} {:>8}  reason\n",
+            "address", "banned until (UTC)", "failures"
+        )
+    };
     for ban in list {
         out.push_str(&format!(
             "{:<40} {:<22} {:>8}  {}\n",
@@ -532,6 +663,26 @@ pub async fn list_text(bans: &BanList, json: bool) -> anyhow::Result<String> {
             ban.failures,
             ban.reason
         ));
+    }
+    for kind in [Identity::Name, Identity::Key] {
+        let list = bans.list_identities(kind).await?;
+        out.push('\n');
+        if list.is_empty() {
+            out.push_str(&format!("no {}s are banned\n", kind.as_str()));
+            continue;
+        }
+        out.push_str(&format!(
+            "{:<64} {:<22} reason\n",
+            kind.as_str(),
+            "banned until (UTC)"
+        ));
+        for ban in list {
+            let until = ban.until.map_or_else(|| "lifted".to_string(), stamp);
+            out.push_str(&format!(
+                "{:<64} {:<22} {}\n",
+                ban.target, until, ban.reason
+            ));
+        }
     }
     Ok(out)
 }

@@ -83,7 +83,8 @@ enum ReservationCommand {
 
 #[derive(Subcommand, Debug)]
 enum SecurityCommand {
-    /// List the addresses banned for failed SSH authentication, and until when
+    /// List the bans in force: addresses banned for failed SSH authentication, and the
+    /// operator's name and key bans, with until when
     Bans {
         /// Print JSON instead of a table
         #[arg(long)]

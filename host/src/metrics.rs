@@ -441,10 +441,10 @@ pub async fn serve(headers: &HeaderMap, peer: SocketAddr, edge: &HttpEdge) -> Re
     m.redis_enabled.set(enabled);
     m.redis_healthy.set(healthy);
     if let Some(admin) = &edge.admin {
-        if let Ok(bans) = admin.bans.list().await {
+        if let Ok(count) = admin.bans.count().await {
             m.bans
                 .get_or_create(&Kind { kind: "address" })
-                .set(bans.len() as i64);
+                .set(count as i64);
         }
         let (names, keys) = admin.bans.identity_counts();
         m.bans

@@ -373,34 +373,24 @@ async fn info_from(host: &Host, sb: &Sandbox, key: &Key, source: &str) -> SshOut
 /// `p0rt security <args…>` on the store of the Redis host whose data directory is
 /// `data_dir`: (exit code, stdout, stderr).
 async fn security(url: &str, data_dir: &Path, args: &[&str]) -> (Option<i32>, String, String) {
-    let mut cmd = tokio::process::Command::new(BIN);
-    cmd.arg("security")
-        .args(args)
-        .arg("--data-dir")
-        .arg(data_dir);
-    for var in p0rt::config::ENV_VARS {
-        cmd.env_remove(var);
-    }
-    let out = cmd
-        .env("STORAGE_TYPE", "redis")
-        .env("REDIS_URL", url)
-        .env("NO_COLOR", "1")
-        .output()
-        .await
-        .expect("run p0rt security");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+    p0rt_security(
+        data_dir,
+        &[("STORAGE_TYPE", "redis"), ("REDIS_URL", url)],
+        args,
     )
+    .await
 }
 
-/// The bans `p0rt security bans --json` lists for the store of `data_dir`.
+/// The address bans `p0rt security bans --json` lists for the store of `data_dir`.
 async fn bans_json(url: &str, data_dir: &Path) -> Vec<serde_json::Value> {
     let (code, stdout, stderr) = security(url, data_dir, &["bans", "--json"]).await;
     assert_eq!(code, Some(0), "p0rt security bans --json: {stdout}{stderr}");
-    serde_json::from_str(&stdout)
-        .unwrap_or_else(|e| panic!("p0rt security bans --json is not JSON ({e}): {stdout}"))
+    let all: serde_json::Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("p0rt security bans --json is not JSON ({e}): {stdout}"));
+    all["addresses"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no addresses in p0rt security bans --json: {stdout}"))
+        .clone()
 }
 
 /// Asserts that `host` refuses `key` from the banned `source`. A ban lookup that fails (over

@@ -950,6 +950,20 @@ fn encoded(fingerprint: &str) -> String {
         .replace('/', "%2F")
 }
 
+/// `p0rt security bans` (offline, on the store of `data_dir` and `env`): its table, and its
+/// `--json` parsed.
+async fn security_bans(data_dir: &std::path::Path, env: &[(&str, &str)]) -> (String, Value) {
+    let mut out = Vec::new();
+    for args in [&["bans"][..], &["bans", "--json"]] {
+        let (code, stdout, stderr) = p0rt_security(data_dir, env, args).await;
+        assert_eq!(code, Some(0), "p0rt security {args:?}: {stdout}{stderr}");
+        out.push(stdout);
+    }
+    let all = serde_json::from_str(&out[1])
+        .unwrap_or_else(|e| panic!("p0rt security bans --json is not JSON ({e}): {}", out[1]));
+    (out.swap_remove(0), all)
+}
+
 /// Name bans: a live tunnel on the name is closed, the name answers 410, `ssh -R` for it is
 /// refused, and lifting the ban restores it.
 #[tokio::test(flavor = "multi_thread")]
@@ -1029,6 +1043,22 @@ async fn a_banned_name_is_closed_refused_and_answers_410_until_unbanned() {
         "{metrics}"
     );
     assert!(!metrics.contains(&a_name), "{metrics}");
+    // `p0rt security bans`, offline on the same store, lists it beside the addresses.
+    let (text, all) = security_bans(host.data_dir(), &[]).await;
+    assert!(
+        text.contains("no addresses are banned")
+            && text.contains(&a_name)
+            && text.contains("phishing page")
+            && text.contains("no keys are banned"),
+        "{text}"
+    );
+    assert_eq!(all["names"][0]["name"], a_name.as_str(), "{all}");
+    assert_eq!(all["names"][0]["until"], Value::Null, "{all}");
+    assert_eq!(
+        (&all["addresses"], &all["keys"]),
+        (&json!([]), &json!([])),
+        "{all}"
+    );
 
     // Bad input.
     for (path, body) in [
@@ -1208,6 +1238,240 @@ async fn a_separate_metrics_listener_serves_only_metrics() {
     let (code, stderr) = run_host_to_exit(&sb, &bad, WAIT).await;
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("METRICS_LISTEN"), "{stderr}");
+}
+
+/// The Redis of the name-ban tests: one server, or a three-master Cluster.
+enum BanRedis {
+    One(crate::redis_support::RedisServer),
+    Cluster(crate::redis_support::RedisCluster),
+}
+
+impl BanRedis {
+    async fn start(cluster: bool) -> BanRedis {
+        crate::redis_support::require_redis();
+        if cluster {
+            BanRedis::Cluster(crate::redis_support::RedisCluster::start().await)
+        } else {
+            BanRedis::One(crate::redis_support::RedisServer::start().await)
+        }
+    }
+
+    fn url(&self) -> String {
+        match self {
+            BanRedis::One(redis) => redis.url(),
+            BanRedis::Cluster(cluster) => cluster.url(),
+        }
+    }
+
+    /// A host on this Redis with the admin token, storing its names in `storage` (`json`
+    /// or `redis`); its sandbox with it.
+    async fn host(&self, storage: &str) -> (Sandbox, Host) {
+        let sb = Sandbox::new();
+        let config = HostConfig::flags(&sb.data_dir())
+            .env("REDIS_URL", self.url())
+            .env("STORAGE_TYPE", storage)
+            .env("ADMIN_TOKEN", TOKEN);
+        let host = Host::start_with(&sb, config).await;
+        (sb, host)
+    }
+
+    /// `cmd` about `key`, on the node that serves it.
+    async fn query<T: redis::FromRedisValue>(&self, key: &str, cmd: &redis::Cmd) -> T {
+        match self {
+            BanRedis::One(redis) => cmd
+                .query_async(&mut redis.client().await)
+                .await
+                .unwrap_or_else(|e| panic!("{key}: {e}")),
+            BanRedis::Cluster(cluster) => cluster.query(key, cmd).await,
+        }
+    }
+
+    /// Calls of `command` answered since the start, over every node (`INFO commandstats`).
+    async fn calls(&self, command: &str) -> u64 {
+        let mut clients = Vec::new();
+        match self {
+            BanRedis::One(redis) => clients.push(redis.client().await),
+            BanRedis::Cluster(cluster) => {
+                for node in cluster.nodes() {
+                    clients.push(cluster.node_client(node).await);
+                }
+            }
+        }
+        let mut calls = 0;
+        for mut client in clients {
+            let info: String = redis::cmd("INFO")
+                .arg("commandstats")
+                .query_async(&mut client)
+                .await
+                .unwrap();
+            calls += info
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+                .and_then(|rest| rest.split(',').next()?.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+        calls
+    }
+}
+
+/// On Redis, a host reads the name and key bans in full only when their change counter
+/// moved: an idle host sends no HGETALL, and a change counted there reaches it. Bans that
+/// ended are deleted from Redis on the operator's next ban, while an entry p0rt cannot read
+/// is left alone; `p0rt security bans` lists them offline.
+async fn name_bans_on(redis: BanRedis) {
+    const HASH: &str = "p0rt:name-bans";
+    let ended = json!({"target": "ended-name", "since": 1, "until": 2, "reason": "old"});
+    for (field, value) in [
+        ("ended-name", ended.to_string()),
+        ("not-ours", "written by someone else".to_string()),
+    ] {
+        redis
+            .query::<()>(HASH, redis::cmd("HSET").arg(HASH).arg(field).arg(value))
+            .await;
+    }
+    let (sb, host) = redis.host("json").await;
+
+    // Idle: the host polls the counter (every 2 s) but reads no hash.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let (reads, polls) = (redis.calls("hgetall").await, redis.calls("get").await);
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    assert_eq!(
+        redis.calls("hgetall").await,
+        reads,
+        "an idle host re-read the bans"
+    );
+    assert!(
+        redis.calls("get").await >= polls + 2,
+        "the host stopped polling the change counter"
+    );
+
+    // A ban written by another host (the hash, then the counter) reaches this one.
+    assert_eq!(host.get("typed-name", "/").await.status(), 404);
+    let ban = json!({"target": "typed-name", "since": 1, "until": null, "reason": "elsewhere"});
+    redis
+        .query::<()>(
+            HASH,
+            redis::cmd("HSET")
+                .arg(HASH)
+                .arg("typed-name")
+                .arg(ban.to_string()),
+        )
+        .await;
+    let counter = "p0rt:identity-bans-version";
+    redis
+        .query::<()>(counter, redis::cmd("INCR").arg(counter))
+        .await;
+    eventually(WAIT, "the counted ban to hold on the host", || async {
+        (host.get("typed-name", "/").await.status() == 410).then_some(())
+    })
+    .await;
+
+    // The operator's next ban deletes the ended one and keeps the rest.
+    let (status, body) = call(&host, Method::POST, "bans/names/fresh-name", None).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let stored: std::collections::HashMap<String, String> =
+        redis.query(HASH, redis::cmd("HGETALL").arg(HASH)).await;
+    let mut fields: Vec<&str> = stored.keys().map(String::as_str).collect();
+    fields.sort();
+    assert_eq!(
+        fields,
+        ["fresh-name", "not-ours", "typed-name"],
+        "{stored:?}"
+    );
+    assert_eq!(stored["not-ours"], "written by someone else");
+    let (_, bans) = call(&host, Method::GET, "bans", None).await;
+    let names: Vec<&str> = bans["names"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|b| b["name"].as_str())
+        .collect();
+    assert_eq!(names, ["fresh-name", "typed-name"], "{bans}");
+
+    // Offline, on the same Redis.
+    let url = redis.url();
+    let (_, all) = security_bans(
+        sb.data_dir().as_path(),
+        &[("STORAGE_TYPE", "json"), ("REDIS_URL", url.as_str())],
+    )
+    .await;
+    assert_eq!(all["names"], bans["names"], "{all}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn name_bans_on_redis_are_read_when_they_change_and_ended_ones_are_deleted() {
+    name_bans_on(BanRedis::start(false).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn name_bans_on_redis_cluster_are_read_when_they_change_and_ended_ones_are_deleted() {
+    name_bans_on(BanRedis::start(true).await).await;
+}
+
+/// On Redis, the metrics count address bans from their index, not by scanning every key at
+/// each scrape; a ban an older version made (a record, no index entry) is counted after the
+/// first scrape fills the index, once; the listing shows every ban.
+async fn address_ban_metrics_on(redis: BanRedis) {
+    let old = json!({"ip": "192.0.2.9", "since": 1, "until": 4_000_000_000i64, "failures": 3, "reason": "old"});
+    let key = "p0rt:ban:192.0.2.9";
+    redis
+        .query::<()>(
+            key,
+            redis::cmd("SET")
+                .arg(key)
+                .arg(old.to_string())
+                .arg("EX")
+                .arg(600),
+        )
+        .await;
+    let (_sb, host) = redis.host("redis").await;
+    let count = || async {
+        let (status, text) = scrape(&host, Some(TOKEN)).await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+        sample(&text, r#"p0rt_bans_active{kind="address"}"#)
+    };
+    assert_eq!(count().await, 1.0, "the older ban is counted");
+    let scans = redis.calls("scan").await;
+    for ip in ["192.0.2.10", "192.0.2.11"] {
+        let (status, body) = call(
+            &host,
+            Method::POST,
+            &format!("bans/addresses/{ip}"),
+            Some(json!({"seconds": 600})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    assert_eq!(count().await, 3.0);
+    let (status, _) = call(&host, Method::DELETE, "bans/addresses/192.0.2.10", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(count().await, 2.0);
+    for _ in 0..3 {
+        count().await;
+    }
+    assert_eq!(
+        redis.calls("scan").await,
+        scans,
+        "a scrape scanned the keys"
+    );
+    let (_, bans) = call(&host, Method::GET, "bans", None).await;
+    let listed: Vec<&str> = bans["addresses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|b| b["ip"].as_str())
+        .collect();
+    assert_eq!(listed, ["192.0.2.11", "192.0.2.9"], "{bans}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn address_bans_are_counted_without_scanning_redis() {
+    address_ban_metrics_on(BanRedis::start(false).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn address_bans_are_counted_without_scanning_a_redis_cluster() {
+    address_ban_metrics_on(BanRedis::start(true).await).await;
 }
 
 /// On Redis, name and key bans are shared: a ban made through one host holds on another

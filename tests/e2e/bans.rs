@@ -15,26 +15,10 @@ async fn info_from(host: &Host, sb: &Sandbox, key: &Key, source: &str) -> SshOut
         .await
 }
 
-/// `p0rt security <args…>` with the host's data directory; (exit code, stdout + stderr).
+/// `p0rt security <args…>` on the host's JSON store; (exit code, stdout + stderr).
 async fn security(host: &Host, args: &[&str]) -> (Option<i32>, String) {
-    let out = tokio::process::Command::new(BIN)
-        .arg("security")
-        .args(args)
-        .arg("--data-dir")
-        .arg(host.data_dir())
-        .env_remove("STORAGE_TYPE")
-        .env_remove("REDIS_URL")
-        .output()
-        .await
-        .expect("run p0rt security");
-    (
-        out.status.code(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    let (code, stdout, stderr) = p0rt_security(host.data_dir(), &[], args).await;
+    (code, format!("{stdout}{stderr}"))
 }
 
 #[tokio::test]
@@ -110,9 +94,10 @@ async fn wrong_keys_ban_only_their_address_and_the_ban_ends_on_time() {
     );
     let (_, listed) = security(&host, &["bans", "--json"]).await;
     let bans: serde_json::Value = serde_json::from_str(&listed).expect("bans as JSON");
-    assert_eq!(bans[0]["ip"], "127.0.0.5", "{listed}");
-    assert_eq!(bans[0]["failures"], 4, "{listed}");
-    let length = bans[0]["until"].as_i64().unwrap() - bans[0]["since"].as_i64().unwrap();
+    let ban = &bans["addresses"][0];
+    assert_eq!(ban["ip"], "127.0.0.5", "{listed}");
+    assert_eq!(ban["failures"], 4, "{listed}");
+    let length = ban["until"].as_i64().unwrap() - ban["since"].as_i64().unwrap();
     assert_eq!(length, 3600, "{listed}");
 
     // ...until the operator lifts it; the running host picks that up.

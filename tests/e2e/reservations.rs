@@ -12,7 +12,7 @@ use redis::AsyncCommands;
 use serde_json::json;
 
 use crate::plugins::{plugins_dir, wait_log, wait_plugin, write_atomic};
-use crate::redis_support::{RedisServer, require_redis};
+use crate::redis_support::{RedisCluster, RedisServer, require_redis};
 use crate::support::*;
 
 // ---------------------------------------------------------------------------------------------
@@ -548,4 +548,61 @@ async fn p0rt_redis_reservations_serve_unchanged_and_the_cli_works_on_them() {
         .await
         .unwrap();
     assert_eq!(kept, details);
+}
+
+/// On a Redis Cluster (P0rt's four reservation keys land on different masters), the CLI
+/// adds, lists and removes a reservation, and the host hands the name to its key and refuses
+/// it to another.
+#[tokio::test(flavor = "multi_thread")]
+async fn reservations_work_on_a_redis_cluster() {
+    require_redis();
+    let cluster = RedisCluster::start().await;
+    let sb = Sandbox::new();
+    let (alice, bob) = (sb.key("alice"), sb.key("bob"));
+    let store = [
+        ("STORAGE_TYPE", "redis".to_string()),
+        ("REDIS_URL", cluster.url()),
+        ("--data-dir", sb.join("cli-data").display().to_string()),
+        (HAND_OVER.0, HAND_OVER.1.to_string()),
+    ];
+    let (code, out) =
+        reservation(&store, &["add", "team-demo", &alice.fingerprint(), "demo"]).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(
+        cluster.get("reservation:domain:team-demo").await,
+        Some(alice.fingerprint())
+    );
+    assert_eq!(
+        cluster
+            .get(&format!("reservation:fingerprint:{}", alice.fingerprint()))
+            .await
+            .as_deref(),
+        Some("team-demo")
+    );
+    let answer = listed_json(&store).await;
+    assert_eq!(answer["data"][0]["domain"], "team-demo", "{answer}");
+    assert_eq!(answer["data"][0]["comment"], "demo", "{answer}");
+
+    let plugins = granting_plugins(&sb);
+    let config = HostConfig::flags(&sb.data_dir())
+        .env(HAND_OVER.0, HAND_OVER.1)
+        .env("STORAGE_TYPE", "redis")
+        .env("REDIS_URL", cluster.url())
+        .arg("--plugins-dir")
+        .arg(plugins.to_string_lossy());
+    let host = Host::start_with(&sb, config).await;
+    words_configured(&host, &plugins).await;
+    assert_eq!(host.info(&sb, &alice).await.name, "team-demo");
+    refused_as_requested_name(&host, &sb, &bob, "team-demo").await;
+
+    let (code, out) = reservation(&store, &["remove", "team-demo"]).await;
+    assert_eq!(code, Some(0), "{out}");
+    for key in [
+        "reservation:domain:team-demo".to_string(),
+        format!("reservation:fingerprint:{}", alice.fingerprint()),
+        "reservation:details:team-demo".to_string(),
+    ] {
+        assert_eq!(cluster.get(&key).await, None, "{key} is still there");
+    }
+    assert_eq!(listed_json(&store).await["data"], json!([]));
 }

@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
 use crate::plugins::{bundled, install, install_hostile, plugins_dir, read};
-use crate::redis_support::{RedisServer, require_redis};
+use crate::redis_support::{RedisCluster, RedisServer, require_redis};
 use crate::support::{
     Host, HostConfig, JsonValue, Key, Sandbox, SshClient, eventually, http_client, require_tools,
 };
@@ -879,4 +879,48 @@ async fn a_host_killed_mid_job_loses_nothing_another_host_completes_it() {
         .await
         .unwrap();
     assert_eq!(cached.as_deref(), Some(id.as_str()));
+}
+
+/// On a Redis Cluster (the queue's streams, the job records and the cached report spread over
+/// three masters), a scan job runs to the end and its repeat is the cached report.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_scan_job_runs_and_its_report_is_cached_on_a_redis_cluster() {
+    require_tools();
+    require_redis();
+    let cluster = RedisCluster::start().await;
+    let site = Site::start("leaky-on-cluster", leaky, Duration::ZERO).await;
+    let sb = Sandbox::new();
+    let config = HostConfig::flags(&sb.data_dir())
+        .env("STORAGE_TYPE", "redis")
+        .env("REDIS_URL", cluster.url());
+    let host = Host::start_with(&sb, config).await;
+    let alice = sb.key("alice");
+    let (_a, name) = tunnel(&host, &sb, &alice, &site).await;
+
+    let (code, jobs) = scan_json(&host, &sb, &alice, &name).await;
+    assert_eq!(code, 0, "{jobs:?}\n{}", host.log());
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    let job = &jobs[0];
+    assert_eq!(
+        (&job["state"], &job["from_cache"]),
+        (&json!("done"), &json!(false)),
+        "{job}"
+    );
+    assert!(
+        has(&findings(job), "paths", "high", ".env"),
+        "{:#?}",
+        findings(job)
+    );
+    let hits = site.hits();
+    let (_, again) = scan_json(&host, &sb, &alice, &name).await;
+    assert_eq!(again[0]["id"], job["id"], "{again:?}");
+    assert_eq!(again[0]["from_cache"], true, "{again:?}");
+    assert_eq!(site.hits(), hits, "the repeat contacted the site");
+    assert_eq!(
+        cluster
+            .get(&format!("p0rt:job:scan:{name}"))
+            .await
+            .as_deref(),
+        job["id"].as_str()
+    );
 }

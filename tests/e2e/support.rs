@@ -18,6 +18,34 @@ pub use crate::backend::{Backend, pattern, pattern_sha256};
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_p0rt");
+
+/// `p0rt security <args…>` on the store of `data_dir`: every p0rt setting of this process's
+/// environment removed, then the store settings in `env` set. (exit code, stdout, stderr).
+pub async fn p0rt_security(
+    data_dir: &Path,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> (Option<i32>, String, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("security")
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir);
+    for var in p0rt::config::ENV_VARS {
+        cmd.env_remove(var);
+    }
+    let out = cmd
+        .envs(env.iter().copied())
+        .env("NO_COLOR", "1")
+        .output()
+        .await
+        .expect("run p0rt security");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
 /// How long p0rt may take to print both listening lines (a cold start compiles the bundled
 /// WebAssembly plugins, which takes seconds in a debug build on a busy machine).
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);

@@ -29,7 +29,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{AdminError, AdminState, authorize};
-use crate::bans::{BanError, Identity, IdentityBan};
+use crate::bans::{BanError, Identity};
 use crate::cache::RedisHealth;
 use crate::http::{Body, HttpEdge, full};
 use crate::store::reservations::{Added, ReservationError, check_fingerprint, check_name};
@@ -464,23 +464,9 @@ fn ban_error(e: BanError) -> AdminError {
 
 /// A name or key ban as the API shows it: `name` or `key`, `since`, `until` (null: until
 /// lifted), `reason`.
-pub(super) fn identity_json(kind: Identity, ban: &IdentityBan) -> Value {
-    json!({
-        kind.as_str(): ban.target,
-        "since": ban.since,
-        "until": ban.until,
-        "reason": ban.reason,
-    })
-}
-
 pub(super) async fn bans(state: &AdminState) -> Answer {
-    let list = state.bans.list().await.map_err(ban_error)?;
-    let mut out = json!({ "addresses": list });
-    for (kind, field) in [(Identity::Name, "names"), (Identity::Key, "keys")] {
-        let bans = state.bans.list_identities(kind).await.map_err(ban_error)?;
-        out[field] = bans.iter().map(|b| identity_json(kind, b)).collect();
-    }
-    Ok((StatusCode::OK, out))
+    let all = state.bans.all_json().await.map_err(ban_error)?;
+    Ok((StatusCode::OK, all))
 }
 
 /// The length a ban body asks for: `None` (the default) until lifted.
@@ -531,10 +517,7 @@ pub(super) async fn ban_identity(
             None => "until lifted".into(),
         }
     );
-    Ok((
-        StatusCode::CREATED,
-        json!({ "ban": identity_json(kind, &ban) }),
-    ))
+    Ok((StatusCode::CREATED, json!({ "ban": ban.to_json(kind) })))
 }
 
 pub(super) async fn unban_identity(state: &AdminState, kind: Identity, target: &str) -> Answer {

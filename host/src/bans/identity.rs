@@ -8,7 +8,10 @@
 //! `bans.json` in the data directory. Every host keeps a copy in memory ([`Snapshot`]), which
 //! the per-request and per-login checks read without a lookup; it is renewed every
 //! [`REFRESH_INTERVAL`] (and at once after a change made on this host), so a ban made on one
-//! host holds on the others within that interval.
+//! host holds on the others within that interval. On Redis a renewal reads one counter,
+//! `{prefix}identity-bans-version`, which every change bumps; the hashes themselves are read
+//! only when it moved, and at least every [`FULL_READ_INTERVAL`]. Bans that have ended are
+//! deleted from the hashes when the operator next bans or lifts one ([`PRUNE_SCRIPT`]).
 //!
 //! A key is named by its fingerprint as `ssh-keygen -lf` prints it (`SHA256:…`) or by the
 //! key hash the domain store keeps (64 hex digits); a ban matches a key by either.
@@ -20,6 +23,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::{BAN_OP_TIMEOUT, Backend, BanError, BanList, mtime, now, read_file};
+use crate::redis_link::RedisLink;
 
 /// How often a host renews its copy of the name and key bans from the store.
 pub const REFRESH_INTERVAL: Duration = Duration::from_secs(2);
@@ -27,6 +31,34 @@ pub const REFRESH_INTERVAL: Duration = Duration::from_secs(2);
 pub const MAX_REASON_CHARS: usize = 200;
 /// Most name bans plus key bans a store holds (each host keeps them all in memory).
 pub const MAX_IDENTITY_BANS: usize = 100_000;
+/// Longest a host on Redis goes without reading the bans in full, even when the change
+/// counter did not move: picks up edits made in Redis by hand, or by hosts of a version that
+/// does not bump the counter (during an upgrade).
+pub const FULL_READ_INTERVAL: Duration = Duration::from_secs(60);
+/// The Redis counter (under the prefix) bumped after every change of a name or key ban.
+pub const VERSION_KEY: &str = "identity-bans-version";
+/// Most ended bans deleted from Redis in one pipeline.
+const PRUNE_BATCH: usize = 500;
+/// Deletes one field of a ban hash only if the ban stored there now has ended, so a ban made
+/// again in the meantime (a later end, or none) is never deleted; entries p0rt cannot read
+/// (not JSON, no numeric `until`) are left alone. KEYS[1]: the hash; ARGV: field, now.
+pub const PRUNE_SCRIPT: &str = r#"
+local stored = redis.call('HGET', KEYS[1], ARGV[1])
+if not stored then return 0 end
+local ok, ban = pcall(cjson.decode, stored)
+if ok and type(ban) == 'table' and type(ban['until']) == 'number'
+    and ban['until'] <= tonumber(ARGV[2]) then
+  return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 0
+"#;
+
+/// When and at which change counter this host last read the bans in full from Redis.
+#[derive(Debug)]
+pub(super) struct FullRead {
+    version: Option<String>,
+    at: std::time::Instant,
+}
 
 /// A ban of one name or one key.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,6 +76,17 @@ pub struct IdentityBan {
 impl IdentityBan {
     pub fn in_force(&self, now: i64) -> bool {
         self.until.is_none_or(|until| until > now)
+    }
+
+    /// As the admin API and `p0rt security bans --json` show it: the target under the
+    /// kind's name (`name` or `key`), `since`, `until` (`null`: until lifted), `reason`.
+    pub fn to_json(&self, kind: Identity) -> serde_json::Value {
+        serde_json::json!({
+            kind.as_str(): self.target,
+            "since": self.since,
+            "until": self.until,
+            "reason": self.reason,
+        })
     }
 }
 
@@ -92,6 +135,34 @@ impl Snapshot {
             Identity::Name => &self.names,
             Identity::Key => &self.keys,
         }
+    }
+}
+
+/// The change counter of the name and key bans (`None` while no change was ever made).
+async fn read_version(link: &Arc<RedisLink>, prefix: &str) -> Result<Option<String>, BanError> {
+    link.query(
+        redis::cmd("GET").arg(format!("{prefix}{VERSION_KEY}")),
+        BAN_OP_TIMEOUT,
+    )
+    .await
+    .map_err(|e| BanError::Unavailable(e.to_string()))
+}
+
+/// Tells every host the bans changed. Sent only after the change itself succeeded, so a host
+/// that sees the new count reads the change with it. Best effort: the change is made, and
+/// without the count the other hosts read it within [`FULL_READ_INTERVAL`].
+async fn bump_version(link: &Arc<RedisLink>, prefix: &str) {
+    if let Err(e) = link
+        .query::<i64>(
+            redis::cmd("INCR").arg(format!("{prefix}{VERSION_KEY}")),
+            BAN_OP_TIMEOUT,
+        )
+        .await
+    {
+        tracing::warn!(
+            "the ban change is made, but other hosts learn of it only within {} s: {e}",
+            FULL_READ_INTERVAL.as_secs()
+        );
     }
 }
 
@@ -144,10 +215,30 @@ impl BanList {
         &self.changed
     }
 
+    /// Renews this host's copy if the bans changed: on Redis, reads the change counter and
+    /// reads the bans in full only when it moved (or [`FULL_READ_INTERVAL`] has passed); on
+    /// the file store, re-reads the file when it changed. On failure the copy is kept.
+    pub async fn refresh_if_changed(&self) -> Result<(), BanError> {
+        if let Backend::Redis { link, prefix, .. } = &self.backend {
+            let version = read_version(link, prefix).await?;
+            let unchanged = self
+                .identity_read
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .is_some_and(|r| r.version == version && r.at.elapsed() < FULL_READ_INTERVAL);
+            if unchanged {
+                return Ok(());
+            }
+            return self.read_redis(link, prefix, version).await;
+        }
+        self.refresh().await
+    }
+
     /// Reads the name and key bans from the store into this host's copy. On failure the
     /// copy is kept as it was (bans in force stay in force).
     pub async fn refresh(&self) -> Result<(), BanError> {
-        let snapshot = match &self.backend {
+        match &self.backend {
             Backend::File { path, state } => {
                 let mut state = state.lock().await;
                 let current = mtime(path);
@@ -155,31 +246,98 @@ impl BanList {
                     state.data = read_file(path)?;
                     state.seen = current;
                 }
-                Snapshot::of_file(&state.data)
+                let snapshot = Snapshot::of_file(&state.data);
+                *self.identity.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(snapshot);
+                Ok(())
             }
-            Backend::Redis { link, prefix } => {
+            Backend::Redis { link, prefix, .. } => {
+                let version = read_version(link, prefix).await?;
+                self.read_redis(link, prefix, version).await
+            }
+        }
+    }
+
+    /// Reads both ban hashes in full; `version` is the change counter read just before, so
+    /// a change made meanwhile moves the counter past it and is read on the next renewal.
+    async fn read_redis(
+        &self,
+        link: &Arc<RedisLink>,
+        prefix: &str,
+        version: Option<String>,
+    ) -> Result<(), BanError> {
+        // One command per hash, not one pipeline: on a Redis Cluster the two hashes sit in
+        // different slots, and a pipeline across slots is refused (CROSSSLOT).
+        let read = |kind: Identity| async move {
+            let map: HashMap<String, String> = link
+                .query(
+                    redis::cmd("HGETALL").arg(format!("{prefix}{}", kind.hash())),
+                    BAN_OP_TIMEOUT,
+                )
+                .await
+                .map_err(|e| BanError::Unavailable(e.to_string()))?;
+            Ok::<_, BanError>(
+                map.into_iter()
+                    .filter_map(|(k, v)| Some((k, serde_json::from_str(&v).ok()?)))
+                    .collect(),
+            )
+        };
+        let (names, keys) = tokio::try_join!(read(Identity::Name), read(Identity::Key))?;
+        let snapshot = Snapshot { names, keys };
+        *self.identity.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(snapshot);
+        *self.identity_read.lock().unwrap_or_else(|p| p.into_inner()) = Some(FullRead {
+            version,
+            at: std::time::Instant::now(),
+        });
+        Ok(())
+    }
+
+    /// Deletes from Redis the bans this host's copy holds that have ended (each checked
+    /// again in Redis by [`PRUNE_SCRIPT`]). Best effort: a failure (a Redis that refuses
+    /// scripts, say) is logged, and the ended bans stay, ignored as before.
+    async fn prune_ended(&self, link: &Arc<RedisLink>, prefix: &str) {
+        match self.try_prune_ended(link, prefix).await {
+            Ok(0) => {}
+            Ok(deleted) => tracing::info!("deleted {deleted} ended name and key bans from Redis"),
+            Err(e) => tracing::warn!("cannot delete ended name and key bans from Redis: {e}"),
+        }
+    }
+
+    /// [`Self::prune_ended`]; how many it deleted.
+    async fn try_prune_ended(
+        &self,
+        link: &Arc<RedisLink>,
+        prefix: &str,
+    ) -> Result<usize, BanError> {
+        let now = now();
+        let snapshot = self.snapshot();
+        let mut deleted = 0;
+        for kind in [Identity::Name, Identity::Key] {
+            // A pipeline per hash: each holds one key, so one slot on a Cluster.
+            let hash = format!("{prefix}{}", kind.hash());
+            let ended: Vec<&String> = snapshot
+                .of(kind)
+                .iter()
+                .filter(|(_, ban)| !ban.in_force(now))
+                .map(|(field, _)| field)
+                .collect();
+            for batch in ended.chunks(PRUNE_BATCH) {
                 let mut pipe = redis::pipe();
-                pipe.cmd("HGETALL")
-                    .arg(format!("{prefix}{}", Identity::Name.hash()))
-                    .cmd("HGETALL")
-                    .arg(format!("{prefix}{}", Identity::Key.hash()));
-                let (names, keys): (HashMap<String, String>, HashMap<String, String>) = link
+                for field in batch {
+                    pipe.cmd("EVAL")
+                        .arg(PRUNE_SCRIPT)
+                        .arg(1)
+                        .arg(&hash)
+                        .arg(*field)
+                        .arg(now);
+                }
+                let counts: Vec<usize> = link
                     .query_pipeline(&pipe, BAN_OP_TIMEOUT)
                     .await
                     .map_err(|e| BanError::Unavailable(e.to_string()))?;
-                let parse = |map: HashMap<String, String>| {
-                    map.into_iter()
-                        .filter_map(|(k, v)| Some((k, serde_json::from_str(&v).ok()?)))
-                        .collect()
-                };
-                Snapshot {
-                    names: parse(names),
-                    keys: parse(keys),
-                }
+                deleted += counts.iter().sum::<usize>();
             }
-        };
-        *self.identity.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(snapshot);
-        Ok(())
+        }
+        Ok(deleted)
     }
 
     /// Bans in force of `kind`, read from the store now, soonest to end first (then the
@@ -232,8 +390,12 @@ impl BanList {
                 };
                 state.commit(path, next).await?;
             }
-            Backend::Redis { link, prefix } => {
+            Backend::Redis { link, prefix, .. } => {
                 let hash = format!("{prefix}{}", kind.hash());
+                // Ended bans are deleted here, on the operator's next ban: without it
+                // they would stay in Redis, count against the limit, and be read by
+                // every host.
+                self.prune_ended(link, prefix).await;
                 let count: usize = link
                     .query(redis::cmd("HLEN").arg(&hash), BAN_OP_TIMEOUT)
                     .await
@@ -250,6 +412,7 @@ impl BanList {
                 )
                 .await
                 .map_err(|e| BanError::Unavailable(e.to_string()))?;
+                bump_version(link, prefix).await;
             }
         }
         self.after_change().await;
@@ -271,7 +434,7 @@ impl BanList {
                 state.commit(path, next).await?;
                 removed.is_some_and(|b| b.in_force(now))
             }
-            Backend::Redis { link, prefix } => {
+            Backend::Redis { link, prefix, .. } => {
                 let hash = format!("{prefix}{}", kind.hash());
                 let mut pipe = redis::pipe();
                 pipe.cmd("HGET")
@@ -285,6 +448,8 @@ impl BanList {
                     .query_pipeline(&pipe, BAN_OP_TIMEOUT)
                     .await
                     .map_err(|e| BanError::Unavailable(e.to_string()))?;
+                self.prune_ended(link, prefix).await;
+                bump_version(link, prefix).await;
                 old.and_then(|t| serde_json::from_str::<IdentityBan>(&t).ok())
                     .is_some_and(|b| b.in_force(now))
             }

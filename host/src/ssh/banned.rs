@@ -77,7 +77,7 @@ pub fn spawn_enforcer(edge: Arc<SshEdge>, mut stop: Stop) {
         let mut failing = false;
         loop {
             tokio::select! {
-                _ = tick.tick() => match edge.bans.refresh().await {
+                _ = tick.tick() => match edge.bans.refresh_if_changed().await {
                     Ok(()) => failing = false,
                     Err(e) => {
                         if !std::mem::replace(&mut failing, true) {
