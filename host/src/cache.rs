@@ -181,10 +181,13 @@ pub const HEALTH_PING_TIMEOUT: Duration = Duration::from_millis(400);
 /// Successful pings in a row before the cache goes back to Redis (hysteresis: no flapping).
 pub const HEALTHY_AFTER_PINGS: u32 = 3;
 
-/// Adds `amount` and, if the counter has no TTL yet, sets one (one key: Cluster-safe).
+/// Adds `amount` and, if this call created the counter, sets its TTL, as the WIT promises
+/// and [`MemoryCache::increment`] does: an existing counter keeps its expiry, or its lack of
+/// one (one key: Cluster-safe).
 const INCREMENT_WITH_TTL: &str = r"
+local created = redis.call('EXISTS', KEYS[1]) == 0
 local value = redis.call('INCRBY', KEYS[1], ARGV[1])
-if tonumber(ARGV[2]) > 0 and redis.call('TTL', KEYS[1]) == -1 then
+if created and tonumber(ARGV[2]) > 0 then
   redis.call('EXPIRE', KEYS[1], ARGV[2])
 end
 return value

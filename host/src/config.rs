@@ -1583,11 +1583,15 @@ impl Config {
         Ok(())
     }
 
-    /// The Redis URL to use, if Redis is used at all (store, or cache when enabled).
+    /// The Redis URL the host uses, if it uses Redis at all: for the Redis domain store, or,
+    /// with the JSON store, when a URL is set and `ENABLE_REDIS` is not `false` (then the
+    /// cache, bans, tokens and the scan queue are in Redis). `serve` and the commands that
+    /// work beside it (`p0rt security …`) both decide by this, so they read the same bans.
     pub fn redis_url_in_use(&self) -> Option<String> {
         match (&self.redis_url, self.storage) {
-            (Some(url), _) => Some(url.clone()),
+            (Some(url), StorageKind::Redis) => Some(url.clone()),
             (None, StorageKind::Redis) => Some(DEFAULT_REDIS_URL.to_string()),
+            (Some(url), StorageKind::Json) => self.enable_redis.then(|| url.clone()),
             (None, StorageKind::Json) => None,
         }
     }
@@ -1989,6 +1993,23 @@ mod tests {
             c.redis_url.as_deref(),
             Some("redis://r:1"),
             "still the cache's"
+        );
+        assert_eq!(c.redis_url_in_use().as_deref(), Some("redis://r:1"));
+        let c = load(&[
+            ("REDIS_URL", "redis://r:1"),
+            ("STORAGE_TYPE", "json"),
+            ("ENABLE_REDIS", "false"),
+        ]);
+        assert_eq!(
+            c.redis_url_in_use(),
+            None,
+            "JSON store, Redis off: no Redis at all"
+        );
+        let c = load(&[("REDIS_URL", "redis://r:1"), ("ENABLE_REDIS", "false")]);
+        assert_eq!(
+            c.redis_url_in_use().as_deref(),
+            Some("redis://r:1"),
+            "the Redis store uses Redis whatever ENABLE_REDIS says"
         );
         let c = load(&[("P0RT_REDIS_URL", "redis://p:2")]);
         assert_eq!(c.redis_url.as_deref(), Some("redis://p:2"));

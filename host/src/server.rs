@@ -78,10 +78,8 @@ pub async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<
         );
     }
     let link = match config.redis_url_in_use() {
-        Some(url) if config.storage == StorageKind::Redis || config.enable_redis => {
-            Some(connect_redis(&config, &url).await?)
-        }
-        _ => None,
+        Some(url) => Some(connect_redis(&config, &url).await?),
+        None => None,
     };
     let (store, _lock) = open_store(&config, link.as_ref()).await?;
     let cache = match (&link, config.enable_redis) {

@@ -1396,6 +1396,27 @@ async fn name_bans_on(redis: BanRedis) {
     )
     .await;
     assert_eq!(all["names"], bans["names"], "{all}");
+
+    // The limit counts names and keys together, as on the file store (each host holds
+    // both): with the key hash filled up to it, no further name ban is taken.
+    const KEYS_HASH: &str = "p0rt:key-bans";
+    let room = p0rt::bans::identity::MAX_IDENTITY_BANS - stored.len();
+    let mut fill = redis::cmd("HSET");
+    fill.arg(KEYS_HASH);
+    for i in 0..room {
+        let key = format!("{i:064x}");
+        let ban = json!({"target": key, "since": 1, "until": null, "reason": "fill"});
+        fill.arg(key).arg(ban.to_string());
+    }
+    redis.query::<()>(KEYS_HASH, &fill).await;
+    let (status, body) = call(&host, Method::POST, "bans/names/one-too-many", None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(body.to_string().contains("lift some first"), "{body}");
+    redis
+        .query::<()>(KEYS_HASH, redis::cmd("DEL").arg(KEYS_HASH))
+        .await;
+    let (status, body) = call(&host, Method::POST, "bans/names/one-too-many", None).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

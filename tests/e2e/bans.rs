@@ -143,3 +143,80 @@ async fn a_client_that_tries_several_keys_before_the_right_one_is_never_counted(
     let (_, listed) = security(&host, &["bans"]).await;
     assert!(!listed.contains("127.0.0.8"), "{listed}");
 }
+
+/// With the JSON store, a Redis URL and `ENABLE_REDIS=false`, the host keeps its bans in
+/// `bans.json`; `p0rt security` with the same settings must list and lift those, not look in
+/// the Redis the host never uses.
+#[tokio::test]
+async fn security_commands_use_the_bans_the_host_uses_when_redis_is_disabled() {
+    require_tools();
+    crate::redis_support::require_redis();
+    let redis = crate::redis_support::RedisServer::start().await;
+    let sb = Sandbox::new();
+    let good = sb.key("good3");
+    let bad = sb.key("bad3");
+    let allowed = sb.join("authorized_keys");
+    std::fs::write(&allowed, format!("{}\n", good.public)).unwrap();
+    let env = [
+        ("STORAGE_TYPE", "json".to_string()),
+        ("REDIS_URL", redis.url()),
+        ("ENABLE_REDIS", "false".to_string()),
+    ];
+    let mut config = HostConfig::flags(&sb.data_dir())
+        .arg("--authorized-keys")
+        .arg(allowed.to_string_lossy())
+        .env("BAN_TIERS", "2:1h");
+    for (var, value) in &env {
+        config = config.env(var, value.clone());
+    }
+    let host = Host::start_with(&sb, config).await;
+    for _ in 0..2 {
+        assert!(
+            !info_from(&host, &sb, &bad, "127.0.0.9")
+                .await
+                .status
+                .success()
+        );
+    }
+    // The failure is counted when the refused connection ends.
+    eventually(Duration::from_secs(10), "the address to be banned", || async {
+        host.log().contains("banned 127.0.0.9").then_some(())
+    })
+    .await;
+    assert!(
+        sb.data_dir().join("bans.json").exists(),
+        "the host did not keep its bans in the data directory"
+    );
+
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (code, stdout, stderr) = p0rt_security(host.data_dir(), &env, &["bans"]).await;
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("127.0.0.9"),
+        "the host's ban is not listed: {stdout}{stderr}"
+    );
+    let (code, stdout, stderr) =
+        p0rt_security(host.data_dir(), &env, &["unban", "127.0.0.9"]).await;
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    eventually(
+        Duration::from_secs(10),
+        "the unban to take effect",
+        || async {
+            info_from(&host, &sb, &good, "127.0.0.9")
+                .await
+                .status
+                .success()
+                .then_some(())
+        },
+    )
+    .await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut redis.client().await)
+        .await
+        .unwrap();
+    assert!(
+        keys.is_empty(),
+        "something wrote to the disabled Redis: {keys:?}"
+    );
+}

@@ -820,3 +820,58 @@ async fn rediss_with_a_private_ca() {
     assert_eq!(host.info(&sandbox, &key).await.name, name);
     wait_health(&host, "healthy", Duration::from_secs(5)).await;
 }
+
+/// The cache's `increment` on Redis keeps the WIT's promise, as the in-memory cache does: the
+/// TTL applies only when the call creates the counter. A counter made without one stays
+/// without one, and a counter's expiry is not renewed by later increments.
+#[tokio::test(flavor = "multi_thread")]
+async fn cache_increment_sets_a_ttl_only_on_the_counter_it_creates() {
+    require_redis();
+    let redis = RedisServer::start().await;
+    let target = p0rt::redis_link::parse_target(&redis.url(), None, None).unwrap();
+    let link = p0rt::redis_link::RedisLink::new(target, &redis.url(), None);
+    let cache = p0rt::cache::Cache::with_redis(link, "t:");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !matches!(cache.health(), p0rt::cache::RedisHealth::Healthy { .. }) {
+        assert!(
+            Instant::now() < deadline,
+            "the cache never used Redis: {:?}",
+            cache.health()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut client = redis.client().await;
+    let minute = Some(Duration::from_secs(60));
+
+    // Created without a TTL, then incremented with one: still no expiry.
+    assert_eq!(cache.increment("kept", 1, None).await.unwrap(), 1);
+    assert_eq!(cache.increment("kept", 2, minute).await.unwrap(), 3);
+    let ttl: i64 = client.ttl("t:kept").await.unwrap();
+    assert_eq!(ttl, -1, "an existing counter got an expiry");
+
+    // Created with a TTL: it has one, and a later increment with a longer TTL keeps it.
+    assert_eq!(cache.increment("windowed", 1, minute).await.unwrap(), 1);
+    cache
+        .increment("windowed", 1, Some(Duration::from_secs(3600)))
+        .await
+        .unwrap();
+    let ttl: i64 = client.ttl("t:windowed").await.unwrap();
+    assert!((1..=60).contains(&ttl), "TTL {ttl}");
+
+    // The same through `increment-many` (one pipeline on a single server).
+    let ops = vec![
+        ("kept".to_string(), 1, minute),
+        ("fresh".to_string(), 5, minute),
+    ];
+    let counts: Vec<i64> = cache
+        .increment_many(&ops)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(counts, [4, 5]);
+    let kept: i64 = client.ttl("t:kept").await.unwrap();
+    let fresh: i64 = client.ttl("t:fresh").await.unwrap();
+    assert_eq!(kept, -1, "an existing counter got an expiry");
+    assert!((1..=60).contains(&fresh), "TTL {fresh}");
+}

@@ -924,3 +924,38 @@ async fn a_scan_job_runs_and_its_report_is_cached_on_a_redis_cluster() {
         job["id"].as_str()
     );
 }
+
+/// `scan.cache_ttl_seconds` 0 means a report is never reused: on Redis no `job:scan:{target}`
+/// key is written (Redis cannot hold one for 0 s), and a repeat scan runs again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cache_ttl_of_zero_reuses_no_report_on_redis() {
+    require_tools();
+    require_redis();
+    let redis = RedisServer::start().await;
+    let site = Site::start("leaky-uncached", leaky, Duration::ZERO).await;
+    let sb = Sandbox::new();
+    let config = HostConfig::flags(&sb.data_dir())
+        .env("STORAGE_TYPE", "redis")
+        .env("REDIS_URL", redis.url())
+        .env("SCAN_CACHE_TTL_SECONDS", "0");
+    let host = Host::start_with(&sb, config).await;
+    let alice = sb.key("alice");
+    let (_a, name) = tunnel(&host, &sb, &alice, &site).await;
+
+    let (code, first) = scan_json(&host, &sb, &alice, &name).await;
+    assert_eq!(code, 0, "{first:?}\n{}", host.log());
+    assert_eq!(first[0]["state"], "done", "{first:?}");
+    let hits = site.hits();
+    let (code, again) = scan_json(&host, &sb, &alice, &name).await;
+    assert_eq!(code, 0, "{again:?}");
+    assert_eq!(again[0]["state"], "done", "{again:?}");
+    assert_eq!(again[0]["from_cache"], false, "{again:?}");
+    assert_ne!(again[0]["id"], first[0]["id"], "{again:?}");
+    assert!(site.hits() > hits, "the repeat did not scan the site");
+    let cached: Option<String> = redis::cmd("GET")
+        .arg(format!("p0rt:job:scan:{name}"))
+        .query_async(&mut redis.client().await)
+        .await
+        .unwrap();
+    assert_eq!(cached, None, "a report was cached with a TTL of 0");
+}

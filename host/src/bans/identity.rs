@@ -396,11 +396,18 @@ impl BanList {
                 // they would stay in Redis, count against the limit, and be read by
                 // every host.
                 self.prune_ended(link, prefix).await;
-                let count: usize = link
-                    .query(redis::cmd("HLEN").arg(&hash), BAN_OP_TIMEOUT)
+                // Names and keys together, as on the file store: every host holds both.
+                // One HLEN per hash (two slots on a Cluster).
+                let len = |kind: Identity| async move {
+                    link.query::<usize>(
+                        redis::cmd("HLEN").arg(format!("{prefix}{}", kind.hash())),
+                        BAN_OP_TIMEOUT,
+                    )
                     .await
-                    .map_err(|e| BanError::Unavailable(e.to_string()))?;
-                if count >= MAX_IDENTITY_BANS {
+                    .map_err(|e| BanError::Unavailable(e.to_string()))
+                };
+                let (names, keys) = tokio::try_join!(len(Identity::Name), len(Identity::Key))?;
+                if names + keys >= MAX_IDENTITY_BANS {
                     return Err(BanError::Full(MAX_IDENTITY_BANS));
                 }
                 link.query::<()>(

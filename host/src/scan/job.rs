@@ -1,5 +1,5 @@
 //! A scan job's record: what was asked, what the policy allowed, where it is, what it found.
-//! The same JSON in memory and in Redis (`{prefix}job:scan:id:{id}`), so any host can show
+//! The same JSON in memory and in Redis (`{prefix}job:scans:id:{id}`), so any host can show
 //! any job.
 
 use std::net::IpAddr;

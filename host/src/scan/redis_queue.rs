@@ -9,7 +9,8 @@
 //! - `job:scans:queue:high`, `job:scans:queue:low`: the streams (entry field `job`)
 //! - `job:scans:key:{key hash}`: the requester's recent job ids (list), TTL
 //! - `job:scans:recent`: everyone's recent job ids (list, capped)
-//! - `job:scans:cancel:{id}`: set when someone cancels a running job, TTL
+//! - `job:scans:cancel:{id}`: set when someone cancels a running job, for the record TTL
+//!   (a worker checks it while the job runs; after that it is never read)
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

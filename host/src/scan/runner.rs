@@ -151,10 +151,13 @@ impl ScanService {
         match outcome {
             Ok(Ok(())) => {
                 job.finish(JobState::Done, None);
-                if let Err(e) = self
-                    .backend
-                    .set_cached(job.target.label(), &job.id, self.settings.cache_ttl)
-                    .await
+                // `scan.cache_ttl_seconds` 0: reports are never reused (Redis has no
+                // zero expiry, so nothing is written rather than a key for 1 s).
+                if !self.settings.cache_ttl.is_zero()
+                    && let Err(e) = self
+                        .backend
+                        .set_cached(job.target.label(), &job.id, self.settings.cache_ttl)
+                        .await
                 {
                     tracing::warn!("caching scan report {}: {e}", job.id);
                 }
