@@ -179,9 +179,11 @@ async fn security_commands_use_the_bans_the_host_uses_when_redis_is_disabled() {
         );
     }
     // The failure is counted when the refused connection ends.
-    eventually(Duration::from_secs(10), "the address to be banned", || async {
-        host.log().contains("banned 127.0.0.9").then_some(())
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the address to be banned",
+        || async { host.log().contains("banned 127.0.0.9").then_some(()) },
+    )
     .await;
     assert!(
         sb.data_dir().join("bans.json").exists(),

@@ -279,8 +279,9 @@ fn certify(key: &Key, ca: &Key) {
 
 /// OpenSSH certificates are no way in: a name belongs to a plain public key. With a
 /// certificate beside the key (`ssh -i KEY` loads `KEY-cert.pub` too), the plain key still
-/// logs in under its name. A client that offers only the certificate is refused, and in open
-/// access that is no failed login of the address (no ban).
+/// logs in under its name. A client that offers only the certificate is refused at the offer
+/// (never told "key accepted", so it does not sign), and in open access that is no failed
+/// login of the address (no ban).
 #[tokio::test(flavor = "multi_thread")]
 async fn certificates_are_refused_and_the_plain_key_still_logs_in() {
     require_tools();
@@ -306,6 +307,11 @@ async fn certificates_are_refused_and_the_plain_key_still_logs_in() {
             out.stderr
         );
         assert!(
+            !out.stderr.contains("Server accepts key"),
+            "attempt {attempt}: the host accepted the certificate's offer: {}",
+            out.stderr
+        );
+        assert!(
             !out.status.success() && !out.stdout.contains("name:"),
             "attempt {attempt}: a certificate logged in: {} {}\n{}",
             out.status,
@@ -315,4 +321,67 @@ async fn certificates_are_refused_and_the_plain_key_still_logs_in() {
     }
     assert_eq!(host.info(&sb, &key).await.name, name);
     assert!(!host.log().contains("banned"), "{}", host.log());
+}
+
+/// With access limited to a key list, a certificate is refused at the offer all the same,
+/// and counts toward a ban of the address exactly as the key inside would: a listed key's
+/// certificate never, an unlisted key's certificate at each connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn certificates_count_toward_a_ban_as_the_key_inside_would() {
+    require_tools();
+    let sb = Sandbox::new();
+    let listed = sb.key("listed-certified");
+    let unlisted = sb.key("unlisted-certified");
+    let ca = sb.key("ca2");
+    certify(&listed, &ca);
+    certify(&unlisted, &ca);
+    let allowed = sb.join("authorized_keys");
+    std::fs::write(&allowed, format!("{}\n", listed.public)).unwrap();
+    let config = HostConfig::flags(&sb.data_dir())
+        .arg("--authorized-keys")
+        .arg(allowed.to_string_lossy())
+        .env("BAN_TIERS", "3:1h");
+    let host = Host::start_with(&sb, config).await;
+    let offer_certificate_only = |key: &Key, source: &'static str| {
+        host.ssh(&sb, key)
+            .opt("PubkeyAcceptedAlgorithms=ssh-ed25519-cert-v01@openssh.com")
+            .args(["-v", "-b", source])
+            .command("info")
+            .output()
+    };
+
+    for attempt in 1..=4 {
+        let out = offer_certificate_only(&listed, "127.0.0.21").await;
+        assert!(
+            !out.status.success(),
+            "attempt {attempt}: a certificate logged in"
+        );
+        assert!(
+            !out.stderr.contains("Server accepts key"),
+            "attempt {attempt}: the host accepted the certificate's offer: {}",
+            out.stderr
+        );
+    }
+    for attempt in 1..=3 {
+        let out = offer_certificate_only(&unlisted, "127.0.0.22").await;
+        assert!(
+            !out.status.success(),
+            "attempt {attempt}: a certificate logged in"
+        );
+    }
+    eventually(
+        Duration::from_secs(10),
+        "the unlisted key's address to be banned",
+        || async { host.log().contains("banned 127.0.0.22").then_some(()) },
+    )
+    .await;
+    assert!(!host.log().contains("banned 127.0.0.21"), "{}", host.log());
+    // The listed key's own address still gets in with the plain key.
+    let out = host
+        .ssh(&sb, &listed)
+        .args(["-b", "127.0.0.21"])
+        .command("info")
+        .output()
+        .await;
+    assert!(out.status.success(), "{}", out.stderr);
 }

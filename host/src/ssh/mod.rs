@@ -930,6 +930,20 @@ impl russh::server::Handler for Connection {
         })
     }
 
+    /// p0rt takes no OpenSSH certificates (russh's `auth_openssh_certificate` refuses them
+    /// all), so an offered certificate is refused at once: the client is not told "key
+    /// accepted" and made to sign for nothing, and moves on to its plain key. Counted toward
+    /// a ban exactly as an offer of the key inside would be.
+    async fn auth_openssh_certificate_offered(
+        &mut self,
+        user: &str,
+        _certificate: &russh::keys::Certificate,
+        offer: russh::server::PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
+        self.auth_publickey_offered(user, offer).await?;
+        Ok(Auth::reject())
+    }
+
     async fn auth_publickey(
         &mut self,
         _user: &str,

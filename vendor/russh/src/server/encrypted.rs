@@ -1202,7 +1202,16 @@ impl Encrypted {
                             public_key: &pubkey,
                             algorithm: &algorithm,
                         };
-                        let auth = handler.auth_publickey_offered(user, offer).await?;
+                        let auth = match pk_or_cert {
+                            PublicKeyOrCertificate::PublicKey { .. } => {
+                                handler.auth_publickey_offered(user, offer).await?
+                            }
+                            PublicKeyOrCertificate::Certificate(ref cert) => {
+                                handler
+                                    .auth_openssh_certificate_offered(user, cert, offer)
+                                    .await?
+                            }
+                        };
                         auth == Auth::Accept
                     };
 
@@ -1273,7 +1282,16 @@ impl Encrypted {
                         public_key: &pubkey,
                         algorithm: &algorithm,
                     };
-                    let auth = handler.auth_publickey_offered(user, offer).await?;
+                    let auth = match pk_or_cert {
+                        PublicKeyOrCertificate::PublicKey { .. } => {
+                            handler.auth_publickey_offered(user, offer).await?
+                        }
+                        PublicKeyOrCertificate::Certificate(ref cert) => {
+                            handler
+                                .auth_openssh_certificate_offered(user, cert, offer)
+                                .await?
+                        }
+                    };
                     match auth {
                         Auth::Accept => {
                             let mut public_key = Vec::new();

@@ -307,6 +307,28 @@ pub trait Handler: Sized {
         async { Ok(Auth::Accept) }
     }
 
+    /// Check whether an offered OpenSSH certificate could be used to
+    /// authenticate, before the client signs (p0rt patch). `offer` carries the
+    /// key inside the certificate and the signature algorithm its type maps to.
+    ///
+    /// Russh answers an offer it accepts with `USERAUTH_PK_OK`, and the client
+    /// then signs. A server that takes no certificates (the default
+    /// [`Handler::auth_openssh_certificate`] rejects them all) should reject
+    /// here, so the client is not told "accepted" and made to sign for
+    /// nothing.
+    ///
+    /// The default implementation asks [`Handler::auth_publickey_offered`]
+    /// about the key inside, as russh always did.
+    #[allow(unused_variables)]
+    fn auth_openssh_certificate_offered(
+        &mut self,
+        user: &str,
+        certificate: &Certificate,
+        offer: PublicKeyOffer<'_>,
+    ) -> impl Future<Output = Result<Auth, Self::Error>> + Send {
+        self.auth_publickey_offered(user, offer)
+    }
+
     /// Check authentication using the "publickey" method. This method
     /// is called after the signature has been verified and key
     /// ownership has been confirmed.
