@@ -58,6 +58,8 @@ pub const BAN_INDEX_KEY: &str = "bans:until";
 const BAN_INDEX_FILLED_KEY: &str = "bans:until:filled";
 /// Ban records read at once when the bans are listed.
 const LIST_READS_IN_FLIGHT: usize = 32;
+/// Bans added to [`BAN_INDEX_KEY`] by one `ZADD` when it is first filled.
+const FILL_BATCH: usize = 1000;
 /// Time budget of each `SCAN` step of listing the bans in Redis.
 const LIST_SCAN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -596,10 +598,22 @@ async fn fill_index(link: &Arc<RedisLink>, prefix: &str) -> Result<(), BanError>
         return Ok(());
     }
     let now = now();
-    for ban in read_all_bans(link, prefix).await? {
-        if ban.until > now {
-            index_ban(link, prefix, &ban).await;
+    let live: Vec<Ban> = read_all_bans(link, prefix)
+        .await?
+        .into_iter()
+        .filter(|ban| ban.until > now)
+        .collect();
+    // One ZADD per batch, not a round trip per ban: after an attack there can be many.
+    let index = format!("{prefix}{BAN_INDEX_KEY}");
+    for batch in live.chunks(FILL_BATCH) {
+        let mut zadd = redis::cmd("ZADD");
+        zadd.arg(&index);
+        for ban in batch {
+            zadd.arg(ban.until).arg(ban.ip.to_string());
         }
+        link.query::<()>(&zadd, BAN_OP_TIMEOUT)
+            .await
+            .map_err(|e| BanError::Unavailable(e.to_string()))?;
     }
     link.query::<()>(redis::cmd("SET").arg(&filled_key).arg(1), BAN_OP_TIMEOUT)
         .await
