@@ -15,6 +15,22 @@ async fn info_from(host: &Host, sb: &Sandbox, key: &Key, source: &str) -> SshOut
         .await
 }
 
+/// Waits until `key` from `source` gets in again: the running host picked up an unban.
+async fn gets_in_after_the_unban(host: &Host, sb: &Sandbox, key: &Key, source: &str) {
+    eventually(
+        Duration::from_secs(10),
+        "the unban to take effect",
+        || async {
+            info_from(host, sb, key, source)
+                .await
+                .status
+                .success()
+                .then_some(())
+        },
+    )
+    .await;
+}
+
 /// `p0rt security <args…>` on the host's JSON store; (exit code, stdout + stderr).
 async fn security(host: &Host, args: &[&str]) -> (Option<i32>, String) {
     let (code, stdout, stderr) = p0rt_security(host.data_dir(), &[], args).await;
@@ -103,18 +119,7 @@ async fn wrong_keys_ban_only_their_address_and_the_ban_ends_on_time() {
     // ...until the operator lifts it; the running host picks that up.
     let (code, text) = security(&host, &["unban", "127.0.0.5"]).await;
     assert_eq!(code, Some(0), "{text}");
-    eventually(
-        Duration::from_secs(10),
-        "the unban to take effect",
-        || async {
-            info_from(&host, &sb, &good, "127.0.0.5")
-                .await
-                .status
-                .success()
-                .then_some(())
-        },
-    )
-    .await;
+    gets_in_after_the_unban(&host, &sb, &good, "127.0.0.5").await;
     let (code, text) = security(&host, &["unban", "127.0.0.5"]).await;
     assert_eq!(code, Some(1), "unbanning twice: {text}");
 }
@@ -200,18 +205,7 @@ async fn security_commands_use_the_bans_the_host_uses_when_redis_is_disabled() {
     let (code, stdout, stderr) =
         p0rt_security(host.data_dir(), &env, &["unban", "127.0.0.9"]).await;
     assert_eq!(code, Some(0), "{stdout}{stderr}");
-    eventually(
-        Duration::from_secs(10),
-        "the unban to take effect",
-        || async {
-            info_from(&host, &sb, &good, "127.0.0.9")
-                .await
-                .status
-                .success()
-                .then_some(())
-        },
-    )
-    .await;
+    gets_in_after_the_unban(&host, &sb, &good, "127.0.0.9").await;
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg("*")
         .query_async(&mut redis.client().await)
